@@ -1,0 +1,170 @@
+"""Block-scaled formats: OCP MX (E8M0 power-of-two scales) and NVFP4 (E4M3 block scales, FP32 tensor scale).
+
+Both quantize along one dimension (the last by default, the reduction dimension of a linear weight). A length
+that is not a multiple of the block size ends in a shorter block: it is padded with zeros, which never change a
+block's maximum, quantized, and the padding is dropped. Non-finite elements do not set a block's scale: NaN stays
+NaN, and ±inf saturates to the block's largest value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from dmq.formats.element import FloatFormat
+from dmq.formats.grid import work_dtype
+
+E8M0_BIAS = 127
+_E4M3 = FloatFormat(4, 3)
+
+
+def _to_blocks(x: torch.Tensor, dim: int, block: int) -> tuple[torch.Tensor, int]:
+    """``x`` moved to a work dtype with ``dim`` last, zero-padded and viewed as ``(..., n_blocks, block)``."""
+    w = x.movedim(dim, -1).to(work_dtype(x.dtype))
+    n = w.shape[-1]
+    pad = -n % block
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(*w.shape[:-1], -1, block), n
+
+
+def _from_blocks(w: torch.Tensor, n: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    w = w.reshape(*w.shape[:-2], -1)[..., :n]
+    return w.movedim(-1, dim).to(dtype)
+
+
+def _pow2(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Exact ``2^e`` for integer ``e`` (subnormal results included)."""
+    return torch.ldexp(torch.ones(e.shape, dtype=dtype, device=e.device), e)
+
+
+def _finite_amax(w: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(w), w.abs(), 0.0).amax(-1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class MXFormat:
+    """OCP Microscaling v1.0: ``block_size`` elements share the scale ``X = 2^(floor(log2 amax) - emax_elem)``,
+    stored as E8M0 (exponent clamped to [-127, 127]); elements are ``RNE(V / X)``, saturating."""
+
+    name: str
+    element: FloatFormat
+    block_size: int = 32
+    is_block = True
+
+    @property
+    def bits(self) -> int:
+        return self.element.bits
+
+    @property
+    def bits_per_element(self) -> float:
+        """Storage cost including the shared 8-bit scale."""
+        return self.element.bits + 8 / self.block_size
+
+    def scale_exponents(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Unbiased E8M0 exponents of each block, shape ``(..., n_blocks, 1)`` with ``dim`` moved last."""
+        w, _ = _to_blocks(x, dim, self.block_size)
+        return self._exponents(w)
+
+    def _exponents(self, w: torch.Tensor) -> torch.Tensor:
+        amax = _finite_amax(w)
+        # frexp gives amax = m * 2^k with m in [0.5, 1), so floor(log2 amax) = k - 1; amax = 0 takes the smallest scale
+        e = torch.frexp(amax).exponent - 1 - self.element.emax
+        e = torch.where(amax > 0, e, -E8M0_BIAS)
+        return e.clamp_(-E8M0_BIAS, E8M0_BIAS)
+
+    def quantize(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Fake quantization along ``dim``: ``X * RNE(V / X)`` per block, in ``x``'s dtype."""
+        w, n = _to_blocks(x, dim, self.block_size)
+        scale = _pow2(self._exponents(w), w.dtype)
+        q = self.element.quantize(w / scale) * scale  # both exact: scale is a power of two
+        return _from_blocks(q, n, dim, x.dtype)
+
+    def encode(self, x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Element codes ``(..., n_blocks, block)`` and E8M0 scale bytes ``(..., n_blocks)``, with ``dim`` last."""
+        w, _ = _to_blocks(x, dim, self.block_size)
+        e = self._exponents(w)
+        codes = self.element.encode(w / _pow2(e, w.dtype))
+        return codes, (e.squeeze(-1) + E8M0_BIAS).to(torch.uint8)
+
+    def decode(
+        self, codes: torch.Tensor, scales: torch.Tensor, n: int | None = None, dim: int = -1,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Inverse of :meth:`encode`; ``n`` is the original length along ``dim`` (default: all of it)."""
+        if scales.dtype != torch.uint8 or (scales == 255).any():
+            raise ValueError("MX scales must be uint8 E8M0 bytes other than 255 (NaN)")
+        vals = self.element.decode(codes, torch.float32)
+        q = vals * _pow2(scales.long().unsqueeze(-1) - E8M0_BIAS, torch.float32)
+        return _from_blocks(q, n if n is not None else codes.shape[-2] * codes.shape[-1], dim, dtype)
+
+
+@dataclass(frozen=True)
+class NVFP4Format:
+    """NVFP4: 16-element blocks of E2M1 with an E4M3 block scale, times one FP32 per-tensor scale.
+
+    ``s_t = amax / (448 * 6)``; ``s_b = e4m3(clamp(amax_block / 6 / s_t, 2^-9, 448))``;
+    ``x ≈ e2m1(x / (s_b * s_t)) * (s_b * s_t)``. The tensor ``amax`` is the finite maximum of ``x`` unless a
+    calibrated ``tensor_amax`` is given. The lower clamp is E4M3's smallest subnormal, so no scale is zero.
+    """
+
+    name: str = "nvfp4"
+    block_size: int = 16
+    is_block = True
+
+    @cached_property
+    def element(self) -> FloatFormat:
+        return FloatFormat(2, 1)
+
+    @property
+    def bits(self) -> int:
+        return 4
+
+    @property
+    def bits_per_element(self) -> float:
+        return 4 + 8 / self.block_size
+
+    def _scales(self, w: torch.Tensor, tensor_amax: float | torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        elem_max, scale_max = self.element.max, _E4M3.max
+        amax = _finite_amax(w.reshape(-1)).squeeze() if tensor_amax is None else torch.as_tensor(tensor_amax)
+        s_t = (amax.to(w.dtype) / (scale_max * elem_max)).reshape(())
+        if not torch.isfinite(s_t) or s_t < 0:
+            raise ValueError(f"tensor amax must be finite and non-negative, got {float(amax)}")
+        if s_t == 0:
+            return torch.zeros_like(s_t), torch.zeros_like(w[..., :1])
+        s_b = _E4M3.quantize((_finite_amax(w) / elem_max / s_t).clamp_(_E4M3.min_subnormal, scale_max))
+        return s_t, s_b
+
+    def quantize(self, x: torch.Tensor, dim: int = -1, tensor_amax: float | torch.Tensor | None = None) -> torch.Tensor:
+        w, n = _to_blocks(x, dim, self.block_size)
+        s_t, s_b = self._scales(w, tensor_amax)
+        if s_t == 0:  # an all-zero tensor: keep NaN, zero the rest
+            return _from_blocks(w * 0.0, n, dim, x.dtype)
+        denom = s_b * s_t
+        q = self.element.quantize(w / denom) * denom
+        return _from_blocks(q, n, dim, x.dtype)
+
+    def encode(
+        self, x: torch.Tensor, dim: int = -1, tensor_amax: float | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """E2M1 codes ``(..., n_blocks, 16)``, E4M3 block-scale bytes ``(..., n_blocks)`` and the FP32 ``s_t``."""
+        w, _ = _to_blocks(x, dim, self.block_size)
+        s_t, s_b = self._scales(w, tensor_amax)
+        if s_t == 0:
+            s_b = torch.ones_like(s_b)
+            codes = self.element.encode(w * 0.0)
+        else:
+            codes = self.element.encode(w / (s_b * s_t))
+        return codes, _E4M3.encode(s_b.squeeze(-1)), s_t.to(torch.float32)
+
+    def decode(
+        self, codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor, n: int | None = None,
+        dim: int = -1, dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        s_b = _E4M3.decode(scales, torch.float32).unsqueeze(-1)
+        if torch.isnan(s_b).any():
+            raise ValueError("NVFP4 block scales hold a NaN code")
+        q = self.element.decode(codes, torch.float32) * (s_b * tensor_scale.to(torch.float32))
+        return _from_blocks(q, n if n is not None else codes.shape[-2] * codes.shape[-1], dim, dtype)

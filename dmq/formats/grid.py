@@ -1,0 +1,72 @@
+"""The one rounding kernel behind every element format.
+
+Every grid in :mod:`dmq.formats` is described by five numbers: a clamp interval ``[lo, hi]``, the smallest
+normal exponent ``emin``, the number of mantissa bits ``man_bits`` and a scale. Within a binade ``[2^e, 2^(e+1))``
+the grid step is ``2^(max(e, emin) - man_bits)``; below ``2^emin`` the step stays ``2^(emin - man_bits)``
+(subnormals). An INT grid is the special case ``emin = man_bits = bits``, where the step is 1 everywhere.
+
+Rounding uses the float unit itself: adding ``S = 2^(max(e, emin) + W - man_bits)`` (``W`` = 23 for float32, 52
+for float64) to ``|x|`` leaves a sum whose unit in the last place is exactly the grid step, so the hardware's
+round-to-nearest-even rounds ``|x|`` to the grid; subtracting ``S`` is then exact. ``S`` comes from the exponent
+bits of ``|x|`` with a mask. The whole kernel is a handful of in-place elementwise passes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# work dtype -> (integer view dtype, explicit mantissa bits, exponent-field mask, exponent bias)
+_LAYOUT = {
+    torch.float32: (torch.int32, 23, 0x7F800000, 127),
+    torch.float64: (torch.int64, 52, 0x7FF0000000000000, 1023),
+}
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """Parameters of :func:`round_to_grid` (see the module docstring)."""
+
+    lo: float
+    hi: float
+    emin: int
+    man_bits: int
+    scale: float = 1.0
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernel computes in: float64 stays float64, every narrower float widens exactly to float32."""
+    if not dtype.is_floating_point:
+        raise TypeError(f"quantization needs a floating-point tensor, got {dtype}")
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def round_to_grid(x: torch.Tensor, spec: GridSpec, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Round ``x`` to the nearest point of the grid ``spec``, ties to even, saturating, NaN preserved.
+
+    The result is computed in float32 (float64 for float64 input) and rounded once to ``out_dtype``
+    (default ``x.dtype``). ``x`` is never modified.
+    """
+    wd = work_dtype(x.dtype)
+    int_dtype, width, exp_mask, exp_bias = _LAYOUT[wd]
+    top = max(spec.emin, math.frexp(max(abs(spec.lo), abs(spec.hi)))[1] - 1)
+    if spec.emin + exp_bias < 1 or top + width - spec.man_bits > exp_bias or not 0 <= spec.man_bits <= width:
+        raise ValueError(f"grid with emin={spec.emin}, man_bits={spec.man_bits} does not fit the {wd} kernel")
+    w = x.to(wd, copy=True)
+    if spec.scale != 1.0:
+        w.div_(spec.scale)
+    w.clamp_(spec.lo, spec.hi)  # saturation; clamp keeps NaN
+    # S = 2^(max(floor(log2|w|), emin) + width - man_bits), built in the exponent field; the mask drops the sign.
+    s = w.view(int_dtype) & exp_mask
+    s.clamp_(min=(spec.emin + exp_bias) << width).add_((width - spec.man_bits) << width)
+    s = s.view(wd)
+    signed = spec.lo < 0
+    a = w.abs_()
+    a.add_(s).sub_(s)  # NaN stays NaN through both: NaN + S is NaN
+    if signed:
+        a.copysign_(x)
+    if spec.scale != 1.0:
+        a.mul_(spec.scale)
+    return a.to(out_dtype or x.dtype)
