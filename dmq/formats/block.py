@@ -41,7 +41,7 @@ def _pow2(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _finite_amax(w: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(w), w.abs(), 0.0).amax(-1, keepdim=True)
+    return w.abs().nan_to_num_(nan=0.0, posinf=0.0).amax(-1, keepdim=True)
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,9 @@ class NVFP4Format:
         s_b = _E4M3.quantize((_finite_amax(w) / elem_max / s_t).clamp_(_E4M3.min_subnormal, scale_max))
         return s_t, s_b
 
-    def quantize(self, x: torch.Tensor, dim: int = -1, tensor_amax: float | torch.Tensor | None = None) -> torch.Tensor:
+    def quantize(
+        self, x: torch.Tensor, dim: int = -1, tensor_amax: float | torch.Tensor | None = None
+    ) -> torch.Tensor:
         w, n = _to_blocks(x, dim, self.block_size)
         s_t, s_b = self._scales(w, tensor_amax)
         if s_t == 0:  # an all-zero tensor: keep NaN, zero the rest

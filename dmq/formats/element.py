@@ -24,7 +24,10 @@ def default_special(exp_bits: int, man_bits: int) -> str:
 
 
 class ElementFormat:
-    """Shared behaviour of INT and minifloat formats. Subclasses provide ``name``, ``bits``, ``grid`` and ``_default_code_values``."""
+    """Shared behaviour of INT and minifloat formats.
+
+    Subclasses provide ``name``, ``bits``, ``grid`` and ``_default_code_values``.
+    """
 
     name: str
     bits: int
@@ -35,7 +38,8 @@ class ElementFormat:
         raise NotImplementedError
 
     def _default_code_values(self) -> list[float]:
-        """Value of every code ``0 .. 2^bits - 1`` on the unscaled grid (NaN and ±inf where the convention has them)."""
+        """Value of every code ``0 .. 2^bits - 1`` on the unscaled grid (NaN and ±inf where the convention has
+        them)."""
         raise NotImplementedError
 
     @property
@@ -185,7 +189,9 @@ class FloatFormat(ElementFormat):
 
     def __post_init__(self) -> None:
         if not 1 <= self.exp_bits <= 5 or not 0 <= self.man_bits <= 7:
-            raise ValueError(f"minifloats have 1..5 exponent and 0..7 mantissa bits, got e{self.exp_bits}m{self.man_bits}")
+            raise ValueError(
+                f"minifloats have 1..5 exponent and 0..7 mantissa bits, got e{self.exp_bits}m{self.man_bits}"
+            )
         if self.special is None:
             object.__setattr__(self, "special", default_special(self.exp_bits, self.man_bits))
         if self.special not in SPECIALS:

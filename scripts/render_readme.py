@@ -1,0 +1,70 @@
+"""Regenerate the README's benchmark tables from the JSON files in benchmarks/.
+
+    python scripts/render_readme.py
+
+Each table sits between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->`` markers and is rebuilt from
+``benchmarks/NAME.json``; text outside the markers is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMED = ["int8", "int4", "uint8", "e4m3", "e5m2", "e3m2", "e2m3", "e2m1", "mxfp8", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4",
+         "nvfp4"]
+
+
+def formats_table(data: dict) -> str:
+    rows = {(r["format"], r["dtype"]): r for r in data["rows"]}
+    lines = [
+        f"`{data['command']}` on {data['cpu']}, {data['threads']} threads, torch {data['torch']}, "
+        f"{data['numel']:,} elements, median of {data['rounds']} interleaved rounds. Ratios are throughput "
+        "relative to PyTorch's native float8 path in the same run (higher is better).",
+        "",
+        "| format | input | ms | Gelem/s | vs native E4M3 fake-quant | vs native E4M3 cast only |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for dtype in ("float32", "bfloat16"):
+        fq = rows[("native e4m3fn fake-quant", dtype)]
+        cast = rows[("native e4m3fn cast only", dtype)]
+        for name in ["native e4m3fn fake-quant", "native e4m3fn cast only", "native e5m2 fake-quant"] + NAMED:
+            r = rows.get((name, dtype))
+            if r is None:
+                continue
+            lines.append(
+                f"| {name} | {dtype} | {r['median_s'] * 1e3:.1f} | {r['gelem_per_s']:.2f} | "
+                f"{fq['median_s'] / r['median_s']:.2f}x | {cast['median_s'] / r['median_s']:.2f}x |"
+            )
+    minifloats = [r for r in data["rows"] if r["kind"] == "dmq" and r["dtype"] == "float32"
+                  and re.fullmatch(r"e\dm\d", r["format"])]
+    ratios = [r["throughput_vs_native_e4m3"] for r in minifloats]
+    lines += ["", f"All {len(minifloats)} `eXmY` minifloats (float32 input): {min(ratios):.2f}x to {max(ratios):.2f}x "
+              f"(median {statistics.median(ratios):.2f}x) of the native E4M3 fake-quant throughput."]
+    return "\n".join(lines)
+
+
+RENDERERS = {"formats": formats_table}
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, render in RENDERERS.items():
+        path = ROOT / "benchmarks" / f"{name}.json"
+        if not path.exists():
+            continue
+        start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+        if start not in text:
+            continue
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{render(json.loads(path.read_text()))}\n{end}{tail}"
+    readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
