@@ -4,5 +4,9 @@ from pipelines.clip_compat import import_clip
 from pipelines.digits_classifier import DigitClassifier
 from pipelines.digits_data import load_digits
 from pipelines.digits_pipeline import DigitsPipeline
+from pipelines.gmm import GaussianMixture, GMMDenoiser, reference_sample
 
-__all__ = ["DigitClassifier", "DigitsPipeline", "import_clip", "load_digits"]
+__all__ = [
+    "DigitClassifier", "DigitsPipeline", "GMMDenoiser", "GaussianMixture", "import_clip", "load_digits",
+    "reference_sample",
+]
