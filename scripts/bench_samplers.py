@@ -1,0 +1,302 @@
+"""Sampler accuracy against an exact reference: every DEIS variant beside diffusers' multistep schedulers.
+
+GMM problem (``gmm_problem``): a 3-class x 2-component Gaussian mixture on (2, 4, 4) with the exact denoiser
+(``pipelines.gmm``), DDPM's linear VP schedule, and 64 samples from one fixed x_T at t = 999. It is sampled
+unconditionally and with classifier-free guidance 1, 2, 4 and 8 (one NFE = one guided evaluation; both branches run
+as one batch). The error is the RMSE of the final sample against the DOP853 solution of the probability-flow ODE
+from the same x_T (``reference_sample``, tolerance 1e-10). Every solver starts from that x_T at t = 999: diffusers'
+uniform grids use ``timestep_spacing="trailing"``, and their Karras and uniform-λ grids start at σ_max = ρ(999). Each
+diffusers scheduler is run on every grid it supports (uniform, Karras, uniform λ); the best one is reported per
+condition and NFE. Per-sample RMSE medians are kept too: a few samples that switch mixture component dominate the
+RMSE at moderate NFE.
+
+    python scripts/bench_samplers.py [--out benchmarks/samplers_gmm.json] [--plot benchmarks/samplers_gmm.png]
+
+Writes the JSON (all numbers, the command, versions) and a log-log plot if matplotlib is installed, and prints a
+summary table. Add further problems as functions returning the same structure (see ``gmm_problem``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from tqdm import tqdm
+
+from pipelines.gmm import GaussianMixture, GMMDenoiser, reference_sample
+from samplers import DEISScheduler
+
+NFES = (3, 4, 5, 6, 8, 10, 15, 20)
+CONDITIONS = {"uncond": None, "cfg1": 1.0, "cfg2": 2.0, "cfg4": 4.0, "cfg8": 8.0}
+VP_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A scheduler factory: ``make(nfe)`` returns ``(scheduler, num_inference_steps)``."""
+
+    name: str
+    family: str  # "deis" (ours) or "diffusers"
+    grid: str
+    make: Callable[[int], tuple]
+    order: int | None = None  # points used by the polynomial (diffusers' solver_order), for like-for-like rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# candidates
+
+
+def deis_candidates() -> list[Candidate]:
+    """Every DEIS variant of ``samplers.DEISScheduler``, each on its default grid (power 1.5 in t)."""
+
+    def multistep(method: str, order: int) -> Callable[[int], tuple]:
+        return lambda nfe: (DEISScheduler.from_config(VP_CONFIG, deis_method=method, deis_order=order), nfe)
+
+    def rk(order: int) -> Callable[[int], tuple]:
+        def make(nfe: int) -> tuple:
+            steps = (nfe + 1) // 4 if order == 4 else nfe // order  # RK4's last step has 3 stages: 4N - 1 NFE
+            return DEISScheduler.from_config(VP_CONFIG, deis_method="rhork", deis_order=order), max(steps, 1)
+
+        return make
+
+    out = [Candidate("DEIS default (tAB-3)", "deis", "time^1.5", lambda n: (DEISScheduler.from_config(VP_CONFIG), n))]
+    out += [Candidate(f"DEIS tAB-{r}", "deis", "time^1.5", multistep("tab", r), r + 1) for r in (0, 1, 2)]
+    out += [Candidate("DEIS rhoAB-3", "deis", "time^1.5", multistep("rhoab", 3), 4)]
+    out += [Candidate("DEIS iPNDM-3", "deis", "time^1.5", multistep("ipndm", 3), 4)]
+    out += [Candidate(f"DEIS rhoRK-{p}", "deis", "time^1.5", rk(p)) for p in (2, 3, 4)]
+    return out
+
+
+def diffusers_candidates() -> list[Candidate]:
+    """diffusers' schedulers on each grid they support; all start at t = 999 and end at σ = 0 where they can."""
+    grids = {
+        "uniform": {"timestep_spacing": "trailing"},
+        "karras": {"use_karras_sigmas": True},
+        "lambda": {"use_exponential_sigmas": True},  # uniform log σ = uniform λ
+    }
+    specs = [
+        ("diffusers DEIS-2", DEISMultistepScheduler, {"solver_order": 2}, 2),
+        ("diffusers DEIS-3", DEISMultistepScheduler, {"solver_order": 3}, 3),
+        ("DPM-Solver++ 2M", DPMSolverMultistepScheduler, {"solver_order": 2}, 2),
+        ("DPM-Solver++ 3M", DPMSolverMultistepScheduler, {"solver_order": 3}, 3),
+        ("UniPC-2 (bh2)", UniPCMultistepScheduler, {"solver_order": 2}, 2),
+        ("Euler", EulerDiscreteScheduler, {}, 1),
+        ("DDIM", DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": True}, 1),
+    ]
+    out = []
+    for name, cls, kw, order in specs:
+        for grid, gkw in grids.items():
+            if cls is DDIMScheduler and grid != "uniform":
+                continue
+            if cls is DPMSolverMultistepScheduler and grid == "lambda":
+                gkw = {"use_lu_lambdas": True}
+            cfg = {**VP_CONFIG, **kw, **gkw}
+            out.append(Candidate(name, "diffusers", grid, lambda nfe, cls=cls, cfg=cfg: (cls(**cfg), nfe), order))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# problems
+
+
+def sample(scheduler, steps: int, model: GMMDenoiser, x_T: torch.Tensor, labels, guidance) -> tuple[torch.Tensor, int]:
+    """The standard pipeline loop with classifier-free guidance; returns the final sample and the NFE used."""
+    scheduler.set_timesteps(steps)
+    if float(scheduler.timesteps[0]) < 998.5:
+        raise RuntimeError(f"{type(scheduler).__name__} starts at t={float(scheduler.timesteps[0])}, not 999")
+    x = x_T * scheduler.init_noise_sigma
+    null = None if labels is None else torch.full_like(labels, model.mixture.null_label)
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t)
+        if labels is None or guidance == 1.0:
+            out = model(x_in, t, labels).sample
+        else:
+            cond, uncond = model(torch.cat([x_in, x_in]), t, torch.cat([labels, null])).sample.chunk(2)
+            out = uncond + guidance * (cond - uncond)
+        x = scheduler.step(out, t, x).prev_sample
+    return x, len(scheduler.timesteps)
+
+
+def gmm_problem(num_samples: int = 64, seed: int = 0, progress: bool = True) -> dict:
+    """Run every candidate on the GMM problem. Returns ``{"problem": …, "results": {name|grid: {cond: {nfe: …}}}}``."""
+    mixture = GaussianMixture.random(3, 2, (2, 4, 4), seed=seed)
+    model = GMMDenoiser(mixture)
+    x_T = torch.randn(num_samples, 2, 4, 4, generator=torch.Generator().manual_seed(1000 + seed), dtype=torch.float64)
+    labels = torch.arange(num_samples) % 3
+    refs = {}
+    for cond, g in CONDITIONS.items():
+        refs[cond] = reference_sample(model, x_T, None if g is None else labels, 1.0 if g is None else g)
+    results: dict[str, dict] = {}
+    cands = deis_candidates() + diffusers_candidates()
+    for cand in tqdm(cands, desc="gmm", disable=not progress):
+        key = f"{cand.name}|{cand.grid}"
+        results[key] = {"name": cand.name, "family": cand.family, "grid": cand.grid, "order": cand.order, "runs": {}}
+        for cond, g in CONDITIONS.items():
+            rows = {}
+            for nfe in NFES:
+                sched, steps = cand.make(nfe)
+                x, used = sample(sched, steps, model, x_T, None if g is None else labels, g)
+                per = (x - refs[cond]).pow(2).flatten(1).mean(1).sqrt()
+                rmse = (x - refs[cond]).pow(2).mean().sqrt().item()
+                rows[str(nfe)] = {
+                    "nfe_used": used,
+                    "rmse": rmse if math.isfinite(rmse) else None,
+                    "median_sample_rmse": per.median().item() if bool(torch.isfinite(per).all()) else None,
+                    "samples_off_by_0.3": int((per > 0.3).sum()),
+                }
+            results[key]["runs"][cond] = rows
+    problem = {
+        "name": "gmm",
+        "mixture": "GaussianMixture.random(3, 2, (2, 4, 4), seed=%d)" % seed,
+        "schedule": VP_CONFIG,
+        "num_samples": num_samples,
+        "x_T": f"torch.randn(generator seed {1000 + seed}) at t = 999",
+        "conditions": {k: ("unconditional" if v is None else f"labels arange(n) % 3, guidance {v}") for k, v in
+                       CONDITIONS.items()},
+        "reference": "pipelines.gmm.reference_sample (DOP853, rtol = atol = 1e-10) to σ = 0",
+    }
+    return {"problem": problem, "results": results}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reporting
+
+
+def best_of(results: dict, cond: str, nfe: int, pred: Callable[[dict], bool]) -> tuple[float, str]:
+    """Lowest RMSE (at exactly ``nfe`` evaluations) among candidates matching ``pred``, with its label."""
+    best = (math.inf, "")
+    for key, res in results.items():
+        row = res["runs"][cond][str(nfe)]
+        if pred(res) and row["nfe_used"] == nfe and row["rmse"] is not None and row["rmse"] < best[0]:
+            best = (row["rmse"], key)
+    return best
+
+
+def summary(results: dict) -> dict:
+    """Per condition and NFE: the DEIS default against the best diffusers combination, and our tAB-r against
+    diffusers' DEIS with as many points (our degree r = their ``solver_order`` r + 1), each on its best grid."""
+    default = "DEIS default (tAB-3)|time^1.5"
+
+    def row(key: str, cond: str, nfe: int) -> dict:
+        return results[key]["runs"][cond][str(nfe)]
+
+    out = {}
+    for cond in CONDITIONS:
+        rows = {}
+        for nfe in NFES:
+            ours = row(default, cond, nfe)
+            best, best_key = best_of(results, cond, nfe, lambda r: r["family"] == "diffusers")
+            entry = {
+                "deis_default": ours["rmse"],
+                "deis_default_median": ours["median_sample_rmse"],
+                "best_diffusers": best,
+                "best_diffusers_config": best_key,
+                "best_diffusers_median": row(best_key, cond, nfe)["median_sample_rmse"],
+                "ratio_default_to_best_diffusers": ours["rmse"] / best,
+            }
+            for r in (1, 2):
+                theirs, their_key = best_of(results, cond, nfe, lambda x, r=r: x["name"] == f"diffusers DEIS-{r + 1}")
+                tab = row(f"DEIS tAB-{r}|time^1.5", cond, nfe)["rmse"]
+                entry[f"diffusers_deis{r + 1}"] = theirs
+                entry[f"diffusers_deis{r + 1}_grid"] = their_key.split("|")[-1]
+                entry[f"ours_tab{r}"] = tab
+                entry[f"ratio_tab{r}_to_diffusers_deis{r + 1}"] = tab / theirs
+            rows[str(nfe)] = entry
+        out[cond] = rows
+    return out
+
+
+def print_summary(summ: dict) -> None:
+    for cond, rows in summ.items():
+        print(f"\n[{cond}] final-sample RMSE vs the exact PF-ODE solution (per-sample median in parentheses)")
+        print(f"{'NFE':>3} | {'DEIS default':>20} | {'best diffusers':>20} {'(which)':31} {'ratio':>5} | "
+              f"{'dDEIS-3':>8} {'tAB-2':>8} {'ratio':>5} | {'dDEIS-2':>8} {'tAB-1':>8} {'ratio':>5}")
+        for nfe, r in rows.items():
+            print(f"{nfe:>3} | {r['deis_default']:9.2e} ({r['deis_default_median']:8.2e}) | "
+                  f"{r['best_diffusers']:9.2e} ({r['best_diffusers_median']:8.2e}) {r['best_diffusers_config']:31} "
+                  f"{r['ratio_default_to_best_diffusers']:5.2f} | {r['diffusers_deis3']:8.2e} {r['ours_tab2']:8.2e} "
+                  f"{r['ratio_tab2_to_diffusers_deis3']:5.2f} | {r['diffusers_deis2']:8.2e} {r['ours_tab1']:8.2e} "
+                  f"{r['ratio_tab1_to_diffusers_deis2']:5.2f}")
+
+
+def plot(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(CONDITIONS), figsize=(5 * len(CONDITIONS), 4.5), sharey=True)
+    for ax, cond in zip(axes, CONDITIONS):
+        names = {}
+        for key, res in results.items():  # best grid per diffusers scheduler, every DEIS variant
+            pts = [(row["nfe_used"], row["rmse"]) for row in res["runs"][cond].values() if row["rmse"] is not None]
+            names.setdefault(res["name"], []).append((res, pts))
+        for name, entries in names.items():
+            res, pts = min(entries, key=lambda e: np.mean([math.log(p[1]) for p in e[1]]))
+            style = "-" if res["family"] == "deis" else "--"
+            width = 2.5 if name.startswith("DEIS default") else 1.0
+            ax.loglog(*zip(*pts), style, marker="o", ms=3, lw=width, label=f"{name} [{res['grid']}]")
+        ax.set_title(cond)
+        ax.set_ylim(1e-3, 3.0)  # some ρRK / iPNDM runs diverge at few steps under guidance: clipped
+        ax.set_xlabel("NFE")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("RMSE vs exact")
+    axes[-1].legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/samplers_gmm.json")
+    ap.add_argument("--plot", default="benchmarks/samplers_gmm.png")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    torch.set_num_threads(1)  # thousands of tiny ops: threads only add overhead
+    start = time.perf_counter()
+    gmm = gmm_problem(args.samples, args.seed, progress=not args.no_progress)
+    gmm["summary"] = summary(gmm["results"])
+    report = {
+        "command": "python " + " ".join(sys.argv),
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "nfes": list(NFES),
+        "gmm": gmm,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print_summary(gmm["summary"])
+    plotted = plot(gmm["results"], Path(args.plot))
+    print(f"\nwrote {out}" + (f" and {args.plot}" if plotted else " (matplotlib is not installed: no plot)"))
+    print(f"{report['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
