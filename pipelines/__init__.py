@@ -5,8 +5,9 @@ from pipelines.digits_classifier import DigitClassifier
 from pipelines.digits_data import load_digits
 from pipelines.digits_pipeline import DigitsPipeline
 from pipelines.gmm import GaussianMixture, GMMDenoiser, reference_sample
+from pipelines.sampler_swap import use_sampler
 
 __all__ = [
     "DigitClassifier", "DigitsPipeline", "GMMDenoiser", "GaussianMixture", "import_clip", "load_digits",
-    "reference_sample",
+    "reference_sample", "use_sampler",
 ]

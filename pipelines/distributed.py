@@ -27,10 +27,12 @@ from accelerate.utils import gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pipelines.sampler_swap import PLANNED, SAMPLERS, use_sampler
+
 logger = logging.getLogger(__name__)
 
-# dmq's own samplers and quantization presets: later issues register them here
-DMQ_SAMPLERS = ("deis", "dc-solver")
+# dmq's own samplers (those not available yet raise a clear error) and quantization presets
+DMQ_SAMPLERS = (*SAMPLERS, *PLANNED)
 QUANT_PRESETS = ("none",)
 
 
@@ -147,29 +149,27 @@ def load_pipeline(path: str | os.PathLike, *, allow_hub: bool = False) -> Any:
 
 
 def scheduler_class(name: str) -> type:
-    """The diffusers scheduler class called ``name``; ``ValueError`` for unknown names and dmq's reserved ones."""
+    """The diffusers scheduler class called ``name``; ``ValueError`` for unknown names."""
     import diffusers
     from diffusers import SchedulerMixin
 
-    if name in DMQ_SAMPLERS:
-        raise ValueError(f"sampler {name!r} is not available yet (dmq's own samplers arrive in a later issue); "
-                         "use a diffusers scheduler class name such as DDIMScheduler or DPMSolverMultistepScheduler")
     cls = getattr(diffusers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise ValueError(f"unknown scheduler {name!r}: expected a diffusers scheduler class name such as "
-                         "DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler or "
-                         f"EulerDiscreteScheduler (or one of dmq's {DMQ_SAMPLERS})")
+        raise ValueError(f"unknown scheduler {name!r}: expected one of dmq's samplers {sorted(SAMPLERS)} or a "
+                         "diffusers scheduler class name such as DDIMScheduler, DPMSolverMultistepScheduler, "
+                         "UniPCMultistepScheduler or EulerDiscreteScheduler")
     return cls
 
 
 def set_sampler(pipe: Any, name: str | None) -> str:
-    """Swap ``pipe.scheduler`` for the diffusers scheduler class ``name`` (built ``from_config``); returns its name.
-
-    ``None`` or ``"default"`` keeps the pipeline's scheduler. dmq's own samplers (``"deis"``, ``"dc-solver"``) are
-    reserved names that later issues fill.
-    """
+    """Swap ``pipe.scheduler`` for dmq's sampler ``name`` (``"deis"``, see :func:`pipelines.use_sampler`) or the
+    diffusers scheduler class ``name``, built ``from_config``; returns its name. ``None`` or ``"default"`` keeps the
+    pipeline's scheduler."""
     if name in (None, "default"):
         return type(pipe.scheduler).__name__
+    if name.lower() in DMQ_SAMPLERS:
+        use_sampler(pipe, name)
+        return name.lower()
     pipe.scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
     return name
 
