@@ -117,13 +117,18 @@ def diffusers_candidates() -> list[Candidate]:
 # problems
 
 
-def sample(scheduler, steps: int, model: GMMDenoiser, x_T: torch.Tensor, labels, guidance) -> tuple[torch.Tensor, int]:
+@torch.no_grad()
+def sample(
+    scheduler, steps: int, model: torch.nn.Module, x_T: torch.Tensor, labels, guidance, null_label: int | None = None
+) -> tuple[torch.Tensor, int]:
     """The standard pipeline loop with classifier-free guidance; returns the final sample and the NFE used."""
     scheduler.set_timesteps(steps)
     if float(scheduler.timesteps[0]) < 998.5:
         raise RuntimeError(f"{type(scheduler).__name__} starts at t={float(scheduler.timesteps[0])}, not 999")
     x = x_T * scheduler.init_noise_sigma
-    null = None if labels is None else torch.full_like(labels, model.mixture.null_label)
+    if null_label is None:
+        null_label = model.mixture.null_label
+    null = None if labels is None else torch.full_like(labels, null_label)
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
         if labels is None or guidance == 1.0:
@@ -268,15 +273,119 @@ def plot(results: dict, path: Path) -> bool:
     return True
 
 
+DIGIT_NFES = (5, 10)
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def digits_problem(name: str, num_samples: int = 64, fid_samples: int = 500, guidance: float = 2.0,
+                   progress: bool = True) -> dict:
+    """A bundled digit model (``assets/<name>``): every candidate at NFE 5 and 10.
+
+    RMSE (pixels in [-1, 1]) of the final sample against DPM-Solver++(2M) with 1000 steps from the same x_T, for
+    ``num_samples`` samples; then, for the DEIS default and each diffusers scheduler on its best grid here, class
+    accuracy and FID (digit features, against the 360 held-out digits) of ``fid_samples`` samples.
+    """
+    from pipelines import DigitClassifier, DigitsPipeline, load_digits
+    from pipelines.evaluation import DigitsFeatures, fid_from_stats
+
+    pipe = DigitsPipeline.from_pretrained(ASSETS / name)
+    model = pipe.backbone.eval()
+    if dict(pipe.scheduler.config)["beta_schedule"] != VP_CONFIG["beta_schedule"]:
+        raise RuntimeError("the bundled models use DDPM's linear schedule, as VP_CONFIG")
+    clf = DigitClassifier.from_pretrained(ASSETS / "digits-classifier").eval()
+    feats = DigitsFeatures(clf)
+
+    def stats(f: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        f = f.double().numpy()
+        return f.mean(0), np.cov(f, rowvar=False)
+
+    real = stats(feats((load_digits("test")[0] + 1) / 2))
+    n_all = max(num_samples, fid_samples)
+    x_T = torch.randn(n_all, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(n_all) % 10
+    t0 = time.perf_counter()
+    ref, _ = sample(DPMSolverMultistepScheduler(**VP_CONFIG, timestep_spacing="trailing"), 1000, model,
+                    x_T[:num_samples], labels[:num_samples], guidance, null_label=10)
+    ref_seconds = time.perf_counter() - t0
+    results: dict[str, dict] = {}
+    cands = deis_candidates() + diffusers_candidates()
+    for cand in tqdm(cands, desc=name, disable=not progress):
+        key = f"{cand.name}|{cand.grid}"
+        rows = {}
+        for nfe in DIGIT_NFES:
+            sched, steps = cand.make(nfe)
+            x, used = sample(sched, steps, model, x_T[:num_samples], labels[:num_samples], guidance, null_label=10)
+            rmse = (x - ref).pow(2).mean().sqrt().item()
+            rows[str(nfe)] = {"nfe_used": used, "rmse": rmse if math.isfinite(rmse) else None}
+        results[key] = {"name": cand.name, "family": cand.family, "grid": cand.grid, "order": cand.order,
+                        "runs": {f"cfg{guidance:g}": rows}}
+    # FID and class accuracy: the DEIS default and every diffusers scheduler on its best grid (by mean log RMSE)
+    best: dict[str, str] = {"DEIS default (tAB-3)": "DEIS default (tAB-3)|time^1.5"}
+    for key, res in results.items():
+        if res["family"] != "diffusers":
+            continue
+        score = np.mean([math.log(r["rmse"] or 1e9) for r in res["runs"][f"cfg{guidance:g}"].values()])
+        prev = best.get(res["name"])
+        if prev is None or score < np.mean([math.log(r["rmse"] or 1e9)
+                                           for r in results[prev]["runs"][f"cfg{guidance:g}"].values()]):
+            best[res["name"]] = key
+    by_make = {f"{c.name}|{c.grid}": c for c in cands}
+    quality = {}
+    for label, key in tqdm(best.items(), desc=f"{name} fid", disable=not progress):
+        quality[key] = {}
+        for nfe in DIGIT_NFES:
+            sched, steps = by_make[key].make(nfe)
+            xs = torch.cat([sample(sched, steps, model, x_T[i:i + 250], labels[i:i + 250], guidance, null_label=10)[0]
+                            for i in range(0, fid_samples, 250)])
+            images = (xs / 2 + 0.5).clamp(0, 1)
+            with torch.no_grad():
+                acc = (clf(images * 2 - 1).argmax(-1) == labels[:fid_samples]).float().mean().item()
+            quality[key][str(nfe)] = {"class_accuracy": acc, "fid": fid_from_stats(*stats(feats(images)), *real)}
+    problem = {
+        "name": name, "num_samples": num_samples, "fid_samples": fid_samples, "guidance": guidance,
+        "reference": "DPM-Solver++(2M), 1000 steps, trailing spacing, from the same x_T",
+        "reference_seconds": round(ref_seconds, 1),
+        "fid": "digit-classifier features vs the 360 held-out digits",
+    }
+    return {"problem": problem, "results": results, "quality": quality}
+
+
+def print_digits(report: dict) -> None:
+    for name, prob in report.items():
+        g = prob["problem"]["guidance"]
+        print(f"\n[{name}] guidance {g:g}: RMSE vs 1000-step reference | class accuracy | FID (digits)")
+        for key, q in prob["quality"].items():
+            runs = prob["results"][key]["runs"][f"cfg{g:g}"]
+            cells = "  ".join(f"NFE {n}: {runs[n]['rmse']:.4f} | {q[n]['class_accuracy'] * 100:5.1f}% | "
+                              f"{q[n]['fid']:6.2f}" for n in q)
+            print(f"{key:42} {cells}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/samplers_gmm.json")
     ap.add_argument("--plot", default="benchmarks/samplers_gmm.png")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--problems", nargs="+", default=["gmm", "digits"], choices=["gmm", "digits"])
+    ap.add_argument("--digits-out", default="benchmarks/samplers_digits.json")
+    ap.add_argument("--fid-samples", type=int, default=500)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if "digits" in args.problems:
+        start = time.perf_counter()
+        digits = {name: digits_problem(name, args.samples, args.fid_samples, progress=not args.no_progress)
+                  for name in ("digits-unet", "digits-dit")}
+        Path(args.digits_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.digits_out).write_text(json.dumps({
+            "command": "python " + " ".join(sys.argv), "nfes": list(DIGIT_NFES),
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
+            "seconds": round(time.perf_counter() - start, 1), "problems": digits}, indent=1))
+        print_digits(digits)
+        print(f"wrote {args.digits_out}")
+    if "gmm" not in args.problems:
+        return
     torch.set_num_threads(1)  # thousands of tiny ops: threads only add overhead
     start = time.perf_counter()
     gmm = gmm_problem(args.samples, args.seed, progress=not args.no_progress)
