@@ -1,6 +1,22 @@
-"""dmq: post-training quantization for diffusion backbones (U-Net and DiT), INT and low-bit float formats."""
+"""dmq: post-training quantization for diffusion backbones (U-Net and DiT), INT and low-bit float formats.
+
+>>> import dmq
+>>> model = dmq.quantize(unet, "w8a8")                      # doctest: +SKIP
+>>> dmq.calibrate(model, lambda m: pipe(labels, num_inference_steps=20))  # doctest: +SKIP
+>>> dmq.freeze(model)                                       # doctest: +SKIP
+"""
 
 from dmq import formats
+from dmq.api import calibrate, dequantize, freeze, quantize, quantizers, restore, summary, unet_skip_splits
+from dmq.calibration import AllSteps, NormalSteps, StepPolicy, UniformSteps
+from dmq.config import PRESETS, QuantConfig, QuantSpec, get_config, preset_names
+from dmq.modules import QuantAttnProcessor, QuantConv2d, QuantLinear
+from dmq.quantizer import NotCalibratedError, TensorQuantizer
 
 __version__ = "0.1.0"
-__all__ = ["formats"]
+__all__ = [
+    "PRESETS", "AllSteps", "NormalSteps", "NotCalibratedError", "QuantAttnProcessor", "QuantConfig", "QuantConv2d",
+    "QuantLinear", "QuantSpec", "StepPolicy", "TensorQuantizer", "UniformSteps", "calibrate", "dequantize",
+    "formats", "freeze", "get_config", "preset_names", "quantize", "quantizers", "restore", "summary",
+    "unet_skip_splits",
+]

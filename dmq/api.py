@@ -1,0 +1,216 @@
+"""The three verbs: :func:`quantize`, :func:`calibrate`, :func:`freeze`, plus :func:`restore`."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dmq.calibration import CONTEXT, StepPolicy, TimestepHook, get_policy
+from dmq.config import QuantConfig, get_config
+from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, QuantConv2d, QuantLinear
+from dmq.quantizer import TensorQuantizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantState:
+    """What :func:`quantize` leaves on the model (``model._dmq``)."""
+
+    config: QuantConfig
+    hook: TimestepHook | None
+    modules: list[str] = field(default_factory=list)
+    attention: list[str] = field(default_factory=list)
+    splits: dict[str, int] = field(default_factory=dict)
+    calibration_points: int = 0
+    calibration_seconds: float = 0.0
+    frozen: bool = False
+
+
+def _state(model: nn.Module) -> QuantState:
+    st = getattr(model, "_dmq", None)
+    if st is None:
+        raise ValueError("model is not quantized: call dmq.quantize(model, config) first")
+    return st
+
+
+def unet_skip_splits(model: nn.Module) -> dict[str, int]:
+    """Split points of the layers that consume a U-Net skip concatenation: ``{module name: channels of the first
+    half}`` for ``conv1`` and ``conv_shortcut`` of every up-block resnet.
+
+    diffusers U-Nets keep a stack of skip tensors (``conv_in``'s output, then every down-block resnet and
+    downsampler output); each up-block resnet pops one and runs on ``cat([hidden_states, skip], dim=1)``.
+    Returns ``{}`` for models without ``down_blocks``/``up_blocks`` or with an unexpected layout.
+    """
+    downs, ups, conv_in = (getattr(model, n, None) for n in ("down_blocks", "up_blocks", "conv_in"))
+    if downs is None or ups is None or not isinstance(conv_in, nn.Conv2d):
+        return {}
+    stack = [conv_in.out_channels]
+    for db in downs:
+        for r in getattr(db, "resnets", []):
+            stack.append(r.out_channels)
+        if getattr(db, "downsamplers", None):
+            stack.append(db.downsamplers[0].out_channels)
+    splits: dict[str, int] = {}
+    for i, ub in enumerate(ups):
+        for j, r in enumerate(getattr(ub, "resnets", [])):
+            if not stack or not hasattr(r, "conv1"):
+                logger.info("unexpected U-Net layout at up_blocks.%d: no shortcut split", i)
+                return {}
+            skip = stack.pop()
+            first = r.conv1.in_channels - skip
+            if first <= 0:
+                logger.info("unexpected U-Net channels at up_blocks.%d.resnets.%d: no shortcut split", i, j)
+                return {}
+            splits[f"up_blocks.{i}.resnets.{j}.conv1"] = first
+            if getattr(r, "conv_shortcut", None) is not None and isinstance(r.conv_shortcut, nn.Conv2d):
+                splits[f"up_blocks.{i}.resnets.{j}.conv_shortcut"] = first
+    return splits
+
+
+def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str]) -> bool:
+    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def quantize(model: nn.Module, config: str | QuantConfig, *, include: Sequence[str] | None = None,
+             exclude: Sequence[str] | None = None, inplace: bool = True) -> nn.Module:
+    """Swap the model's Linear and Conv2d layers (and the matmuls of diffusers attention modules) for quantized
+    ones, selected by glob on qualified module names.
+
+    Args:
+        model: any ``nn.Module`` (a diffusers U-Net or DiT backbone, or a plain stack of layers).
+        config: a :class:`~dmq.config.QuantConfig` or a preset name (``dmq.preset_names()``).
+        include: only modules matching one of these globs (default: all).
+        exclude: extra globs to keep in full precision, on top of ``config.keep_fp``.
+        inplace: ``False`` quantizes a deep copy and leaves ``model`` untouched.
+
+    Weights are fake-quantized now; static activation quantizers need :func:`calibrate` then :func:`freeze`.
+    """
+    cfg = get_config(config)
+    if getattr(model, "_dmq", None) is not None:
+        raise ValueError("model is already quantized; dmq.restore(model) first")
+    if not inplace:
+        model = copy.deepcopy(model)
+    excl = tuple(cfg.keep_fp) + tuple(exclude or ())
+    splits = unet_skip_splits(model) if cfg.shortcut_split and cfg.act is not None else {}
+    state = QuantState(cfg, None)
+    targets = [(n, m) for n, m in model.named_modules() if n and _selected(n, include, excl)]
+    for name, mod in targets:
+        if type(mod) is nn.Linear and (cfg.weight is not None or cfg.act is not None):
+            _set_child(model, name, QuantLinear.from_float(mod, cfg))
+        elif type(mod) is nn.Conv2d and (cfg.weight is not None or cfg.act is not None):
+            _set_child(model, name, QuantConv2d.from_float(mod, cfg, splits.get(name)))
+            if name in splits:
+                state.splits[name] = splits[name]
+        else:
+            continue
+        state.modules.append(name)
+    if cfg.attn is not None:
+        for name, mod in targets:
+            proc = getattr(mod, "processor", None)
+            if proc is None or not hasattr(mod, "set_processor"):
+                continue
+            if type(proc).__name__ not in QUANTIZABLE_PROCESSORS:
+                logger.info("attention %s uses %s: its matmuls stay in full precision", name, type(proc).__name__)
+                continue
+            mod.matmul_quantizers = AttentionQuantizers(cfg, proc)
+            mod.set_processor(QuantAttnProcessor())
+            state.attention.append(name)
+    if not state.modules and not state.attention:
+        raise ValueError(
+            f"nothing to quantize in {type(model).__name__}: no nn.Linear / nn.Conv2d / diffusers attention module "
+            f"matched include={list(include) if include else None} outside keep_fp/exclude"
+        )
+    state.hook = TimestepHook(model, *cfg.timestep_range)
+    model._dmq = state
+    logger.info("dmq: quantized %d layers and %d attention modules with %s", len(state.modules),
+                len(state.attention), cfg.name)
+    return model
+
+
+def quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
+    """Every activation quantizer of the model, by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+
+
+def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], object], *,
+              steps: str | StepPolicy | None = None) -> nn.Module:
+    """Run ``forward_loop(model)`` with observers active.
+
+    Every backbone call is a calibration point, at the timestep its forward receives, if the step policy
+    (``steps``, default ``config.steps``) accepts it. The model computes in full precision meanwhile (float weights,
+    activations passed through), so the loop follows the FP trajectory. Statistics stream: memory does not grow
+    with the number of calls.
+    """
+    st = _state(model)
+    if st.frozen:
+        raise ValueError("model is frozen; calibrate before dmq.freeze")
+    policy = get_policy(steps if steps is not None else st.config.steps)
+    policy.reset()
+    CONTEXT.calibrating, CONTEXT.policy, CONTEXT.points = True, policy, 0
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        CONTEXT.calibrating, CONTEXT.policy, CONTEXT.timestep, CONTEXT.observe = False, None, None, True
+    st.calibration_points += CONTEXT.points
+    st.calibration_seconds += time.perf_counter() - t0
+    logger.info("dmq: calibrated on %d backbone calls in %.1f s", CONTEXT.points, time.perf_counter() - t0)
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Fix every static activation quantizer's per-bin scales from its statistics, then drop the observers. The
+    timestep hook stays only while some quantizer has more than one timestep bin."""
+    st = _state(model)
+    for q in quantizers(model).values():
+        q.freeze()
+    if st.hook is not None and not any(q.num_bins > 1 for q in quantizers(model).values()):
+        st.hook.remove()
+        st.hook = None
+    st.frozen = True
+    return model
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo :func:`quantize`: the original float modules, weights and attention processors come back."""
+    st = _state(model)
+    for name in st.modules:
+        _set_child(model, name, model.get_submodule(name).to_float())
+    for name in st.attention:
+        mod = model.get_submodule(name)
+        mod.set_processor(mod.matmul_quantizers.original_processor)
+        del mod.matmul_quantizers
+    if st.hook is not None:
+        st.hook.remove()
+    del model._dmq
+    return model
+
+
+dequantize = restore
+
+
+def summary(model: nn.Module) -> dict:
+    """Counts and timing of a quantized model, for reports."""
+    st = _state(model)
+    return {
+        "config": st.config.name, "layers": len(st.modules), "attention": len(st.attention),
+        "shortcut_splits": len(st.splits), "calibration_points": st.calibration_points,
+        "calibration_seconds": st.calibration_seconds, "frozen": st.frozen,
+        "observer_bytes": sum(q.observer.nbytes for q in quantizers(model).values() if q.observer is not None),
+    }

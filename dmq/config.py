@@ -1,0 +1,241 @@
+"""Quantization configs: frozen dataclasses and named presets.
+
+A :class:`QuantSpec` describes one tensor quantizer (format, granularity, symmetry, static or dynamic scale, range
+estimator, timestep bins). A :class:`QuantConfig` says which spec applies to weights, to the inputs of Linear/Conv2d
+layers, and to the attention matmul operands, and which modules stay in full precision. Anywhere a config is
+accepted, a preset name works too: ``dmq.get_config("w8a8")``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from dmq import formats
+from dmq.calibration import AllSteps, StepPolicy
+
+GRANULARITIES = ("tensor", "channel", "group", "block", "token")
+ESTIMATORS = ("minmax", "percentile", "mse", "fp_bias")
+
+# Modules that stay in full precision unless ``keep_fp`` is overridden (globs on qualified module names).
+# Embedders and the first/last layers (Q-Diffusion/PTQ4DM keep them at >= 8 bit, ModelOpt and ViDiT-Q keep them FP),
+# every time-only projection (``time_emb_proj``: one row per sample, negligible cost, TFMQ-DM shows it is sensitive),
+# and adaLN modulation linears (they also see only the timestep/class embedding, one token per sample).
+DEFAULT_KEEP_FP = (
+    "conv_in", "conv_out", "*time_embedding*", "*time_proj*", "*time_emb_proj", "*timestep_embedder*",
+    "*time_text_embed*", "*class_embedding*", "*class_embedder*", "*add_embedding*", "*adaln_single*",
+    "*caption_projection*", "*context_embedder*", "*pos_embed*", "proj_out", "proj_out_*", "*norm_out*",
+    "*norm1.linear", "*norm1_context.linear", "*norm.linear", "*.emb.*",
+)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One tensor quantizer.
+
+    Args:
+        format: a name from :func:`dmq.formats.names` (``"int8"``, ``"e4m3"``, ``"mxfp4"``, ``"nvfp4"``, ...).
+        granularity: ``"tensor"``; ``"channel"`` (weights: one scale per output channel); ``"token"`` (activations:
+            one scale per token / pixel, over the channel dimension, dynamic only); ``"group"`` (``group_size``
+            consecutive elements of the reduction dimension share a scale); ``"block"`` (MX / NVFP4 formats, whose
+            block size is part of the format).
+        symmetric: symmetric around zero; asymmetric INT uses the unsigned grid ``uintN`` with a zero point.
+        dynamic: scale computed online from each input (min-max), no calibration needed.
+        estimator: range estimator for static scales: ``"minmax"``, ``"percentile"``, ``"mse"`` (clipping search
+            minimising the quantization MSE) or ``"fp_bias"`` (LLM-FP4: search of the real-valued exponent bias of
+            an FP grid, i.e. of its power-of-two-free scale, by reconstruction error; FP formats only).
+        percentile: upper percentile for ``"percentile"``.
+        timestep_bins: activation parameter sets over the timestep range (TFMQ-DM / ViDiT-Q); 1 = one set.
+    """
+
+    format: str
+    granularity: str = "tensor"
+    group_size: int = 128
+    symmetric: bool = True
+    dynamic: bool = False
+    estimator: str = "minmax"
+    percentile: float = 99.99
+    timestep_bins: int = 1
+
+    def __post_init__(self) -> None:
+        fmt = formats.get(self.format)  # ValueError listing the valid formats
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if fmt.is_block != (self.granularity == "block"):
+            raise ValueError(f"format {self.format!r} needs granularity 'block' exactly when it is a block format "
+                             "(mxfp4, mxfp6_*, mxfp8*, nvfp4)")
+        if not self.symmetric and not isinstance(fmt, formats.IntFormat):
+            raise ValueError(f"asymmetric quantization needs an INT format, got {self.format!r}")
+        if self.estimator == "fp_bias" and not isinstance(fmt, formats.FloatFormat):
+            raise ValueError(f"estimator 'fp_bias' needs a minifloat format (eXmY), got {self.format!r}")
+        if self.group_size < 1 or self.timestep_bins < 1:
+            raise ValueError("group_size and timestep_bins must be >= 1")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must lie in (50, 100], got {self.percentile}")
+
+    @property
+    def fmt(self) -> formats.Format:
+        """The element (or block) format; for asymmetric INT the unsigned grid of the same width."""
+        fmt = formats.get(self.format)
+        if not self.symmetric and isinstance(fmt, formats.IntFormat):
+            return formats.IntFormat(fmt.bits, signed=False)
+        return fmt
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What a quantized model quantizes.
+
+    Args:
+        weight: spec of Linear/Conv2d weights (always static, computed from the weight), or None.
+        act: spec of Linear/Conv2d inputs, or None (weight-only).
+        attn: spec of the attention matmul operands q, k, v (Q·Kᵀ and P·V), or None.
+        attn_probs: spec of the softmax probabilities (default: ``attn``).
+        keep_fp: globs of module names left in full precision.
+        shortcut_split: Q-Diffusion's split quantizers for the layer after a U-Net skip concatenation.
+        timestep_range: the range the timestep bins cover (``[0, num_train_timesteps)``).
+        steps: which backbone calls count as calibration points (:class:`dmq.calibration.StepPolicy`).
+        name: preset name, for reports.
+    """
+
+    weight: QuantSpec | None
+    act: QuantSpec | None = None
+    attn: QuantSpec | None = None
+    attn_probs: QuantSpec | None = None
+    keep_fp: tuple[str, ...] = DEFAULT_KEEP_FP
+    shortcut_split: bool = True
+    timestep_range: tuple[float, float] = (0.0, 1000.0)
+    steps: StepPolicy = field(default_factory=AllSteps)
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.weight is None and self.act is None and self.attn is None:
+            raise ValueError("a QuantConfig needs at least one of weight, act, attn")
+        if self.weight is not None and (self.weight.dynamic or self.weight.granularity == "token"):
+            raise ValueError("weights are quantized statically; 'dynamic' and 'token' apply to activations only")
+        for s in (self.act, self.attn, self.attn_probs):
+            if s is not None and s.granularity == "channel":
+                raise ValueError("activations use 'tensor', 'token', 'group' or 'block' granularity, not 'channel'")
+            if s is not None and s.granularity == "token" and not s.dynamic:
+                raise ValueError("per-token activation quantization is dynamic (online); set dynamic=True")
+            if s is not None and not s.dynamic and s.granularity != "tensor":
+                raise ValueError("static (calibrated) activation quantizers are per tensor; use dynamic=True for "
+                                 "'token', 'group' or 'block' granularity")
+        lo, hi = self.timestep_range
+        if not hi > lo:
+            raise ValueError(f"timestep_range must be (lo, hi) with hi > lo, got {self.timestep_range}")
+
+    @property
+    def probs(self) -> QuantSpec | None:
+        return self.attn_probs if self.attn_probs is not None else self.attn
+
+    def replace(self, **changes) -> QuantConfig:
+        return replace(self, **changes)
+
+
+def _int_static(bits: int, bins: int = 4) -> QuantSpec:
+    return QuantSpec(f"int{bits}", "tensor", symmetric=False, estimator="mse", timestep_bins=bins)
+
+
+def _w8a8() -> QuantConfig:
+    """INT8 weights per output channel (symmetric, MSE clipping), INT8 activations per tensor (asymmetric uint8 with
+    a zero point, static, MSE clipping from streaming histograms, 4 timestep bins), INT8 attention matmuls.
+    Follows Q-Diffusion / PTQ4DM (W8A8, per-channel weights, per-tensor activations, shortcut split) with TFMQ-DM's
+    per-timestep-group activation parameters."""
+    return QuantConfig(
+        weight=QuantSpec("int8", "channel", estimator="mse"), act=_int_static(8),
+        attn=QuantSpec("int8", "tensor", estimator="mse", timestep_bins=4), attn_probs=_int_static(8), name="w8a8",
+    )
+
+
+def _w4a8() -> QuantConfig:
+    """INT4 weights per output channel (symmetric, MSE clipping search), INT8 static per-tensor asymmetric activations
+    with 4 timestep bins, INT8 attention matmuls. Q-Diffusion's W4A8 setting (without AdaRound/BRECQ) plus
+    TFMQ-DM's timestep-grouped activation parameters and Q-Diffusion's shortcut split."""
+    return QuantConfig(
+        weight=QuantSpec("int4", "channel", estimator="mse"), act=_int_static(8),
+        attn=QuantSpec("int8", "tensor", estimator="mse", timestep_bins=4), attn_probs=_int_static(8), name="w4a8",
+    )
+
+
+def _w4a16() -> QuantConfig:
+    """Weight-only INT4, group-wise (32 elements of the reduction dimension per scale, symmetric, MSE clipping);
+    activations and attention stay in full precision. torchao ``Int4WeightOnlyConfig`` / AWQ-style W4A16 layout
+    (group 32 rather than 128 because the bundled models have 32..192 input channels)."""
+    return QuantConfig(weight=QuantSpec("int4", "group", group_size=32, estimator="mse"), name="w4a16")
+
+
+def _w6a6() -> QuantConfig:
+    """INT6 weights per output channel (MSE clipping), INT6 static per-tensor asymmetric activations with 4 timestep
+    bins, INT8 attention matmuls (softmax kept at 8 bit, as Q-Diffusion's ``sm_abit``). The W6A6 point of
+    ViDiT-Q / Q-DiT style INT sweeps, here with static calibrated activations."""
+    return QuantConfig(
+        weight=QuantSpec("int6", "channel", estimator="mse"), act=_int_static(6),
+        attn=QuantSpec("int8", "tensor", estimator="mse", timestep_bins=4), attn_probs=_int_static(8), name="w6a6",
+    )
+
+
+def _fp8() -> QuantConfig:
+    """FP8 E4M3 weights per output channel and FP8 E4M3 activations per tensor (static, max calibration, 4 timestep
+    bins), E4M3 attention matmuls. NVIDIA ModelOpt's FP8 diffusion recipe (``num_bits=(4,3)``, ``--quantize-mha``),
+    with per-channel weight scales."""
+    e4m3 = QuantSpec("e4m3", "tensor", estimator="minmax", timestep_bins=4)
+    return QuantConfig(weight=QuantSpec("e4m3", "channel"), act=e4m3, attn=e4m3, name="fp8")
+
+
+def _fp_dit(act_format: str, name: str) -> QuantConfig:
+    return QuantConfig(
+        weight=QuantSpec("e2m1", "channel", estimator="fp_bias"),
+        act=QuantSpec(act_format, "token", dynamic=True),
+        attn=QuantSpec("e4m3", "token", dynamic=True), name=name,
+    )
+
+
+def _w4a8_fp() -> QuantConfig:
+    """FP4DiT-style W4A8: E2M1 weights per output channel with an LLM-FP4 exponent-bias (scale) search, FP8 E4M3
+    activations quantized online per token (per pixel for convolutions), E4M3 per-token attention operands."""
+    return _fp_dit("e4m3", "w4a8-fp")
+
+
+def _w4a6_fp() -> QuantConfig:
+    """FP4DiT-style W4A6: E2M1 weights per output channel with an LLM-FP4 exponent-bias search, FP6 E3M2 activations
+    quantized online per token (per pixel for convolutions), E4M3 per-token attention operands."""
+    return _fp_dit("e3m2", "w4a6-fp")
+
+
+def _mxfp4() -> QuantConfig:
+    """OCP MXFP4 (E2M1 elements, blocks of 32 along the reduction dimension with an E8M0 scale) for weights and,
+    dynamically, for Linear/Conv2d inputs; attention matmuls in full precision. ModelOpt ``MXFP4_DEFAULT_CFG``."""
+    mx = QuantSpec("mxfp4", "block", dynamic=True)
+    return QuantConfig(weight=QuantSpec("mxfp4", "block"), act=mx, name="mxfp4")
+
+
+def _nvfp4() -> QuantConfig:
+    """NVFP4 (E2M1 elements, blocks of 16 with an E4M3 scale, FP32 tensor scale) for weights and, dynamically, for
+    Linear/Conv2d inputs; attention matmuls in full precision. ModelOpt ``NVFP4_DEFAULT_CFG`` / SVDQuant's NVFP4
+    quantizer without the low-rank branch."""
+    nv = QuantSpec("nvfp4", "block", dynamic=True)
+    return QuantConfig(weight=QuantSpec("nvfp4", "block"), act=nv, name="nvfp4")
+
+
+PRESETS = {
+    "w8a8": _w8a8, "w4a8": _w4a8, "w4a16": _w4a16, "w6a6": _w6a6, "fp8": _fp8, "w4a8-fp": _w4a8_fp,
+    "w4a6-fp": _w4a6_fp, "mxfp4": _mxfp4, "nvfp4": _nvfp4,
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def get_config(config: str | QuantConfig) -> QuantConfig:
+    """A config object, or the preset called ``config``; unknown names raise ``ValueError`` listing the presets."""
+    if isinstance(config, QuantConfig):
+        return config
+    if not isinstance(config, str):
+        raise TypeError(f"expected a QuantConfig or a preset name, got {type(config).__name__}")
+    try:
+        return PRESETS[config.lower()]()
+    except KeyError:
+        raise ValueError(f"unknown preset {config!r}; valid presets: {', '.join(PRESETS)}") from None

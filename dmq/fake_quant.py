@@ -1,0 +1,126 @@
+"""Scaled fake quantization on top of :mod:`dmq.formats`: ranges to (scale, zero point), granularity views, and the
+static weight range search (min-max, MSE clipping, FP exponent-bias search).
+
+Every tensor is seen as rows ``(R, K)`` with the reduction dimension last (weights: one row per output channel;
+activations: one row per token or pixel). A granularity groups each row: ``tensor`` = one group over everything,
+``channel``/``token`` = one group per row, ``group`` = ``group_size`` consecutive elements of a row.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dmq import formats
+
+# candidate clipping ratios of the range searches
+MSE_RATIOS = torch.linspace(1.0, 0.3, 36).tolist()
+# LLM-FP4: exponent-bias offsets db >= 0 shrink the FP grid by 2^-db (db = 0: the grid's max meets the range)
+FP_BIAS_OFFSETS = torch.linspace(0.0, 3.0, 49).tolist()
+
+
+def params_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, fmt: formats.Format, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero point for asymmetric INT) that map ``[lo, hi]`` onto the grid of ``fmt``.
+
+    Symmetric: ``scale = max(|lo|, |hi|) / fmt.max``. Asymmetric (unsigned INT grid ``[0, qmax]``): the range is
+    widened to contain 0, ``scale = (hi - lo) / qmax``, ``zero_point = round(-lo / scale)``. A zero range gets
+    scale 1.
+    """
+    if symmetric:
+        scale = torch.maximum(lo.abs(), hi.abs()) / fmt.max
+        return torch.where(scale > 0, scale, torch.ones_like(scale)), None
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    scale = (hi - lo) / fmt.max
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zp = (-lo / scale).round_().clamp_(0, fmt.max)
+    return scale, zp
+
+
+def fake_quant(
+    x: torch.Tensor, fmt: formats.Format, scale: torch.Tensor, zp: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``scale * Q(x / scale)`` (symmetric) or ``scale * (Q(x / scale + zp) - zp)`` on the grid of ``fmt``."""
+    s = scale.to(x.dtype)
+    if zp is None:
+        return fmt.quantize(x / s) * s
+    z = zp.to(x.dtype)
+    return (fmt.quantize(x / s + z) - z) * s
+
+
+def to_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` with ``dim`` moved last and the rest flattened: ``(R, K)``."""
+    x = x.movedim(dim, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def from_rows(rows: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    shape = list(like.movedim(dim, -1).shape)
+    return rows.reshape(shape).movedim(-1, dim)
+
+
+def grouped(rows: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
+    """``(R, K)`` rows as ``(R', G, g)`` groups (zero-padded for ``group``)."""
+    r, k = rows.shape
+    if granularity == "tensor":
+        return rows.reshape(1, 1, r * k)
+    if granularity in ("channel", "token"):
+        return rows.reshape(r, 1, k)
+    if granularity == "group":
+        pad = -k % group_size
+        if pad:
+            rows = F.pad(rows, (0, pad))
+        return rows.reshape(r, -1, group_size)
+    raise ValueError(f"granularity {granularity!r} has no element-wise grouping")
+
+
+def ungrouped(groups: torch.Tensor, rows_shape: torch.Size) -> torch.Tensor:
+    r, k = rows_shape
+    return groups.reshape(r, -1)[:, :k]
+
+
+def quantize_rows_dynamic(rows: torch.Tensor, fmt: formats.Format, granularity: str, group_size: int,
+                          symmetric: bool) -> torch.Tensor:
+    """Min-max fake quantization of ``(R, K)`` rows with one scale per group, computed from the rows themselves."""
+    if fmt.is_block:
+        return fmt.quantize(rows, dim=-1)
+    g = grouped(rows, granularity, group_size)
+    finite = g.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    scale, zp = params_from_range(finite.amin(-1, keepdim=True), finite.amax(-1, keepdim=True), fmt, symmetric)
+    return ungrouped(fake_quant(g, fmt, scale, zp), rows.shape)
+
+
+def search_candidates(estimator: str) -> list[float]:
+    """Range multipliers a search tries: MSE clipping ratios, or ``2^-db`` for the FP exponent-bias offsets db."""
+    if estimator == "mse":
+        return MSE_RATIOS
+    if estimator == "fp_bias":
+        return [2.0 ** -d for d in FP_BIAS_OFFSETS]
+    return [1.0]
+
+
+def quantize_weight(w: torch.Tensor, fmt: formats.Format, granularity: str, group_size: int, symmetric: bool,
+                    estimator: str) -> torch.Tensor:
+    """Static fake quantization of a weight (output channels on dim 0; the rest is the reduction dimension).
+
+    ``mse`` / ``fp_bias`` pick, per group, the range multiplier with the least squared reconstruction error.
+    ``percentile`` on a weight acts as min-max (weights have no outliers worth clipping by rank at this size).
+    """
+    rows = w.detach().reshape(w.shape[0], -1)
+    if fmt.is_block:
+        return fmt.quantize(rows, dim=-1).reshape(w.shape)
+    g = grouped(rows.float(), granularity, group_size)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    best_q, best_err = None, None
+    for c in search_candidates(estimator):
+        scale, zp = params_from_range(lo * c, hi * c, fmt, symmetric)
+        q = fake_quant(g, fmt, scale, zp)
+        err = (q - g).pow_(2).sum(-1, keepdim=True)
+        if best_q is None:
+            best_q, best_err = q, err
+        else:
+            better = err < best_err
+            best_q = torch.where(better, q, best_q)
+            best_err = torch.where(better, err, best_err)
+    return ungrouped(best_q, rows.shape).reshape(w.shape).to(w.dtype)

@@ -1,0 +1,180 @@
+"""Quantized modules: Linear, Conv2d (with Q-Diffusion's shortcut split) and the attention-matmul processor.
+
+The modules subclass ``nn.Linear`` / ``nn.Conv2d`` and keep the original ``weight`` parameter, so that
+:func:`dmq.restore` can give the float module back; the fake-quantized weight lives in a non-persistent buffer
+``weight_fq``. During calibration (``CONTEXT.calibrating``) they run the float weight and pass activations through,
+so a calibration loop follows the full-precision trajectory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmq.calibration import CONTEXT
+from dmq.config import QuantConfig, QuantSpec
+from dmq.fake_quant import quantize_weight
+from dmq.quantizer import TensorQuantizer
+
+
+def _wq(w: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+    if spec is None:
+        return w.detach().clone()
+    return quantize_weight(w, spec.fmt, spec.granularity, spec.group_size, spec.symmetric, spec.estimator)
+
+
+def _act(spec: QuantSpec | None, dim: int, config: QuantConfig) -> TensorQuantizer | None:
+    return None if spec is None else TensorQuantizer(spec, dim, config.timestep_range)
+
+
+class QuantLinear(nn.Linear):
+    """``y = Q_a(x) Q_w(W)^T + b``."""
+
+    @classmethod
+    def from_float(cls, mod: nn.Linear, config: QuantConfig) -> QuantLinear:
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q.in_features, q.out_features = mod.in_features, mod.out_features
+        q.weight, q.bias = mod.weight, mod.bias
+        q.input_quantizer = _act(config.act, -1, config)
+        q.register_buffer("weight_fq", _wq(mod.weight, config.weight), persistent=False)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if CONTEXT.calibrating:
+            if self.input_quantizer is not None:
+                self.input_quantizer(x)
+            return F.linear(x, self.weight, self.bias)
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, self.weight_fq, self.bias)
+
+    def to_float(self) -> nn.Linear:
+        m = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        m.weight, m.bias = self.weight, self.bias
+        return m
+
+
+class QuantConv2d(nn.Conv2d):
+    """``y = conv(Q_a(x), Q_w(W))``; with ``split = s`` the input channels ``[:s]`` and ``[s:]`` (the two halves of a
+    U-Net skip concatenation) have their own activation quantizers and weight scales (Q-Diffusion):
+    ``y = conv(Q_a1(x[:, :s]), Q_w1(W[:, :s])) + conv(Q_a2(x[:, s:]), Q_w2(W[:, s:])) + b``."""
+
+    @classmethod
+    def from_float(cls, mod: nn.Conv2d, config: QuantConfig, split: int | None = None) -> QuantConv2d:
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+                     "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(q, attr, getattr(mod, attr))
+        q.weight, q.bias = mod.weight, mod.bias
+        if split is not None and not (0 < split < mod.in_channels and mod.groups == 1):
+            raise ValueError(f"shortcut split {split} needs groups == 1 and 0 < split < {mod.in_channels}")
+        q.split = split
+        q.input_quantizer = _act(config.act, 1, config)
+        q.input_quantizer_skip = _act(config.act, 1, config) if split is not None else None
+        w = mod.weight
+        wq = _wq(w, config.weight) if split is None else torch.cat(
+            [_wq(w[:, :split], config.weight), _wq(w[:, split:], config.weight)], dim=1)
+        q.register_buffer("weight_fq", wq, persistent=False)
+        return q
+
+    def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is None:
+            return x
+        if self.split is None:
+            return self.input_quantizer(x)
+        s = self.split
+        return torch.cat([self.input_quantizer(x[:, :s]), self.input_quantizer_skip(x[:, s:])], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if CONTEXT.calibrating:
+            self._quant_input(x)
+            return self._conv_forward(x, self.weight, self.bias)
+        return self._conv_forward(self._quant_input(x), self.weight_fq, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", split={self.split}" if self.split is not None else "")
+
+    def to_float(self) -> nn.Conv2d:
+        m = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                      self.dilation, self.groups, self.bias is not None, self.padding_mode, device="meta")
+        m.weight, m.bias = self.weight, self.bias
+        return m
+
+
+# ------------------------------------------------------------------------------------------------ attention
+QUANTIZABLE_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+
+
+class AttentionQuantizers(nn.Module):
+    """The operands of an attention module's two matmuls: Q·Kᵀ (``q``, ``k``) and P·V (``probs``, ``v``)."""
+
+    def __init__(self, config: QuantConfig, original_processor: object):
+        super().__init__()
+        self.q = _act(config.attn, -1, config)
+        self.k = _act(config.attn, -1, config)
+        self.v = _act(config.attn, -1, config)
+        self.probs = _act(config.probs, -1, config)
+        self.original_processor = original_processor
+
+
+def _maybe(quantizer: TensorQuantizer | None, x: torch.Tensor) -> torch.Tensor:
+    return x if quantizer is None else quantizer(x)
+
+
+class QuantAttnProcessor:
+    """diffusers attention processor (the ``AttnProcessor2_0`` computation) with explicit matmuls whose operands are
+    fake-quantized by ``attn.matmul_quantizers``: ``softmax(Q(q) Q(k)^T * scale + mask)`` -> ``Q(P) Q(v)``."""
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args,
+                 **kwargs) -> torch.Tensor:
+        quants: AttentionQuantizers = attn.matmul_quantizers
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, seq_len, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        query, key, value = _maybe(quants.q, query), _maybe(quants.k, key), _maybe(quants.v, value)
+        scores = query @ key.transpose(-1, -2) * (1.0 / math.sqrt(head_dim))  # SDPA's default scale
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = _maybe(quants.probs, scores.softmax(dim=-1))
+        hidden_states = probs @ value
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
