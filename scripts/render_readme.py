@@ -48,10 +48,11 @@ def formats_table(data: dict) -> str:
 
 
 def digits_table(models: dict) -> str:
+    q0 = next(iter(models.values()))[0]
     lines = [
         "Full-precision quality of the bundled models (`scripts/build_digit_assets.py`): class accuracy by the "
-        "bundled classifier and FID against the 360 held-out digits in its 64-d feature space, 1,000 samples, "
-        "DPM-Solver++(2M) at 50 steps.",
+        "bundled classifier and FID against the 360 held-out digits in its 64-d feature space, "
+        f"{q0['num_samples']:,} samples, {q0['sampler']} at {q0['steps']} steps.",
         "",
         "| model | parameters | guidance | class accuracy | FID (digit features) |",
         "|---|---:|---:|---:|---:|",
