@@ -118,6 +118,26 @@ held-out digits). FID is measured in that classifier's 64-d penultimate feature 
 """
 
 
+def classifier_card(log: dict, real: dict) -> str:
+    return f"""# digits-classifier
+
+A small CNN for the 16x16 digits (`pipelines.DigitClassifier`): three convolutions, a 64-d penultimate layer and a
+linear head. Its logits measure class fidelity of generated digits; its penultimate features are the FID feature
+space for this data (`pipelines.evaluation.DigitsFeatures`).
+
+| | |
+|---|---|
+| data | {log['data']} |
+| augmentation | random shifts of up to one pixel, Gaussian noise of std 0.05, label smoothing 0.05 |
+| parameters | {log['parameters']:,} |
+| training | {log['steps_done']:,} steps, batch {log['batch_size']}, AdamW lr {log['lr']:g} (warm-up, cosine decay) |
+| training time | {log['train_seconds']:.0f} s on {log['threads']} CPU thread(s), torch {log['torch']} |
+| command | `{log['command']}` |
+| held-out accuracy | {real['classifier_accuracy'] * 100:.1f}% of the {real['num_test']} held-out digits |
+| FID of the training digits against the held-out digits | {real['fid_train_vs_test']:.2f} (a floor for generated samples) |
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-samples", type=int, default=1000)
@@ -140,6 +160,8 @@ def main() -> None:
     real = {"num_test": len(xte), "num_train": len(xtr), "classifier_accuracy": clf_acc,
             "fid_train_vs_test": float(fid_from_stats(*stats(f_train), mu_r, sig_r))}
     print(json.dumps(real))
+    clf_log = json.loads((assets / "digits-classifier" / "train_log.json").read_text())
+    (assets / "digits-classifier" / "README.md").write_text(classifier_card(clf_log, real))
 
     for key in args.models:
         name, attr, cls = MODELS[key]
