@@ -134,7 +134,7 @@ space for this data (`pipelines.evaluation.DigitsFeatures`).
 | training time | {log['train_seconds']:.0f} s on {log['threads']} CPU thread(s), torch {log['torch']} |
 | command | `{log['command']}` |
 | held-out accuracy | {real['classifier_accuracy'] * 100:.1f}% of the {real['num_test']} held-out digits |
-| FID of the training digits against the held-out digits | {real['fid_train_vs_test']:.2f} (a floor for generated samples) |
+| FID, training vs held-out digits | {real['fid_train_vs_test']:.2f} (a floor for generated samples) |
 """
 
 
