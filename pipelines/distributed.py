@@ -161,13 +161,24 @@ def scheduler_class(name: str) -> type:
     return cls
 
 
+def check_sampler_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is one of dmq's available samplers or a diffusers scheduler class."""
+    key = name.lower()
+    if key in PLANNED:
+        raise ValueError(f"sampler {name!r} is not available yet; available: {sorted(SAMPLERS)} or a diffusers "
+                         "scheduler class name")
+    if key not in SAMPLERS:
+        scheduler_class(name)
+
+
 def set_sampler(pipe: Any, name: str | None) -> str:
     """Swap ``pipe.scheduler`` for dmq's sampler ``name`` (``"deis"``, see :func:`pipelines.use_sampler`) or the
     diffusers scheduler class ``name``, built ``from_config``; returns its name. ``None`` or ``"default"`` keeps the
     pipeline's scheduler."""
     if name in (None, "default"):
         return type(pipe.scheduler).__name__
-    if name.lower() in DMQ_SAMPLERS:
+    check_sampler_name(name)
+    if name.lower() in SAMPLERS:
         use_sampler(pipe, name)
         return name.lower()
     pipe.scheduler = scheduler_class(name).from_config(pipe.scheduler.config)

@@ -28,11 +28,11 @@ sys.path.insert(0, str(REPO))
 from pipelines.distributed import (  # noqa: E402
     DMQ_SAMPLERS,
     apply_quant_preset,
+    check_sampler_name,
     distributed_state,
     gather_indexed,
     iter_samples,
     load_pipeline,
-    scheduler_class,
     set_sampler,
 )
 from pipelines.evaluation import check_clip_name, clip_scores, load_clip  # noqa: E402
@@ -79,7 +79,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.scheduler not in (None, "default"):
-        scheduler_class(args.scheduler)  # raises for unknown names and dmq's samplers (not available yet)
+        check_sampler_name(args.scheduler)  # raises for unknown names and dmq's samplers not available yet
     apply_quant_preset(None, args.quant)
     check_clip_name(args.clip)
     return read_prompts(args.prompts)

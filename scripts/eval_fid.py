@@ -30,11 +30,11 @@ from pipelines.digits_pipeline import DigitsPipeline  # noqa: E402
 from pipelines.distributed import (  # noqa: E402
     DMQ_SAMPLERS,
     apply_quant_preset,
+    check_sampler_name,
     distributed_state,
     gather_indexed,
     iter_samples,
     load_pipeline,
-    scheduler_class,
     set_sampler,
 )
 from pipelines.evaluation import (  # noqa: E402
@@ -86,7 +86,7 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.scheduler not in (None, "default"):
-        scheduler_class(args.scheduler)  # raises for unknown names and dmq's samplers (not available yet)
+        check_sampler_name(args.scheduler)  # raises for unknown names and dmq's samplers not available yet
     apply_quant_preset(None, args.quant)  # raises for anything but "none"
     if args.inception_weights is not None:
         if args.features != "inception":
