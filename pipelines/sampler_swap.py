@@ -5,17 +5,19 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from samplers import DEISScheduler
+from samplers import DCSolverScheduler, DEISScheduler
 
-SAMPLERS: dict[str, type] = {"deis": DEISScheduler}
-PLANNED = ("dc-solver",)
+SAMPLERS: dict[str, type] = {"deis": DEISScheduler, "dc-solver": DCSolverScheduler}
+PLANNED: tuple[str, ...] = ()  # names reserved for samplers that are not available yet
+ALIASES = {"ratios": "dc_ratios"}  # use_sampler(pipe, "dc-solver", ratios=[...])
 
 
 def use_sampler(pipe: Any, name: str, **options: Any) -> Any:
     """Replace ``pipe.scheduler`` with dmq's sampler ``name``, built ``from_config`` of the current scheduler.
 
     The pipeline's noise schedule (betas or flow shift, ``num_train_timesteps``) and prediction type carry over;
-    ``options`` set the sampler's own arguments (``deis_method="tab"``, ``deis_order=3``, ``time_grid="time"``, ...).
+    ``options`` set the sampler's own arguments (DEIS: ``deis_method="tab"``, ``deis_order=3``, ``time_grid="time"``;
+    DC-Solver: ``ratios=[...]`` (or ``dc_ratios``), ``cpr=...``, ``solver_order=2``, ...).
     Unknown names or options raise ``ValueError`` listing the valid ones; the pipeline is left unchanged then.
     Returns the pipeline.
     """
@@ -25,6 +27,7 @@ def use_sampler(pipe: Any, name: str, **options: Any) -> Any:
     if key not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; available: {sorted(SAMPLERS)}")
     cls = SAMPLERS[key]
+    options = {ALIASES.get(k, k): v for k, v in options.items()}
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(set(options) - allowed)
     if unknown:

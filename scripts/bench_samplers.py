@@ -131,10 +131,12 @@ def sample(
     null = None if labels is None else torch.full_like(labels, null_label)
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
+        tt = torch.as_tensor(t).reshape(1).expand(x.shape[0])  # one timestep per sample: DiT needs a 1-d tensor
         if labels is None or guidance == 1.0:
-            out = model(x_in, t, labels).sample
+            out = model(x_in, tt, labels).sample
         else:
-            cond, uncond = model(torch.cat([x_in, x_in]), t, torch.cat([labels, null])).sample.chunk(2)
+            both = model(torch.cat([x_in, x_in]), torch.cat([tt, tt]), torch.cat([labels, null])).sample
+            cond, uncond = both.chunk(2)
             out = uncond + guidance * (cond - uncond)
         x = scheduler.step(out, t, x).prev_sample
     return x, len(scheduler.timesteps)
@@ -361,13 +363,108 @@ def print_digits(report: dict) -> None:
             print(f"{key:42} {cells}")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# DC-Solver (dynamic compensation) on the GMM problem
+
+DC_NFES = (4, 5, 6, 8, 10)
+DC_GUIDANCES = (1.0, 2.0, 4.0, 7.5)
+
+
+def dc_gmm_problem(num_samples: int = 64, seed: int = 0, search_samples: int = 16, iters: int = 40,
+                   progress: bool = True) -> dict:
+    """Final-sample RMSE of DC-Solver against the exact reference at ``DC_NFES`` x ``DC_GUIDANCES``.
+
+    Ratios are searched (``samplers.search_dc_ratios``, exact GMM reference states) on ``search_samples`` latents
+    drawn with another seed than the evaluated ones. CPR rows: for every interior configuration, a CPR fitted on all
+    other configurations (leave one out) predicts its ratios. Peers: our DC scheduler with ratios 1 (plain UniPC),
+    diffusers' UniPC-2 (bh2), DPM-Solver++ 2M/3M (best of uniform/Karras grids) and our DEIS default. All use CFG on ε
+    with labels ``arange(n) % 3``.
+    """
+    from pipelines.dc_search import gmm_denoise, gmm_reference
+    from samplers import CascadePolynomialRegression, DCSolverScheduler, search_dc_ratios
+
+    mixture = GaussianMixture.random(3, 2, (2, 4, 4), seed=seed)
+    model = GMMDenoiser(mixture)
+    x_T = torch.randn(num_samples, 2, 4, 4, generator=torch.Generator().manual_seed(1000 + seed), dtype=torch.float64)
+    labels = torch.arange(num_samples) % 3
+    x_s = torch.randn(search_samples, 2, 4, 4, generator=torch.Generator().manual_seed(2000 + seed),
+                      dtype=torch.float64)
+    labels_s = torch.arange(search_samples) % 3
+
+    def dc(**kw):
+        return DCSolverScheduler.from_config(VP_CONFIG, **kw)
+
+    peers = {
+        "UniPC-2 ours (ratios 1)": lambda n: (dc(), n),
+        "DEIS default (tAB-3)": lambda n: (DEISScheduler.from_config(VP_CONFIG), n),
+    }
+    for name, cls, kw in (("diffusers UniPC-2 (bh2)", UniPCMultistepScheduler, {"solver_order": 2}),
+                          ("DPM-Solver++ 2M", DPMSolverMultistepScheduler, {"solver_order": 2}),
+                          ("DPM-Solver++ 3M", DPMSolverMultistepScheduler, {"solver_order": 3})):
+        for grid, gkw in (("uniform", {"timestep_spacing": "trailing"}), ("karras", {"use_karras_sigmas": True})):
+            peers[f"{name}|{grid}"] = lambda n, cls=cls, cfg={**VP_CONFIG, **kw, **gkw}: (cls(**cfg), n)
+    rows: dict[str, dict] = {}
+    searched: dict[tuple[int, float], dict[str, list[float]]] = {}
+    configs = [(n, g) for g in DC_GUIDANCES for n in DC_NFES]
+    for g in tqdm(DC_GUIDANCES, desc="dc gmm", disable=not progress):
+        ref = reference_sample(model, x_T, labels, g)
+
+        def err(sched, steps):
+            x, _ = sample(sched, steps, model, x_T, labels, g)
+            r = (x - ref).pow(2).mean().sqrt().item()
+            return r if math.isfinite(r) else None
+
+        for n in DC_NFES:
+            cell = rows.setdefault(f"{n}|{g}", {})
+            for key, make in peers.items():
+                cell[key] = err(*make(n))
+            searched[(n, g)] = {}
+            for var in ("t", "lambda"):
+                s = dc(dc_variable=var)
+                refs = gmm_reference(model, s, x_s, labels_s, g, n)
+                ratios, _ = search_dc_ratios(gmm_denoise(model, labels_s, g), s, x_s, n, reference=refs, iters=iters,
+                                             progress=False)
+                searched[(n, g)][var] = ratios
+                cell[f"DC searched ({var})"] = err(dc(dc_variable=var, dc_ratios=ratios), n)
+    for n, g in configs:
+        if n in (DC_NFES[0], DC_NFES[-1]) or g in (DC_GUIDANCES[0], DC_GUIDANCES[-1]):
+            continue  # CPR only at interior (held-out) configurations: no extrapolation
+        cpr = CascadePolynomialRegression.fit((m, h, searched[(m, h)]["t"]) for m, h in configs if (m, h) != (n, g))
+        ref = reference_sample(model, x_T, labels, g)
+        x, _ = sample(dc(cpr=cpr.to_dict(), cpr_guidance_scale=g), n, model, x_T, labels, g)
+        rows[f"{n}|{g}"]["DC CPR (held out)"] = (x - ref).pow(2).mean().sqrt().item()
+    return {
+        "problem": {"mixture": f"GaussianMixture.random(3, 2, (2, 4, 4), seed={seed})", "schedule": VP_CONFIG,
+                    "num_samples": num_samples, "search_samples": search_samples, "search_seed": 2000 + seed,
+                    "iters": iters, "reference": "reference_sample (DOP853, 1e-10)",
+                    "dc_grid": "DCSolverScheduler default: uniform t from 999, bh2, order 2, dc_order 2"},
+        "ratios": {f"{n}|{g}": v for (n, g), v in searched.items()},
+        "rmse": rows,
+    }
+
+
+def print_dc(report: dict) -> None:
+    """Per (NFE, guidance): searched DC, CPR, plain UniPC, the best diffusers scheduler and the ratio DC/best."""
+    head = ("NFE", "cfg", "DC(t)", "DC(λ)", "CPR", "UniPC", "bestDiff", "DC/best")
+    print(" ".join(f"{h:>8}" for h in head) + "  best")
+    for key, cell in report["rmse"].items():
+        n, g = key.split("|")
+        diff = {k: v for k, v in cell.items() if "|" in k and v is not None}
+        bk = min(diff, key=diff.get)
+        cpr = cell.get("DC CPR (held out)")
+        print(f"{n:>8} {g:>8} {cell['DC searched (t)']:8.4f} {cell['DC searched (lambda)']:8.4f} "
+              f"{(f'{cpr:8.4f}' if cpr is not None else '       -')} {cell['UniPC-2 ours (ratios 1)']:8.4f} "
+              f"{diff[bk]:8.4f} {cell['DC searched (t)'] / diff[bk]:7.2f}  {bk}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/samplers_gmm.json")
     ap.add_argument("--plot", default="benchmarks/samplers_gmm.png")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--problems", nargs="+", default=["gmm", "digits"], choices=["gmm", "digits"])
+    ap.add_argument("--problems", nargs="+", default=["gmm", "digits"], choices=["gmm", "digits", "dc"])
+    ap.add_argument("--dc-out", default="benchmarks/samplers_dc.json")
     ap.add_argument("--digits-out", default="benchmarks/samplers_digits.json")
     ap.add_argument("--fid-samples", type=int, default=500)
     ap.add_argument("--no-progress", action="store_true")
@@ -384,6 +481,17 @@ def main() -> None:
             "seconds": round(time.perf_counter() - start, 1), "problems": digits}, indent=1))
         print_digits(digits)
         print(f"wrote {args.digits_out}")
+    if "dc" in args.problems:
+        torch.set_num_threads(1)
+        start = time.perf_counter()
+        dc = dc_gmm_problem(args.samples, args.seed, progress=not args.no_progress)
+        dc["command"] = "python " + " ".join(sys.argv)
+        dc["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__}
+        dc["seconds"] = round(time.perf_counter() - start, 1)
+        Path(args.dc_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.dc_out).write_text(json.dumps(dc, indent=1))
+        print_dc(dc)
+        print(f"wrote {args.dc_out} ({dc['seconds']} s)")
     if "gmm" not in args.problems:
         return
     torch.set_num_threads(1)  # thousands of tiny ops: threads only add overhead

@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from pipelines import DigitsPipeline, use_sampler
-from samplers import DEISScheduler
+from samplers import DCSolverScheduler, DEISScheduler
 from tests.pipelines.test_digits_pipeline import tiny_unet
 
 
@@ -36,10 +36,22 @@ def test_flow_config_becomes_flow_prediction():
 def test_bad_names_and_options_leave_the_pipeline_unchanged():
     pipe = make_pipe(DDPMScheduler())
     before = pipe.scheduler
-    with pytest.raises(ValueError, match="available: \\['deis'\\]"):
+    with pytest.raises(ValueError, match="available: \\['dc-solver', 'deis'\\]"):
         use_sampler(pipe, "euler-a")
-    with pytest.raises(ValueError, match="not available yet"):
-        use_sampler(pipe, "dc-solver")
+    with pytest.raises(ValueError, match="valid options"):
+        use_sampler(pipe, "dc-solver", deis_order=2)
     with pytest.raises(ValueError, match="valid options"):
         use_sampler(pipe, "deis", solver_order=3)
     assert pipe.scheduler is before
+
+
+def test_dc_solver_takes_ratios_and_keeps_the_schedule():
+    src = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    pipe = use_sampler(make_pipe(src), "dc-solver", ratios=[1.0, 1.0, 0.9, 1.1, 1.0])
+    s = pipe.scheduler
+    assert isinstance(s, DCSolverScheduler) and list(s.config.dc_ratios) == [1.0, 1.0, 0.9, 1.1, 1.0]
+    torch.testing.assert_close(s.alphas_cumprod.double(), src.alphas_cumprod.double(), rtol=1e-6, atol=0)
+    images = pipe([4, 5], num_inference_steps=5, output_type="pt").images
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+    with pytest.raises(ValueError):
+        pipe([4], num_inference_steps=6, output_type="pt")  # 5 ratios cannot serve 6 steps

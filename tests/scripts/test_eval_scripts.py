@@ -113,7 +113,6 @@ def test_eval_fid_gives_the_same_numbers_on_one_and_two_processes(assets, tmp_pa
 @pytest.mark.parametrize("extra, message", [
     (["--num-samples", "1"], "N=1"),
     (["--quant", "w8a8"], "not available yet"),
-    (["--scheduler", "dc-solver"], "not available yet"),
     (["--features", "inception", "--inception-weights", "/nonexistent/inception.pth"], "/nonexistent/inception.pth"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--scheduler", "Nope"], "unknown scheduler 'Nope'"),
