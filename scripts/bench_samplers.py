@@ -352,6 +352,63 @@ def digits_problem(name: str, num_samples: int = 64, fid_samples: int = 500, gui
     return {"problem": problem, "results": results, "quality": quality}
 
 
+def dc_digits_problem(name: str, num_samples: int = 32, fid_samples: int = 200, nfes=(5, 10), guidances=(2.0, 4.0),
+                      progress: bool = True) -> dict:
+    """DC-Solver on a bundled digit model: ratios searched with ``pipelines.search_dc_ratios`` (10 latents of their
+    own, 250-step DDIM reference), then, on other latents, RMSE against a 1000-step DPM-Solver++(2M) reference and
+    FID / class accuracy, beside plain UniPC (ratios 1), DPM-Solver++(2M) and the DEIS default."""
+    from pipelines import DigitClassifier, DigitsPipeline, load_digits
+    from pipelines.dc_search import search_dc_ratios as search_pipe
+    from pipelines.evaluation import DigitsFeatures, fid_from_stats
+    from samplers import DCSolverScheduler
+
+    pipe = DigitsPipeline.from_pretrained(ASSETS / name)
+    pipe.set_progress_bar_config(disable=True)
+    model = pipe.backbone.eval()
+    clf = DigitClassifier.from_pretrained(ASSETS / "digits-classifier").eval()
+    feats = DigitsFeatures(clf)
+
+    def stats(f: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        f = f.double().numpy()
+        return f.mean(0), np.cov(f, rowvar=False)
+
+    real = stats(feats((load_digits("test")[0] + 1) / 2))
+    n_all = max(num_samples, fid_samples)
+    x_T = torch.randn(n_all, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(n_all) % 10
+    out: dict = {"problem": {"name": name, "num_samples": num_samples, "fid_samples": fid_samples,
+                             "search": "pipelines.search_dc_ratios, 10 latents (seed 1), 250-step DDIM reference"},
+                 "runs": {}}
+    for g in guidances:
+        ref, _ = sample(DPMSolverMultistepScheduler(**VP_CONFIG, timestep_spacing="trailing"), 1000, model,
+                        x_T[:num_samples], labels[:num_samples], g, null_label=10)
+        for nfe in nfes:
+            t0 = time.perf_counter()
+            ratios, losses = search_pipe(pipe, list(range(10)), nfe, g, seed=1, progress=False)
+            search_s = time.perf_counter() - t0
+            makers = {
+                "DC-Solver (searched)": lambda: DCSolverScheduler.from_config(VP_CONFIG, dc_ratios=ratios),
+                "UniPC-2 (ratios 1)": lambda: DCSolverScheduler.from_config(VP_CONFIG),
+                "DPM-Solver++ 2M": lambda: DPMSolverMultistepScheduler(**VP_CONFIG, timestep_spacing="trailing"),
+                "DEIS default": lambda: DEISScheduler.from_config(VP_CONFIG),
+            }
+            cell = {"ratios": ratios, "search_losses": losses, "search_seconds": round(search_s, 1)}
+            for label, make in makers.items():
+                x, _ = sample(make(), nfe, model, x_T[:num_samples], labels[:num_samples], g, null_label=10)
+                xs = torch.cat([sample(make(), nfe, model, x_T[i:i + 250], labels[i:i + 250], g, null_label=10)[0]
+                                for i in range(0, fid_samples, 250)])
+                images = (xs / 2 + 0.5).clamp(0, 1)
+                with torch.no_grad():
+                    acc = (clf(images * 2 - 1).argmax(-1) == labels[:fid_samples]).float().mean().item()
+                cell[label] = {"rmse": (x - ref).pow(2).mean().sqrt().item(), "class_accuracy": acc,
+                               "fid": fid_from_stats(*stats(feats(images)), *real)}
+            out["runs"][f"{nfe}|{g:g}"] = cell
+            if progress:
+                print(name, nfe, g, {k: round(v["rmse"], 4) for k, v in cell.items() if isinstance(v, dict)},
+                      flush=True)
+    return out
+
+
 def print_digits(report: dict) -> None:
     for name, prob in report.items():
         g = prob["problem"]["guidance"]
@@ -463,13 +520,23 @@ def main() -> None:
     ap.add_argument("--plot", default="benchmarks/samplers_gmm.png")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--problems", nargs="+", default=["gmm", "digits"], choices=["gmm", "digits", "dc"])
+    ap.add_argument("--problems", nargs="+", default=["gmm", "digits"],
+                    choices=["gmm", "digits", "dc", "dc-digits"])
+    ap.add_argument("--dc-digits-out", default="benchmarks/samplers_dc_digits.json")
     ap.add_argument("--dc-out", default="benchmarks/samplers_dc.json")
     ap.add_argument("--digits-out", default="benchmarks/samplers_digits.json")
     ap.add_argument("--fid-samples", type=int, default=500)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if "dc-digits" in args.problems:
+        start = time.perf_counter()
+        dcd = {name: dc_digits_problem(name, args.samples, args.fid_samples, progress=not args.no_progress)
+               for name in ("digits-unet", "digits-dit")}
+        Path(args.dc_digits_out).write_text(json.dumps({
+            "command": "python " + " ".join(sys.argv), "seconds": round(time.perf_counter() - start, 1),
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__}, "problems": dcd}, indent=1))
+        print(f"wrote {args.dc_digits_out}")
     if "digits" in args.problems:
         start = time.perf_counter()
         digits = {name: digits_problem(name, args.samples, args.fid_samples, progress=not args.no_progress)
