@@ -314,8 +314,9 @@ def test_pipeline_setup_hooks(tmp_path, tiny_pipe):
     assert set_sampler(pipe, "DDIMScheduler") == "DDIMScheduler"
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     assert pipe.scheduler.config.num_train_timesteps == 1000
-    with pytest.raises(ValueError, match="not available yet"):
-        set_sampler(pipe, "dc-solver")
+    assert set_sampler(pipe, "dc-solver") == "dc-solver"
+    assert type(pipe.scheduler).__name__ == "DCSolverScheduler" and pipe.scheduler.config.num_train_timesteps == 1000
+    assert set_sampler(pipe, "DEIS") == "deis" and type(pipe.scheduler).__name__ == "DEISScheduler"
     with pytest.raises(ValueError, match="unknown scheduler 'Nope'"):
         set_sampler(pipe, "Nope")
     with pytest.raises(ValueError, match="not available yet"):
