@@ -101,10 +101,11 @@ def samplers_gmm_table(data: dict) -> str:
 
 
 def samplers_digits_table(data: dict) -> str:
+    prob0 = next(iter(data["problems"].values()))["problem"]
     lines = [
         f"`{data['command']}`, bundled models at guidance 2: RMSE (pixels in [-1, 1]) against a 1000-step "
-        "DPM-Solver++(2M) reference from the same noise (64 samples), class accuracy and FID in the digit features "
-        "(500 samples). Each diffusers scheduler runs on its best grid here.",
+        f"DPM-Solver++(2M) reference from the same noise ({prob0['num_samples']} samples), class accuracy and FID in "
+        f"the digit features ({prob0['fid_samples']} samples). Each diffusers scheduler runs on its best grid here.",
         "",
         "| model | sampler | NFE 5 RMSE | NFE 5 acc. | NFE 5 FID | NFE 10 RMSE | NFE 10 acc. | NFE 10 FID |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
