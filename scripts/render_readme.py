@@ -200,29 +200,28 @@ RENDERERS = {
 SOURCES = {"digits": (load_digits_quality, digits_table)}
 
 
+def replace_block(text: str, name: str, body: str) -> str:
+    """``text`` with the part between the ``bench:NAME`` markers replaced by ``body`` (unchanged without markers)."""
+    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+    if start not in text:
+        return text
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
     for name, render in RENDERERS.items():
         path = ROOT / "benchmarks" / f"{name}.json"
-        if not path.exists():
-            continue
-        start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
-        if start not in text:
-            continue
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        text = f"{head}{start}\n{render(json.loads(path.read_text()))}\n{end}{tail}"
+        if path.exists():
+            text = replace_block(text, name, render(json.loads(path.read_text())))
     for name, (load, render) in SOURCES.items():
         data = load()
-        start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
-        if data is None or start not in text:
-            continue
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        text = f"{head}{start}\n{render(data)}\n{end}{tail}"
+        if data is not None:
+            text = replace_block(text, name, render(data))
     readme.write_text(text)
-
 
 if __name__ == "__main__":
     main()

@@ -22,13 +22,7 @@ F64 = torch.float64
 SHAPE = (2, 4, 4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # thousands of tiny ops: intra-op threads only add overhead (and contend on a busy machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
