@@ -129,6 +129,12 @@ def _as_f64(x: Any) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, dtype=torch.float64).cpu()
 
 
+def feature_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of ``(N, d)`` features in float64, the inputs of :func:`fid_from_stats`."""
+    f = features.double().cpu().numpy()
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
 def fid_from_stats(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     """Fréchet distance ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` between two Gaussians, in float64.
 

@@ -279,16 +279,11 @@ DIGIT_NFES = (5, 10)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
-def _feature_stats(f: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    f = f.double().numpy()
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
 def _digits_setup(name: str, n: int) -> tuple:
     """A bundled pipeline, its backbone, the classifier and its features, the held-out feature statistics, and
     ``n`` fixed starting noises with labels cycling 0..9."""
     from pipelines import DigitClassifier, DigitsPipeline, load_digits
-    from pipelines.evaluation import DigitsFeatures
+    from pipelines.evaluation import DigitsFeatures, feature_stats
 
     pipe = DigitsPipeline.from_pretrained(ASSETS / name)
     pipe.set_progress_bar_config(disable=True)
@@ -296,7 +291,7 @@ def _digits_setup(name: str, n: int) -> tuple:
         raise RuntimeError("the bundled models use DDPM's linear schedule, as VP_CONFIG")
     clf = DigitClassifier.from_pretrained(ASSETS / "digits-classifier").eval()
     feats = DigitsFeatures(clf)
-    real = _feature_stats(feats((load_digits("test")[0] + 1) / 2))
+    real = feature_stats(feats((load_digits("test")[0] + 1) / 2))
     x_T = torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     return pipe, pipe.backbone.eval(), clf, feats, real, x_T, torch.arange(n) % 10
 
@@ -309,7 +304,7 @@ def digits_problem(name: str, num_samples: int = 64, fid_samples: int = 500, gui
     ``num_samples`` samples; then, for the DEIS default and each diffusers scheduler on its best grid here, class
     accuracy and FID (digit features, against the 360 held-out digits) of ``fid_samples`` samples.
     """
-    from pipelines.evaluation import fid_from_stats
+    from pipelines.evaluation import feature_stats, fid_from_stats
 
     pipe, model, clf, feats, real, x_T, labels = _digits_setup(name, max(num_samples, fid_samples))
     t0 = time.perf_counter()
@@ -349,7 +344,7 @@ def digits_problem(name: str, num_samples: int = 64, fid_samples: int = 500, gui
             images = (xs / 2 + 0.5).clamp(0, 1)
             with torch.no_grad():
                 acc = (clf(images * 2 - 1).argmax(-1) == labels[:fid_samples]).float().mean().item()
-            fid = fid_from_stats(*_feature_stats(feats(images)), *real)
+            fid = fid_from_stats(*feature_stats(feats(images)), *real)
             quality[key][str(nfe)] = {"class_accuracy": acc, "fid": fid}
     problem = {
         "name": name, "num_samples": num_samples, "fid_samples": fid_samples, "guidance": guidance,
@@ -366,7 +361,7 @@ def dc_digits_problem(name: str, num_samples: int = 32, fid_samples: int = 200, 
     own, 250-step DDIM reference), then, on other latents, RMSE against a 1000-step DPM-Solver++(2M) reference and
     FID / class accuracy, beside plain UniPC (ratios 1), DPM-Solver++(2M) and the DEIS default."""
     from pipelines.dc_search import search_dc_ratios as search_pipe
-    from pipelines.evaluation import fid_from_stats
+    from pipelines.evaluation import feature_stats, fid_from_stats
     from samplers import DCSolverScheduler
 
     pipe, model, clf, feats, real, x_T, labels = _digits_setup(name, max(num_samples, fid_samples))
@@ -395,7 +390,7 @@ def dc_digits_problem(name: str, num_samples: int = 32, fid_samples: int = 200, 
                 with torch.no_grad():
                     acc = (clf(images * 2 - 1).argmax(-1) == labels[:fid_samples]).float().mean().item()
                 cell[label] = {"rmse": (x - ref).pow(2).mean().sqrt().item(), "class_accuracy": acc,
-                               "fid": fid_from_stats(*_feature_stats(feats(images)), *real)}
+                               "fid": fid_from_stats(*feature_stats(feats(images)), *real)}
             out["runs"][f"{nfe}|{g:g}"] = cell
             if progress:
                 print(name, nfe, g, {k: round(v["rmse"], 4) for k, v in cell.items() if isinstance(v, dict)},

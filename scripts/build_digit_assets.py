@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from train_digits import make_scheduler  # noqa: E402
 
 from pipelines import DigitClassifier, DigitsPipeline, load_digits  # noqa: E402
-from pipelines.evaluation import DigitsFeatures, fid_from_stats  # noqa: E402
+from pipelines.evaluation import DigitsFeatures, feature_stats, fid_from_stats  # noqa: E402
 
 GUIDANCE = (1.0, 2.0, 4.0)
 MODELS = {"unet": ("digits-unet", "unet", UNet2DModel), "dit": ("digits-dit", "transformer", DiTTransformer2DModel)}
@@ -48,11 +48,6 @@ def reference_io(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         out = model(x, t, class_labels=labels).sample
     return {"sample": x, "timestep": t, "class_labels": labels, "output": out.contiguous()}
-
-
-def stats(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    f = feats.double().numpy()
-    return f.mean(0), np.cov(f, rowvar=False)
 
 
 def grid(images: torch.Tensor, rows: int, cols: int, scale: int = 4) -> Image.Image:
@@ -156,9 +151,9 @@ def main() -> None:
         clf_acc = (clf(xte).argmax(-1) == yte).float().mean().item()
         save_file({"images": xte[:8].contiguous(), "logits": clf(xte[:8]).contiguous()},
                   assets / "digits-classifier" / "reference.safetensors")
-    mu_r, sig_r = stats(f_test)
+    mu_r, sig_r = feature_stats(f_test)
     real = {"num_test": len(xte), "num_train": len(xtr), "classifier_accuracy": clf_acc,
-            "fid_train_vs_test": float(fid_from_stats(*stats(f_train), mu_r, sig_r))}
+            "fid_train_vs_test": float(fid_from_stats(*feature_stats(f_train), mu_r, sig_r))}
     print(json.dumps(real))
     clf_log = json.loads((assets / "digits-classifier" / "train_log.json").read_text())
     (assets / "digits-classifier" / "README.md").write_text(classifier_card(clf_log, real))
@@ -181,7 +176,7 @@ def main() -> None:
             images, labels = sample(pipe, args.num_samples, g, args.steps, args.batch_size)
             with torch.no_grad():
                 acc = (clf(images * 2 - 1).argmax(-1) == labels).float().mean().item()
-                fid = float(fid_from_stats(*stats(feats(images)), mu_r, sig_r))
+                fid = float(fid_from_stats(*feature_stats(feats(images)), mu_r, sig_r))
             quality["guidance"][f"{g:g}"] = {"class_accuracy": acc, "fid": fid}
             print(name, f"guidance {g:g}: accuracy {acc:.4f} FID {fid:.3f}", flush=True)
             if g == 2.0:

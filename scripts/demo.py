@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,22 +59,17 @@ def formats_report() -> None:
     print("Run `make test` for the exactness tests and `python scripts/bench_formats.py` for throughput.")
 
 
-def _stats(f: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    f = f.double().numpy()
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
 def digits_report(out: Path, n: int = 200, steps: int = 20, guidance: float = 2.0) -> None:
     from diffusers import DPMSolverMultistepScheduler
     from torchvision.utils import save_image
 
     from pipelines import DigitClassifier, DigitsPipeline, load_digits
-    from pipelines.evaluation import DigitsFeatures, class_accuracy, fid_from_stats
+    from pipelines.evaluation import DigitsFeatures, class_accuracy, feature_stats, fid_from_stats
 
     assets = ROOT / "assets"
     clf = DigitClassifier.from_pretrained(assets / "digits-classifier").eval()
     feats = DigitsFeatures(clf)
-    real = _stats(feats((load_digits("test")[0] + 1) / 2))
+    real = feature_stats(feats((load_digits("test")[0] + 1) / 2))
     out.mkdir(parents=True, exist_ok=True)
     labels = torch.arange(n) % 10
     results = {}
@@ -91,7 +85,7 @@ def digits_report(out: Path, n: int = 200, steps: int = 20, guidance: float = 2.
                       output_type="pt").images
         seconds = time.time() - t0
         acc = class_accuracy(images, labels, clf)
-        fid = fid_from_stats(*_stats(feats(images)), *real)
+        fid = fid_from_stats(*feature_stats(feats(images)), *real)
         results[name] = {"class_accuracy": acc, "fid_digits": fid, "seconds": seconds}
         save_image(images[:100], out / f"{name}-grid.png", nrow=10, padding=1, pad_value=1.0)
         print(f"{name:<14}{acc * 100:>15.1f}%{fid:>14.2f}{seconds:>9.1f}")

@@ -323,3 +323,13 @@ def test_pipeline_setup_hooks(tmp_path, tiny_pipe):
         apply_quant_preset(pipe, "w8a8")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_pipeline(tmp_path / "absent")
+
+
+def test_feature_stats_are_the_sample_mean_and_unbiased_covariance():
+    from pipelines.evaluation import feature_stats
+
+    f = torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, 4.0]])
+    mu, cov = feature_stats(f)
+    np.testing.assert_allclose(mu, [3.0, 4.0])
+    # deviations (-2,-2), (0,2), (2,0): sums of products / (n - 1)
+    np.testing.assert_allclose(cov, [[4.0, 2.0], [2.0, 4.0]])
