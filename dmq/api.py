@@ -32,6 +32,7 @@ class QuantState:
     calibration_points: int = 0
     calibration_seconds: float = 0.0
     frozen: bool = False
+    packed: bool = False
 
 
 def _state(model: nn.Module) -> QuantState:
@@ -174,22 +175,50 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], object], *,
     return model
 
 
-def freeze(model: nn.Module) -> nn.Module:
+def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
     """Fix every static activation quantizer's per-bin scales from its statistics, then drop the observers. The
-    timestep hook stays only while some quantizer has more than one timestep bin."""
+    timestep hook stays only while some quantizer has more than one timestep bin.
+
+    With ``pack=True`` (default) every quantized layer's float weight is released and replaced by packed codes and
+    scales (:mod:`dmq.packed`): resident memory drops, layers run integer / FP8 GEMMs or dequantize on the fly
+    (:mod:`dmq.kernels`), outputs match the fake-quant model, and :func:`dmq.save` can write the model. The original
+    float weights are gone: keep them with ``pack=False`` or ``quantize(..., inplace=False)``.
+    """
     st = _state(model)
     for q in quantizers(model).values():
         q.freeze()
     if st.hook is not None and not any(q.num_bins > 1 for q in quantizers(model).values()):
         st.hook.remove()
         st.hook = None
+    if pack and not st.packed:
+        for name in st.modules:
+            mod = model.get_submodule(name)
+            try:
+                mod.pack()
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        st.packed = True
+        logger.info("dmq: packed %d layers", len(st.modules))
     st.frozen = True
     return model
 
 
-def restore(model: nn.Module) -> nn.Module:
-    """Undo :func:`quantize`: the original float modules, weights and attention processors come back."""
+def restore(model: nn.Module, *, allow_dequantized: bool = False) -> nn.Module:
+    """Undo :func:`quantize`: the original float modules, weights and attention processors come back.
+
+    After a packed :func:`freeze` the original float weights no longer exist, and this raises ``ValueError``;
+    ``allow_dequantized=True`` gives float modules holding the dequantized (quantized-grid) weights instead, with a
+    logged warning.
+    """
     st = _state(model)
+    if st.packed:
+        if not allow_dequantized:
+            raise ValueError(
+                "dmq.freeze packed this model and released its float weights, so they cannot be restored: pass "
+                "allow_dequantized=True for float modules holding the dequantized weights, or freeze with "
+                "pack=False / quantize with inplace=False to keep the originals"
+            )
+        logger.warning("dmq.restore: the model was packed; restoring float modules with dequantized weights")
     for name in st.modules:
         _set_child(model, name, model.get_submodule(name).to_float())
     for name in st.attention:
@@ -211,6 +240,6 @@ def summary(model: nn.Module) -> dict:
     return {
         "config": st.config.name, "layers": len(st.modules), "attention": len(st.attention),
         "shortcut_splits": len(st.splits), "calibration_points": st.calibration_points,
-        "calibration_seconds": st.calibration_seconds, "frozen": st.frozen,
+        "calibration_seconds": st.calibration_seconds, "frozen": st.frozen, "packed": st.packed,
         "observer_bytes": sum(q.observer.nbytes for q in quantizers(model).values() if q.observer is not None),
     }

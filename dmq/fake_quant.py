@@ -100,27 +100,42 @@ def search_candidates(estimator: str) -> list[float]:
     return [1.0]
 
 
-def quantize_weight(w: torch.Tensor, fmt: formats.Format, granularity: str, group_size: int, symmetric: bool,
-                    estimator: str) -> torch.Tensor:
-    """Static fake quantization of a weight (output channels on dim 0; the rest is the reduction dimension).
+def weight_qparams(w: torch.Tensor, fmt: formats.Format, granularity: str, group_size: int, symmetric: bool,
+                   estimator: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The static range search of :func:`quantize_weight`: the float32 groups ``(R', G, g)`` of ``w`` and the chosen
+    ``scale`` (and ``zero_point`` or None) per group, ``(R', G, 1)``. Element formats only.
 
     ``mse`` / ``fp_bias`` pick, per group, the range multiplier with the least squared reconstruction error.
     ``percentile`` on a weight acts as min-max (weights have no outliers worth clipping by rank at this size).
+    Group-wise scales are rounded to float16 where float16 holds them as a normal number, so that a packed
+    checkpoint stores them in two bytes (torchao / AWQ / GPTQ store group scales in 16 bits too).
     """
+    rows = w.detach().reshape(w.shape[0], -1)
+    g = grouped(rows.float(), granularity, group_size)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    best_s, best_z, best_err = None, None, None
+    for c in search_candidates(estimator):
+        scale, zp = params_from_range(lo * c, hi * c, fmt, symmetric)
+        if granularity == "group":
+            s16 = scale.half().float()
+            scale = torch.where(torch.isfinite(s16) & (s16 >= 2.0**-14), s16, scale)
+        err = (fake_quant(g, fmt, scale, zp) - g).pow_(2).sum(-1, keepdim=True)
+        if best_s is None:
+            best_s, best_z, best_err = scale, zp, err
+        else:
+            better = err < best_err
+            best_s = torch.where(better, scale, best_s)
+            best_z = None if zp is None else torch.where(better, zp, best_z)
+            best_err = torch.where(better, err, best_err)
+    return g, best_s, best_z
+
+
+def quantize_weight(w: torch.Tensor, fmt: formats.Format, granularity: str, group_size: int, symmetric: bool,
+                    estimator: str) -> torch.Tensor:
+    """Static fake quantization of a weight (output channels on dim 0; the rest is the reduction dimension), with the
+    scales of :func:`weight_qparams` (block formats: their own block scales)."""
     rows = w.detach().reshape(w.shape[0], -1)
     if fmt.is_block:
         return fmt.quantize(rows, dim=-1).reshape(w.shape)
-    g = grouped(rows.float(), granularity, group_size)
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    best_q, best_err = None, None
-    for c in search_candidates(estimator):
-        scale, zp = params_from_range(lo * c, hi * c, fmt, symmetric)
-        q = fake_quant(g, fmt, scale, zp)
-        err = (q - g).pow_(2).sum(-1, keepdim=True)
-        if best_q is None:
-            best_q, best_err = q, err
-        else:
-            better = err < best_err
-            best_q = torch.where(better, q, best_q)
-            best_err = torch.where(better, err, best_err)
-    return ungrouped(best_q, rows.shape).reshape(w.shape).to(w.dtype)
+    g, scale, zp = weight_qparams(w, fmt, granularity, group_size, symmetric, estimator)
+    return ungrouped(fake_quant(g, fmt, scale, zp), rows.shape).reshape(w.shape).to(w.dtype)

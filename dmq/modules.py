@@ -4,20 +4,29 @@ The modules subclass ``nn.Linear`` / ``nn.Conv2d`` and keep the original ``weigh
 :func:`dmq.restore` can give the float module back; the fake-quantized weight lives in a non-persistent buffer
 ``weight_fq``. During calibration (``CONTEXT.calibrating``) they run the float weight and pass activations through,
 so a calibration loop follows the full-precision trajectory.
+
+:meth:`QuantLinear.pack` (called by ``dmq.freeze``) replaces both by packed persistent buffers (:mod:`dmq.packed`):
+the layer then runs :meth:`QuantLinear.frozen_forward`, an integer or FP8 GEMM where the formats allow
+(:mod:`dmq.kernels`), else its weight dequantized on the fly, layer by layer, bit-identical to ``weight_fq``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmq import formats, kernels
 from dmq.calibration import CONTEXT
 from dmq.config import QuantConfig, QuantSpec
 from dmq.fake_quant import quantize_weight
+from dmq.packed import WeightLayout, int_codes, pack_weight, unpack_weight
 from dmq.quantizer import TensorQuantizer
+
+logger = logging.getLogger(__name__)
 
 
 def _wq(w: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
@@ -30,7 +39,108 @@ def _act(spec: QuantSpec | None, dim: int, config: QuantConfig) -> TensorQuantiz
     return None if spec is None else TensorQuantizer(spec, dim, config.timestep_range)
 
 
-class QuantLinear(nn.Linear):
+class PackedMixin:
+    """The packed state of a frozen quantized layer: buffers named in ``_packed_names`` (``qweight``,
+    ``weight_scale``, ..., with a ``_1`` suffix for the second half of a split convolution) described by
+    ``weight_layouts``. Their dtypes are the storage format, so ``model.to(dtype)`` / ``.half()`` move them across
+    devices but never convert them."""
+
+    weight_layouts: tuple[WeightLayout, ...] | None = None
+    weight_spec: QuantSpec | None = None
+    exec_path = "dequant"
+
+    def _apply(self, fn, recurse=True):
+        keep = {n: self._buffers[n] for n in getattr(self, "_packed_names", ()) if self._buffers.get(n) is not None}
+        out = super()._apply(fn, recurse)
+        for n, t in keep.items():
+            if self._buffers[n].dtype != t.dtype:
+                self._buffers[n] = t.to(self._buffers[n].device)
+        return out
+
+    @property
+    def packed(self) -> bool:
+        return self.weight_layouts is not None
+
+    def _part(self, i: int) -> dict[str, torch.Tensor]:
+        """The buffers of packed part ``i`` by their base names (``qweight``, ``weight_scale``, ...)."""
+        sfx = "" if i == 0 else f"_{i}"
+        return {k: self._buffers[k + sfx] for k in self.weight_layouts[i].expected()}
+
+    def _weight_parts(self) -> list[torch.Tensor]:
+        w = self.weight_fq
+        if getattr(self, "split", None) is None:
+            return [w]
+        return [w[:, : self.split], w[:, self.split:]]
+
+    def pack(self) -> None:
+        """Replace the float ``weight`` and ``weight_fq`` by packed codes and scales (exactly ``weight_fq``)."""
+        if self.packed:
+            return
+        names = []
+        if self.weight_spec is not None:
+            parts = self._weight_parts()
+            src = [self.weight] if len(parts) == 1 else [self.weight[:, : self.split], self.weight[:, self.split:]]
+            layouts = []
+            for i, (w, target) in enumerate(zip(src, parts)):
+                tensors, layout = pack_weight(w, self.weight_spec, target)
+                layouts.append(layout)
+                for k, t in tensors.items():
+                    name = k if i == 0 else f"{k}_{i}"
+                    self.register_buffer(name, t)
+                    names.append(name)
+            self._packed_names = tuple(names)
+            del self.weight
+            self.weight_layouts = tuple(layouts)
+        else:  # activation-only: the float weight is the weight
+            self._packed_names = ()
+            self.weight_layouts = ()
+        del self.weight_fq
+        self._setup_exec()
+
+    def set_packed(self, layouts: list[WeightLayout], tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Turn an unpacked skeleton into a packed layer with empty (or given) buffers of ``layouts`` (loading)."""
+        names = []
+        for i, layout in enumerate(layouts):
+            for k, (shape, dtype) in layout.expected().items():
+                name = k if i == 0 else f"{k}_{i}"
+                t = tensors[name] if tensors is not None else torch.empty(shape, dtype=dtype)
+                self.register_buffer(name, t)
+                names.append(name)
+        self._packed_names = tuple(names)
+        if layouts and "weight" in self._parameters:
+            del self.weight
+        if "weight_fq" in self._buffers:
+            del self.weight_fq
+        self.weight_layouts = tuple(layouts)
+
+    def _setup_exec(self) -> None:
+        """Pick the execution path of the frozen layer; called after packing and after loading."""
+        self.exec_path = "dequant"
+        lays = self.weight_layouts or ()
+        q = getattr(self, "input_quantizer", None)
+        if not isinstance(self, nn.Linear) or len(lays) != 1 or q is None or q.spec.dynamic:
+            return
+        lay, af = lays[0], q.fmt
+        wf = lay.fmt
+        if (isinstance(wf, formats.IntFormat) and wf.signed and lay.granularity in ("channel", "tensor")
+                and isinstance(af, formats.IntFormat) and af.bits <= 8 and q.spec.granularity == "tensor"):
+            self.exec_path = "int_gemm"
+            codes = int_codes(self._part(0), lay)
+            self.register_buffer("weight_rowsum", codes.to(torch.int32).sum(1), persistent=False)
+        elif lay.storage == "float8_e4m3fn" and lay.granularity in ("channel", "tensor") and af.name == "e4m3":
+            self.exec_path = "fp8_gemm"
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight the layer computes with: ``weight_fq`` bit for bit (its dtype unless ``dtype`` is given)."""
+        if not self.packed:
+            return self.weight_fq if dtype is None else self.weight_fq.to(dtype)
+        if not self.weight_layouts:
+            return self.weight if dtype is None else self.weight.to(dtype)
+        ws = [unpack_weight(self._part(i), lay, dtype) for i, lay in enumerate(self.weight_layouts)]
+        return ws[0] if len(ws) == 1 else torch.cat(ws, dim=1)
+
+
+class QuantLinear(PackedMixin, nn.Linear):
     """``y = Q_a(x) Q_w(W)^T + b``."""
 
     @classmethod
@@ -39,11 +149,42 @@ class QuantLinear(nn.Linear):
         nn.Module.__init__(q)
         q.in_features, q.out_features = mod.in_features, mod.out_features
         q.weight, q.bias = mod.weight, mod.bias
+        q.weight_spec = config.weight
         q.input_quantizer = _act(config.act, -1, config)
         q.register_buffer("weight_fq", _wq(mod.weight, config.weight), persistent=False)
         return q
 
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The execution of a packed layer, in one place: an input transform or a low-rank branch goes here.
+
+        ``int_gemm``: INT codes of the input times the INT weight codes on ``torch._int_mm``, scales and zero point
+        fused (:func:`dmq.kernels.int_linear`); ``fp8_gemm``: ``torch._scaled_mm`` on CUDA devices that have it;
+        otherwise (and as the fallback of both) the fake-quantized input times the weight dequantized on the fly.
+        """
+        q = self.input_quantizer
+        ready = q is not None and q.enabled and q.frozen
+        if self.exec_path == "int_gemm" and ready and kernels.enabled("int_gemm"):
+            scale, zp = q.static_params(x)
+            lay = self.weight_layouts[0]
+            codes = int_codes(self._part(0), lay)
+            w_scale = self.weight_scale.to(torch.float32).reshape(-1).expand(lay.rows)
+            return kernels.int_linear(x, scale, zp, q.fmt.bits, q.fmt.signed, codes, w_scale, self.weight_rowsum,
+                                      self.bias)
+        if self.exec_path == "fp8_gemm" and ready and x.is_cuda:
+            scale, _ = q.static_params(x)
+            w_scale = self.weight_scale.to(torch.float32).reshape(-1).expand(self.weight_layouts[0].rows)
+            y = kernels.fp8_linear(x, scale, self.qweight, w_scale, self.bias)
+            if y is not None:
+                return y
+        if q is not None:
+            x = q(x)
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            if CONTEXT.calibrating:
+                raise RuntimeError("a packed (frozen) layer cannot be calibrated")
+            return self.frozen_forward(x)
         if CONTEXT.calibrating:
             if self.input_quantizer is not None:
                 self.input_quantizer(x)
@@ -54,11 +195,17 @@ class QuantLinear(nn.Linear):
 
     def to_float(self) -> nn.Linear:
         m = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        m.weight, m.bias = self.weight, self.bias
+        m.weight, m.bias = _float_weight(self), self.bias
         return m
 
 
-class QuantConv2d(nn.Conv2d):
+def _float_weight(mod: PackedMixin) -> nn.Parameter:
+    if not mod.packed or not mod.weight_layouts:
+        return mod.weight
+    return nn.Parameter(mod.dequantized_weight(), requires_grad=False)
+
+
+class QuantConv2d(PackedMixin, nn.Conv2d):
     """``y = conv(Q_a(x), Q_w(W))``; with ``split = s`` the input channels ``[:s]`` and ``[s:]`` (the two halves of a
     U-Net skip concatenation) have their own activation quantizers and weight scales (Q-Diffusion):
     ``y = conv(Q_a1(x[:, :s]), Q_w1(W[:, :s])) + conv(Q_a2(x[:, s:]), Q_w2(W[:, s:])) + b``."""
@@ -71,6 +218,7 @@ class QuantConv2d(nn.Conv2d):
                      "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
             setattr(q, attr, getattr(mod, attr))
         q.weight, q.bias = mod.weight, mod.bias
+        q.weight_spec = config.weight
         if split is not None and not (0 < split < mod.in_channels and mod.groups == 1):
             raise ValueError(f"shortcut split {split} needs groups == 1 and 0 < split < {mod.in_channels}")
         q.split = split
@@ -90,7 +238,16 @@ class QuantConv2d(nn.Conv2d):
         s = self.split
         return torch.cat([self.input_quantizer(x[:, :s]), self.input_quantizer_skip(x[:, s:])], dim=1)
 
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A packed convolution: the fake-quantized input and the weight dequantized on the fly (bit-identical to
+        the fake-quant path; no integer convolution kernel on CPU)."""
+        return self._conv_forward(self._quant_input(x), self.dequantized_weight(x.dtype), self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            if CONTEXT.calibrating:
+                raise RuntimeError("a packed (frozen) layer cannot be calibrated")
+            return self.frozen_forward(x)
         if CONTEXT.calibrating:
             self._quant_input(x)
             return self._conv_forward(x, self.weight, self.bias)
@@ -102,7 +259,7 @@ class QuantConv2d(nn.Conv2d):
     def to_float(self) -> nn.Conv2d:
         m = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                       self.dilation, self.groups, self.bias is not None, self.padding_mode, device="meta")
-        m.weight, m.bias = self.weight, self.bias
+        m.weight, m.bias = _float_weight(self), self.bias
         return m
 
 

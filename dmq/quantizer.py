@@ -95,6 +95,12 @@ class TensorQuantizer(nn.Module):
         return from_rows(q, x, dim)
 
     def _static(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zp = self.static_params(x)
+        return fake_quant(x, self.fmt, scale, zp)
+
+    def static_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The frozen ``scale`` and ``zero_point`` (None if symmetric) that apply to ``x``, shaped ``(B or 1, 1, ..)``
+        to broadcast against it: one set per sample's timestep bin."""
         bins = self.current_bins(x.shape[0])
         if bins is None and self.num_bins > 1:
             # no usable timestep: the widest bin never clips
@@ -106,7 +112,7 @@ class TensorQuantizer(nn.Module):
         shape = (-1,) + (1,) * (x.ndim - 1)
         scale = self.scale[idx].reshape(shape)
         zp = None if self.spec.symmetric else self.zero_point[idx].reshape(shape)
-        return fake_quant(x, self.fmt, scale, zp)
+        return scale, zp
 
     # --------------------------------------------------------------------------------------- freezing
     def freeze(self) -> None:

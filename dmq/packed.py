@@ -1,0 +1,339 @@
+"""Packed weights: the storage of a frozen quantized layer, and its exact dequantization.
+
+:func:`pack_weight` turns a weight and its :class:`~dmq.config.QuantSpec` into a few small tensors plus a
+JSON-serialisable :class:`WeightLayout`:
+
+- ``qweight``: the element codes, one row per output channel. 8-bit INT codes are ``int8`` (``uint8`` for an
+  asymmetric grid); FP8 codes are ``torch.float8_e4m3fn`` / ``torch.float8_e5m2``; every narrower code is packed
+  densely by :func:`dmq.formats.pack` (4-bit two per byte, 6-bit four per three bytes, ...), row by row.
+- ``weight_scale``: one scale per group (channel, group or tensor) in the smallest float dtype that holds every
+  scale exactly (float16, bfloat16 or float32); MX block scales as E8M0 bytes (``uint8``), NVFP4 block scales as
+  ``torch.float8_e4m3fn``.
+- ``weight_zero_point`` (asymmetric INT, as ``uint8``) and ``weight_scale2`` (NVFP4's FP32 tensor scale).
+
+:func:`unpack_weight` recomputes the fake-quantized weight bit for bit: the same products in the same dtype as
+:func:`dmq.fake_quant.quantize_weight` (element formats) or the block format's ``quantize``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from dmq import formats
+from dmq.config import QuantSpec
+from dmq.fake_quant import grouped, weight_qparams
+
+logger = logging.getLogger(__name__)
+
+FLOAT8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.float8_e4m3fn,
+    torch.float8_e5m2)}
+
+
+def dtype_name(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """How one packed weight (or one half of a split convolution's weight) is stored.
+
+    ``shape`` is the float weight's shape; ``rows x cols`` its 2-D view (output channels x reduction);
+    ``padded_cols`` the row length the codes cover (group padding); ``storage`` is ``"int8"``, ``"uint8"``,
+    ``"float8_e4m3fn"``, ``"float8_e5m2"`` or ``"packed<bits>"``.
+    """
+
+    format: str
+    granularity: str
+    group_size: int
+    symmetric: bool
+    shape: tuple[int, ...]
+    dtype: str
+    storage: str
+    padded_cols: int
+    scale_dtype: str
+
+    @property
+    def fmt(self) -> formats.Format:
+        return formats.get(self.format)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:
+        n = 1
+        for s in self.shape[1:]:
+            n *= s
+        return n
+
+    @property
+    def bits(self) -> int:
+        return self.fmt.bits
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WeightLayout:
+        try:
+            lay = cls(**{**d, "shape": tuple(int(s) for s in d["shape"])})
+        except (TypeError, KeyError) as e:
+            raise ValueError(f"bad weight layout {d!r}: {e}") from None
+        lay.fmt  # noqa: B018 -- ValueError listing the valid formats
+        dtype_from_name(lay.dtype)
+        dtype_from_name(lay.scale_dtype)
+        return lay
+
+    def expected(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of every tensor of this layout, by buffer name (without the part suffix)."""
+        fmt, r = self.fmt, self.rows
+        out = {"qweight": ((r, _row_bytes(self.padded_cols, self.bits, self.storage)), _storage_dtype(self.storage))}
+        if fmt.is_block:
+            nb = self.padded_cols // fmt.block_size
+            out["weight_scale"] = ((r, nb), dtype_from_name(self.scale_dtype))
+            if isinstance(fmt, formats.NVFP4Format):
+                out["weight_scale2"] = ((), torch.float32)
+            return out
+        groups = {"tensor": (1, 1), "group": (r, self.padded_cols // self.group_size)}.get(self.granularity, (r, 1))
+        out["weight_scale"] = (groups, dtype_from_name(self.scale_dtype))
+        if not self.symmetric:
+            out["weight_zero_point"] = (groups, torch.uint8)
+        return out
+
+
+def _storage_dtype(storage: str) -> torch.dtype:
+    return torch.uint8 if storage.startswith("packed") else dtype_from_name(storage)
+
+
+def _row_bytes(padded_cols: int, bits: int, storage: str) -> int:
+    return padded_cols if not storage.startswith("packed") else formats.packed_nbytes(padded_cols, bits)
+
+
+def _pad_to(n: int, k: int) -> int:
+    return n + (-n % k)
+
+
+def smallest_exact_dtype(t: torch.Tensor) -> torch.dtype:
+    """The narrowest of float16, bfloat16, float32 that holds every value of ``t`` exactly."""
+    for d in SCALE_DTYPES:
+        back = t.to(d).to(t.dtype)
+        if torch.equal(back, t):
+            return d
+    return torch.float32
+
+
+def _storage(fmt: formats.Format) -> str:
+    elem = fmt.element if fmt.is_block else fmt
+    if isinstance(elem, formats.FloatFormat) and not fmt.is_block and elem.name in FLOAT8:
+        return dtype_name(FLOAT8[elem.name])
+    if elem.bits == 8:
+        return "int8" if isinstance(elem, formats.IntFormat) and elem.signed else "uint8"
+    return f"packed{elem.bits}"
+
+
+def _store_codes(codes: torch.Tensor, storage: str, bits: int) -> torch.Tensor:
+    """``(R, C)`` uint8 codes -> the stored tensor (rows packed independently)."""
+    if not storage.startswith("packed"):
+        return codes.contiguous().view(_storage_dtype(storage))
+    r, c = codes.shape
+    per = 8  # eight codes always fill whole bytes, whatever the width
+    if c % per:
+        codes = torch.nn.functional.pad(codes, (0, -c % per))
+    return formats.pack(codes, bits).reshape(r, -1)
+
+
+def unpack_codes(q: torch.Tensor, layout: WeightLayout) -> torch.Tensor:
+    """The stored tensor -> ``(R, padded_cols)`` uint8 codes."""
+    bits, c = layout.bits, layout.padded_cols
+    if not layout.storage.startswith("packed"):
+        return q.view(torch.uint8)
+    r = q.shape[0]
+    if bits == 4:
+        out = torch.stack([q & 0xF, q >> 4], dim=-1).reshape(r, -1)
+    elif bits == 2:
+        out = torch.stack([q & 3, q >> 2 & 3, q >> 4 & 3, q >> 6], dim=-1).reshape(r, -1)
+    elif bits == 6:
+        b = q.reshape(r, -1, 3)
+        b0, b1, b2 = b[..., 0], b[..., 1], b[..., 2]
+        out = torch.stack([b0 & 63, b0 >> 6 | (b1 & 15) << 2, b1 >> 4 | (b2 & 3) << 4, b2 >> 2], -1).reshape(r, -1)
+    else:
+        out = formats.unpack(q.reshape(-1), bits, q.numel() * 8 // bits).reshape(r, -1).to(torch.uint8)
+    return out[:, :c]
+
+
+@lru_cache(maxsize=64)
+def _lut(fmt_name: str, device: str) -> torch.Tensor:
+    fmt = formats.get(fmt_name)
+    elem = fmt.element if fmt.is_block else fmt
+    return elem._lut.to(torch.float32).to(device)
+
+
+def code_values(codes: torch.Tensor, layout: WeightLayout) -> torch.Tensor:
+    """Unscaled grid values of ``(R, C)`` uint8 codes, float32."""
+    fmt = layout.fmt
+    if layout.storage == "int8":
+        return codes.view(torch.int8).to(torch.float32)
+    if layout.storage == "uint8" and isinstance(fmt, formats.IntFormat):
+        return codes.to(torch.float32)
+    if layout.storage in ("float8_e4m3fn", "float8_e5m2"):
+        return codes.view(_storage_dtype(layout.storage)).to(torch.float32)
+    if isinstance(fmt, formats.IntFormat) and fmt.signed and layout.bits == 4:
+        # two's complement nibble: shift it to the top of an int8 and back to sign-extend
+        return ((codes.view(torch.int8) << 4) >> 4).to(torch.float32)
+    return _lut(fmt.name, str(codes.device))[codes.long()]
+
+
+def int_codes(tensors: dict[str, torch.Tensor], layout: WeightLayout) -> torch.Tensor:
+    """Signed INT codes as an ``(R, cols)`` int8 tensor, for integer GEMMs."""
+    q = tensors["qweight"]
+    if layout.storage == "int8":
+        return q[:, : layout.cols] if layout.padded_cols != layout.cols else q
+    codes = unpack_codes(q, layout)[:, : layout.cols]
+    b = layout.bits
+    v = codes.view(torch.int8)
+    return (v << (8 - b)) >> (8 - b)  # sign-extend the b-bit two's complement code
+
+
+def pack_weight(w: torch.Tensor, spec: QuantSpec, target: torch.Tensor | None = None
+                ) -> tuple[dict[str, torch.Tensor], WeightLayout]:
+    """Codes and scales of ``w`` quantized by ``spec`` (the static weight search of :mod:`dmq.fake_quant`).
+
+    ``target`` is the fake-quantized weight the layer computes with (default: recomputed); it is checked to round
+    trip bit for bit, and when rounding ``w`` does not give it (learned rounding, GPTQ) the codes are taken from
+    ``target`` itself on the same scales. A weight that is not on its grid raises ``ValueError``.
+    """
+    fmt = spec.fmt
+    rows = w.detach().reshape(w.shape[0], -1)
+    storage = _storage(fmt)
+    if fmt.is_block:
+        layout, tensors = _pack_block(rows, fmt, w, storage)
+    else:
+        g, scale, zp = weight_qparams(w, fmt, spec.granularity, spec.group_size, spec.symmetric, spec.estimator)
+        sd = smallest_exact_dtype(scale)
+        layout = WeightLayout(fmt.name, spec.granularity, spec.group_size, spec.symmetric, tuple(w.shape),
+                              dtype_name(w.dtype), storage, _padded(rows.shape[1], spec), dtype_name(sd))
+        tensors = _pack_element(g, scale, zp, fmt, layout)
+        if target is not None and not _same(unpack_weight(tensors, layout), target):
+            tg = grouped(target.detach().reshape(rows.shape).float(), spec.granularity, spec.group_size)
+            tensors = _pack_element(tg, scale, zp, fmt, layout)
+    if target is not None and not _same(unpack_weight(tensors, layout), target):
+        raise ValueError(f"the quantized weight is not on the {fmt.name} grid of its scales: cannot pack it exactly")
+    return tensors, layout
+
+
+def _padded(cols: int, spec: QuantSpec) -> int:
+    return _pad_to(cols, spec.group_size) if spec.granularity == "group" else cols
+
+
+def _pack_element(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, fmt: formats.Format,
+                  layout: WeightLayout) -> dict[str, torch.Tensor]:
+    x = g / scale if zp is None else g / scale + zp
+    codes = fmt.encode(x).reshape(layout.rows, layout.padded_cols)
+    gshape = scale.shape[:2]
+    out = {"qweight": _store_codes(codes, layout.storage, fmt.bits),
+           "weight_scale": scale.reshape(gshape).to(dtype_from_name(layout.scale_dtype))}
+    if zp is not None:
+        out["weight_zero_point"] = zp.reshape(gshape).to(torch.uint8)
+    return out
+
+
+def _pack_block(rows: torch.Tensor, fmt: formats.Format, w: torch.Tensor, storage: str
+                ) -> tuple[WeightLayout, dict[str, torch.Tensor]]:
+    padded = _pad_to(rows.shape[1], fmt.block_size)
+    if isinstance(fmt, formats.NVFP4Format):
+        codes, sb, st = fmt.encode(rows, dim=-1)
+        scales, sdt = sb.view(torch.float8_e4m3fn), torch.float8_e4m3fn
+    else:
+        codes, scales = fmt.encode(rows, dim=-1)
+        st, sdt = None, torch.uint8
+    layout = WeightLayout(fmt.name, "block", fmt.block_size, True, tuple(w.shape), dtype_name(w.dtype), storage,
+                          padded, dtype_name(sdt))
+    tensors = {"qweight": _store_codes(codes.reshape(rows.shape[0], padded), storage, fmt.bits),
+               "weight_scale": scales.contiguous()}
+    if st is not None:
+        tensors["weight_scale2"] = st.reshape(())
+    return layout, tensors
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN where NaN (a signed zero counts as zero: INT codes have no -0, and x * -0 == x * +0)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    na, nb = torch.isnan(a), torch.isnan(b)
+    return torch.equal(na, nb) and torch.equal(a.masked_fill(na, 0), b.masked_fill(nb, 0))
+
+
+def unpack_weight(tensors: dict[str, torch.Tensor], layout: WeightLayout, dtype: torch.dtype | None = None
+                  ) -> torch.Tensor:
+    """The fake-quantized weight, bit for bit, in ``dtype`` (default: the original weight's dtype).
+
+    Computed in float32 (float64 for a float64 block-format weight) like the fake-quant path, then cast once.
+    """
+    fmt = layout.fmt
+    out_dtype = dtype_from_name(layout.dtype)
+    r, c = layout.rows, layout.padded_cols
+    vals = code_values(unpack_codes(tensors["qweight"], layout), layout)
+    if fmt.is_block:
+        work = torch.float64 if out_dtype == torch.float64 else torch.float32
+        blocks = vals.reshape(r, -1, fmt.block_size)
+        sc = tensors["weight_scale"]
+        if isinstance(fmt, formats.NVFP4Format):
+            s_t = tensors["weight_scale2"].to(torch.float32)
+            if s_t == 0:
+                w = blocks * 0.0
+            else:
+                w = blocks * (sc.to(torch.float32).unsqueeze(-1) * s_t)
+        else:
+            e = sc.to(torch.int32).unsqueeze(-1) - 127
+            w = blocks.to(work) * torch.ldexp(torch.ones(e.shape, dtype=work, device=e.device), e)
+    else:
+        scale = tensors["weight_scale"].to(torch.float32)
+        ng = scale.shape[1] if layout.granularity == "group" else 1
+        blocks = vals.reshape(scale.shape[0], ng, -1)
+        zp = tensors.get("weight_zero_point")
+        if zp is not None:
+            blocks = blocks - zp.to(torch.float32).unsqueeze(-1)
+        w = blocks * scale.unsqueeze(-1)
+    w = w.reshape(r, c)[:, : layout.cols]
+    return w.reshape(layout.shape).to(out_dtype if dtype is None else dtype)
+
+
+def weight_bytes(model: nn.Module) -> dict[str, float]:
+    """Resident bytes of a model's weights: packed quantized weights (codes, scales, zero points) against the
+    parameters they replace, and every other parameter and persistent buffer.
+
+    Returns ``quantized_params``, ``quantized_bytes``, ``bytes_per_param`` (of the quantized layers), ``other_bytes``
+    (float layers left in full precision, quantizer state) and ``total_bytes``.
+    """
+    qparams, qbytes, total = 0, 0, 0
+    for mod in model.modules():
+        for lay in getattr(mod, "weight_layouts", None) or ():
+            qparams += lay.rows * lay.cols
+        for name in getattr(mod, "_packed_names", ()):
+            t = mod._buffers.get(name)
+            if t is not None:
+                qbytes += t.numel() * t.element_size()
+    seen: set[int] = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return {"quantized_params": qparams, "quantized_bytes": qbytes,
+            "bytes_per_param": qbytes / qparams if qparams else float("nan"), "other_bytes": total - qbytes,
+            "total_bytes": total}
