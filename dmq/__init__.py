@@ -4,19 +4,22 @@
 >>> model = dmq.quantize(unet, "w8a8")                      # doctest: +SKIP
 >>> dmq.calibrate(model, lambda m: pipe(labels, num_inference_steps=20))  # doctest: +SKIP
 >>> dmq.freeze(model)                                       # doctest: +SKIP
+>>> dmq.save(model, "unet-w8a8.safetensors"); dmq.load("unet-w8a8.safetensors")  # doctest: +SKIP
 """
 
-from dmq import formats
+from dmq import formats, kernels
 from dmq.api import calibrate, dequantize, freeze, quantize, quantizers, restore, summary, unet_skip_splits
 from dmq.calibration import AllSteps, NormalSteps, StepPolicy, UniformSteps
 from dmq.config import PRESETS, QuantConfig, QuantSpec, get_config, preset_names
 from dmq.modules import QuantAttnProcessor, QuantConv2d, QuantLinear
+from dmq.packed import weight_bytes
 from dmq.quantizer import NotCalibratedError, TensorQuantizer
+from dmq.serialization import load, quantization_map, save
 
 __version__ = "0.1.0"
 __all__ = [
     "PRESETS", "AllSteps", "NormalSteps", "NotCalibratedError", "QuantAttnProcessor", "QuantConfig", "QuantConv2d",
     "QuantLinear", "QuantSpec", "StepPolicy", "TensorQuantizer", "UniformSteps", "calibrate", "dequantize",
-    "formats", "freeze", "get_config", "preset_names", "quantize", "quantizers", "restore", "summary",
-    "unet_skip_splits",
+    "formats", "freeze", "get_config", "kernels", "load", "preset_names", "quantization_map", "quantize",
+    "quantizers", "restore", "save", "summary", "unet_skip_splits", "weight_bytes",
 ]

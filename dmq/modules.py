@@ -154,6 +154,19 @@ class QuantLinear(PackedMixin, nn.Linear):
         q.register_buffer("weight_fq", _wq(mod.weight, config.weight), persistent=False)
         return q
 
+    @classmethod
+    def from_packed(cls, mod: nn.Linear, weight_spec: QuantSpec | None, act: TensorQuantizer | None,
+                    layouts: list[WeightLayout]) -> QuantLinear:
+        """A packed layer with empty buffers shaped by ``layouts``, to load a saved state into (:func:`dmq.load`)."""
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q.in_features, q.out_features = mod.in_features, mod.out_features
+        q.weight, q.bias = mod.weight, mod.bias
+        q.weight_spec = weight_spec
+        q.input_quantizer = act
+        q.set_packed(layouts)
+        return q
+
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The execution of a packed layer, in one place: an input transform or a low-rank branch goes here.
 
@@ -228,6 +241,22 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
         wq = _wq(w, config.weight) if split is None else torch.cat(
             [_wq(w[:, :split], config.weight), _wq(w[:, split:], config.weight)], dim=1)
         q.register_buffer("weight_fq", wq, persistent=False)
+        return q
+
+    @classmethod
+    def from_packed(cls, mod: nn.Conv2d, weight_spec: QuantSpec | None, acts: list[TensorQuantizer | None],
+                    layouts: list[WeightLayout], split: int | None) -> QuantConv2d:
+        """A packed convolution with empty buffers shaped by ``layouts`` (:func:`dmq.load`); ``acts`` are the input
+        quantizer and the skip-half quantizer."""
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+                     "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(q, attr, getattr(mod, attr))
+        q.weight, q.bias = mod.weight, mod.bias
+        q.weight_spec, q.split = weight_spec, split
+        q.input_quantizer, q.input_quantizer_skip = acts
+        q.set_packed(layouts)
         return q
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,349 @@
+"""``dmq.save`` / ``dmq.load``: a frozen quantized model as one safetensors file plus a JSON quantization map.
+
+The file holds the model's whole state dict (packed codes and scales of the quantized layers, the float layers kept
+in full precision, every quantizer's frozen scales) under the tensors' own dtypes. Its metadata entry ``"dmq"`` is a
+JSON map written from the modules themselves, not from the global config alone:
+
+- ``modules``: per quantized layer, its type, weight spec, packed layouts (format, granularity, group size, storage,
+  scale dtype), shortcut split, its activation quantizers (spec, timestep bins, timestep range, enabled), and the
+  module's ``dmq_extra_config()`` if it has one;
+- ``attention``: per quantized attention module, its matmul-operand quantizers;
+- ``config``: the global :class:`~dmq.config.QuantConfig` (a report: per-module entries are what load uses);
+- ``model``: the class and ``config`` of a diffusers backbone, so that ``dmq.load(path)`` can rebuild it;
+- ``sha256``: a digest of every tensor, so a damaged file fails loudly and names the tensor.
+
+Tensors a module carries beyond what dmq itself knows (a low-rank branch, a smoothing or rotation vector, registered
+as persistent buffers of a quantized layer or of its quantizers) are saved with the rest and registered again as
+persistent buffers of the same module on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import logging
+import os
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from dmq.api import QuantState, _set_child
+from dmq.calibration import TimestepHook
+from dmq.config import QuantConfig, QuantSpec
+from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, QuantConv2d, QuantLinear
+from dmq.packed import WeightLayout
+from dmq.quantizer import TensorQuantizer
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+METADATA_KEY = "dmq"
+# dmq.load(path) rebuilds a backbone only from classes of these packages (a file never names arbitrary code to run)
+BUILDABLE_PACKAGES = ("diffusers.",)
+
+
+# ------------------------------------------------------------------------------------------------ the JSON map
+def _spec(s: QuantSpec | None) -> dict | None:
+    return None if s is None else dataclasses.asdict(s)
+
+
+def _spec_from(d: dict | None, where: str) -> QuantSpec | None:
+    if d is None:
+        return None
+    try:
+        return QuantSpec(**d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: bad quantizer spec {d!r}: {e}") from None
+
+
+def _quantizer(q: TensorQuantizer | None) -> dict | None:
+    if q is None:
+        return None
+    return {"spec": _spec(q.spec), "num_bins": q.num_bins, "timestep_range": list(q.timestep_range),
+            "channel_dim": q.channel_dim, "enabled": q.enabled}
+
+
+def _quantizer_from(d: dict | None, where: str) -> TensorQuantizer | None:
+    if d is None:
+        return None
+    spec = _spec_from(d.get("spec"), where)
+    try:
+        q = TensorQuantizer(spec, int(d["channel_dim"]), tuple(float(v) for v in d["timestep_range"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: bad quantizer entry {d!r}: {e}") from None
+    if q.num_bins != d.get("num_bins", q.num_bins):
+        raise ValueError(f"{where}: {d.get('num_bins')} timestep bins in the map, the spec gives {q.num_bins}")
+    q.enabled = bool(d.get("enabled", True))
+    q.observer, q.frozen = None, True
+    return q
+
+
+def _config(cfg: QuantConfig) -> dict:
+    return {"name": cfg.name, "weight": _spec(cfg.weight), "act": _spec(cfg.act), "attn": _spec(cfg.attn),
+            "attn_probs": _spec(cfg.attn_probs), "keep_fp": list(cfg.keep_fp), "shortcut_split": cfg.shortcut_split,
+            "timestep_range": list(cfg.timestep_range), "steps": repr(cfg.steps)}
+
+
+def _config_from(d: dict) -> QuantConfig:
+    try:
+        return QuantConfig(
+            weight=_spec_from(d["weight"], "config"), act=_spec_from(d["act"], "config"),
+            attn=_spec_from(d["attn"], "config"), attn_probs=_spec_from(d["attn_probs"], "config"),
+            keep_fp=tuple(d["keep_fp"]), shortcut_split=bool(d["shortcut_split"]),
+            timestep_range=tuple(float(v) for v in d["timestep_range"]), name=str(d["name"]),
+        )
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"bad config entry in the quantization map: {e}") from None
+
+
+def _model_entry(model: nn.Module) -> dict | None:
+    cls = type(model)
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cls, "from_config") or not cls.__module__.startswith(BUILDABLE_PACKAGES):
+        return None
+    return {"class": f"{cls.__module__}:{cls.__qualname__}", "config": json.loads(json.dumps(dict(cfg), default=list))}
+
+
+def quantization_map(model: nn.Module) -> dict:
+    """The JSON map :func:`save` writes: per-module formats, layouts, quantizers and timestep bins."""
+    st = _frozen_state(model)
+    modules = {}
+    for name in st.modules:
+        mod = model.get_submodule(name)
+        entry = {"type": type(mod).__name__, "weight_spec": _spec(mod.weight_spec),
+                 "layouts": [lay.to_dict() for lay in mod.weight_layouts or ()],
+                 "split": getattr(mod, "split", None),
+                 "quantizers": {n: _quantizer(c) for n, c in mod.named_children() if isinstance(c, TensorQuantizer)}}
+        if hasattr(mod, "dmq_extra_config"):
+            entry["extra"] = mod.dmq_extra_config()
+        modules[name] = entry
+    attention = {}
+    for name in st.attention:
+        mq = model.get_submodule(name).matmul_quantizers
+        attention[name] = {"quantizers": {k: _quantizer(getattr(mq, k)) for k in ("q", "k", "v", "probs")}}
+    return {"format_version": FORMAT_VERSION, "config": _config(st.config), "modules": modules,
+            "attention": attention, "splits": dict(st.splits), "model": _model_entry(model)}
+
+
+def _frozen_state(model: nn.Module) -> QuantState:
+    st = getattr(model, "_dmq", None)
+    if st is None:
+        raise ValueError("model is not quantized: dmq.quantize, dmq.calibrate and dmq.freeze it before dmq.save")
+    if not (st.frozen and st.packed):
+        raise ValueError("dmq.save needs a packed model: call dmq.freeze(model) (with pack=True) first")
+    return st
+
+
+# --------------------------------------------------------------------------------------------------- save
+def _digest(t: torch.Tensor) -> str:
+    b = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(memoryview(b.numpy()) if b.numel() else b"").hexdigest()
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write a frozen (packed) quantized model to ``path`` (a ``.safetensors`` file with the map as metadata)."""
+    from safetensors.torch import save_file
+
+    qmap = quantization_map(model)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for k, v in model.state_dict().items():
+        v = v.detach().to("cpu").contiguous()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        if key in seen:  # tied tensors: safetensors stores each storage once
+            v = v.clone()
+        seen.add(key)
+        tensors[k] = v
+    qmap["sha256"] = {k: _digest(v) for k, v in tensors.items()}
+    save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(qmap)})
+    logger.info("dmq.save: %d tensors, %d bytes, to %s", len(tensors), os.path.getsize(path), path)
+
+
+# --------------------------------------------------------------------------------------------------- load
+def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The quantization map and the tensors of a file written by :func:`save`, checked against their digests."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    if METADATA_KEY not in meta:
+        raise ValueError(f"{path}: no '{METADATA_KEY}' quantization map in the metadata: not written by dmq.save")
+    try:
+        qmap = json.loads(meta[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the quantization map is not valid JSON ({e})") from None
+    if qmap.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: quantization map version {qmap.get('format_version')!r}, this dmq reads "
+                         f"{FORMAT_VERSION}")
+    digests = qmap.get("sha256", {})
+    for k in sorted(set(digests) ^ set(tensors)):
+        raise ValueError(f"{path}: tensor {k!r} is {'missing from the file' if k in digests else 'not in the map'}")
+    for k, t in tensors.items():
+        if _digest(t) != digests[k]:
+            raise ValueError(f"{path}: tensor {k!r} does not match its sha256 digest: the file is damaged")
+    return qmap, tensors
+
+
+def _import_class(ref: str, packages: tuple[str, ...]) -> type:
+    mod_name, _, qual = ref.partition(":")
+    if not mod_name.startswith(packages) or not qual:
+        raise ValueError(f"class {ref!r} is not in an allowed package {packages}: pass the model to dmq.load")
+    try:
+        obj = importlib.import_module(mod_name)
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import {ref!r}: {e}") from None
+    return obj
+
+
+def _build(entry: dict | None, path) -> nn.Module:
+    if entry is None:
+        raise ValueError(f"{path}: the saved model is not a diffusers backbone that can be rebuilt from its config; "
+                         "pass a model of the same architecture: dmq.load(model, path)")
+    cls = _import_class(entry["class"], BUILDABLE_PACKAGES)
+    try:
+        from accelerate import init_empty_weights
+        ctx = init_empty_weights(include_buffers=False)  # parameters on meta: the loaded tensors replace them
+    except ImportError:
+        ctx = nullcontext()
+    with ctx:
+        model = cls.from_config(entry["config"])
+    return model.eval()
+
+
+def _swap_modules(model: nn.Module, qmap: dict) -> QuantState:
+    cfg = _config_from(qmap["config"])
+    st = QuantState(cfg, None, frozen=True, packed=True, splits={k: int(v) for k, v in qmap.get("splits", {}).items()})
+    for name, e in qmap["modules"].items():
+        where = f"module {name!r}"
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{where} of the checkpoint is not in the model") from None
+        wspec = _spec_from(e.get("weight_spec"), where)
+        try:
+            layouts = [WeightLayout.from_dict(d) for d in e.get("layouts", [])]
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        qs = e.get("quantizers", {})
+        kind = e.get("type")
+        if kind == "QuantLinear" and type(mod) is nn.Linear:
+            shape = (mod.out_features, mod.in_features)
+            new = QuantLinear.from_packed(mod, wspec, _quantizer_from(qs.get("input_quantizer"), where), layouts)
+        elif kind == "QuantConv2d" and type(mod) is nn.Conv2d:
+            shape = tuple(mod.weight.shape)
+            split = e.get("split")
+            acts = [_quantizer_from(qs.get(n), where) for n in ("input_quantizer", "input_quantizer_skip")]
+            new = QuantConv2d.from_packed(mod, wspec, acts, layouts, split)
+        else:
+            raise ValueError(f"{where}: the checkpoint has a {kind}, the model a {type(mod).__name__}")
+        got = _joined_shape(layouts, getattr(new, "split", None))
+        if layouts and got != shape:
+            raise ValueError(f"{where}: packed weight shape {got} does not match the model's {shape}")
+        if hasattr(new, "dmq_set_extra_config") and "extra" in e:
+            new.dmq_set_extra_config(e["extra"])
+        _set_child(model, name, new)
+        st.modules.append(name)
+    for name, e in qmap.get("attention", {}).items():
+        where = f"attention {name!r}"
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{where} of the checkpoint is not in the model") from None
+        proc = getattr(mod, "processor", None)
+        if proc is None or type(proc).__name__ not in QUANTIZABLE_PROCESSORS:
+            raise ValueError(f"{where}: the model's attention processor {type(proc).__name__} is not quantizable")
+        mq = AttentionQuantizers.__new__(AttentionQuantizers)
+        nn.Module.__init__(mq)
+        for k in ("q", "k", "v", "probs"):
+            setattr(mq, k, _quantizer_from(e["quantizers"].get(k), f"{where}.{k}"))
+        mq.original_processor = proc
+        mod.matmul_quantizers = mq
+        mod.set_processor(QuantAttnProcessor())
+        st.attention.append(name)
+    return st
+
+
+def _joined_shape(layouts: list[WeightLayout], split: int | None) -> tuple[int, ...]:
+    if len(layouts) == 1:
+        return layouts[0].shape
+    a, b = layouts[0].shape, layouts[1].shape
+    return (a[0], a[1] + b[1], *a[2:])
+
+
+def _owner(key: str, prefixes: list[str]) -> str | None:
+    """The quantized module (or attention module) whose subtree holds state-dict ``key``."""
+    best = None
+    for p in prefixes:
+        if key.startswith(p + ".") and (best is None or len(p) > len(best)):
+            best = p
+    return best
+
+
+def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], st: QuantState, path) -> None:
+    expected = model.state_dict(keep_vars=True)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) of the model, e.g. {missing[:5]}")
+    owners = st.modules + st.attention
+    for k in sorted(set(tensors) - set(expected)):
+        if _owner(k, owners) is None:
+            raise ValueError(f"{path}: tensor {k!r} belongs to no module of the model")
+        parent, _, leaf = k.rpartition(".")
+        try:
+            sub = model.get_submodule(parent)
+        except AttributeError:
+            raise ValueError(f"{path}: tensor {k!r}: the model has no module {parent!r}") from None
+        sub.register_buffer(leaf, tensors[k])  # an extra artefact of a quantized layer: carried as a buffer
+    packed = {}
+    for name in st.modules:
+        mod = model.get_submodule(name)
+        for i, lay in enumerate(mod.weight_layouts or ()):
+            for base, (shape, dtype) in lay.expected().items():
+                packed[f"{name}.{base}{'' if i == 0 else f'_{i}'}"] = (shape, dtype)
+    expected = model.state_dict(keep_vars=True)
+    for k, ref in expected.items():
+        t = tensors[k]
+        if k in packed:
+            shape, dtype = packed[k]
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"{path}: tensor {k!r} is {t.dtype} {tuple(t.shape)}, its layout needs {dtype} "
+                                 f"{tuple(shape)}")
+        elif ref.numel() and tuple(t.shape) != tuple(ref.shape):
+            raise ValueError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}, the model needs {tuple(ref.shape)}")
+        elif ref.is_floating_point() != t.is_floating_point():
+            raise ValueError(f"{path}: tensor {k!r} is {t.dtype}, the model holds {ref.dtype}")
+    model.load_state_dict(tensors, strict=True, assign=True)
+
+
+def load(model_or_path: nn.Module | str | os.PathLike, path: str | os.PathLike | None = None) -> nn.Module:
+    """Load a model written by :func:`save`.
+
+    ``dmq.load(path)`` rebuilds a diffusers backbone from the class and config in the map (no float weights, no
+    hub); ``dmq.load(model, path)`` quantizes the structure of ``model`` (an unquantized model of the same
+    architecture, weights irrelevant) in place and fills it. Outputs are bit-identical to the saved model's. A
+    damaged, truncated or mismatched file raises ``ValueError`` naming the tensor or key.
+    """
+    model = None if path is None else model_or_path
+    path = model_or_path if path is None else path
+    qmap, tensors = read(path)
+    if model is None:
+        model = _build(qmap.get("model"), path)
+    elif getattr(model, "_dmq", None) is not None:
+        raise ValueError("dmq.load(model, path) needs an unquantized model; dmq.restore it or build a fresh one")
+    st = _swap_modules(model, qmap)
+    _load_tensors(model, tensors, st, path)
+    for name in st.modules:
+        model.get_submodule(name)._setup_exec()
+    if any(q.num_bins > 1 for q in model.modules() if isinstance(q, TensorQuantizer)):
+        st.hook = TimestepHook(model, *st.config.timestep_range)
+    model._dmq = st
+    return model
