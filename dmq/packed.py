@@ -122,7 +122,8 @@ def _storage_dtype(storage: str) -> torch.dtype:
 
 
 def _row_bytes(padded_cols: int, bits: int, storage: str) -> int:
-    return padded_cols if not storage.startswith("packed") else formats.packed_nbytes(padded_cols, bits)
+    # packed rows are padded to a multiple of 8 codes, which always fills whole bytes (see _store_codes)
+    return padded_cols if not storage.startswith("packed") else formats.packed_nbytes(_pad_to(padded_cols, 8), bits)
 
 
 def _pad_to(n: int, k: int) -> int:
