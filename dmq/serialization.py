@@ -334,11 +334,11 @@ def load(model_or_path: nn.Module | str | os.PathLike, path: str | os.PathLike |
     """
     model = None if path is None else model_or_path
     path = model_or_path if path is None else path
+    if model is not None and getattr(model, "_dmq", None) is not None:
+        raise ValueError("dmq.load(model, path) needs an unquantized model; dmq.restore it or build a fresh one")
     qmap, tensors = read(path)
     if model is None:
         model = _build(qmap.get("model"), path)
-    elif getattr(model, "_dmq", None) is not None:
-        raise ValueError("dmq.load(model, path) needs an unquantized model; dmq.restore it or build a fresh one")
     st = _swap_modules(model, qmap)
     _load_tensors(model, tensors, st, path)
     for name in st.modules:

@@ -42,7 +42,8 @@ def _case(dtype, batch_bins):
     w_scale = torch.rand(n, generator=g) * 0.01 + 1e-3
     bias = torch.randn(n, generator=g).to(dtype)
     if batch_bins:  # one scale and zero point per sample (its timestep bin)
-        a_scale, a_zp = torch.tensor([0.02, 0.05, 0.11]).reshape(3, 1, 1), torch.tensor([120.0, 0, 255]).reshape(3, 1, 1)
+        a_scale = torch.tensor([0.02, 0.05, 0.11]).reshape(3, 1, 1)
+        a_zp = torch.tensor([120.0, 0, 255]).reshape(3, 1, 1)
     else:
         a_scale, a_zp = torch.tensor(0.04).reshape(1, 1, 1), torch.tensor(131.0).reshape(1, 1, 1)
     return x, w_codes, w_scale, bias, a_scale, a_zp
