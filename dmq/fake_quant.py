@@ -41,12 +41,20 @@ def params_from_range(
 def fake_quant(
     x: torch.Tensor, fmt: formats.Format, scale: torch.Tensor, zp: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``scale * Q(x / scale)`` (symmetric) or ``scale * (Q(x / scale + zp) - zp)`` on the grid of ``fmt``."""
+    """``scale * Q(x / scale)`` (symmetric) or ``scale * (Q(x / scale + zp) - zp)`` on the grid of ``fmt``.
+
+    INT grids take a shortcut with the same result bit for bit: round half to even then clamp, in ``x``'s dtype
+    (integers up to 255 are exact in every float dtype; NaN stays NaN, ±inf saturates), in place on temporaries.
+    """
     s = scale.to(x.dtype)
-    if zp is None:
-        return fmt.quantize(x / s) * s
-    z = zp.to(x.dtype)
-    return (fmt.quantize(x / s + z) - z) * s
+    z = None if zp is None else zp.to(x.dtype)
+    if not isinstance(fmt, formats.IntFormat) or x.requires_grad or s.requires_grad:
+        return fmt.quantize(x / s) * s if z is None else (fmt.quantize(x / s + z) - z) * s
+    t = x / s
+    if z is not None:
+        t = t + z if t.shape != torch.broadcast_shapes(t.shape, z.shape) else t.add_(z)
+        return t.round_().clamp_(fmt.qmin, fmt.qmax).sub_(z).mul_(s)
+    return t.round_().clamp_(fmt.qmin, fmt.qmax).mul_(s)
 
 
 def to_rows(x: torch.Tensor, dim: int) -> torch.Tensor:

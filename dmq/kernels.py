@@ -80,6 +80,10 @@ def act_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, qmi
     return torch.round(t).clamp_(qmin, qmax)
 
 
+# output rows per chunk of the integer GEMM: the int32 accumulator and its float epilogue stay in cache
+INT_ROWS = 256
+
+
 def int_linear(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None, a_bits: int, a_signed: bool,
                w_codes: torch.Tensor, w_scale: torch.Tensor, w_rowsum: torch.Tensor, bias: torch.Tensor | None
                ) -> torch.Tensor:
@@ -90,22 +94,43 @@ def int_linear(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None
         a_scale, a_zp: the activation quantizer's scale and zero point, shaped ``(B or 1, 1, ..., 1)``.
         a_bits, a_signed: the activation INT grid (unsigned codes are offset by ``2^(bits-1)``).
         w_codes: int8 ``(N, K)`` weight codes; ``w_scale``: float32 ``(N,)``; ``w_rowsum``: int32 ``(N,)``.
+
+    Per row: ``acc = int_mm(q_a - c, q_w)`` (exact int32), ``acc += (c - z) * rowsum`` (exact), then
+    ``y = float32(acc) * (s_a * s_w) + b``, rounded once to ``x``'s dtype. Rows go in chunks of ``INT_ROWS``.
     """
-    k = x.shape[-1]
+    k, n = x.shape[-1], w_codes.shape[0]
     lead = x.shape[:-1]
     qmin, qmax = (-(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1) if a_signed else (0, 2**a_bits - 1)
     off = 0 if a_signed else 2 ** (a_bits - 1)
     q = act_codes(x, a_scale, a_zp, qmin, qmax)
-    a = (q - off).to(torch.int8).reshape(-1, k)
-    acc = int_mm(a, w_codes).reshape(*lead, -1)
-    if a_zp is not None or off:
-        z = torch.zeros_like(a_scale) if a_zp is None else a_zp
-        corr = (off - z.to(torch.int32).reshape(a_scale.shape)) * w_rowsum  # (B or 1, 1.., N) integers
-        acc = acc + corr
-    y = acc.to(torch.float32) * (a_scale.to(torch.float32) * w_scale)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype)
+    a = q.sub_(off).to(torch.int8).reshape(-1, k)
+    m = a.shape[0]
+    z = torch.zeros_like(a_scale) if a_zp is None else a_zp.reshape(a_scale.shape)
+    # per-row activation scale and zero-point offset (one value per sample, repeated over its tokens)
+    per_sample = a_scale.numel() > 1
+    rows_per_sample = m // a_scale.shape[0]
+    s_rows = a_scale.to(torch.float32).reshape(-1, 1).repeat_interleave(rows_per_sample, 0)
+    c_rows = (off - z.to(torch.int32)).reshape(-1, 1).repeat_interleave(rows_per_sample, 0)
+    if not per_sample:
+        sw = s_rows[:1] * w_scale  # (1, N)
+        corr = c_rows[:1] * w_rowsum
+    b = None if bias is None else bias.to(torch.float32)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    for r0 in range(0, m, INT_ROWS):
+        r1 = min(m, r0 + INT_ROWS)
+        acc = int_mm(a[r0:r1], w_codes)
+        if per_sample:
+            sw = s_rows[r0:r1] * w_scale
+            corr = c_rows[r0:r1] * w_rowsum
+        if off or a_zp is not None:
+            acc.add_(corr)
+        f = acc.to(torch.float32)
+        if b is None:
+            f.mul_(sw)
+        else:
+            torch.addcmul(b, f, sw, out=f)
+        out[r0:r1] = f
+    return out.reshape(*lead, n)
 
 
 def fp8_supported(device: torch.device) -> bool:

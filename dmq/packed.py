@@ -280,39 +280,67 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(na, nb) and torch.equal(a.masked_fill(na, 0), b.masked_fill(nb, 0))
 
 
+# rows are dequantized in chunks of about this many elements, so every pass of the dequantization stays in cache
+CHUNK_ELEMS = 1 << 17
+
+
+@lru_cache(maxsize=64)
+def _byte_lut(fmt_name: str, device: str) -> torch.Tensor:
+    """``(256, 2)`` float32: the values of the low and the high 4-bit code of every byte."""
+    lut = _lut(fmt_name, device)
+    b = torch.arange(256, device=device)
+    return torch.stack([lut[b & 15], lut[b >> 4]], dim=-1)
+
+
+def _row_values(q: torch.Tensor, layout: WeightLayout) -> torch.Tensor:
+    """Unscaled grid values of stored rows ``q``, float32 ``(rows, padded_cols)``."""
+    if layout.storage == "packed4":
+        name = layout.fmt.name
+        return _byte_lut(name, str(q.device))[q.int()].reshape(q.shape[0], -1)[:, : layout.padded_cols]
+    return code_values(unpack_codes(q, layout), layout)
+
+
+def _dequant_rows(tensors: dict[str, torch.Tensor], layout: WeightLayout, r0: int, r1: int) -> torch.Tensor:
+    fmt = layout.fmt
+    n = r1 - r0
+    vals = _row_values(tensors["qweight"][r0:r1], layout)
+    if fmt.is_block:
+        blocks = vals.reshape(n, -1, fmt.block_size)
+        sc = tensors["weight_scale"][r0:r1]
+        if isinstance(fmt, formats.NVFP4Format):
+            s_t = tensors["weight_scale2"].to(torch.float32)
+            if s_t == 0:
+                return (blocks * 0.0).reshape(n, -1)
+            return (blocks * (sc.to(torch.float32).unsqueeze(-1) * s_t)).reshape(n, -1)
+        work = torch.float64 if layout.dtype == "float64" else torch.float32
+        e = sc.to(torch.int32).unsqueeze(-1) - 127
+        return (blocks.to(work) * torch.ldexp(torch.ones(e.shape, dtype=work, device=e.device), e)).reshape(n, -1)
+    scale = tensors["weight_scale"]
+    scale = (scale[r0:r1] if scale.shape[0] > 1 else scale).to(torch.float32)
+    ng = scale.shape[1] if layout.granularity == "group" else 1
+    blocks = vals.reshape(n, ng, -1)
+    zp = tensors.get("weight_zero_point")
+    if zp is not None:
+        zp = zp[r0:r1] if zp.shape[0] > 1 else zp
+        blocks = blocks - zp.to(torch.float32).unsqueeze(-1)
+    return (blocks * scale.unsqueeze(-1)).reshape(n, -1)
+
+
 def unpack_weight(tensors: dict[str, torch.Tensor], layout: WeightLayout, dtype: torch.dtype | None = None
                   ) -> torch.Tensor:
     """The fake-quantized weight, bit for bit, in ``dtype`` (default: the original weight's dtype).
 
-    Computed in float32 (float64 for a float64 block-format weight) like the fake-quant path, then cast once.
+    Computed in float32 (float64 for a float64 block-format weight) like the fake-quant path, then cast once; in
+    chunks of rows, so that no full float32 copy of the layer exists besides the result.
     """
-    fmt = layout.fmt
-    out_dtype = dtype_from_name(layout.dtype)
-    r, c = layout.rows, layout.padded_cols
-    vals = code_values(unpack_codes(tensors["qweight"], layout), layout)
-    if fmt.is_block:
-        work = torch.float64 if out_dtype == torch.float64 else torch.float32
-        blocks = vals.reshape(r, -1, fmt.block_size)
-        sc = tensors["weight_scale"]
-        if isinstance(fmt, formats.NVFP4Format):
-            s_t = tensors["weight_scale2"].to(torch.float32)
-            if s_t == 0:
-                w = blocks * 0.0
-            else:
-                w = blocks * (sc.to(torch.float32).unsqueeze(-1) * s_t)
-        else:
-            e = sc.to(torch.int32).unsqueeze(-1) - 127
-            w = blocks.to(work) * torch.ldexp(torch.ones(e.shape, dtype=work, device=e.device), e)
-    else:
-        scale = tensors["weight_scale"].to(torch.float32)
-        ng = scale.shape[1] if layout.granularity == "group" else 1
-        blocks = vals.reshape(scale.shape[0], ng, -1)
-        zp = tensors.get("weight_zero_point")
-        if zp is not None:
-            blocks = blocks - zp.to(torch.float32).unsqueeze(-1)
-        w = blocks * scale.unsqueeze(-1)
-    w = w.reshape(r, c)[:, : layout.cols]
-    return w.reshape(layout.shape).to(out_dtype if dtype is None else dtype)
+    out_dtype = dtype_from_name(layout.dtype) if dtype is None else dtype
+    r, cols = layout.rows, layout.cols
+    out = torch.empty(r, cols, dtype=out_dtype, device=tensors["qweight"].device)
+    step = max(1, CHUNK_ELEMS // layout.padded_cols)
+    for r0 in range(0, r, step):
+        r1 = min(r, r0 + step)
+        out[r0:r1] = _dequant_rows(tensors, layout, r0, r1)[:, :cols]
+    return out.reshape(layout.shape)
 
 
 def weight_bytes(model: nn.Module) -> dict[str, float]:

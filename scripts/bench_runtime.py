@@ -1,0 +1,279 @@
+"""Real low-bit execution: resident weight bytes, checkpoint bytes, peak RSS and latency per denoiser call.
+
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_runtime.py --out benchmarks/runtime.json
+
+Backbones: the bundled digit U-Net and DiT, and a large DiT built from a config (width 1152 = 16 heads x 72, patch 2,
+32x32x4 latents, random weights, ``--large-layers`` blocks; DiT-XL/2 has 28). Variants: FP32, BF16, every frozen
+dmq preset listed in ``--presets`` (on the BF16 model), and the peers that run here: torchao int8 dynamic-activation
++ int8 weight and int4 weight-only, optimum-quanto W8A8 and W4 weight-only (same layers as dmq: ``DEFAULT_KEEP_FP``
+stays in full precision for everyone). Each backbone runs in its own subprocess; each variant is built from a freshly
+loaded backbone after the previous variant is freed, and its peak RSS is measured while running (the Linux high-water
+mark is reset once the variant is built; it includes whatever the process still holds, about the same for all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import dmq  # noqa: E402
+from dmq.config import DEFAULT_KEEP_FP  # noqa: E402
+
+PEERS = ("torchao-int8dyn", "torchao-int4wo", "quanto-w8a8", "quanto-w4")
+DEFAULT_PRESETS = ("w8a8", "w4a8", "w4a16", "fp8", "w4a8-fp", "mxfp4", "nvfp4")
+
+
+# ------------------------------------------------------------------------------------------------- models
+def build(model: str, layers: int) -> tuple[nn.Module, tuple[int, int, int]]:
+    """The float32 backbone and its input shape ``(C, H, W)``."""
+    import diffusers
+
+    if model == "digits-unet":
+        return diffusers.UNet2DModel.from_pretrained(str(ROOT / "assets/digits-unet/unet")).eval(), (1, 16, 16)
+    if model == "digits-dit":
+        m = diffusers.DiTTransformer2DModel.from_pretrained(str(ROOT / "assets/digits-dit/transformer"))
+        return m.eval(), (1, 16, 16)
+    torch.manual_seed(0)
+    m = diffusers.DiTTransformer2DModel(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=layers,
+        sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
+        norm_elementwise_affine=False,
+    )
+    return m.eval(), (4, 32, 32)
+
+
+def inputs(shape: tuple[int, int, int], batch: int, dtype: torch.dtype, seed: int = 0, t: float = 500.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *shape, generator=g).to(dtype)
+    labels = torch.randint(0, 10, (batch,), generator=g)
+    return x, torch.full((batch,), t), labels
+
+
+def call(model: nn.Module, x, t, labels) -> torch.Tensor:
+    with torch.no_grad():  # not inference_mode: quanto's frozen modules reject inference tensors
+        return model(x, t, class_labels=labels).sample
+
+
+def keep_fp(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in DEFAULT_KEEP_FP)
+
+
+# ------------------------------------------------------------------------------------------------ variants
+def make_variant(model: nn.Module, variant: str, shape, ckpt_dir: str) -> tuple[nn.Module, int | None]:
+    """The variant of ``model`` and its checkpoint size in bytes (None when it cannot be saved here)."""
+    if variant == "fp32":
+        return model, _safetensors_bytes(model, ckpt_dir)
+    bf16 = model.to(torch.bfloat16)
+    if variant == "bf16":
+        return bf16, _safetensors_bytes(bf16, ckpt_dir)
+    if variant in dmq.preset_names():
+        q = dmq.quantize(bf16, variant)
+        dmq.calibrate(q, lambda m: [call(m, *inputs(shape, 2, torch.bfloat16, seed=s, t=t))
+                                    for s, t in ((1, 900.0), (2, 500.0), (3, 100.0))])
+        dmq.freeze(q)
+        path = os.path.join(ckpt_dir, "dmq.safetensors")
+        dmq.save(q, path)
+        return q, os.path.getsize(path)
+    if variant.startswith("torchao"):
+        from torchao.quantization import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, quantize_
+
+        cfg = Int8DynamicActivationInt8WeightConfig() if variant == "torchao-int8dyn" else Int4WeightOnlyConfig()
+        quantize_(bf16, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and not keep_fp(fqn))
+        call(bf16, *inputs(shape, 1, torch.bfloat16))  # fail here, not in the timing loop
+        return bf16, _torch_save_bytes(bf16)
+    if variant.startswith("quanto"):
+        from optimum.quanto import Calibration, freeze, qint4, qint8, quantize
+
+        if variant == "quanto-w8a8":
+            quantize(bf16, weights=qint8, activations=qint8, exclude=list(DEFAULT_KEEP_FP))
+            with Calibration():
+                call(bf16, *inputs(shape, 2, torch.bfloat16, seed=1))
+        else:
+            quantize(bf16, weights=qint4, exclude=list(DEFAULT_KEEP_FP))
+        freeze(bf16)
+        return bf16, _torch_save_bytes(bf16)
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def _safetensors_bytes(model: nn.Module, ckpt_dir: str) -> int:
+    from safetensors.torch import save_file
+
+    path = os.path.join(ckpt_dir, "fp.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return os.path.getsize(path)
+
+
+def _torch_save_bytes(model: nn.Module) -> int | None:
+    buf = io.BytesIO()
+    try:
+        torch.save(model.state_dict(), buf)
+    except Exception:  # noqa: BLE001 -- a peer's tensor subclass that does not pickle: report no size
+        return None
+    return buf.tell()
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor, looking through tensor subclasses (torchao, quanto) to the plain tensors they hold."""
+    if type(t) in (torch.Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return t.numel() * t.element_size()
+    names, _ = t.__tensor_flatten__()
+    return sum(tensor_bytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += tensor_bytes(t.data if isinstance(t, nn.Parameter) else t)
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
+    except OSError:
+        pass
+
+
+def run_one(args, variant_name: str) -> dict:
+    import gc
+
+    model, shape = build(args.model, args.large_layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        variant, ckpt = make_variant(model, variant_name, shape, d)
+        setup_s = time.perf_counter() - t0
+    del model
+    gc.collect()
+    dtype = torch.float32 if variant_name == "fp32" else torch.bfloat16
+    row = {"model": args.model, "variant": variant_name, "params": n_params, "weight_bytes": weight_bytes(variant),
+           "checkpoint_bytes": ckpt, "setup_s": setup_s, "rss_after_setup": _status("VmRSS")}
+    if hasattr(variant, "_dmq"):
+        rep = dmq.weight_bytes(variant)
+        row["bytes_per_quantized_param"] = rep["bytes_per_param"]
+        row["quantized_params"] = rep["quantized_params"]
+        row["exec_paths"] = sorted({variant.get_submodule(n).exec_path for n in variant._dmq.modules})
+    _reset_peak()
+    for batch in args.batches:
+        x, t, labels = inputs(shape, batch, dtype, seed=7)
+        call(variant, x, t, labels)  # warm-up
+        times = []
+        reps = args.reps if batch == 1 else args.reps_large_batch
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            call(variant, x, t, labels)
+            times.append(time.perf_counter() - t0)
+        row[f"latency_b{batch}_s"] = statistics.median(times)
+        row[f"reps_b{batch}"] = reps
+    row["peak_rss_running"] = _status("VmHWM")
+    return row
+
+
+def child(args) -> None:
+    import gc
+
+    torch.set_num_threads(args.threads)
+    for name in args.variants:
+        try:
+            row = run_one(args, name)
+        except Exception as e:  # noqa: BLE001 -- a peer that does not run here is reported, not fatal
+            row = {"model": args.model, "variant": name, "error": f"{type(e).__name__}: {e}"[:400]}
+        gc.collect()
+        print("RESULT " + json.dumps(row), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/runtime.json")
+    ap.add_argument("--models", nargs="+", default=["digits-unet", "digits-dit", "dit-1152"])
+    ap.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS))
+    ap.add_argument("--peers", nargs="*", default=list(PEERS))
+    ap.add_argument("--large-layers", type=int, default=4)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps-large-batch", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--variants", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    rows, t_start = [], time.perf_counter()
+    variants = ["fp32", "bf16", *args.presets, *args.peers]
+    for model in args.models:
+        cmd = [sys.executable, __file__, "--child", "--model", model, "--variants", *variants,
+               "--large-layers", str(args.large_layers), "--threads", str(args.threads), "--reps", str(args.reps),
+               "--reps-large-batch", str(args.reps_large_batch), "--batches", *map(str, args.batches)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        done = set()
+        for line in proc.stdout:
+            if not line.startswith("RESULT "):
+                continue
+            row = json.loads(line[7:])
+            rows.append(row)
+            done.add(row["variant"])
+            lat = " ".join(f"b{b}={row[f'latency_b{b}_s'] * 1e3:.1f}ms" for b in args.batches
+                           if f"latency_b{b}_s" in row)
+            print(f"{model:12s} {row['variant']:16s} {lat or row.get('error', '')}", flush=True)
+        proc.wait()
+        rows += [{"model": model, "variant": v, "error": f"child exited with {proc.returncode}"}
+                 for v in variants if v not in done]
+    out = {
+        "command": "python scripts/bench_runtime.py " + " ".join(sys.argv[1:]),
+        "cpu": platform.processor() or platform.machine(), "cpu_model": _cpu_model(), "threads": args.threads,
+        "torch": torch.__version__, "large_layers": args.large_layers, "batches": args.batches, "reps": args.reps,
+        "reps_large_batch": args.reps_large_batch, "wall_s": time.perf_counter() - t_start,
+        "versions": _versions(), "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def _versions() -> dict:
+    out = {}
+    for name in ("torchao", "optimum.quanto", "diffusers"):
+        try:
+            mod = __import__(name, fromlist=["__version__"])
+            out[name] = getattr(mod, "__version__", "?")
+        except Exception as e:  # noqa: BLE001
+            out[name] = f"unavailable: {type(e).__name__}"
+    return out
+
+
+if __name__ == "__main__":
+    main()
