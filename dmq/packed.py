@@ -192,12 +192,11 @@ def code_values(codes: torch.Tensor, layout: WeightLayout) -> torch.Tensor:
         return codes.view(torch.int8).to(torch.float32)
     if layout.storage == "uint8" and isinstance(fmt, formats.IntFormat):
         return codes.to(torch.float32)
-    if layout.storage in ("float8_e4m3fn", "float8_e5m2"):
-        return codes.view(_storage_dtype(layout.storage)).to(torch.float32)
     if isinstance(fmt, formats.IntFormat) and fmt.signed and layout.bits == 4:
         # two's complement nibble: shift it to the top of an int8 and back to sign-extend
         return ((codes.view(torch.int8) << 4) >> 4).to(torch.float32)
-    return _lut(fmt.name, str(codes.device))[codes.long()]
+    lut = _lut(fmt.name, str(codes.device))
+    return lut.index_select(0, codes.reshape(-1).int()).reshape(codes.shape)
 
 
 def int_codes(tensors: dict[str, torch.Tensor], layout: WeightLayout) -> torch.Tensor:
@@ -281,7 +280,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 # rows are dequantized in chunks of about this many elements, so every pass of the dequantization stays in cache
-CHUNK_ELEMS = 1 << 17
+CHUNK_ELEMS = 1 << 19
 
 
 @lru_cache(maxsize=64)
@@ -295,8 +294,13 @@ def _byte_lut(fmt_name: str, device: str) -> torch.Tensor:
 def _row_values(q: torch.Tensor, layout: WeightLayout) -> torch.Tensor:
     """Unscaled grid values of stored rows ``q``, float32 ``(rows, padded_cols)``."""
     if layout.storage == "packed4":
-        name = layout.fmt.name
-        return _byte_lut(name, str(q.device))[q.int()].reshape(q.shape[0], -1)[:, : layout.padded_cols]
+        fmt = layout.fmt
+        if isinstance(fmt, formats.IntFormat) and fmt.signed:  # sign-extend each nibble with two int8 shifts
+            v = q.view(torch.int8)
+            vals = torch.stack([(v << 4) >> 4, v >> 4], dim=-1).to(torch.float32)
+        else:  # one lookup per byte gives both of its codes' values
+            vals = _byte_lut(fmt.name, str(q.device)).index_select(0, q.reshape(-1).int())
+        return vals.reshape(q.shape[0], -1)[:, : layout.padded_cols]
     return code_values(unpack_codes(q, layout), layout)
 
 
