@@ -192,10 +192,74 @@ def quant_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {
-    "quant": quant_table, "formats": formats_table, "samplers_gmm": samplers_gmm_table,
+def runtime_table(data: dict) -> str:
+    """Tables of ``benchmarks/runtime.json`` (scripts/bench_runtime.py): one per backbone, ratios against BF16 and
+    FP32 of the same backbone in the same run, then the issue's goals checked against the numbers."""
+    mb = 1 / 2**20
+    lines = [
+        f"`{data['command']}` on {data.get('cpu_model', data['cpu'])}, {data['threads']} thread(s), torch "
+        f"{data['torch']}, whole run {data['wall_s'] / 60:.1f} min. `dit-1152`: DiT-XL/2 width (16 heads x 72, "
+        f"patch 2, 32x32x4 latents), random weights, {data['large_layers']} of its 28 blocks. Latency: median of "
+        f"{data['reps']} calls at batch 1 and {data['reps_large_batch']} at batch 16 (after a warm-up call). "
+        "dmq presets and peers run on the BF16 model; the same layers stay in full precision for all of them. "
+        "Weight: resident parameters and buffers; checkpoint: `dmq.save` (dmq), safetensors (FP32/BF16), "
+        "`torch.save` (peers); B/param: packed bytes per parameter of the quantized layers (codes, scales, zero "
+        "points); peak RSS: high-water mark while running.",
+    ]
+    by_model: dict[str, list[dict]] = {}
+    for r in data["rows"]:
+        by_model.setdefault(r["model"], []).append(r)
+    goals = []
+    for model, rows in by_model.items():
+        ref = {r["variant"]: r for r in rows if "error" not in r}
+        bf, fp = ref.get("bf16"), ref.get("fp32")
+        if bf is None or fp is None:
+            continue
+        lines += ["", f"**{model}** ({bf['params']:,} parameters)", "",
+                  "| variant | weight MiB | x BF16 | checkpoint MiB | x BF16 | B/param | peak RSS MiB | b1 ms | "
+                  "x BF16 | x FP32 | b16 ms | x BF16 | x FP32 | path |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | did not run here: {r['error'][:90]} |" + " |" * 12)
+                continue
+            ck = r.get("checkpoint_bytes")
+            cells = [r["variant"], f"{r['weight_bytes'] * mb:.2f}", f"{r['weight_bytes'] / bf['weight_bytes']:.2f}",
+                     "" if ck is None else f"{ck * mb:.2f}",
+                     "" if ck is None else f"{ck / bf['checkpoint_bytes']:.2f}",
+                     f"{r['bytes_per_quantized_param']:.3f}" if "bytes_per_quantized_param" in r else "",
+                     f"{r['peak_rss_running'] * mb:.0f}"]
+            for b in (1, 16):
+                key = f"latency_b{b}_s"
+                cells += ([f"{r[key] * 1e3:.1f}", f"{r[key] / bf[key]:.2f}", f"{r[key] / fp[key]:.2f}"]
+                          if key in r else ["", "", ""])
+            cells.append(", ".join(r.get("exec_paths", [])))
+            lines.append("| " + " | ".join(cells) + " |")
+        presets = [r for r in ref.values() if "exec_paths" in r]
+        worst = max(presets, key=lambda r: max(r[f"latency_b{b}_s"] / bf[f"latency_b{b}_s"] for b in (1, 16)),
+                    default=None)
+        if worst is not None:
+            w = max(worst[f"latency_b{b}_s"] / bf[f"latency_b{b}_s"] for b in (1, 16))
+            goals.append(f"{model}: slowest preset {worst['variant']} at {w:.2f}x BF16 "
+                         f"({'meets' if w <= 2 else 'misses'} <= 2x)")
+        w4 = ref.get("w4a16")
+        if w4 is not None:
+            r_all = w4["checkpoint_bytes"] / bf["checkpoint_bytes"]
+            r_q = w4["bytes_per_quantized_param"] / 2
+            verdict = "meets" if r_q <= 0.3 else "misses"
+            goals.append(f"{model}: W4A16 checkpoint {r_all:.2f}x the BF16/FP16 checkpoint (whole backbone, float "
+                         f"layers included); its quantized layers {r_q:.3f}x FP16 ({verdict} <= 0.3x)")
+        w8 = ref.get("w8a8")
+        if w8 is not None and model.startswith("dit-") and "latency_b16_s" in w8:
+            r8 = w8["latency_b16_s"] / bf["latency_b16_s"]
+            goals.append(f"{model}: W8A8 at batch 16 {r8:.2f}x BF16 ({'meets' if r8 <= 1.0 else 'misses'} <= 1.0x)")
+    lines += ["", "Goals, from these numbers:", ""] + [f"- {g}" for g in goals]
+    return "\n".join(lines)
+
+
+RENDERERS = {    "quant": quant_table, "formats": formats_table, "samplers_gmm": samplers_gmm_table,
     "samplers_digits": samplers_digits_table, "samplers_dc": samplers_dc_table,
-    "samplers_dc_digits": samplers_dc_digits_table,
+    "samplers_dc_digits": samplers_dc_digits_table, "runtime": runtime_table,
 }
 SOURCES = {"digits": (load_digits_quality, digits_table)}
 

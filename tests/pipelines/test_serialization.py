@@ -45,3 +45,30 @@ def test_pipeline_round_trip_is_bit_exact(asset, preset, tmp_path, one_thread):
 def test_not_a_quantized_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not a folder written by pipelines.save_quantized"):
         pipelines.load_quantized(tmp_path)
+
+
+def test_generic_diffusers_dit_pipeline_round_trips(tmp_path, one_thread):
+    import diffusers
+    import numpy as np
+
+    torch.manual_seed(0)
+    transformer = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1, sample_size=4,
+        patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero", norm_elementwise_affine=False).eval()
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)).eval()
+    pipe = diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=diffusers.DDIMScheduler(),
+                                 id2label={0: "zero", 1: "one"})
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(p):
+        return p([0, 1], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    dmq.quantize(pipe.transformer, "w8a8")
+    dmq.calibrate(pipe.transformer, lambda m: run(pipe))
+    dmq.freeze(pipe.transformer)
+    ref = run(pipe)
+    loaded = pipelines.load_quantized(pipelines.save_quantized(pipe, tmp_path / "dit"))
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is diffusers.DiTPipeline and loaded.transformer._dmq.packed
+    assert np.array_equal(run(loaded), ref)
