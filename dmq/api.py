@@ -211,7 +211,7 @@ def restore(model: nn.Module, *, allow_dequantized: bool = False) -> nn.Module:
     logged warning.
     """
     st = _state(model)
-    if st.packed:
+    if st.packed and any(model.get_submodule(n).weight_layouts for n in st.modules):
         if not allow_dequantized:
             raise ValueError(
                 "dmq.freeze packed this model and released its float weights, so they cannot be restored: pass "

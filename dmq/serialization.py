@@ -191,7 +191,8 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     return qmap, tensors
 
 
-def _import_class(ref: str, packages: tuple[str, ...]) -> type:
+def import_class(ref: str, packages: tuple[str, ...]) -> type:
+    """The class ``"module:Qualified.Name"``, only from modules under ``packages`` (a file never picks code to run)."""
     mod_name, _, qual = ref.partition(":")
     if not mod_name.startswith(packages) or not qual:
         raise ValueError(f"class {ref!r} is not in an allowed package {packages}: pass the model to dmq.load")
@@ -208,7 +209,7 @@ def _build(entry: dict | None, path) -> nn.Module:
     if entry is None:
         raise ValueError(f"{path}: the saved model is not a diffusers backbone that can be rebuilt from its config; "
                          "pass a model of the same architecture: dmq.load(model, path)")
-    cls = _import_class(entry["class"], BUILDABLE_PACKAGES)
+    cls = import_class(entry["class"], BUILDABLE_PACKAGES)
     try:
         from accelerate import init_empty_weights
         ctx = init_empty_weights(include_buffers=False)  # parameters on meta: the loaded tensors replace them

@@ -15,7 +15,7 @@ from pathlib import Path
 from diffusers import DiffusionPipeline
 
 import dmq
-from dmq.serialization import _import_class
+from dmq.serialization import import_class
 
 BACKBONES = ("transformer", "unet")
 CHECKPOINT = "dmq_model.safetensors"
@@ -69,5 +69,5 @@ def load_quantized(directory: str | os.PathLike, pipeline_class: type | None = N
     if name not in BACKBONES:
         raise ValueError(f"{root / INFO}: backbone must be one of {BACKBONES}, got {name!r}")
     backbone = dmq.load(root / info["checkpoint"])
-    cls = pipeline_class or _import_class(info["pipeline_class"], PIPELINE_PACKAGES)
+    cls = pipeline_class or import_class(info["pipeline_class"], PIPELINE_PACKAGES)
     return cls.from_pretrained(root, local_files_only=True, **{name: backbone})
