@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from dmq import formats
 
+# formats whose fake quantization is torch's own float8 cast (after saturating to the format's max)
+NATIVE_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 # candidate clipping ratios of the range searches
 MSE_RATIOS = torch.linspace(1.0, 0.3, 36).tolist()
 # LLM-FP4: exponent-bias offsets db >= 0 shrink the FP grid by 2^-db (db = 0: the grid's max meets the range)
@@ -44,13 +46,17 @@ def fake_quant(
     """``scale * Q(x / scale)`` (symmetric) or ``scale * (Q(x / scale + zp) - zp)`` on the grid of ``fmt``.
 
     INT grids take a shortcut with the same result bit for bit: round half to even then clamp, in ``x``'s dtype
-    (integers up to 255 are exact in every float dtype; NaN stays NaN, ±inf saturates), in place on temporaries.
+    (integers up to 255 are exact in every float dtype; NaN stays NaN, ±inf saturates), in place on temporaries;
+    FP8 E4M3 / E5M2 use torch's float8 cast after saturation, which is the same rounding.
     """
     s = scale.to(x.dtype)
     z = None if zp is None else zp.to(x.dtype)
-    if not isinstance(fmt, formats.IntFormat) or x.requires_grad or s.requires_grad:
+    native = NATIVE_FP8.get(fmt.name) if isinstance(fmt, formats.FloatFormat) else None
+    if x.requires_grad or s.requires_grad or not (native is not None or isinstance(fmt, formats.IntFormat)):
         return fmt.quantize(x / s) * s if z is None else (fmt.quantize(x / s + z) - z) * s
     t = x / s
+    if native is not None:  # FP8 (zero point only for INT): torch's saturated cast rounds exactly like the grid
+        return t.clamp_(-fmt.max, fmt.max).to(native).to(x.dtype).mul_(s)
     if z is not None:
         t = t + z if t.shape != torch.broadcast_shapes(t.shape, z.shape) else t.add_(z)
         return t.round_().clamp_(fmt.qmin, fmt.qmax).sub_(z).mul_(s)

@@ -125,14 +125,15 @@ def test_fp8_scaled_mm_matches_the_dequantized_path():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("fmt_name", ["uint8", "int8", "uint6", "int4"])
-def test_int_fake_quant_shortcut_is_the_grid_rounding_bit_for_bit(dtype, fmt_name):
+@pytest.mark.parametrize("fmt_name", ["uint8", "int8", "uint6", "int4", "e4m3", "e5m2"])
+def test_fake_quant_shortcuts_are_the_grid_rounding_bit_for_bit(dtype, fmt_name):
     fmt = formats.get(fmt_name)
     g = torch.Generator().manual_seed(1)
-    x = (torch.randn(3, 500, generator=g) * 40).to(dtype)
+    x = (torch.randn(3, 500, generator=g) * 40 * torch.logspace(-6, 4, 500)).to(dtype)  # subnormals to overflow
     x[0, :9] = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, float("inf"), -float("inf"), float("nan"), 1e4]).to(dtype)
     scale = torch.tensor([[0.5], [0.1], [3.0]])
-    zp = torch.tensor([[0.0], [17.0], [float(fmt.qmax)]]) if not fmt.signed else None
+    asym = isinstance(fmt, formats.IntFormat) and not fmt.signed
+    zp = torch.tensor([[0.0], [17.0], [float(fmt.qmax)]]) if asym else None
     z = 0 if zp is None else zp.to(dtype)
     s = scale.to(dtype)
     generic = (fmt.quantize(x / s + z) - z) * s  # the format's own grid kernel
