@@ -6,15 +6,18 @@ Backbones: the bundled digit U-Net and DiT, and a large DiT built from a config 
 32x32x4 latents, random weights, ``--large-layers`` blocks; DiT-XL/2 has 28). Variants: FP32, BF16, every frozen
 dmq preset listed in ``--presets`` (on the BF16 model), and the peers that run here: torchao int8 dynamic-activation
 + int8 weight and int4 weight-only, optimum-quanto W8A8 and W4 weight-only (same layers as dmq: ``DEFAULT_KEEP_FP``
-stays in full precision for everyone). Each backbone runs in its own subprocess; each variant is built from a freshly
-loaded backbone after the previous variant is freed, and its peak RSS is measured while running (the Linux high-water
-mark is reset once the variant is built; it includes whatever the process still holds, about the same for all).
+stays in full precision for everyone). Each backbone runs in its own subprocess, in two phases. Memory: each variant
+is built from a freshly loaded backbone after the previous one is freed; its peak RSS is the Linux high-water mark
+over one call per batch size, reset once the variant is built (it includes the process's own ~1 GB of libraries).
+Latency: all variants are built again and timed in interleaved rounds (one call of each per round, after a warm-up
+round), so that load from other processes on a shared machine slows all of them alike; medians are reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import gc
 import io
 import json
 import os
@@ -160,9 +163,8 @@ def _reset_peak() -> None:
         pass
 
 
-def run_one(args, variant_name: str) -> dict:
-    import gc
-
+def measure_memory(args, variant_name: str) -> dict:
+    """Phase 1, one variant at a time: bytes, checkpoint, and the peak RSS of one call per batch size."""
     model, shape = build(args.model, args.large_layers)
     n_params = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as d:
@@ -171,7 +173,6 @@ def run_one(args, variant_name: str) -> dict:
         setup_s = time.perf_counter() - t0
     del model
     gc.collect()
-    dtype = torch.float32 if variant_name == "fp32" else torch.bfloat16
     row = {"model": args.model, "variant": variant_name, "params": n_params, "weight_bytes": weight_bytes(variant),
            "checkpoint_bytes": ckpt, "setup_s": setup_s, "rss_after_setup": _status("VmRSS")}
     if hasattr(variant, "_dmq"):
@@ -180,32 +181,48 @@ def run_one(args, variant_name: str) -> dict:
         row["quantized_params"] = rep["quantized_params"]
         row["exec_paths"] = sorted({variant.get_submodule(n).exec_path for n in variant._dmq.modules})
     _reset_peak()
+    dtype = torch.float32 if variant_name == "fp32" else torch.bfloat16
     for batch in args.batches:
-        x, t, labels = inputs(shape, batch, dtype, seed=7)
-        call(variant, x, t, labels)  # warm-up
-        times = []
-        reps = args.reps if batch == 1 else args.reps_large_batch
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            call(variant, x, t, labels)
-            times.append(time.perf_counter() - t0)
-        row[f"latency_b{batch}_s"] = statistics.median(times)
-        row[f"reps_b{batch}"] = reps
+        call(variant, *inputs(shape, batch, dtype, seed=7))
     row["peak_rss_running"] = _status("VmHWM")
     return row
 
 
-def child(args) -> None:
-    import gc
+def measure_latency(args, names: list[str]) -> dict[str, dict[str, float]]:
+    """Phase 2, all variants built again and timed in interleaved rounds, so that a busy machine slows all alike."""
+    variants = {}
+    for name in names:
+        model, shape = build(args.model, args.large_layers)
+        with tempfile.TemporaryDirectory() as d:
+            variants[name] = make_variant(model, name, shape, d)[0]
+    times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in args.batches} for n in names}
+    for batch in args.batches:
+        reps = args.reps if batch == 1 else args.reps_large_batch
+        for r in range(reps + 1):  # round 0 warms up
+            for name, model in variants.items():
+                x = inputs(shape, batch, torch.float32 if name == "fp32" else torch.bfloat16, seed=7)
+                t0 = time.perf_counter()
+                call(model, *x)
+                if r:
+                    times[name][batch].append(time.perf_counter() - t0)
+    return {n: {f"latency_b{b}_s": statistics.median(v) for b, v in t.items()} | {
+        f"reps_b{b}": len(v) for b, v in t.items()} for n, t in times.items()}
 
+
+def child(args) -> None:
     torch.set_num_threads(args.threads)
+    rows = []
     for name in args.variants:
         try:
-            row = run_one(args, name)
+            rows.append(measure_memory(args, name))
         except Exception as e:  # noqa: BLE001 -- a peer that does not run here is reported, not fatal
-            row = {"model": args.model, "variant": name, "error": f"{type(e).__name__}: {e}"[:400]}
+            rows.append({"model": args.model, "variant": name, "error": f"{type(e).__name__}: {e}"[:400]})
         gc.collect()
-        print("RESULT " + json.dumps(row), flush=True)
+    ok = [r["variant"] for r in rows if "error" not in r]
+    lat = measure_latency(args, ok)
+    for r in rows:
+        r.update(lat.get(r["variant"], {}))
+        print("RESULT " + json.dumps(r), flush=True)
 
 
 def main() -> None:
