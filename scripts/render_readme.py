@@ -199,12 +199,13 @@ def runtime_table(data: dict) -> str:
     lines = [
         f"`{data['command']}` on {data.get('cpu_model', data['cpu'])}, {data['threads']} thread(s), torch "
         f"{data['torch']}, whole run {data['wall_s'] / 60:.1f} min. `dit-1152`: DiT-XL/2 width (16 heads x 72, "
-        f"patch 2, 32x32x4 latents), random weights, {data['large_layers']} of its 28 blocks. Latency: median of "
-        f"{data['reps']} calls at batch 1 and {data['reps_large_batch']} at batch 16 (after a warm-up call). "
+        f"patch 2, 32x32x4 latents), random weights, {data['large_layers']} of its 28 blocks. Latency per denoiser "
+        f"call: median of {data['reps']} (batch 1) and {data['reps_large_batch']} (batch 16) rounds that call every "
+        "variant once in turn, after a warm-up round. "
         "dmq presets and peers run on the BF16 model; the same layers stay in full precision for all of them. "
         "Weight: resident parameters and buffers; checkpoint: `dmq.save` (dmq), safetensors (FP32/BF16), "
         "`torch.save` (peers); B/param: packed bytes per parameter of the quantized layers (codes, scales, zero "
-        "points); peak RSS: high-water mark while running.",
+        "points); peak RSS: high-water mark of the process over one call per batch size, libraries included.",
     ]
     by_model: dict[str, list[dict]] = {}
     for r in data["rows"]:
