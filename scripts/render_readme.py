@@ -192,6 +192,30 @@ def quant_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def samplers_deis_grids_table(data: dict) -> str:
+    nfes = [str(n) for n in data["nfes"]]
+    models = list(data["models"])
+    proto = data["protocol"]
+    lines = [
+        f"`{data['command']}`: final-sample RMSE at guidance 2 against DPM-Solver++(2M) with "
+        f"{proto['reference_steps']} steps from the same noise ({proto['samples']} samples), per model and "
+        "NFE; the best entry of each column in bold.",
+        "",
+        "| sampler | grid | " + " | ".join(f"{m.removeprefix('digits-')} {n}" for m in models for n in nfes) + " |",
+        "|---|---|" + "---:|" * (len(models) * len(nfes)),
+    ]
+    best = {(m, n): min(v[n] for v in data["models"][m].values() if v[n] is not None) for m in models for n in nfes}
+    for key in data["models"][models[0]]:
+        name, grid = key.split("|")
+        cells = []
+        for m in models:
+            for n in nfes:
+                v = data["models"][m][key][n]
+                cells.append("diverged" if v is None else (f"**{v:.4f}**" if v == best[(m, n)] else f"{v:.4f}"))
+        lines.append(f"| {name} | {grid} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def quant_keep_fp_table(data: dict) -> str:
     presets = data["protocol"]["presets"]
     lines = [
@@ -212,7 +236,7 @@ def quant_keep_fp_table(data: dict) -> str:
 
 RENDERERS = {
     "quant": quant_table, "quant_keep_fp": quant_keep_fp_table, "formats": formats_table,
-    "samplers_gmm": samplers_gmm_table,
+    "samplers_gmm": samplers_gmm_table, "samplers_deis_grids": samplers_deis_grids_table,
     "samplers_digits": samplers_digits_table, "samplers_dc": samplers_dc_table,
     "samplers_dc_digits": samplers_dc_digits_table,
 }
