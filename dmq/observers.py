@@ -78,7 +78,8 @@ class StreamingObserver:
         radius ``2r`` equals binning at ``r`` then :meth:`_double`. That makes the histogram
         independent of the order and the split of the data, which :func:`dmq.sync_statistics` relies on.
         """
-        idx = torch.floor(flat.double() * (self.nbins / (2 * r))).long().add_(self.nbins // 2).clamp_(0, self.nbins - 1)
+        idx = torch.floor(flat.double() * (self.nbins / (2 * r))).long().add_(self.nbins // 2)
+        idx.clamp_(0, self.nbins - 1)
         return torch.bincount(idx, minlength=self.nbins).double()
 
     def _double(self, k: int) -> None:

@@ -53,7 +53,9 @@ def sync_statistics(model: nn.Module, group: object | None = None) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
 
     def reduce(parts: list[torch.Tensor], op) -> torch.Tensor:
-        flat = torch.cat([p.reshape(-1).double() for p in parts]).to(device) if parts else torch.zeros(0, device=device)
+        if not parts:
+            return torch.zeros(0, dtype=torch.float64)
+        flat = torch.cat([p.reshape(-1).double() for p in parts]).to(device)
         dist.all_reduce(flat, op=op, group=group)
         return flat.cpu()
 

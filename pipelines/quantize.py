@@ -102,8 +102,8 @@ def shard(items: Sequence[Any], rank: int, world: int) -> list[Any]:
 
 def _calls(prompts: Sequence[str] | None, call_kwargs: Sequence[dict] | None, batch_size: int) -> list[dict]:
     if (prompts is None) == (call_kwargs is None):
-        raise ValueError("pass exactly one of prompts= (text-to-image) or call_kwargs= (a list of keyword dicts for "
-                         "pipe(...), e.g. [{'class_labels': [1, 2]}] or [{'prompt_embeds': e}] or [{'batch_size': 2}])")
+        raise ValueError("pass exactly one of prompts= (text-to-image) or call_kwargs= (a list of keyword dicts "
+                         "for pipe(...), e.g. [{'class_labels': [1, 2]}], [{'prompt_embeds': e}], [{'batch_size': 2}]")
     if prompts is not None:
         if isinstance(prompts, str):
             prompts = [prompts]

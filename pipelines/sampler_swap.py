@@ -27,9 +27,9 @@ def sampler_names() -> list[str]:
     return sorted(SAMPLERS) + sorted(PASS_THROUGH)
 
 
-def is_flow_config(config: Mapping[str, Any]) -> bool:
+def is_flow_config(config: Mapping[str, Any], class_name: str = "") -> bool:
     """A flow-matching (rectified-flow) schedule: a FlowMatch* scheduler, flow sigmas or flow prediction."""
-    name = str(config.get("_class_name", ""))
+    name = class_name or str(config.get("_class_name", ""))
     return (name.startswith("FlowMatch") or bool(config.get("use_flow_sigmas"))
             or config.get("prediction_type") == "flow_prediction")
 
@@ -57,7 +57,7 @@ def _pass_through(pipe: Any, key: str, options: dict) -> Any:
 
     config = dict(pipe.scheduler.config)
     vp_name, flow_name = PASS_THROUGH[key]
-    flow = is_flow_config(config)
+    flow = is_flow_config(config, type(pipe.scheduler).__name__)
     if flow and flow_name is None:
         raise ValueError(f"{key!r} has no flow-matching version; for flow pipelines use one of "
                          f"{sorted(k for k, v in PASS_THROUGH.items() if v[1]) + sorted(SAMPLERS)}")

@@ -72,9 +72,10 @@ def test_w8a8_every_family(family, one_thread):
 def test_low_bit_and_every_sampler(family, config, one_thread):
     rep = tp.build(family)
     fp = tp.generate(rep, STEPS)
-    _quantize(rep, config)
-    flow = family == "sd3"
+    _quantize(rep, config, call_kwargs=rep.calls[:1])
+    flow, original = family == "sd3", rep.pipe.scheduler
     for name in sampler_names():
+        rep.pipe.scheduler = original
         if flow and name == "ddim":
             with pytest.raises(ValueError, match="no flow-matching version"):
                 use_sampler(rep.pipe, name)
@@ -82,7 +83,7 @@ def test_low_bit_and_every_sampler(family, config, one_thread):
         use_sampler(rep.pipe, name)
         if not _step_takes(rep.pipe.scheduler, LEGACY_STEP_KWARGS.get(family, ())):
             continue  # diffusers' DDPM/DDIMPipeline pass these to step(); UniPC's step takes none of them
-        images = tp.generate(rep, 4)
+        images = tp.generate(rep, STEPS)
         assert images.shape == fp.shape and torch.isfinite(images).all(), name
 
 

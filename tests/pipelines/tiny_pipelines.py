@@ -61,8 +61,8 @@ def _cond_unet(sdxl: bool):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    extra = dict(addition_embed_type="text_time", addition_time_embed_dim=4,
-                 projection_class_embeddings_input_dim=16 + 6 * 4) if sdxl else {}
+    extra = {"addition_embed_type": "text_time", "addition_time_embed_dim": 4,
+             "projection_class_embeddings_input_dim": 16 + 6 * 4} if sdxl else {}
     return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -100,8 +100,9 @@ def build(name: str) -> Replica:
             pipe = d.DDIMPipeline(unet=unet, scheduler=d.DDIMScheduler(num_train_timesteps=1000))
         rep = Replica(pipe, [{"batch_size": 1}, {"batch_size": 1}], {"batch_size": 2, "output_type": "np"})
     elif name == "sd":
+        pndm = d.PNDMScheduler(skip_prk_steps=True, steps_offset=1)
         pipe = d.StableDiffusionPipeline(vae=tiny_vae(), text_encoder=tiny_clip_text(), tokenizer=None,
-                                         unet=_cond_unet(False), scheduler=d.PNDMScheduler(skip_prk_steps=True, steps_offset=1),
+                                         unet=_cond_unet(False), scheduler=pndm,
                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         calls = _text_calls(2, 6, 16)
         rep = Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=3.0)
@@ -128,7 +129,8 @@ def build(name: str) -> Replica:
         cls = d.PixArtAlphaPipeline if name == "pixart-alpha" else d.PixArtSigmaPipeline
         pipe = cls(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=tr,
                    scheduler=d.DPMSolverMultistepScheduler())
-        calls = [{**kw, "use_resolution_binning": False, "negative_prompt": None} for kw in _text_calls(2, 6, 32, mask=True)]
+        calls = [{**kw, "use_resolution_binning": False, "negative_prompt": None}
+                 for kw in _text_calls(2, 6, 32, mask=True)]
         rep = Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=3.0)
     elif name == "sd3":
         torch.manual_seed(0)
