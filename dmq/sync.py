@@ -30,6 +30,17 @@ def _observers(model: nn.Module) -> list:
     return out
 
 
+def align(obs, radii: torch.Tensor) -> None:
+    """Bring each timestep bin's histogram of ``obs`` to radius ``radii[k]`` (a power of two >= its own, or 0) by
+    exact bin merging."""
+    for k in range(obs.num_bins):
+        target = float(radii[k])
+        if obs.radius[k] == 0:  # nothing but zeros here (kept in the middle bin at any radius)
+            obs.radius[k] = target
+        while obs.radius[k] < target:
+            obs._double(k)
+
+
 def sync_statistics(model: nn.Module, group: object | None = None) -> int:
     """All-reduce the observer statistics of ``model`` over ``group`` (default: the world); returns the number of
     processes reduced over (1 without an initialised process group).
@@ -68,12 +79,7 @@ def sync_statistics(model: nn.Module, group: object | None = None) -> int:
     radii = reduce([o.radius for o in with_hist], Op.MAX)
     pos = 0
     for o in with_hist:
-        for k in range(o.num_bins):
-            target = float(radii[pos + k])
-            if o.radius[k] == 0:  # nothing but zeros here (kept in the middle bin at any radius)
-                o.radius[k] = target
-            while o.radius[k] < target:
-                o._double(k)
+        align(o, radii[pos:pos + o.num_bins])
         pos += o.num_bins
     hists = reduce([o.hist for o in with_hist], Op.SUM)
 

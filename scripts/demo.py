@@ -45,6 +45,45 @@ LABELS = {"deis": "DEIS", "dc-solver": "DC-Solver", "dpm++": "DPM-Solver++"}
 CALIB_SEED = 1_000_000
 
 
+NAMED = ["int8", "int6", "int4", "e5m2", "e4m3", "e3m2", "e2m3", "e2m1", "mxfp8", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4",
+         "nvfp4"]
+
+
+def sqnr_db(x: torch.Tensor, q: torch.Tensor) -> float:
+    return float(10 * torch.log10(x.pow(2).sum() / (x - q).pow(2).sum()))
+
+
+def _fake_quant(fmt, x: torch.Tensor, per_row: bool) -> torch.Tensor:
+    if fmt.is_block:
+        return fmt.quantize(x)
+    amax = x.abs().amax(dim=-1, keepdim=True) if per_row else x.abs().amax()
+    scale = amax / fmt.max
+    return fmt.quantize(x / scale) * scale
+
+
+def formats_report() -> None:
+    """Storage and SQNR of every named format on a Gaussian weight and a heavy-tailed activation (``--formats``)."""
+    from dmq import formats
+    from dmq.formats import pack
+
+    torch.manual_seed(0)  # StudentT samples from the global generator
+    weight = torch.randn(1024, 1024) * 0.02
+    act = torch.distributions.StudentT(3.0).sample((1024, 1024))
+    print("dmq number formats: storage and SQNR (higher is better)\n")
+    header = f"{'format':<12}{'bits':>5}{'bits/elem':>11}{'max':>10}{'weight SQNR':>13}{'act SQNR':>10}{'KiB/1M':>8}"
+    print(header)
+    print("-" * len(header))
+    for name in NAMED:
+        fmt = formats.get(name)
+        elem = fmt.element if fmt.is_block else fmt
+        bpe = fmt.bits_per_element if fmt.is_block else float(fmt.bits)
+        packed = pack(elem.encode(torch.zeros(2**20)), elem.bits).numel()
+        w_db, a_db = sqnr_db(weight, _fake_quant(fmt, weight, True)), sqnr_db(act, _fake_quant(fmt, act, False))
+        print(f"{name:<12}{fmt.bits:>5}{bpe:>11.2f}{elem.max:>10g}{w_db:>13.1f}{a_db:>10.1f}{packed / 1024:>8.0f}")
+    print("\nKiB/1M: packed element codes for one million values (block scales not included).")
+    print("Run `make test` for the exactness tests and `python scripts/bench_formats.py` for throughput.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", default=["unet", "dit"], choices=["unet", "dit"])
@@ -62,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dc-ratios", default=str(ROOT / "docs" / "demo" / "dc_ratios.json"))
     p.add_argument("--out", default=str(ROOT / "outputs" / "demo"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--formats", action="store_true", help="only print the number-formats report (storage, SQNR)")
     return p
 
 
@@ -88,7 +128,7 @@ class DCRatios:
             self.table.update(json.loads(f.read_text()).get("ratios", {}))
 
     def get(self, model: str, pipe: DigitsPipeline, nfe: int, guidance: float) -> tuple[dict, str]:
-        key = f"{model}|{nfe}|{guidance:g}"
+        key = f"{model}|{nfe}|{float(guidance)}"
         if key in self.table:
             return {"ratios": self.table[key]}, "searched (docs/demo/dc_ratios.json)"
         cpr_file = ROOT / "assets" / f"digits-{model}" / "dc_cpr.json"
@@ -193,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    if args.formats:
+        formats_report()
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
