@@ -56,7 +56,8 @@ def test_w8a8_every_family(family, one_thread):
     fp = tp.generate(rep, STEPS)
     _quantize(rep, "w8a8")
     _, backbone = find_backbone(rep.pipe)
-    assert _quant_layers(backbone) > 0 and dmq.summary(backbone)["frozen"]
+    summary = dmq.summary(backbone)
+    assert _quant_layers(backbone) > 0 and summary["attention"] > 0 and summary["frozen"]  # SD3: joint attention
     rec = rep.pipe.dmq_calibration
     # every backbone call of both calibration runs was a calibration point, at every timestep of the schedule
     assert {round(t, 3) for t in rec.timesteps} == _expected_timesteps(rep.pipe)
