@@ -156,17 +156,31 @@ def _offload_sequential(module):
     cpu_offload(module, execution_device=torch.device("cpu"))
 
 
-def test_sequential_offload_matches_the_plain_pipeline(one_thread):
+def _offload_blocks(module):
+    """What dispatch_model does for a device_map that offloads some blocks: one hook per block that loads the
+    block's whole subtree (``place_submodules=True``) from a weights map."""
+    from accelerate.hooks import attach_align_device_hook_on_blocks
+    from accelerate.utils import OffloadedWeightsLoader
+
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    blocks = {"down_blocks.0": True, "up_blocks.1": True, "mid_block": False}
+    attach_align_device_hook_on_blocks(module, execution_device={k: torch.device("cpu") for k in blocks},
+                                       offload=blocks, weights_map=OffloadedWeightsLoader(state_dict=state))
+
+
+@pytest.mark.parametrize("how", ["sequential", "device_map_blocks"])
+def test_offloaded_backbone_matches_the_plain_pipeline(how, one_thread):
     plain = tp.build("sd")
     _quantize(plain, "w8a8")
     expected = tp.generate(plain, STEPS)
     rep = tp.build("sd")
     fp = tp.generate(rep, STEPS)
-    _offload_sequential(rep.pipe.unet)
-    assert all(p.device.type == "meta" for p in rep.pipe.unet.parameters())
+    (_offload_sequential if how == "sequential" else _offload_blocks)(rep.pipe.unet)
+    meta = {n for n, p in rep.pipe.unet.named_parameters() if p.device.type == "meta"}
+    assert len(meta) > 50
     _quantize(rep, "w8a8")
     assert _quant_layers(rep.pipe.unet) > 0
-    assert all(p.device.type == "meta" for p in rep.pipe.unet.parameters())  # still offloaded
+    assert meta == {n for n, p in rep.pipe.unet.named_parameters() if p.device.type == "meta"}  # still offloaded
     torch.testing.assert_close(tp.generate(rep, STEPS), expected, rtol=0, atol=1e-6)
     restore_pipeline(rep.pipe)  # the float modules come back and run through their hooks
     assert _quant_layers(rep.pipe.unet) == 0
