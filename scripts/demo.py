@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dc-ratios", default=str(ROOT / "docs" / "demo" / "dc_ratios.json"))
     p.add_argument("--out", default=str(ROOT / "outputs" / "demo"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--publish", action="store_true",
+                   help="also copy results.json to benchmarks/demo.json and the images to docs/demo/ (README)")
     p.add_argument("--formats", action="store_true", help="only print the number-formats report (storage, SQNR)")
     return p
 
@@ -311,6 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nbundled digit models: {args.num_samples} samples per row, guidance {args.guidance:g}; FID against the "
           f"held-out digits (classifier features); PSNR against FP DPM-Solver++ {args.ref_nfe} steps, same seeds\n")
     print_table(results)
+    if args.publish:
+        import shutil
+
+        (ROOT / "benchmarks").mkdir(exist_ok=True)
+        shutil.copy(out / "results.json", ROOT / "benchmarks" / "demo.json")
+        (ROOT / "docs" / "demo").mkdir(parents=True, exist_ok=True)
+        for f in [*out.glob("grid-*.png"), out / "error_vs_nfe.png"]:
+            shutil.copy(f, ROOT / "docs" / "demo" / f.name)
+        print("copied results.json to benchmarks/demo.json and the images to docs/demo/; "
+              "run scripts/render_readme.py for the README table")
     print(f"\n{wall:.0f} s on {torch.get_num_threads()} threads; wrote results.json, grid-*.png and error_vs_nfe.png "
           f"in {out}")
     return 0
