@@ -226,8 +226,27 @@ def demo_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def quant_keep_fp_table(data: dict) -> str:
+    presets = data["protocol"]["presets"]
+    lines = [
+        f"`{data['command']}`: change of ε SQNR (dB) when one group of the default full-precision list is quantized "
+        "too, with its share of the backbone's Linear/Conv2d weights (negative: quantizing the group costs accuracy).",
+        "",
+        "| model | group | share of weights | " + " | ".join(f"{p} ΔSQNR" for p in presets) + " |",
+        "|---|---|---:|" + "---:|" * len(presets),
+    ]
+    for model, m in data["models"].items():
+        lines.append(f"| {model} | (default list) | | " + " | ".join(
+            f"{m['default_sqnr_db'][p]:.1f} dB" for p in presets) + " |")
+        for g, r in m["groups"].items():
+            lines.append(f"| {model} | {g} | {r['param_share'] * 100:.2g}% | " + " | ".join(
+                f"{r['delta_sqnr_db'][p]:+.2f}" for p in presets) + " |")
+    return "\n".join(lines)
+
+
 RENDERERS = {
-    "demo": demo_table, "quant": quant_table, "formats": formats_table, "samplers_gmm": samplers_gmm_table,
+    "demo": demo_table, "quant": quant_table, "quant_keep_fp": quant_keep_fp_table, "formats": formats_table,
+    "samplers_gmm": samplers_gmm_table,
     "samplers_digits": samplers_digits_table, "samplers_dc": samplers_dc_table,
     "samplers_dc_digits": samplers_dc_digits_table,
 }
