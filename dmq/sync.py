@@ -84,13 +84,13 @@ def sync_statistics(model: nn.Module, group: object | None = None) -> int:
     hists = reduce([o.hist for o in with_hist], Op.SUM)
 
     pos = cpos = hpos = 0
-    n_obs = len(obs)
+    n_obs, first_nonfinite = len(obs), sum(o.num_bins for o in obs)
     for i, o in enumerate(obs):
         b = o.num_bins
         o.min.copy_(mins[pos:pos + b])
         o.max.copy_(maxs[pos:pos + b])
         o.count.copy_(counts[pos:pos + b].round().long())
-        o.nonfinite = int(counts[sum(x.num_bins for x in obs) + i])
+        o.nonfinite = int(counts[first_nonfinite + i])
         pos += b
         if o.hist is not None:
             o.radius.copy_(radii[cpos:cpos + b])

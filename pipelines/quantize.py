@@ -73,8 +73,8 @@ def find_backbone(pipe: Any) -> tuple[str, nn.Module]:
 
 @dataclass
 class CalibrationRecord:
-    """What calibration did (``pipe.dmq_calibration``): calls run here, backbone timesteps seen (sorted, distinct),
-    calibration points and processes after the reduction, seconds."""
+    """What calibration did (``pipe.dmq_calibration``): pipeline calls run by this process, the distinct timesteps
+    of its calibration points (sorted), calibration points over all processes, processes, seconds."""
 
     config: str
     calls: int
@@ -111,9 +111,9 @@ def _calls(prompts: Sequence[str] | None, call_kwargs: Sequence[dict] | None, ba
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         calls = [{"prompt": list(prompts[i:i + batch_size])} for i in range(0, len(prompts), batch_size)]
     else:
-        calls = [dict(kw) for kw in call_kwargs]
-        if not all(isinstance(kw, dict) for kw in call_kwargs):
+        if isinstance(call_kwargs, dict) or not all(isinstance(kw, dict) for kw in call_kwargs):
             raise ValueError("call_kwargs must be a list of dicts of keyword arguments for pipe(...)")
+        calls = [dict(kw) for kw in call_kwargs]
     if not calls:
         raise ValueError("no calibration data: prompts / call_kwargs is empty")
     return calls
