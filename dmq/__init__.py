@@ -12,11 +12,12 @@ from dmq.calibration import AllSteps, NormalSteps, StepPolicy, UniformSteps
 from dmq.config import PRESETS, QuantConfig, QuantSpec, get_config, preset_names
 from dmq.modules import QuantAttnProcessor, QuantConv2d, QuantLinear
 from dmq.quantizer import NotCalibratedError, TensorQuantizer
+from dmq.sync import sync_statistics
 
 __version__ = "0.1.0"
 __all__ = [
     "PRESETS", "AllSteps", "NormalSteps", "NotCalibratedError", "QuantAttnProcessor", "QuantConfig", "QuantConv2d",
     "QuantLinear", "QuantSpec", "StepPolicy", "TensorQuantizer", "UniformSteps", "calibrate", "dequantize",
     "formats", "freeze", "get_config", "preset_names", "quantize", "quantizers", "restore", "summary",
-    "unet_skip_splits",
+    "sync_statistics", "unet_skip_splits",
 ]
