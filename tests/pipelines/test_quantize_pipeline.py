@@ -19,8 +19,6 @@ from pipelines.quantize import find_backbone, restore_pipeline, shard
 from pipelines.sampler_swap import sampler_names
 from tests.pipelines import tiny_pipelines as tp
 
-pytest.importorskip("transformers")
-
 STEPS = 3
 
 
