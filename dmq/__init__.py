@@ -15,11 +15,12 @@ from dmq.modules import QuantAttnProcessor, QuantConv2d, QuantLinear
 from dmq.packed import weight_bytes
 from dmq.quantizer import NotCalibratedError, TensorQuantizer
 from dmq.serialization import load, quantization_map, save
+from dmq.sync import sync_statistics
 
 __version__ = "0.1.0"
 __all__ = [
     "PRESETS", "AllSteps", "NormalSteps", "NotCalibratedError", "QuantAttnProcessor", "QuantConfig", "QuantConv2d",
     "QuantLinear", "QuantSpec", "StepPolicy", "TensorQuantizer", "UniformSteps", "calibrate", "dequantize",
     "formats", "freeze", "get_config", "kernels", "load", "preset_names", "quantization_map", "quantize",
-    "quantizers", "restore", "save", "summary", "unet_skip_splits", "weight_bytes",
+    "quantizers", "restore", "save", "summary", "sync_statistics", "unet_skip_splits", "weight_bytes",
 ]

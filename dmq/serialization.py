@@ -33,6 +33,7 @@ from torch import nn
 from dmq.api import QuantState, _set_child
 from dmq.calibration import TimestepHook
 from dmq.config import QuantConfig, QuantSpec
+from dmq.joint_attention import QuantJointAttnProcessor
 from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, QuantConv2d, QuantLinear
 from dmq.packed import WeightLayout
 from dmq.quantizer import TensorQuantizer
@@ -268,7 +269,8 @@ def _swap_modules(model: nn.Module, qmap: dict) -> QuantState:
             setattr(mq, k, _quantizer_from(e["quantizers"].get(k), f"{where}.{k}"))
         mq.original_processor = proc
         mod.matmul_quantizers = mq
-        mod.set_processor(QuantAttnProcessor())
+        joint = type(proc).__name__ == "JointAttnProcessor2_0"  # as dmq.quantize chooses
+        mod.set_processor(QuantJointAttnProcessor() if joint else QuantAttnProcessor())
         st.attention.append(name)
     return st
 
