@@ -184,7 +184,8 @@ def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
     With ``pack=True`` (default) every quantized layer's float weight is released and replaced by packed codes and
     scales (:mod:`dmq.packed`): resident memory drops, layers run integer / FP8 GEMMs or dequantize on the fly
     (:mod:`dmq.kernels`), outputs match the fake-quant model, and :func:`dmq.save` can write the model. The original
-    float weights are gone: keep them with ``pack=False`` or ``quantize(..., inplace=False)``.
+    float weights are gone: keep them with ``pack=False`` or ``quantize(..., inplace=False)``. A model whose
+    layers are offloaded one by one (accelerate hooks, weights on the meta device) is not packed.
     """
     st = _state(model)
     for q in quantizers(model).values():
@@ -192,7 +193,9 @@ def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
     if st.hook is not None and not any(q.num_bins > 1 for q in quantizers(model).values()):
         st.hook.remove()
         st.hook = None
-    if pack and not st.packed:
+    if pack and not st.packed and _offloaded(model):  # hooks reload float weights by name: keep them, unpacked
+        logger.info("dmq: some layers are offloaded (weights on the meta device): the weights stay unpacked")
+    elif pack and not st.packed:
         for name in st.modules:
             mod = model.get_submodule(name)
             try:
@@ -203,6 +206,13 @@ def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
         logger.info("dmq: packed %d layers", len(st.modules))
     st.frozen = True
     return model
+
+
+def _offloaded(model: nn.Module) -> bool:
+    """accelerate offloading by layer or block: some quantized layer's weight is on the meta device, and hooks bring
+    it by name at each call (whole-model offload keeps real weights and packs normally)."""
+    return any(isinstance(m, (QuantLinear, QuantConv2d)) and not m.packed and m.weight.device.type == "meta"
+               for m in model.modules())
 
 
 def restore(model: nn.Module, *, allow_dequantized: bool = False) -> nn.Module:
