@@ -30,6 +30,25 @@ def _act(spec: QuantSpec | None, dim: int, config: QuantConfig) -> TensorQuantiz
     return None if spec is None else TensorQuantizer(spec, dim, config.timestep_range)
 
 
+def _register_method_state(q: nn.Module, config: QuantConfig, down_tail: tuple[int, ...], out: int,
+                           rotate_dim: int | None) -> None:
+    """Placeholders for the artefacts :func:`dmq.calibrate` learns (see :mod:`dmq.rounding`, :mod:`dmq.transforms`):
+    a persistent ``weight_fq`` (the learned quantized weight is state, never recomputed by round-to-nearest), an
+    input ``rotation`` and a 16-bit low-rank branch ``lowrank_up @ lowrank_down``. They exist from
+    :func:`dmq.quantize` on, so that a freshly quantized model can ``load_state_dict`` a calibrated one."""
+    q.weight_spec = config.weight
+    if config.learns_weights:
+        q._non_persistent_buffers_set.discard("weight_fq")
+    rank = min(config.lowrank, math.prod(down_tail), out) if config.weight is not None else 0
+    if getattr(q, "groups", 1) != 1:
+        rank = 0  # the branch is a dense conv pair
+    w = q.weight
+    q.register_buffer("lowrank_down", w.new_zeros((rank, *down_tail)) if rank else None)
+    q.register_buffer("lowrank_up", w.new_zeros(out, rank) if rank else None)
+    use_rot = config.rotation is not None and config.weight is not None and rotate_dim is not None
+    q.register_buffer("rotation", torch.eye(rotate_dim, dtype=w.dtype, device=w.device) if use_rot else None)
+
+
 class QuantLinear(nn.Linear):
     """``y = Q_a(x) Q_w(W)^T + b``."""
 
@@ -41,16 +60,34 @@ class QuantLinear(nn.Linear):
         q.weight, q.bias = mod.weight, mod.bias
         q.input_quantizer = _act(config.act, -1, config)
         q.register_buffer("weight_fq", _wq(mod.weight, config.weight), persistent=False)
+        _register_method_state(q, config, (mod.in_features,), mod.out_features, mod.in_features)
         return q
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float weight the quantized path approximates: ``W R`` under an input rotation ``R``."""
+        w = self.weight
+        return w if self.rotation is None else w @ self.rotation
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x R`` (online input rotation; identity without one)."""
+        return x if self.rotation is None else x @ self.rotation
+
+    def lowrank_branch(self, x: torch.Tensor) -> torch.Tensor | float:
+        """``x Vᵀ Uᵀ``: the 16-bit low-rank branch on the unquantized (transformed) input, or 0."""
+        if self.lowrank_down is None:
+            return 0.0
+        return F.linear(F.linear(x, self.lowrank_down), self.lowrank_up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if CONTEXT.calibrating:
             if self.input_quantizer is not None:
-                self.input_quantizer(x)
+                self.input_quantizer(self.transform_input(x))
             return F.linear(x, self.weight, self.bias)
+        x = self.transform_input(x)
+        branch = self.lowrank_branch(x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        return F.linear(x, self.weight_fq, self.bias)
+        return F.linear(x, self.weight_fq, self.bias) + branch
 
     def to_float(self) -> nn.Linear:
         m = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
@@ -80,7 +117,20 @@ class QuantConv2d(nn.Conv2d):
         wq = _wq(w, config.weight) if split is None else torch.cat(
             [_wq(w[:, :split], config.weight), _wq(w[:, split:], config.weight)], dim=1)
         q.register_buffer("weight_fq", wq, persistent=False)
+        _register_method_state(q, config, (mod.in_channels // mod.groups, *mod.kernel_size), mod.out_channels, None)
         return q
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def lowrank_branch(self, x: torch.Tensor) -> torch.Tensor | float:
+        """``conv(x, V)`` then the 1x1 ``conv(·, U)``: the 16-bit low-rank branch, or 0."""
+        if self.lowrank_down is None:
+            return 0.0
+        return F.conv2d(self._conv_forward(x, self.lowrank_down, None), self.lowrank_up[:, :, None, None])
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is None:
@@ -94,7 +144,7 @@ class QuantConv2d(nn.Conv2d):
         if CONTEXT.calibrating:
             self._quant_input(x)
             return self._conv_forward(x, self.weight, self.bias)
-        return self._conv_forward(self._quant_input(x), self.weight_fq, self.bias)
+        return self._conv_forward(self._quant_input(x), self.weight_fq, self.bias) + self.lowrank_branch(x)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", split={self.split}" if self.split is not None else "")

@@ -2,6 +2,11 @@
 
     .venv/bin/python scripts/bench_quant.py --n-samples 200 --steps 50 --out benchmarks/quant.json
 
+Advanced PTQ methods (each row beside its round-to-nearest baseline, the preset before the ``+``):
+
+    .venv/bin/python scripts/bench_quant.py --presets w4a8 w4a6-fp nvfp4 --no-naive --peers \
+        --methods w4a8+adaround w4a8+gptq nvfp4+svd32 --out benchmarks/quant_methods.json
+
 Per backbone and method: ε SQNR vs full precision per timestep bin (on inputs captured from the FP trajectory),
 final-sample PSNR vs FP at identical seeds (DPMSolverMultistepScheduler), FID against the held-out digits in the
 digit classifier's feature space, class accuracy, calibration time, the streaming-statistics size and the process
@@ -171,8 +176,27 @@ def run_dmq(ev: Evaluator, config) -> dict:
            "observer_bytes": stats_bytes, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024,
            "layers": s["layers"], "attention_modules": s["attention"], "shortcut_splits": s["shortcut_splits"]}
+    methods = s.get("methods") or {}
+    if methods:
+        res["methods"] = _method_summary(methods)
     res.update(ev.metrics(model))
     return res
+
+
+def _method_summary(report: dict) -> dict:
+    """The JSON-sized part of ``dmq.summary(model)["methods"]``: per-layer errors become their median and mean."""
+    out = {}
+    for k, v in report.items():
+        if k == "error_vs_rtn" and v:
+            vals = sorted(v.values())
+            out["layer_error_vs_rtn_median"] = vals[len(vals) // 2]
+            out["layer_error_vs_rtn_mean"] = sum(vals) / len(vals)
+        elif k == "smooth_alpha":
+            out["smoothed_groups"] = sum(a is not None for a in v.values())
+            out["smooth_alpha"] = v
+        else:
+            out[k] = v
+    return out
 
 
 def run_peer(ev: Evaluator, name: str) -> dict:
@@ -224,6 +248,8 @@ def main() -> None:
     ap.add_argument("--eps-calls", type=int, default=12, help="FP backbone calls whose inputs measure ε SQNR")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--methods", nargs="*", default=[],
+                    help="preset+variant rows (dmq.VARIANTS), e.g. w4a8+adaround nvfp4+svd32; compare with the preset")
     ap.add_argument("--peers", nargs="*", default=list(PEERS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "quant.json"))
@@ -245,6 +271,7 @@ def main() -> None:
             configs += [(f"naive-{p}", naive_config(p)) for p in args.presets]
         if "w4a6-fp" in args.presets:
             configs.append(("int-w4a6-token", int_w4a6()))
+        configs += [(m, m) for m in args.methods]
         for name, cfg in configs:
             rows[name] = run_dmq(ev, cfg)
             r = rows[name]

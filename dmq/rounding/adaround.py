@@ -1,0 +1,81 @@
+"""AdaRound (Nagel et al., 2020): learn, per weight, whether to round down or up.
+
+The soft weight is ``W~ = lo + h(V) (hi - lo)`` between the grid points below and above each weight, with the
+rectified sigmoid ``h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)`` (eq. 23). The objective is the layer
+output error on cached inputs plus the rounding regulariser ``sum(1 - |2h - 1|^beta)`` with beta annealed from 20
+to 2 (eq. 24-25). On an INT grid ``lo, hi`` are ``floor`` and ``ceil``; on minifloat and block grids they are the
+neighbouring points of the non-uniform grid (FP4DiT). Scales stay those of round-to-nearest. The hard result is
+kept only when its objective is not above round-to-nearest's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dmq.rounding.grid import WeightGrid
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+@dataclass
+class RoundingResult:
+    """A learned quantized weight with its layer objective and that of round-to-nearest (same grid)."""
+
+    weight: torch.Tensor  # (O, K) on the grid
+    error: float  # ||X (W - Wq)^T||^2 / N
+    rtn_error: float
+    round_up: torch.Tensor | None = None  # bool (O, K) for AdaRound
+
+
+def layer_error(h: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
+    """``trace(D H D^T)`` with ``D = W - Wq``, ``H = X^T X / N``: the mean squared output error over rows."""
+    d = (w - wq).double()
+    return float(((d @ h.double()) * d).sum())
+
+
+def _h(v: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+
+def adaround(w: torch.Tensor, x: torch.Tensor, grid: WeightGrid, iters: int = 300, lr: float = 0.1,
+             reg_weight: float = 0.3, batch: int = 1024, warmup: float = 0.2, seed: int = 0) -> RoundingResult:
+    """Learned rounding of ``w`` (``(O, K)``) for inputs ``x`` (``(N, K)``) on ``grid``.
+
+    The reconstruction loss is normalised by round-to-nearest's, so ``reg_weight`` means the same for every layer.
+    """
+    w = w.float()
+    x = x.float()
+    hess = x.T @ x / max(x.shape[0], 1)
+    lo, hi = grid.neighbours(w)
+    rtn = grid.nearest(w)
+    rtn_err = layer_error(hess, w, rtn)
+    gap = hi - lo
+    movable = gap > 0
+    frac = torch.where(movable, (w - lo) / torch.where(movable, gap, 1.0), torch.zeros_like(w))
+    p = ((frac - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
+    v = torch.log(p / (1 - p)).requires_grad_(True)
+    opt = torch.optim.Adam([v], lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    norm = max(rtn_err, 1e-30)
+    n_move = max(int(movable.sum()), 1)
+    with torch.enable_grad():
+        for it in range(iters):
+            xb = x if x.shape[0] <= batch else x[torch.randint(0, x.shape[0], (batch,), generator=gen)]
+            soft = lo + _h(v) * gap
+            rec = (xb @ (w - soft).T).pow(2).sum(1).mean() / norm
+            loss = rec
+            if it >= warmup * iters:
+                beta = 20 + (2 - 20) * (it - warmup * iters) / max((1 - warmup) * iters, 1)
+                reg = (1 - (2 * _h(v)[movable] - 1).abs().pow(beta)).sum() / n_move
+                loss = rec + reg_weight * reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    up = (_h(v.detach()) >= 0.5) & movable
+    hard = torch.where(up, hi, lo)
+    err = layer_error(hess, w, hard)
+    if err > rtn_err:  # never worse than round-to-nearest on the layer objective
+        return RoundingResult(rtn, rtn_err, rtn_err, (rtn == hi) & movable)
+    return RoundingResult(hard, err, rtn_err, up)
