@@ -57,7 +57,7 @@ def find_groups(model: nn.Module, quantized: set[str]) -> list[SmoothGroup]:
     for name, m in model.named_modules():
         pre = f"{name}." if name else ""
         norm1 = getattr(m, "norm1", None)
-        if (getattr(m, "norm_type", None) == "ada_norm_zero" and type(norm1).__name__ == "AdaLayerNormZero"
+        if (type(norm1).__name__ == "AdaLayerNormZero" and getattr(m, "norm_type", None) == "ada_norm_zero"
                 and isinstance(getattr(norm1, "linear", None), nn.Linear)):
             qkv = [f"{pre}attn1.{p}" for p in ("to_q", "to_k", "to_v")]
             attn1 = getattr(m, "attn1", None)
