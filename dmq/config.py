@@ -128,7 +128,7 @@ class QuantConfig:
     steps: StepPolicy = field(default_factory=AllSteps)
     name: str = "custom"
     rounding: str = "rtn"
-    rounding_iters: int = 300
+    rounding_iters: int = 500
     smooth: float | str | None = None
     rotation: str | None = None
     lowrank: int = 0

@@ -199,6 +199,31 @@ def _method_summary(report: dict) -> dict:
     return out
 
 
+def run_mixed(ev: Evaluator, preset: str, bits: float) -> dict:
+    """Sensitivity-driven mixed precision at the preset's own weight budget: per-layer INT3 / INT4 / INT8 weights
+    (per channel, MSE clipping) allocated under ``bits`` per weight on average, activations as the preset. The
+    sensitivity runs on the ε-SQNR inputs (12 FP trajectory calls across timesteps)."""
+    from dmq.mixed_precision import allocate, average_bits_budget, measure_sensitivity
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    base = dmq.get_config(preset)
+    probe = dmq.quantize(ev.fp_model, base, inplace=False)
+    cands = [dmq.QuantSpec(f"int{b}", "channel", estimator="mse") for b in (3, 4, 8)]
+    sens = measure_sensitivity(probe, lambda m: eps_outputs(m, ev.inputs[::2]), cands)
+    plan = allocate(probe, sens, cands, average_bits_budget(probe, list(sens), bits))
+    t_sens = time.perf_counter() - t0
+    res = run_dmq(ev, plan.to_config(base))
+    counts = {}
+    for spec in plan.specs.values():
+        counts[spec.format] = counts.get(spec.format, 0) + 1
+    res.update({"sensitivity_s": t_sens, "calibrate_s": res["calibrate_s"] + t_sens, "budget_bits": bits,
+                "avg_bits": plan.cost_bits / sum(probe.get_submodule(n).weight.numel() for n in plan.specs),
+                "layers_per_format": counts,
+                "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024})
+    return res
+
+
 def run_peer(ev: Evaluator, name: str) -> dict:
     model = copy.deepcopy(ev.fp_model)
     t0 = time.perf_counter()
@@ -250,6 +275,8 @@ def main() -> None:
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--methods", nargs="*", default=[],
                     help="preset+variant rows (dmq.VARIANTS), e.g. w4a8+adaround nvfp4+svd32; compare with the preset")
+    ap.add_argument("--mixed", nargs="*", default=[], metavar="PRESET:BITS",
+                    help="mixed-precision rows, e.g. w4a8:4 (INT3/4/8 weights at 4 bits per weight on average)")
     ap.add_argument("--peers", nargs="*", default=list(PEERS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "quant.json"))
@@ -277,6 +304,12 @@ def main() -> None:
             r = rows[name]
             print(f"[{kind}] {name}: eps {r['eps_sqnr_db']['all']:.1f} dB, PSNR {r['psnr_vs_fp_db']:.1f}, "
                   f"FID {r['fid']:.3f}, acc {r['class_accuracy']:.3f}, calib {r['calibrate_s']:.1f}s", flush=True)
+        for item in args.mixed:
+            preset, bits = item.split(":")
+            name = f"{preset}+mixed{bits}"
+            rows[name] = r = run_mixed(ev, preset, float(bits))
+            print(f"[{kind}] {name}: eps {r['eps_sqnr_db']['all']:.1f} dB, FID {r['fid']:.3f}, "
+                  f"avg bits {r['avg_bits']:.2f}, calib {r['calibrate_s']:.1f}s", flush=True)
         for peer in args.peers:
             try:
                 rows[peer] = run_peer(ev, peer)

@@ -39,11 +39,14 @@ def _h(v: torch.Tensor) -> torch.Tensor:
     return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
 
 
-def adaround(w: torch.Tensor, x: torch.Tensor, grid: WeightGrid, iters: int = 300, lr: float = 0.1,
-             reg_weight: float = 0.3, batch: int = 1024, warmup: float = 0.2, seed: int = 0) -> RoundingResult:
+def adaround(w: torch.Tensor, x: torch.Tensor, grid: WeightGrid, iters: int = 500, lr: float = 0.1,
+             reg_weight: float = 10.0, warmup: float = 0.2) -> RoundingResult:
     """Learned rounding of ``w`` (``(O, K)``) for inputs ``x`` (``(N, K)``) on ``grid``.
 
-    The reconstruction loss is normalised by round-to-nearest's, so ``reg_weight`` means the same for every layer.
+    The reconstruction term is the exact full-batch objective ``trace(D H D^T)`` with ``H = X^T X / N`` (one
+    ``K x K`` matrix instead of the rows: no sampling noise, and cheaper when ``N > K``), normalised by
+    round-to-nearest's value so that ``reg_weight`` means the same for every layer. The strong regulariser
+    (10, measured on the bundled models' layers against 0.01..3) hardens the rounding gradually as beta falls.
     """
     w = w.float()
     x = x.float()
@@ -57,19 +60,15 @@ def adaround(w: torch.Tensor, x: torch.Tensor, grid: WeightGrid, iters: int = 30
     p = ((frac - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
     v = torch.log(p / (1 - p)).requires_grad_(True)
     opt = torch.optim.Adam([v], lr=lr)
-    gen = torch.Generator().manual_seed(seed)
     norm = max(rtn_err, 1e-30)
     n_move = max(int(movable.sum()), 1)
     with torch.enable_grad():
         for it in range(iters):
-            xb = x if x.shape[0] <= batch else x[torch.randint(0, x.shape[0], (batch,), generator=gen)]
-            soft = lo + _h(v) * gap
-            rec = (xb @ (w - soft).T).pow(2).sum(1).mean() / norm
-            loss = rec
+            d = w - (lo + _h(v) * gap)
+            loss = ((d @ hess) * d).sum() / norm
             if it >= warmup * iters:
                 beta = 20 + (2 - 20) * (it - warmup * iters) / max((1 - warmup) * iters, 1)
-                reg = (1 - (2 * _h(v)[movable] - 1).abs().pow(beta)).sum() / n_move
-                loss = rec + reg_weight * reg
+                loss = loss + reg_weight * (1 - (2 * _h(v)[movable] - 1).abs().pow(beta)).sum() / n_move
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

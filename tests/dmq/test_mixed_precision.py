@@ -5,8 +5,14 @@ import torch
 
 import dmq
 from dmq.config import QuantSpec
-from dmq.mixed_precision import (MixedPrecisionPlan, allocate, average_bits_budget, measure_sensitivity,
-                                 pareto_allocate, spec_bits)
+from dmq.mixed_precision import (
+    MixedPrecisionPlan,
+    allocate,
+    average_bits_budget,
+    measure_sensitivity,
+    pareto_allocate,
+    spec_bits,
+)
 from tests.dmq.helpers import backbone_loop, tiny_unet
 
 
