@@ -24,3 +24,29 @@ def test_capture_groups_fit_the_budget():
     assert [n for g in groups for n in g] == list(mods)
     for g in groups:
         assert sum(rows * mods[n].in_features * 4 for n in g) <= budget
+
+
+def test_layer_inputs_stream_within_the_budget_whatever_the_depth():
+    from dmq.calibration import CONTEXT
+    from dmq.rounding.cache import CacheStats, iter_layer_inputs
+
+    for depth in (4, 16):
+        model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(depth)])
+        mods = {str(i): m for i, m in enumerate(model)}
+        for m in mods.values():
+            m.transform_input = lambda x: x  # the QuantLinear hook the capture uses
+        x = torch.randn(64, 32)
+
+        def run_loop():
+            CONTEXT.observe = True
+            for _ in range(5):
+                model(x)
+
+        stats = CacheStats()
+        budget = 3 * 100 * 32 * 4
+        seen = dict(iter_layer_inputs(model, run_loop, mods, 100, budget, stats))
+        assert set(seen) == set(mods) and all(v.shape == (100, 32) for v in seen.values())
+        assert stats.peak_bytes <= budget  # does not grow with the depth
+        assert stats.passes == -(-depth // 3)
+        # the first layer's cache holds rows of its real input
+        assert bool((seen["0"][:, None, :] == x[None]).all(-1).any(-1).all())
