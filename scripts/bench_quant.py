@@ -161,10 +161,22 @@ class Evaluator:
             set_backbone(self.pipe, self.fp_model)
 
 
-def run_dmq(ev: Evaluator, config) -> dict:
+def int8_dynamic_linear() -> dmq.QuantConfig:
+    """torchao's ``Int8DynamicActivationInt8WeightConfig`` setting in dmq terms, for a like-for-like row: INT8
+    per-channel weights and INT8 per-token dynamic activations on the Linear layers only (convolutions and the
+    attention matmuls stay in full precision)."""
+    return dmq.QuantConfig(weight=dmq.QuantSpec("int8", "channel"), act=dmq.QuantSpec("int8", "token", dynamic=True),
+                           name="int8-dynamic-linear")
+
+
+def linear_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+
+
+def run_dmq(ev: Evaluator, config, include: list[str] | None = None) -> dict:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    model = dmq.quantize(ev.fp_model, config, inplace=False)
+    model = dmq.quantize(ev.fp_model, config, include=include, inplace=False)
     t_quant = time.perf_counter() - t0
     t0 = time.perf_counter()
     dmq.calibrate(model, ev.calib_loop)
@@ -298,9 +310,12 @@ def main() -> None:
             configs += [(f"naive-{p}", naive_config(p)) for p in args.presets]
         if "w4a6-fp" in args.presets:
             configs.append(("int-w4a6-token", int_w4a6()))
+        if any(p.startswith("torchao-int8") for p in args.peers):
+            configs.append(("int8-dynamic-linear", int8_dynamic_linear()))
         configs += [(m, m) for m in args.methods]
         for name, cfg in configs:
-            rows[name] = run_dmq(ev, cfg)
+            include = linear_names(ev.fp_model) if name == "int8-dynamic-linear" else None
+            rows[name] = run_dmq(ev, cfg, include)
             r = rows[name]
             print(f"[{kind}] {name}: eps {r['eps_sqnr_db']['all']:.1f} dB, PSNR {r['psnr_vs_fp_db']:.1f}, "
                   f"FID {r['fid']:.3f}, acc {r['class_accuracy']:.3f}, calib {r['calibrate_s']:.1f}s", flush=True)
