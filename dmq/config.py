@@ -19,6 +19,7 @@ from dmq.calibration import AllSteps, NormalSteps, StepPolicy, UniformSteps
 
 GRANULARITIES = ("tensor", "channel", "group", "block", "token")
 ROUNDINGS = ("rtn", "adaround", "gptq")
+RECONSTRUCTIONS = ("layer", "block")
 ROTATIONS = ("hadamard", "orthogonal")
 ESTIMATORS = ("minmax", "percentile", "mse", "fp_bias")
 
@@ -105,6 +106,8 @@ class QuantConfig:
         name: preset name, for reports.
         rounding: weight rounding: ``"rtn"`` (round to nearest), ``"adaround"`` (learned up/down rounding on the INT
             or FP grid, AdaRound / FP4DiT) or ``"gptq"`` (Hessian error feedback). Learned in :func:`dmq.calibrate`.
+        reconstruction: AdaRound's objective: ``"layer"`` (each layer's output) or ``"block"`` (BRECQ: the output of
+            each transformer / resnet / attention block; layers outside blocks stay layer-wise).
         rounding_iters: optimisation steps per layer (or block) of AdaRound.
         smooth: SmoothQuant channel balancing of the Linear inputs: None (off), an alpha in [0, 1], or ``"search"``
             (alpha chosen per layer group by output error). Scales are folded into the preceding norm, adaLN
@@ -128,6 +131,7 @@ class QuantConfig:
     steps: StepPolicy = field(default_factory=AllSteps)
     name: str = "custom"
     rounding: str = "rtn"
+    reconstruction: str = "layer"
     rounding_iters: int = 500
     smooth: float | str | None = None
     rotation: str | None = None
@@ -158,6 +162,8 @@ class QuantConfig:
     def _check_methods(self) -> None:
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {self.reconstruction!r}")
         if self.rotation is not None and self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be None or one of {ROTATIONS}, got {self.rotation!r}")
         if self.smooth is not None and self.smooth != "search" and not (
@@ -293,6 +299,7 @@ def preset_names() -> list[str]:
 # ``preset+variant+...``: composable method switches on top of a preset
 VARIANTS = {
     "adaround": "AdaRound learned rounding (INT or FP grid), layer-wise",
+    "brecq": "AdaRound with BRECQ block-output reconstruction",
     "gptq": "GPTQ Hessian error-feedback rounding",
     "smooth": "SmoothQuant with searched alpha (``smooth0.5``: fixed alpha 0.5)",
     "svd<r>": "SVDQuant 16-bit low-rank branch of rank r (``svd32``)",
@@ -305,6 +312,8 @@ VARIANTS = {
 def _apply_variant(cfg: QuantConfig, variant: str) -> QuantConfig:
     if variant == "adaround":
         return cfg.replace(rounding="adaround")
+    if variant == "brecq":
+        return cfg.replace(rounding="adaround", reconstruction="block")
     if variant == "gptq":
         return cfg.replace(rounding="gptq")
     if variant == "hadamard":

@@ -292,6 +292,7 @@ def main() -> None:
     ap.add_argument("--peers", nargs="*", default=list(PEERS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "quant.json"))
+    ap.add_argument("--append", action="store_true", help="merge the rows into an existing --out file (same protocol)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     features = DigitsFeatures.from_pretrained(str(ROOT / "assets" / "digits-classifier"))
@@ -335,6 +336,16 @@ def main() -> None:
         report["models"][kind] = rows
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and out.exists():  # add this run's rows to an earlier run of the same protocol
+        old = json.loads(out.read_text())
+        keys = ("n_samples", "steps", "calib_samples", "calib_steps", "eps_calls", "seed", "threads")
+        if any(old["protocol"][k] != report["protocol"][k] for k in keys):
+            raise SystemExit(f"--append: {out} was made with a different protocol")
+        old.setdefault("appended_commands", []).append(report["command"])
+        for kind, rows in report["models"].items():
+            old["models"].setdefault(kind, {}).update({k: v for k, v in rows.items() if k not in old["models"][kind]
+                                                       or k not in ("fp",) + tuple(args.presets)})
+        report = old
     out.write_text(json.dumps(report, indent=2))
     print_table(report)
 

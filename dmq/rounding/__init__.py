@@ -33,6 +33,12 @@ def reconstruct(model: nn.Module, state, run_loop: Callable[[], None]) -> dict:
     t0 = time.perf_counter()
     mods = {n: model.get_submodule(n) for n in state.modules}
     mods = {n: m for n, m in mods.items() if m.weight_spec is not None}
+    from dmq.rounding.block import find_blocks, reconstruct_blocks
+
+    blocks = find_blocks(model, list(mods)) if cfg.rounding == "adaround" and cfg.reconstruction == "block" else []
+    in_blocks = {n for _, inner in blocks for n in inner}
+    if not cfg.format_search:  # block layers need no layer cache
+        mods = {n: m for n, m in mods.items() if n not in in_blocks}
     stats = CacheStats()
     ratios, formats = {}, {}
     for name, x in iter_layer_inputs(model, run_loop, mods, cfg.calib_rows, cfg.cache_mb * 2 ** 20, stats):
@@ -50,7 +56,7 @@ def reconstruct(model: nn.Module, state, run_loop: Callable[[], None]) -> dict:
                 formats[name] = spec.format
                 state.learned_overrides[name] = spec
             requantize_rtn(m)
-        if cfg.rounding == "rtn":
+        if cfg.rounding == "rtn" or name in in_blocks:
             continue
         grid = weight_grid(w, m.weight_spec, split_of(m))
         if cfg.rounding == "adaround":
@@ -59,8 +65,11 @@ def reconstruct(model: nn.Module, state, run_loop: Callable[[], None]) -> dict:
             res = gptq(rows, x, grid)
         set_weight_fq(m, res.weight)
         ratios[name] = res.error / res.rtn_error if res.rtn_error > 0 else 1.0
-    report = {"reconstruct_s": time.perf_counter() - t0, "cache_passes": stats.passes,
-              "cache_peak_bytes": stats.peak_bytes, "error_vs_rtn": ratios}
+    report = {"cache_passes": stats.passes, "cache_peak_bytes": stats.peak_bytes, "error_vs_rtn": ratios}
+    if blocks:
+        report.update(reconstruct_blocks(model, blocks, run_loop, cfg.rounding_iters))
+        report["cache_passes"] += 1
+    report["reconstruct_s"] = time.perf_counter() - t0
     if cfg.format_search:
         report["formats"] = formats
     return report

@@ -29,11 +29,12 @@ def _mark_loaded(model):
     (tiny_dit, "w4a8+adaround+smooth+svd4+hadamard"),
     (tiny_unet, "w4a8+gptq+smooth"),
     (tiny_dit, "w4a6-fp+fsearch+adaround"),
+    (tiny_dit, "w4a8+brecq+svd2"),
     (tiny_unet, "nvfp4+svd8+gptq"),
 ])
 def test_learned_artefacts_survive_a_state_dict_round_trip(make, name, one_thread):
     fp = make()
-    cfg = dmq.get_config(name).replace(rounding_iters=20)
+    cfg = dmq.get_config(name).replace(rounding_iters=150 if "brecq" in name else 20)
     q = dmq.quantize(fp, cfg, inplace=False)
     dmq.freeze(dmq.calibrate(q, backbone_loop(fp, [900, 300, 20])))
     ref = _outputs(q)
