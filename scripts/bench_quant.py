@@ -191,8 +191,20 @@ def run_dmq(ev: Evaluator, config, include: list[str] | None = None) -> dict:
     methods = s.get("methods") or {}
     if methods:
         res["methods"] = _method_summary(methods)
+        res["lowrank_params_fraction"] = lowrank_fraction(model)
     res.update(ev.metrics(model))
     return res
+
+
+def lowrank_fraction(model: torch.nn.Module) -> float:
+    """Parameters of the 16-bit low-rank branches relative to the quantized layers' weights."""
+    lr = w = 0
+    for n in model._dmq.modules:
+        m = model.get_submodule(n)
+        w += m.weight.numel()
+        if getattr(m, "lowrank_down", None) is not None:
+            lr += m.lowrank_down.numel() + m.lowrank_up.numel()
+    return lr / max(w, 1)
 
 
 def _method_summary(report: dict) -> dict:

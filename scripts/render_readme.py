@@ -231,6 +231,8 @@ def quant_methods_table(data: dict) -> str:
             label = name if base else f"{name} (RTN)"
             if "avg_bits" in r:
                 label += f", {r['avg_bits']:.2f} bits/weight"
+            if r.get("lowrank_params_fraction"):
+                label += f" (16-bit branch = {100 * r['lowrank_params_fraction']:.0f}% of the weights)"
             lines.append(
                 f"| {model} | {label} | {eps:.1f} | {d_eps} | {ps:.1f} | {d_ps} | {r['fid']:.2f} | "
                 f"{100 * (r['fid'] / fid0 - 1):+.1f}% | {r['class_accuracy'] * 100:.1f}% | {r['calibrate_s']:.1f} | "
