@@ -27,7 +27,7 @@ def _mark_loaded(model):
 
 @pytest.mark.parametrize("make, name", [
     (tiny_dit, "w4a8+adaround+smooth+svd4+hadamard"),
-    (tiny_unet, "w4a8+gptq+smooth"),
+    (tiny_unet, "w4a8+gptq+smooth0.5"),
     (tiny_dit, "w4a6-fp+fsearch+adaround"),
     (tiny_dit, "w4a8+brecq+svd2"),
     (tiny_unet, "nvfp4+svd8+gptq"),

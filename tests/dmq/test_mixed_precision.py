@@ -47,7 +47,7 @@ def test_sensitivity_allocation_budget_and_json_round_trip(one_thread):
     x, y = torch.randn(2, 1, 8, 8, generator=g), torch.tensor([3, 8])
 
     def forward_fn(m):
-        return [m(x, torch.full((2,), float(t)), class_labels=y).sample for t in (800.0, 200.0)]
+        return [m(x, torch.tensor([800.0, 200.0]), class_labels=y).sample]
 
     before = {n: q.get_submodule(n).weight_fq.clone() for n in q._dmq.modules}
     cands = [QuantSpec("int2", "channel"), QuantSpec("int4", "channel"), QuantSpec("int8", "channel")]
