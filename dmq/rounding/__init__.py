@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -15,6 +16,9 @@ from dmq.rounding.gptq import gptq
 from dmq.rounding.grid import WeightGrid, weight_grid
 from dmq.rounding.layer import requantize_rtn, set_weight_fq, split_of, target_weight
 
+if TYPE_CHECKING:
+    from dmq.api import QuantState
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -23,7 +27,7 @@ __all__ = [
 ]
 
 
-def reconstruct(model: nn.Module, state, run_loop: Callable[[], None]) -> dict:
+def reconstruct(model: nn.Module, state: QuantState, run_loop: Callable[[], None]) -> dict:
     """Per layer: capture inputs (bounded cache), optionally search the FP format, then learn the rounding.
     The learned quantized weight goes to the layer's ``weight_fq``. Returns a report (errors relative to
     round-to-nearest, cache passes and peak bytes, time)."""

@@ -6,14 +6,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from dmq.calibration import CONTEXT
 from dmq.rounding.layer import requantize_rtn, target_weight
 from dmq.transforms.lowrank import low_rank
 from dmq.transforms.rotation import block_hadamard, hadamard, random_orthogonal, rotation_matrix
 from dmq.transforms.smooth import ALPHAS, ChannelStats, SmoothGroup, find_groups, fold, group_error, smooth_scales
+
+if TYPE_CHECKING:
+    from dmq.api import QuantState
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +28,7 @@ __all__ = [
 ]
 
 
-def smooth(model: nn.Module, state, run_loop: Callable[[], None], report: dict) -> None:
+def smooth(model: nn.Module, state: QuantState, run_loop: Callable[[], None], report: dict) -> None:
     """Statistics pass, alpha search and folding for every foldable group (config ``smooth``)."""
     cfg = state.config
     quantized = {n for n in state.modules if isinstance(model.get_submodule(n), nn.Linear)}
@@ -35,7 +40,6 @@ def smooth(model: nn.Module, state, run_loop: Callable[[], None], report: dict) 
     gen = torch.Generator().manual_seed(0)
     needed = {c for g in groups for c in g.consumers[:1]}
     stats = {n: ChannelStats(512, gen, *cfg.timestep_range) for n in needed}
-    from dmq.calibration import CONTEXT
 
     def hook(name):
         def pre(mod, args):
@@ -75,7 +79,7 @@ def smooth(model: nn.Module, state, run_loop: Callable[[], None], report: dict) 
 
 
 @torch.no_grad()
-def rotate(model: nn.Module, state, report: dict) -> None:
+def rotate(model: nn.Module, state: QuantState, report: dict) -> None:
     n = 0
     for k, name in enumerate(state.modules):
         m = model.get_submodule(name)
@@ -88,7 +92,7 @@ def rotate(model: nn.Module, state, report: dict) -> None:
 
 
 @torch.no_grad()
-def add_lowrank(model: nn.Module, state, report: dict) -> None:
+def add_lowrank(model: nn.Module, state: QuantState, report: dict) -> None:
     n = 0
     for name in state.modules:
         m = model.get_submodule(name)
@@ -103,7 +107,7 @@ def add_lowrank(model: nn.Module, state, report: dict) -> None:
     report["lowrank_layers"] = n
 
 
-def apply_transforms(model: nn.Module, state, run_loop: Callable[[], None]) -> dict:
+def apply_transforms(model: nn.Module, state: QuantState, run_loop: Callable[[], None]) -> dict:
     """Smoothing (needs one run of the loop), then rotation, then the low-rank branch; then every quantized layer's
     weight is re-quantized by round-to-nearest from its new target. Returns a report."""
     cfg, report = state.config, {}
