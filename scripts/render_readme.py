@@ -205,19 +205,20 @@ def quant_methods_table(data: dict) -> str:
         f"inputs from the FP trajectory; final-sample PSNR against FP from the same seeds ({proto['n_samples']} "
         f"samples, DPM-Solver++ {proto['steps']} steps, guidance 2); FID (digit features) and ΔFID against full "
         "precision; class accuracy; calibration time including every pass and the reconstruction "
-        f"({proto['calib_samples']} images x {proto['calib_steps']} steps, 1 thread); peak RSS growth of the "
-        "process during the row (it only grows, so later rows can show 0); the reconstruction cache's peak and its "
-        "passes over the calibration loop. With this few samples FID moves by a few percent between runs: ε SQNR "
-        "and PSNR are the sharper measures.",
+        f"({proto['calib_samples']} images x {proto['calib_steps']} steps, 1 thread); the reconstruction caches' "
+        "peak (layer inputs, plus BRECQ's block inputs) and the extra passes over the calibration loop. With "
+        "this few samples FID moves by a few percent between runs: ε SQNR "
+        "and PSNR are the sharper measures." + "".join(
+            f" Rows added by `python {c}`." for c in data.get("appended_commands", [])),
         "",
         "| model | method | ε SQNR dB | Δ vs RTN dB | PSNR vs FP dB | Δ vs RTN dB | FID | ΔFID vs FP | class acc. "
-        "| calibration s | RSS growth MB | cache MB (passes) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| calibration s | cache MB (passes) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model, rows in data["models"].items():
         fid0 = rows["fp"]["fid"]
         lines.append(f"| {model} | full precision | | | | | {fid0:.2f} | | {rows['fp']['class_accuracy'] * 100:.1f}% "
-                     "| | | |")
+                     "| | |")
         for name, r in rows.items():
             if name == "fp" or "skipped" in r:
                 continue
@@ -226,8 +227,10 @@ def quant_methods_table(data: dict) -> str:
             d_eps = f"{eps - base['eps_sqnr_db']['all']:+.1f}" if base else ""
             d_ps = f"{ps - base['psnr_vs_fp_db']:+.1f}" if base else ""
             m = r.get("methods", {})
-            cache = (f"{m['cache_peak_bytes'] / 2 ** 20:.1f} ({m['cache_passes']})" if "cache_peak_bytes" in m
-                     else "")
+            cache = ""
+            if "cache_peak_bytes" in m:
+                mb = (m["cache_peak_bytes"] + m.get("block_cache_bytes", 0)) / 2 ** 20
+                cache = f"{mb:.1f} ({m['cache_passes']})"
             label = name if base else f"{name} (RTN)"
             if "avg_bits" in r:
                 label += f", {r['avg_bits']:.2f} bits/weight"
@@ -236,7 +239,7 @@ def quant_methods_table(data: dict) -> str:
             lines.append(
                 f"| {model} | {label} | {eps:.1f} | {d_eps} | {ps:.1f} | {d_ps} | {r['fid']:.2f} | "
                 f"{100 * (r['fid'] / fid0 - 1):+.1f}% | {r['class_accuracy'] * 100:.1f}% | {r['calibrate_s']:.1f} | "
-                f"{r['peak_rss_growth_mb']:.0f} | {cache} |")
+                f"{cache} |")
     return "\n".join(lines)
 
 
