@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# make demo ARGS="--models dit --presets w8a8 --nfe 5" selects models, presets, samplers, NFE (scripts/demo.py -h)
 demo: $(STAMP)
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check .

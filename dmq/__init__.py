@@ -31,11 +31,12 @@ from dmq.config import (
 )
 from dmq.modules import QuantAttnProcessor, QuantConv2d, QuantLinear
 from dmq.quantizer import NotCalibratedError, TensorQuantizer
+from dmq.sync import sync_statistics
 
 __version__ = "0.1.0"
 __all__ = [
     "PRESETS", "VARIANTS", "AllSteps", "NormalSteps", "NotCalibratedError", "QuantAttnProcessor", "QuantConfig",
     "QuantConv2d", "QuantLinear", "QuantSpec", "StepPolicy", "TensorQuantizer", "UniformSteps", "calibrate",
     "config_from_json", "config_to_json", "dequantize", "formats", "freeze", "get_config", "learned_config",
-    "preset_names", "quantize", "quantizers", "restore", "summary", "unet_skip_splits",
+    "preset_names", "quantize", "quantizers", "restore", "summary", "sync_statistics", "unet_skip_splits",
 ]

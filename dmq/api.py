@@ -14,6 +14,7 @@ from torch import nn
 
 from dmq.calibration import CONTEXT, StepPolicy, TimestepHook, get_policy
 from dmq.config import QuantConfig, get_config
+from dmq.joint_attention import QuantJointAttnProcessor
 from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, QuantConv2d, QuantLinear
 from dmq.quantizer import TensorQuantizer
 
@@ -133,7 +134,8 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, include: Sequence[s
                 logger.info("attention %s uses %s: its matmuls stay in full precision", name, type(proc).__name__)
                 continue
             mod.matmul_quantizers = AttentionQuantizers(cfg, proc)
-            mod.set_processor(QuantAttnProcessor())
+            joint = type(proc).__name__ == "JointAttnProcessor2_0"
+            mod.set_processor(QuantJointAttnProcessor() if joint else QuantAttnProcessor())
             state.attention.append(name)
     if not state.modules and not state.attention:
         raise ValueError(

@@ -157,7 +157,7 @@ class QuantConv2d(nn.Conv2d):
 
 
 # ------------------------------------------------------------------------------------------------ attention
-QUANTIZABLE_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+QUANTIZABLE_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "JointAttnProcessor2_0")
 
 
 class AttentionQuantizers(nn.Module):

@@ -1,9 +1,9 @@
 """Streaming activation statistics and the range estimators that read them.
 
 One :class:`StreamingObserver` per static quantizer keeps, for each timestep bin, the running min and max and (for
-the percentile and search estimators) a fixed-size signed histogram over ``[-R, R]``. When a value exceeds ``R``
-the range doubles and adjacent bins merge, so memory is ``O(bins x nbins)`` whatever the number of calibration
-points. Non-finite values are skipped and counted.
+the percentile and search estimators) a fixed-size signed histogram over ``[-R, R)``, ``R`` a power of two. When a
+value reaches ``R`` the range doubles and adjacent bins merge, so memory is ``O(bins x nbins)`` whatever the number
+of calibration points. Non-finite values are skipped and counted.
 """
 
 from __future__ import annotations
@@ -62,15 +62,28 @@ class StreamingObserver:
         if self.hist is None:
             return
         amax = max(abs(lo), abs(hi))
+        if amax == 0:  # only zeros: the middle bin at any radius; the radius waits for a non-zero value
+            self.hist[k, self.nbins // 2] += flat.numel()
+            return
         if self.radius[k] == 0:
-            self.radius[k] = 2.0 ** math.ceil(math.log2(amax)) if amax > 0 else 1.0
-        while amax > self.radius[k]:
+            self.radius[k] = 2.0 ** (math.floor(math.log2(amax)) + 1)
+        while amax >= self.radius[k]:
             self._double(k)
-        r = float(self.radius[k])
-        self.hist[k] += torch.histc(flat, self.nbins, -r, r).double().cpu()
+        self.hist[k] += self._binned(flat, float(self.radius[k])).cpu()
+
+    def _binned(self, flat: torch.Tensor, r: float) -> torch.Tensor:
+        """Counts of ``flat`` (all ``|x| < r``, ``r`` a power of two) in ``nbins`` half-open bins over ``[-r, r)``.
+
+        The index ``nbins/2 + floor(x * nbins / (2r))`` only scales by a power of two, so it is exact: binning at
+        radius ``2r`` equals binning at ``r`` then :meth:`_double`. That makes the histogram
+        independent of the order and the split of the data, which :func:`dmq.sync_statistics` relies on.
+        """
+        idx = torch.floor(flat.double() * (self.nbins / (2 * r))).long().add_(self.nbins // 2)
+        idx.clamp_(0, self.nbins - 1)
+        return torch.bincount(idx, minlength=self.nbins).double()
 
     def _double(self, k: int) -> None:
-        """Range ``[-R, R]`` -> ``[-2R, 2R]``: pairs of bins merge into the middle half."""
+        """Range ``[-R, R)`` -> ``[-2R, 2R)``: pairs of bins merge into the middle half."""
         n = self.nbins
         merged = self.hist[k].reshape(n // 2, 2).sum(-1)
         self.hist[k].zero_()

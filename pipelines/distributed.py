@@ -27,13 +27,16 @@ from accelerate.utils import gather_object
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipelines.sampler_swap import PLANNED, SAMPLERS, use_sampler
+import dmq
+from pipelines.quantize import quantize_pipeline
+from pipelines.sampler_swap import PASS_THROUGH, PLANNED, SAMPLERS, use_sampler
 
 logger = logging.getLogger(__name__)
 
 # dmq's own samplers (those not available yet raise a clear error) and quantization presets
-DMQ_SAMPLERS = (*SAMPLERS, *PLANNED)
-QUANT_PRESETS = ("none",)
+DMQ_SAMPLERS = (*SAMPLERS, *PLANNED, *PASS_THROUGH)
+QUANT_PRESETS = ("none", *dmq.preset_names())
+CALIBRATION_SEED = 1_000_000  # calibration runs draw other noise than the evaluated samples
 
 
 def distributed_state(cpu: bool | None = None) -> PartialState:
@@ -167,7 +170,7 @@ def check_sampler_name(name: str) -> None:
     if key in PLANNED:
         raise ValueError(f"sampler {name!r} is not available yet; available: {sorted(SAMPLERS)} or a diffusers "
                          "scheduler class name")
-    if key not in SAMPLERS:
+    if key not in SAMPLERS and key not in PASS_THROUGH:
         scheduler_class(name)
 
 
@@ -178,16 +181,24 @@ def set_sampler(pipe: Any, name: str | None) -> str:
     if name in (None, "default"):
         return type(pipe.scheduler).__name__
     check_sampler_name(name)
-    if name.lower() in SAMPLERS:
+    if name.lower() in SAMPLERS or name.lower() in PASS_THROUGH:
         use_sampler(pipe, name)
         return name.lower()
     pipe.scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
     return name
 
 
-def apply_quant_preset(pipe: Any, preset: str) -> None:
-    """Quantize the pipeline's backbone with a named preset; only ``"none"`` exists until dmq's presets land."""
+def apply_quant_preset(pipe: Any, preset: str, *, prompts: Sequence[str] | None = None,
+                       call_kwargs: Sequence[dict] | None = None, num_inference_steps: int = 20,
+                       guidance_scale: float | None = None, progress: bool = True) -> None:
+    """Quantize the pipeline's backbone with a named preset through :func:`pipelines.quantize_pipeline`,
+    calibrating on ``prompts`` or ``call_kwargs`` (under a process group each rank runs its share and the
+    statistics are all-reduced). ``"none"`` keeps full precision; ``pipe=None`` only checks the name."""
     if preset == "none":
         return
-    raise ValueError(f"quantization preset {preset!r} is not available yet (dmq.quantize presets arrive in a later "
-                     f"issue); available: {QUANT_PRESETS}")
+    if preset not in QUANT_PRESETS:
+        raise ValueError(f"unknown quantization preset {preset!r}; available: {', '.join(QUANT_PRESETS)}")
+    if pipe is None:
+        return
+    quantize_pipeline(pipe, preset, prompts=prompts, call_kwargs=call_kwargs, num_inference_steps=num_inference_steps,
+                      guidance_scale=guidance_scale, seed=CALIBRATION_SEED, progress=progress)

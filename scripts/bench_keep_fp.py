@@ -29,10 +29,10 @@ import dmq  # noqa: E402
 from dmq.config import DEFAULT_KEEP_FP  # noqa: E402
 
 GROUPS = {
-    "adaLN modulation": ("*norm1.linear", "*norm1_context.linear", "*norm.linear", "*.emb.*"),
+    "adaLN modulation": ("*norm1.linear", "*norm1_context.linear", "*norm.linear"),
     "U-Net time projections": ("*time_emb_proj",),
     "time / class embedders": ("*time_embedding*", "*time_proj*", "*timestep_embedder*", "*class_embedding*",
-                               "*class_embedder*"),
+                               "*class_embedder*", "*.emb.*"),
     "first / last layers": ("conv_in", "conv_out", "proj_out", "proj_out_*", "*pos_embed*", "*norm_out*"),
 }
 
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "quant_keep_fp.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    report = {"command": "python scripts/bench_keep_fp.py " + " ".join(sys.argv[1:]), "protocol": vars(args),
+    report = {"command": " ".join(["python scripts/bench_keep_fp.py", *sys.argv[1:]]), "protocol": vars(args),
               "groups": {g: list(v) for g, v in GROUPS.items()}, "models": {}}
     t0 = time.perf_counter()
     for kind in args.models:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from pipelines.distributed import (  # noqa: E402
     DMQ_SAMPLERS,
+    QUANT_PRESETS,
     apply_quant_preset,
     check_sampler_name,
     distributed_state,
@@ -50,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default="ViT-B/32", help="clip-anytorch model name or local checkpoint file")
     p.add_argument("--scheduler", default=None,
                    help=f"diffusers scheduler class name, built from_config; {DMQ_SAMPLERS} are reserved for dmq")
-    p.add_argument("--quant", default="none", help="quantization preset (only 'none' for now)")
+    p.add_argument("--quant", default="none", help=f"quantization preset, one of {', '.join(QUANT_PRESETS)}")
+    p.add_argument("--calib-prompts", default=None,
+                   help="--quant: calibration prompts file (default: the first --calib-samples of --prompts)")
+    p.add_argument("--calib-samples", type=int, default=16, help="--quant: number of calibration prompts")
+    p.add_argument("--calib-nfe", type=int, default=None, help="--quant: calibration sampler steps (default --nfe)")
     p.add_argument("--nfe", type=int, default=25, help="sampler steps (num_inference_steps)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--height", type=int, default=None)
@@ -81,6 +86,10 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if args.scheduler not in (None, "default"):
         check_sampler_name(args.scheduler)  # raises for unknown names and dmq's samplers not available yet
     apply_quant_preset(None, args.quant)
+    if args.calib_samples < 1:
+        raise ValueError(f"--calib-samples must be >= 1, got {args.calib_samples}")
+    if args.calib_prompts is not None:
+        read_prompts(args.calib_prompts)
     check_clip_name(args.clip)
     return read_prompts(args.prompts)
 
@@ -111,7 +120,11 @@ def run(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any] | None:
     pipe = load_pipeline(args.pipeline, allow_hub=True).to(state.device)
     pipe.set_progress_bar_config(disable=True)
     sampler = set_sampler(pipe, args.scheduler)
-    apply_quant_preset(pipe, args.quant)
+    if args.quant != "none":
+        calib = read_prompts(args.calib_prompts) if args.calib_prompts else prompts
+        apply_quant_preset(pipe, args.quant, prompts=calib[:args.calib_samples],
+                           num_inference_steps=args.calib_nfe or args.nfe, guidance_scale=args.guidance,
+                           progress=not args.no_progress)
     model, preprocess = load_clip(args.clip, state.device)
 
     call = {"num_inference_steps": args.nfe, "guidance_scale": args.guidance}

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from pipelines.digits_pipeline import DigitsPipeline  # noqa: E402
 from pipelines.distributed import (  # noqa: E402
     DMQ_SAMPLERS,
+    QUANT_PRESETS,
     apply_quant_preset,
     check_sampler_name,
     distributed_state,
@@ -62,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusers scheduler class (DDIMScheduler, DPMSolverMultistepScheduler, "
                         "UniPCMultistepScheduler, ...), built from_config; default: the pipeline's own. "
                         f"{DMQ_SAMPLERS} are reserved for dmq's samplers")
-    p.add_argument("--quant", default="none", help="quantization preset (only 'none' for now)")
+    p.add_argument("--quant", default="none", help=f"quantization preset, one of {', '.join(QUANT_PRESETS)}")
+    p.add_argument("--calib-samples", type=int, default=32,
+                   help="--quant: calibration images (labels cycle like the samples, other seeds)")
+    p.add_argument("--calib-nfe", type=int, default=None, help="--quant: calibration sampler steps (default --nfe)")
     p.add_argument("--nfe", type=int, default=50, help="sampler steps (num_inference_steps)")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
     p.add_argument("--num-samples", type=int, default=1000, help="N generated samples (N >= 2)")
@@ -87,7 +91,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.scheduler not in (None, "default"):
         check_sampler_name(args.scheduler)  # raises for unknown names and dmq's samplers not available yet
-    apply_quant_preset(None, args.quant)  # raises for anything but "none"
+    apply_quant_preset(None, args.quant)  # raises for unknown presets
+    if args.calib_samples < 1:
+        raise ValueError(f"--calib-samples must be >= 1, got {args.calib_samples}")
     if args.inception_weights is not None:
         if args.features != "inception":
             raise ValueError("--inception-weights needs --features inception")
@@ -116,7 +122,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     pipe = load_pipeline(args.pipeline).to(state.device)
     pipe.set_progress_bar_config(disable=True)
     sampler = set_sampler(pipe, args.scheduler)
-    apply_quant_preset(pipe, args.quant)
+    calib = [i % args.num_classes for i in range(args.calib_samples)]
+    apply_quant_preset(pipe, args.quant, call_kwargs=[{"class_labels": calib[k:k + args.batch_size]}
+                                                      for k in range(0, len(calib), args.batch_size)],
+                       num_inference_steps=args.calib_nfe or args.nfe, guidance_scale=args.guidance,
+                       progress=not args.no_progress)
     digits = isinstance(pipe, DigitsPipeline)
 
     feature = feature_network(args).to(state.device)

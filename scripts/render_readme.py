@@ -243,9 +243,87 @@ def quant_methods_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def samplers_deis_grids_table(data: dict) -> str:
+    nfes = [str(n) for n in data["nfes"]]
+    models = list(data["models"])
+    proto = data["protocol"]
+    lines = [
+        f"`{data['command']}`: final-sample RMSE at guidance 2 against DPM-Solver++(2M) with "
+        f"{proto['reference_steps']} steps from the same noise ({proto['samples']} samples), per model and "
+        "NFE; the best entry of each column in bold.",
+        "",
+        "| sampler | grid | " + " | ".join(f"{m.removeprefix('digits-')} {n}" for m in models for n in nfes) + " |",
+        "|---|---|" + "---:|" * (len(models) * len(nfes)),
+    ]
+    best = {(m, n): min(v[n] for v in data["models"][m].values() if v[n] is not None) for m in models for n in nfes}
+    for key in data["models"][models[0]]:
+        name, grid = key.split("|")
+        cells = []
+        for m in models:
+            for n in nfes:
+                v = data["models"][m][key][n]
+                cells.append("diverged" if v is None else (f"**{v:.4f}**" if v == best[(m, n)] else f"{v:.4f}"))
+        lines.append(f"| {name} | {grid} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def demo_table(data: dict) -> str:
+    """``make demo`` (scripts/demo.py --publish): one row per model, precision and sampler; NFE side by side."""
+    rows = data["results"]
+    nfes = sorted({r["nfe"] for r in rows if not r["reference"]})
+    names = {"deis": "DEIS", "dc-solver": "DC-Solver", "dpm++": "DPM-Solver++"}
+    proto = data["protocol"]
+    lines = [
+        f"`{data['command']}`: {data['threads']} thread(s), {data['wall_seconds'] / 60:.1f} min, "
+        f"torch {data['torch']}. "
+        f"{proto['num_samples']} samples per configuration (label i % 10, seed i), guidance {proto['guidance']:g}. "
+        "FID against the 360 held-out digits in the bundled classifier's feature space (lower is better; with "
+        f"{proto['num_samples']} samples it carries a bias, so compare rows, not with other tables), class accuracy, "
+        f"and PSNR against the full-precision DPM-Solver++ {proto['ref_nfe']}-step samples from the same noise.",
+        "",
+        "| model | precision | sampler | " + " | ".join(f"FID @{n}" for n in nfes) + " | "
+        + " | ".join(f"acc @{n}" for n in nfes) + " | " + " | ".join(f"PSNR dB @{n}" for n in nfes) + " |",
+        "|---|---|---|" + "---:|" * (3 * len(nfes)),
+    ]
+    for r in rows:
+        if r["reference"]:
+            lines.append(f"| {r['model']} | fp | {names[r['sampler']]} {r['nfe']} steps (reference) | "
+                         f"{r['fid']:.2f} |" + " |" * (len(nfes) - 1) + f" {r['class_accuracy'] * 100:.1f}% |"
+                         + " |" * (len(nfes) - 1) + " ref |" + " |" * (len(nfes) - 1))
+    keys = list(dict.fromkeys((r["model"], r["precision"], r["sampler"]) for r in rows if not r["reference"]))
+    for model, prec, sampler in keys:
+        cell = {r["nfe"]: r for r in rows if (r["model"], r["precision"], r["sampler"]) == (model, prec, sampler)
+                and not r["reference"]}
+        fid = " | ".join(f"{cell[n]['fid']:.2f}" if n in cell else "" for n in nfes)
+        acc = " | ".join(f"{cell[n]['class_accuracy'] * 100:.1f}%" if n in cell else "" for n in nfes)
+        ps = " | ".join(f"{cell[n]['psnr_vs_ref']:.1f}" if n in cell else "" for n in nfes)
+        lines.append(f"| {model} | {prec} | {names[sampler]} | {fid} | {acc} | {ps} |")
+    return "\n".join(lines)
+
+
+def quant_keep_fp_table(data: dict) -> str:
+    presets = data["protocol"]["presets"]
+    lines = [
+        f"`{data['command']}`: change of ε SQNR (dB) when one group of the default full-precision list is quantized "
+        "too, with its share of the backbone's Linear/Conv2d weights (negative: quantizing the group costs accuracy).",
+        "",
+        "| model | group | share of weights | " + " | ".join(f"{p} ΔSQNR" for p in presets) + " |",
+        "|---|---|---:|" + "---:|" * len(presets),
+    ]
+    for model, m in data["models"].items():
+        lines.append(f"| {model} | (default list) | | " + " | ".join(
+            f"{m['default_sqnr_db'][p]:.1f} dB" for p in presets) + " |")
+        for g, r in m["groups"].items():
+            lines.append(f"| {model} | {g} | {r['param_share'] * 100:.2g}% | " + " | ".join(
+                f"{r['delta_sqnr_db'][p]:+.2f}" for p in presets) + " |")
+    return "\n".join(lines)
+
+
 RENDERERS = {
-    "quant": quant_table, "quant_methods": quant_methods_table, "formats": formats_table,
-    "samplers_gmm": samplers_gmm_table, "samplers_digits": samplers_digits_table, "samplers_dc": samplers_dc_table,
+    "demo": demo_table, "quant": quant_table, "quant_methods": quant_methods_table,
+    "quant_keep_fp": quant_keep_fp_table,
+    "formats": formats_table, "samplers_gmm": samplers_gmm_table, "samplers_deis_grids": samplers_deis_grids_table,
+    "samplers_digits": samplers_digits_table, "samplers_dc": samplers_dc_table,
     "samplers_dc_digits": samplers_dc_digits_table,
 }
 SOURCES = {"digits": (load_digits_quality, digits_table)}

@@ -319,8 +319,11 @@ def test_pipeline_setup_hooks(tmp_path, tiny_pipe):
     assert set_sampler(pipe, "DEIS") == "deis" and type(pipe.scheduler).__name__ == "DEISScheduler"
     with pytest.raises(ValueError, match="unknown scheduler 'Nope'"):
         set_sampler(pipe, "Nope")
-    with pytest.raises(ValueError, match="not available yet"):
-        apply_quant_preset(pipe, "w8a8")
+    with pytest.raises(ValueError, match="unknown quantization preset 'w3a3'; available: none, w8a8"):
+        apply_quant_preset(pipe, "w3a3")
+    apply_quant_preset(pipe, "w8a8", call_kwargs=[{"class_labels": [1, 2]}], num_inference_steps=2,
+                       guidance_scale=2.0, progress=False)
+    assert pipe.dmq_calibration.points == 2 and pipe.dmq_calibration.config == "w8a8"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_pipeline(tmp_path / "absent")
 

@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 from pipelines import DigitsPipeline, use_sampler
 from samplers import DCSolverScheduler, DEISScheduler
@@ -36,12 +43,17 @@ def test_flow_config_becomes_flow_prediction():
 def test_bad_names_and_options_leave_the_pipeline_unchanged():
     pipe = make_pipe(DDPMScheduler())
     before = pipe.scheduler
-    with pytest.raises(ValueError, match="available: \\['dc-solver', 'deis'\\]"):
+    names = "\\['dc-solver', 'deis', 'ddim', 'dpm\\+\\+', 'euler', 'unipc'\\]"
+    with pytest.raises(ValueError, match=f"available: {names}"):
         use_sampler(pipe, "euler-a")
     with pytest.raises(ValueError, match="valid options"):
         use_sampler(pipe, "dc-solver", deis_order=2)
     with pytest.raises(ValueError, match="valid options"):
         use_sampler(pipe, "deis", solver_order=3)
+    with pytest.raises(ValueError, match="unknown option.*'deis_order'.*UniPCMultistepScheduler"):
+        use_sampler(pipe, "unipc", deis_order=2)
+    with pytest.raises(ValueError, match="cpr file .*nope.json"):
+        use_sampler(pipe, "dc-solver", cpr="nope.json")
     assert pipe.scheduler is before
 
 
@@ -55,3 +67,49 @@ def test_dc_solver_takes_ratios_and_keeps_the_schedule():
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
     with pytest.raises(ValueError):
         pipe([4], num_inference_steps=6, output_type="pt")  # 5 ratios cannot serve 6 steps
+
+
+@pytest.mark.parametrize("name, cls", [("dpm++", DPMSolverMultistepScheduler), ("unipc", UniPCMultistepScheduler),
+                                       ("ddim", DDIMScheduler), ("euler", EulerDiscreteScheduler)])
+def test_diffusers_pass_through_keeps_the_schedule(name, cls):
+    src = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        prediction_type="v_prediction")
+    pipe = use_sampler(make_pipe(src), name)
+    s = pipe.scheduler
+    assert type(s) is cls and s.config.prediction_type == "v_prediction"
+    torch.testing.assert_close(s.alphas_cumprod.double(), src.alphas_cumprod.double(), rtol=0, atol=0)
+    if name == "dpm++":
+        assert s.config.algorithm_type == "dpmsolver++"
+
+
+def test_pass_through_on_flow_keeps_the_shift():
+    pipe = make_pipe(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    use_sampler(pipe, "dpm++")
+    s = pipe.scheduler
+    assert isinstance(s, DPMSolverMultistepScheduler) and s.config.use_flow_sigmas and s.config.flow_shift == 3.0
+    assert s.config.prediction_type == "flow_prediction"
+    # the shifted flow sigmas of the source: sigma' = s*sigma / (1 + (s-1)*sigma) at the first step
+    s.set_timesteps(4)
+    ref = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ref.set_timesteps(4)
+    assert float(s.sigmas[0]) == pytest.approx(float(ref.sigmas[0]), abs=1e-3)
+    use_sampler(pipe, "euler")
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == 3.0
+    with pytest.raises(ValueError, match="no flow-matching version"):
+        use_sampler(pipe, "ddim")
+
+
+def test_dc_solver_reads_a_search_dc_file():
+    from pathlib import Path
+
+    from samplers import CascadePolynomialRegression
+
+    path = Path(__file__).resolve().parents[2] / "assets" / "digits-unet" / "dc_cpr.json"
+    pipe = use_sampler(make_pipe(DDPMScheduler()), "dc-solver", cpr=str(path), guidance_scale=2.0)
+    s = pipe.scheduler
+    assert s.config.cpr_guidance_scale == 2.0
+    s.set_timesteps(5)
+    expected = CascadePolynomialRegression.load(path).predict(5, 2.0)
+    assert s.dc_ratios == pytest.approx(expected, rel=0, abs=0)
+    images = pipe([3], num_inference_steps=5, output_type="pt").images
+    assert torch.isfinite(images).all()

@@ -112,7 +112,8 @@ def test_eval_fid_gives_the_same_numbers_on_one_and_two_processes(assets, tmp_pa
 
 @pytest.mark.parametrize("extra, message", [
     (["--num-samples", "1"], "N=1"),
-    (["--quant", "w8a8"], "not available yet"),
+    (["--quant", "w3a3"], "unknown quantization preset 'w3a3'"),
+    (["--quant", "w8a8", "--calib-samples", "0"], "--calib-samples must be >= 1"),
     (["--features", "inception", "--inception-weights", "/nonexistent/inception.pth"], "/nonexistent/inception.pth"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--scheduler", "Nope"], "unknown scheduler 'Nope'"),
@@ -132,6 +133,15 @@ def test_eval_fid_reports_a_missing_classifier(assets, tmp_path):
                                                str(tmp_path / "no-classifier"), "--out", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError, match="no-classifier.*train_digits.py classifier"):
         eval_fid.run(args)
+
+
+def test_eval_fid_quantizes_with_a_preset(assets, tmp_path, one_thread):
+    common = ["--pipeline", str(assets / "pipe"), "--classifier", str(assets / "classifier"), "--num-samples", "4",
+              "--nfe", "2", "--batch-size", "2", "--calib-samples", "4", "--no-progress"]
+    fp = eval_fid.run(eval_fid.build_parser().parse_args([*common, "--out", str(tmp_path / "fp")]))
+    q = eval_fid.run(eval_fid.build_parser().parse_args([*common, "--quant", "w4a8", "--out", str(tmp_path / "q")]))
+    assert q["preset"] == "w4a8" and fp["preset"] == "none"
+    assert q["fid"] > 0 and q["fid"] != fp["fid"]  # the quantized backbone made other samples
 
 
 # ----------------------------------------------------------------------------------------------------- eval_clip

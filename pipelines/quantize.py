@@ -1,0 +1,266 @@
+"""``quantize_pipeline``: timestep-aware post-training quantization of a diffusers pipeline's denoising backbone.
+
+The backbone (``unet`` or ``transformer``) is quantized with :func:`dmq.quantize`, then calibrated by running the
+pipeline itself on the calibration prompts (or keyword sets): every backbone call of those sampling runs is a
+calibration point at its true timestep, in full precision (Q-Diffusion's time-step-aware calibration data, taken
+from the model's own trajectory), and :func:`dmq.freeze` fixes the activation scales. Under ``torch.distributed``
+each process runs its share of the calls and :func:`dmq.sync_statistics` reduces the statistics exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import dmq
+from dmq.calibration import CONTEXT
+from pipelines import offload
+
+logger = logging.getLogger(__name__)
+
+# backbone class -> the pipeline families it serves
+FAMILIES: dict[str, str] = {
+    "UNet2DModel": "DDPM/DDIM and the bundled digit U-Net (UNet2DModel)",
+    "UNet2DConditionModel": "Stable Diffusion 1.x/2.x and SDXL (UNet2DConditionModel)",
+    "DiTTransformer2DModel": "DiT and the bundled digit DiT (DiTTransformer2DModel)",
+    "Transformer2DModel": "DiT / PixArt checkpoints loaded as the legacy Transformer2DModel",
+    "PixArtTransformer2DModel": "PixArt-alpha / PixArt-Sigma (PixArtTransformer2DModel)",
+    "SD3Transformer2DModel": "Stable Diffusion 3 (SD3Transformer2DModel, flow matching)",
+}
+BACKBONE_ATTRS = ("unet", "transformer")
+TEXT_ENCODER_ATTRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+# pipelines whose output_type="latent" skips the VAE decode (calibration only needs the backbone calls)
+LATENT_OUTPUT = ("StableDiffusion", "PixArt", "StableDiffusion3", "StableDiffusionXL")
+
+
+def supported_families() -> str:
+    return "; ".join(FAMILIES.values())
+
+
+def text_encoder_config(config: str | dmq.QuantConfig) -> dmq.QuantConfig:
+    """A weight-only config for text encoders: ``"w8a16"`` (INT8 per output channel, MSE clipping), any weight-only
+    preset (``"w4a16"``) or a :class:`dmq.QuantConfig` without activation or attention quantizers."""
+    if config == "w8a16":
+        cfg = dmq.QuantConfig(weight=dmq.QuantSpec("int8", "channel", estimator="mse"), name="w8a16")
+    else:
+        cfg = dmq.get_config(config)
+    if cfg.act is not None or cfg.attn is not None:
+        raise ValueError(f"text encoders are quantized weight-only; {cfg.name!r} quantizes activations (use "
+                         "'w8a16', 'w4a16' or a QuantConfig with act=None and attn=None)")
+    return cfg.replace(keep_fp=())
+
+
+def find_backbone(pipe: Any) -> tuple[str, nn.Module]:
+    """``(attribute, module)`` of the pipeline's denoising backbone; ``ValueError`` naming the supported families."""
+    for attr in BACKBONE_ATTRS:
+        mod = getattr(pipe, attr, None)
+        if isinstance(mod, nn.Module):
+            if type(mod).__name__ not in FAMILIES:
+                raise ValueError(f"{type(pipe).__name__}.{attr} is a {type(mod).__name__}, which quantize_pipeline "
+                                 f"does not support; supported families: {supported_families()}")
+            return attr, mod
+    raise ValueError(f"{type(pipe).__name__} has no `unet` or `transformer` backbone; quantize_pipeline supports: "
+                     f"{supported_families()}")
+
+
+@dataclass
+class CalibrationRecord:
+    """What calibration did (``pipe.dmq_calibration``): pipeline calls run by this process, the distinct timesteps
+    of its calibration points (sorted), calibration points over all processes, processes, seconds."""
+
+    config: str
+    calls: int
+    processes: int
+    points: int
+    timesteps: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    text_encoders: list[str] = field(default_factory=list)
+
+
+def _rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(items: Sequence[Any], rank: int, world: int) -> list[Any]:
+    """Contiguous share ``rank`` of ``world`` (the first ranks take the remainder), as accelerate splits them."""
+    n, k = len(items), world
+    base, extra = divmod(n, k)
+    start = rank * base + min(rank, extra)
+    return list(items[start:start + base + (rank < extra)])
+
+
+def _calls(prompts: Sequence[str] | None, call_kwargs: Sequence[dict] | None, batch_size: int) -> list[dict]:
+    if (prompts is None) == (call_kwargs is None):
+        raise ValueError("pass exactly one of prompts= (text-to-image) or call_kwargs= (a list of keyword dicts "
+                         "for pipe(...), e.g. [{'class_labels': [1, 2]}], [{'prompt_embeds': e}], [{'batch_size': 2}]")
+    if prompts is not None:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        calls = [{"prompt": list(prompts[i:i + batch_size])} for i in range(0, len(prompts), batch_size)]
+    else:
+        if isinstance(call_kwargs, dict) or not all(isinstance(kw, dict) for kw in call_kwargs):
+            raise ValueError("call_kwargs must be a list of dicts of keyword arguments for pipe(...)")
+        calls = [dict(kw) for kw in call_kwargs]
+    if not calls:
+        raise ValueError("no calibration data: prompts / call_kwargs is empty")
+    return calls
+
+
+def _call_defaults(pipe: Any, num_inference_steps: int, guidance_scale: float | None) -> dict:
+    params = inspect.signature(pipe.__call__).parameters
+    out: dict[str, Any] = {"num_inference_steps": num_inference_steps}
+    if guidance_scale is not None:
+        if "guidance_scale" not in params:
+            raise ValueError(f"{type(pipe).__name__} takes no guidance_scale; leave guidance_scale=None")
+        out["guidance_scale"] = guidance_scale
+    if "output_type" in params:
+        latent = getattr(pipe, "vae", None) is not None and type(pipe).__name__.startswith(LATENT_OUTPUT)
+        out["output_type"] = "latent" if latent else "np"
+    return out
+
+
+def quantize_pipeline(
+    pipe: Any,
+    config: str | dmq.QuantConfig = "w8a8",
+    *,
+    prompts: Sequence[str] | None = None,
+    call_kwargs: Sequence[dict] | None = None,
+    num_inference_steps: int = 25,
+    guidance_scale: float | None = None,
+    timestep_selection: str | dmq.StepPolicy | None = None,
+    seed: int = 0,
+    batch_size: int = 1,
+    text_encoders: str | dmq.QuantConfig | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    progress: bool = True,
+) -> Any:
+    """Quantize ``pipe``'s backbone with timestep-aware calibration through the pipeline itself; in place.
+
+    Args:
+        pipe: a diffusers pipeline with a ``unet`` or ``transformer`` of a supported family (:data:`FAMILIES`).
+        config: a dmq preset name (``dmq.preset_names()``) or :class:`dmq.QuantConfig`.
+        prompts: calibration prompts for text-to-image pipelines, ``batch_size`` per pipeline call.
+        call_kwargs: instead of prompts, one keyword dict per calibration call of ``pipe(...)``
+            (``prompt_embeds``/``negative_prompt_embeds``, ``class_labels``, ``batch_size``, ...).
+        num_inference_steps, guidance_scale: the calibration sampling runs (``guidance_scale=None`` keeps the
+            pipeline's default); classifier-free guidance batches both branches, so both are observed.
+        timestep_selection: which backbone calls count (``"all"``, ``"uniform"``, ``"normal"`` or a
+            :class:`dmq.StepPolicy`); default the config's (all).
+        seed: call ``i`` samples with ``torch.Generator().manual_seed(seed + i)``.
+        text_encoders: also quantize the text encoders' weights (weight-only: ``"w8a16"``, ``"w4a16"``, ...).
+        include, exclude: module-name globs for :func:`dmq.quantize`.
+        progress: a tqdm bar over the calibration calls (rank 0 only).
+
+    Under an initialised ``torch.distributed`` process group (``accelerate launch``, ``torchrun``) the calls are
+    split between processes and the statistics all-reduced, which gives the same scales as one process running
+    them all. The VAE stays in full precision. Offloaded backbones (accelerate hooks, ``meta`` weights) work.
+    On any failure or interruption the pipeline is restored to full precision and the exception re-raised.
+    Returns ``pipe``, with ``pipe.dmq_calibration`` (:class:`CalibrationRecord`).
+    """
+    attr, backbone = find_backbone(pipe)
+    if getattr(backbone, "_dmq", None) is not None:
+        raise ValueError(f"pipe.{attr} is already quantized; dmq.restore(pipe.{attr}) first")
+    cfg = dmq.get_config(config)
+    n_train = getattr(getattr(pipe, "scheduler", None), "config", {}).get("num_train_timesteps")
+    if n_train and cfg.timestep_range == (0.0, 1000.0) and float(n_train) != 1000.0:
+        cfg = cfg.replace(timestep_range=(0.0, float(n_train)))
+    te_cfg = text_encoder_config(text_encoders) if text_encoders is not None else None
+    calls = _calls(prompts, call_kwargs, batch_size)
+    defaults = _call_defaults(pipe, num_inference_steps, guidance_scale)
+    rank, world = _rank_world()
+    mine = shard(list(enumerate(calls)), rank, world)
+
+    done: list[tuple[nn.Module, offload.OffloadRecord]] = []
+    t0 = time.perf_counter()
+    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    try:
+        te_names = []
+        if te_cfg is not None:
+            for te_attr in TEXT_ENCODER_ATTRS:
+                te = getattr(pipe, te_attr, None)
+                if isinstance(te, nn.Module):
+                    done.append((te, _quantize_module(te, te_cfg, None, None)))
+                    dmq.freeze(te)  # weight-only: nothing to calibrate, and no timestep hook needed
+                    te_names.append(te_attr)
+        done.append((backbone, _quantize_module(backbone, cfg, include, exclude)))
+        seen: set[float] = set()
+
+        def record(module, args, kwargs):
+            if CONTEXT.timestep is not None and CONTEXT.observe:
+                seen.update(float(v) for v in CONTEXT.timestep.unique())
+
+        handle = backbone.register_forward_pre_hook(record, with_kwargs=True)
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+
+        def loop(_model: nn.Module) -> None:
+            for i, kw in tqdm(mine, desc=f"calibrating {cfg.name}", disable=not progress or rank != 0):
+                pipe(**{**defaults, "generator": torch.Generator().manual_seed(seed + i), **kw})
+
+        try:
+            dmq.calibrate(backbone, loop, steps=timestep_selection)
+        finally:
+            handle.remove()
+        processes = dmq.sync_statistics(backbone)
+        dmq.freeze(backbone)
+    except BaseException:
+        _restore(done)
+        logger.warning("quantize_pipeline failed: %s restored to full precision", type(pipe).__name__)
+        raise
+    finally:
+        if hasattr(pipe, "_progress_bar_config"):
+            pipe._progress_bar_config = bar_config
+    pipe._dmq_quantized = done
+    pipe.dmq_calibration = CalibrationRecord(
+        config=cfg.name, calls=len(mine), processes=processes, points=dmq.summary(backbone)["calibration_points"],
+        timesteps=sorted(seen), seconds=time.perf_counter() - t0, text_encoders=te_names)
+    logger.info("quantize_pipeline: %s backbone %s, %d calibration points over %d process(es)", cfg.name,
+                type(backbone).__name__, pipe.dmq_calibration.points, processes)
+    return pipe
+
+
+def _restore(done: list[tuple[nn.Module, offload.OffloadRecord]]) -> None:
+    for mod, rec in reversed(done):
+        if getattr(mod, "_dmq", None) is not None:
+            dmq.restore(mod)
+        if rec:
+            offload.undo(mod, rec)
+
+
+def restore_pipeline(pipe: Any) -> Any:
+    """Undo :func:`quantize_pipeline`: the float backbone and text encoders come back, with their accelerate
+    offloading hooks where they had them. Returns ``pipe``."""
+    done = getattr(pipe, "_dmq_quantized", None)
+    if done is None:
+        raise ValueError("pipeline was not quantized by quantize_pipeline")
+    _restore(done)
+    del pipe._dmq_quantized
+    return pipe
+
+
+def _quantize_module(module: nn.Module, cfg: dmq.QuantConfig, include, exclude) -> offload.OffloadRecord:
+    """dmq.quantize, materialising accelerate-offloaded weights first and re-offloading after."""
+    rec = offload.materialize(module) if offload.is_offloaded(module) else offload.OffloadRecord()
+    try:
+        dmq.quantize(module, cfg, include=include, exclude=exclude)
+    except BaseException:
+        if rec:
+            offload.undo(module, rec)
+        raise
+    if rec:
+        offload.reoffload(module, rec)
+    return rec
