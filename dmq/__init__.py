@@ -8,9 +8,28 @@
 """
 
 from dmq import formats, kernels
-from dmq.api import calibrate, dequantize, freeze, quantize, quantizers, restore, summary, unet_skip_splits
+from dmq.api import (
+    calibrate,
+    dequantize,
+    freeze,
+    learned_config,
+    quantize,
+    quantizers,
+    restore,
+    summary,
+    unet_skip_splits,
+)
 from dmq.calibration import AllSteps, NormalSteps, StepPolicy, UniformSteps
-from dmq.config import PRESETS, QuantConfig, QuantSpec, get_config, preset_names
+from dmq.config import (
+    PRESETS,
+    VARIANTS,
+    QuantConfig,
+    QuantSpec,
+    config_from_json,
+    config_to_json,
+    get_config,
+    preset_names,
+)
 from dmq.modules import QuantAttnProcessor, QuantConv2d, QuantLinear
 from dmq.packed import weight_bytes
 from dmq.quantizer import NotCalibratedError, TensorQuantizer
@@ -19,8 +38,9 @@ from dmq.sync import sync_statistics
 
 __version__ = "0.1.0"
 __all__ = [
-    "PRESETS", "AllSteps", "NormalSteps", "NotCalibratedError", "QuantAttnProcessor", "QuantConfig", "QuantConv2d",
-    "QuantLinear", "QuantSpec", "StepPolicy", "TensorQuantizer", "UniformSteps", "calibrate", "dequantize",
-    "formats", "freeze", "get_config", "kernels", "load", "preset_names", "quantization_map", "quantize",
-    "quantizers", "restore", "save", "summary", "sync_statistics", "unet_skip_splits", "weight_bytes",
+    "PRESETS", "VARIANTS", "AllSteps", "NormalSteps", "NotCalibratedError", "QuantAttnProcessor", "QuantConfig",
+    "QuantConv2d", "QuantLinear", "QuantSpec", "StepPolicy", "TensorQuantizer", "UniformSteps", "calibrate",
+    "config_from_json", "config_to_json", "dequantize", "formats", "freeze", "get_config", "kernels",
+    "learned_config", "load", "preset_names", "quantization_map", "quantize", "quantizers", "restore", "save",
+    "summary", "sync_statistics", "unet_skip_splits", "weight_bytes",
 ]

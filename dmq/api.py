@@ -34,6 +34,10 @@ class QuantState:
     calibration_seconds: float = 0.0
     frozen: bool = False
     packed: bool = False
+    originals: dict = field(default_factory=dict)  # parameters a folded transform changed: name -> original
+    learned_overrides: dict = field(default_factory=dict)  # module -> weight QuantSpec chosen by format search
+    transformed: bool = False
+    report: dict = field(default_factory=dict)  # what the PTQ methods did (errors, cache, time)
 
 
 def _state(model: nn.Module) -> QuantState:
@@ -112,10 +116,11 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, include: Sequence[s
     state = QuantState(cfg, None)
     targets = [(n, m) for n, m in model.named_modules() if n and _selected(n, include, excl)]
     for name, mod in targets:
+        mcfg = cfg.replace(weight=cfg.weight_for(name)) if cfg.overrides else cfg  # per-module overrides
         if type(mod) is nn.Linear and (cfg.weight is not None or cfg.act is not None):
-            _set_child(model, name, QuantLinear.from_float(mod, cfg))
+            _set_child(model, name, QuantLinear.from_float(mod, mcfg))
         elif type(mod) is nn.Conv2d and (cfg.weight is not None or cfg.act is not None):
-            _set_child(model, name, QuantConv2d.from_float(mod, cfg, splits.get(name)))
+            _set_child(model, name, QuantConv2d.from_float(mod, mcfg, splits.get(name)))
             if name in splits:
                 state.splits[name] = splits[name]
         else:
@@ -158,23 +163,61 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], object], *,
     (``steps``, default ``config.steps``) accepts it. The model computes in full precision meanwhile (float weights,
     activations passed through), so the loop follows the FP trajectory. Statistics stream: memory does not grow
     with the number of calls.
+
+    With PTQ methods in the config the loop runs more than once (each run sees the same calibration trajectory):
+    a statistics run for SmoothQuant, after which smoothing is folded, inputs rotated and low-rank branches split
+    off (:func:`dmq.transforms.apply_transforms`); the observer run; then runs that stream each layer's inputs
+    into a bounded cache for format search and AdaRound / GPTQ (:func:`dmq.rounding.reconstruct`). What they did
+    is in ``dmq.summary(model)["methods"]``.
     """
     st = _state(model)
     if st.frozen:
         raise ValueError("model is frozen; calibrate before dmq.freeze")
     policy = get_policy(steps if steps is not None else st.config.steps)
-    policy.reset()
-    CONTEXT.calibrating, CONTEXT.policy, CONTEXT.points = True, policy, 0
+    cfg = st.config
     t0 = time.perf_counter()
+    if (cfg.smooth is not None or cfg.rotation is not None or cfg.lowrank) and not st.transformed:
+        from dmq.transforms import apply_transforms
+
+        st.report.update(apply_transforms(model, st, lambda: _run(model, forward_loop, policy, observe=False)))
+        st.transformed = True
+    points = _run(model, forward_loop, policy, observe=True)
+    if cfg.rounding != "rtn" or cfg.format_search:
+        from dmq.rounding import reconstruct
+
+        st.report.update(reconstruct(model, st, lambda: _run(model, forward_loop, policy, observe=False)))
+    st.calibration_points += points
+    st.calibration_seconds += time.perf_counter() - t0
+    logger.info("dmq: calibrated on %d backbone calls in %.1f s", points, time.perf_counter() - t0)
+    return model
+
+
+def _run(model: nn.Module, forward_loop: Callable[[nn.Module], object], policy: StepPolicy, observe: bool) -> int:
+    """One run of the calibration loop in calibration mode; ``observe=False`` keeps the activation observers out
+    (a statistics or capture run). Returns the number of calibration points."""
+    policy.reset()
+    qs = list(quantizers(model).values())
+    enabled = [q.enabled for q in qs]
+    if not observe:
+        for q in qs:
+            q.enabled = False
+    CONTEXT.calibrating, CONTEXT.policy, CONTEXT.points = True, policy, 0
     try:
         with torch.no_grad():
             forward_loop(model)
     finally:
         CONTEXT.calibrating, CONTEXT.policy, CONTEXT.timestep, CONTEXT.observe = False, None, None, True
-    st.calibration_points += CONTEXT.points
-    st.calibration_seconds += time.perf_counter() - t0
-    logger.info("dmq: calibrated on %d backbone calls in %.1f s", CONTEXT.points, time.perf_counter() - t0)
-    return model
+        for q, e in zip(qs, enabled):
+            q.enabled = e
+    return CONTEXT.points
+
+
+def learned_config(model: nn.Module) -> QuantConfig:
+    """The model's config with the per-module weight formats that calibration chose (format search) as overrides:
+    ``dmq.quantize(fresh_model, learned_config(model))`` builds a model that can ``load_state_dict`` this one."""
+    st = _state(model)
+    extra = tuple((name, spec) for name, spec in st.learned_overrides.items())
+    return st.config.replace(overrides=extra + tuple(st.config.overrides)) if extra else st.config
 
 
 def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
@@ -230,7 +273,15 @@ def restore(model: nn.Module, *, allow_dequantized: bool = False) -> nn.Module:
                 "allow_dequantized=True for float modules holding the dequantized weights, or freeze with "
                 "pack=False / quantize with inplace=False to keep the originals"
             )
+        learned = [n for n in st.modules if any(getattr(model.get_submodule(n), b, None) is not None
+                                                for b in ("rotation", "lowrank_down"))]
+        if st.originals or learned:
+            raise ValueError("this packed model carries learned transforms (smoothing, rotation or a low-rank "
+                             "branch) that plain float modules cannot hold: it cannot be restored")
         logger.warning("dmq.restore: the model was packed; restoring float modules with dequantized weights")
+    with torch.no_grad():  # undo folded transforms (smoothing scales live in the float parameters)
+        for pname, value in st.originals.items():
+            model.get_parameter(pname).copy_(value)
     for name in st.modules:
         _set_child(model, name, model.get_submodule(name).to_float())
     for name in st.attention:
@@ -254,4 +305,5 @@ def summary(model: nn.Module) -> dict:
         "shortcut_splits": len(st.splits), "calibration_points": st.calibration_points,
         "calibration_seconds": st.calibration_seconds, "frozen": st.frozen, "packed": st.packed,
         "observer_bytes": sum(q.observer.nbytes for q in quantizers(model).values() if q.observer is not None),
+        "methods": dict(st.report),
     }

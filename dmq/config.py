@@ -8,12 +8,19 @@ accepted, a preset name works too: ``dmq.get_config("w8a8")``.
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import json
+import re
 from dataclasses import dataclass, field, replace
 
 from dmq import formats
-from dmq.calibration import AllSteps, StepPolicy
+from dmq.calibration import AllSteps, NormalSteps, StepPolicy, UniformSteps
 
 GRANULARITIES = ("tensor", "channel", "group", "block", "token")
+ROUNDINGS = ("rtn", "adaround", "gptq")
+RECONSTRUCTIONS = ("layer", "block")
+ROTATIONS = ("hadamard", "orthogonal")
 ESTIMATORS = ("minmax", "percentile", "mse", "fp_bias")
 
 # Modules that stay in full precision unless ``keep_fp`` is overridden (globs on qualified module names).
@@ -97,6 +104,21 @@ class QuantConfig:
         timestep_range: the range the timestep bins cover (``[0, num_train_timesteps)``).
         steps: which backbone calls count as calibration points (:class:`dmq.calibration.StepPolicy`).
         name: preset name, for reports.
+        rounding: weight rounding: ``"rtn"`` (round to nearest), ``"adaround"`` (learned up/down rounding on the INT
+            or FP grid, AdaRound / FP4DiT) or ``"gptq"`` (Hessian error feedback). Learned in :func:`dmq.calibrate`.
+        reconstruction: AdaRound's objective: ``"layer"`` (each layer's output) or ``"block"`` (BRECQ: the output of
+            each transformer / resnet / attention block; layers outside blocks stay layer-wise).
+        rounding_iters: optimisation steps per layer (or block) of AdaRound.
+        smooth: SmoothQuant channel balancing of the Linear inputs: None (off), an alpha in [0, 1], or ``"search"``
+            (alpha chosen per layer group by output error). Scales are folded into the preceding norm, adaLN
+            modulation or value projection; layers without a foldable predecessor are left alone.
+        rotation: ``"hadamard"`` or ``"orthogonal"`` rotation of Linear inputs (QuaRot / OstQuant), or None.
+        lowrank: rank of a 16-bit low-rank branch per layer (SVDQuant); 0 = none.
+        format_search: LLM-FP4 per-layer search of the weight's E/M split (same bit width) and exponent bias.
+        overrides: ``(glob, weight spec)`` pairs: modules whose name matches a glob use that weight spec (the first
+            match wins); a mixed-precision allocation is such a list.
+        calib_rows: rows (tokens / pixels) per layer kept in the reconstruction cache.
+        cache_mb: memory bound of the reconstruction cache: layers are captured in as many passes as needed.
     """
 
     weight: QuantSpec | None
@@ -108,8 +130,19 @@ class QuantConfig:
     timestep_range: tuple[float, float] = (0.0, 1000.0)
     steps: StepPolicy = field(default_factory=AllSteps)
     name: str = "custom"
+    rounding: str = "rtn"
+    reconstruction: str = "layer"
+    rounding_iters: int = 500
+    smooth: float | str | None = None
+    rotation: str | None = None
+    lowrank: int = 0
+    format_search: bool = False
+    overrides: tuple[tuple[str, QuantSpec], ...] = ()
+    calib_rows: int = 2048
+    cache_mb: float = 64.0
 
     def __post_init__(self) -> None:
+        self._check_methods()
         if self.weight is None and self.act is None and self.attn is None:
             raise ValueError("a QuantConfig needs at least one of weight, act, attn")
         if self.weight is not None and (self.weight.dynamic or self.weight.granularity == "token"):
@@ -126,9 +159,43 @@ class QuantConfig:
         if not hi > lo:
             raise ValueError(f"timestep_range must be (lo, hi) with hi > lo, got {self.timestep_range}")
 
+    def _check_methods(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {self.reconstruction!r}")
+        if self.rotation is not None and self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be None or one of {ROTATIONS}, got {self.rotation!r}")
+        if self.smooth is not None and self.smooth != "search" and not (
+                isinstance(self.smooth, (int, float)) and 0.0 <= self.smooth <= 1.0):
+            raise ValueError(f"smooth must be None, 'search' or an alpha in [0, 1], got {self.smooth!r}")
+        if self.lowrank < 0 or self.rounding_iters < 0 or self.calib_rows < 1 or self.cache_mb <= 0:
+            raise ValueError("lowrank and rounding_iters must be >= 0, calib_rows >= 1 and cache_mb > 0")
+        if (self.rounding != "rtn" or self.lowrank or self.format_search or self.rotation) and self.weight is None:
+            raise ValueError("rounding, lowrank, rotation and format_search act on weights: set config.weight")
+        for glob, spec in self.overrides:
+            if not isinstance(glob, str) or not isinstance(spec, QuantSpec):
+                raise ValueError("overrides are (module-name glob, weight QuantSpec) pairs")
+            if spec.dynamic or spec.granularity == "token":
+                raise ValueError(f"override {glob!r}: weights are static, per tensor, channel, group or block")
+
     @property
     def probs(self) -> QuantSpec | None:
         return self.attn_probs if self.attn_probs is not None else self.attn
+
+    @property
+    def learns_weights(self) -> bool:
+        """Whether :func:`dmq.calibrate` changes the weights or their quantized values (so the quantized weight is
+        state to save, not recomputed from the float weight)."""
+        return (self.rounding != "rtn" or self.smooth is not None or self.rotation is not None or self.lowrank > 0
+                or self.format_search)
+
+    def weight_for(self, name: str) -> QuantSpec | None:
+        """The weight spec of module ``name``: the first matching override, else ``weight``."""
+        for glob, spec in self.overrides:
+            if fnmatch.fnmatchcase(name, glob):
+                return spec
+        return self.weight
 
     def replace(self, **changes) -> QuantConfig:
         return replace(self, **changes)
@@ -229,13 +296,105 @@ def preset_names() -> list[str]:
     return list(PRESETS)
 
 
+# ``preset+variant+...``: composable method switches on top of a preset
+VARIANTS = {
+    "adaround": "AdaRound learned rounding (INT or FP grid), layer-wise",
+    "brecq": "AdaRound with BRECQ block-output reconstruction",
+    "gptq": "GPTQ Hessian error-feedback rounding",
+    "smooth": "SmoothQuant with searched alpha (``smooth0.5``: fixed alpha 0.5)",
+    "svd<r>": "SVDQuant 16-bit low-rank branch of rank r (``svd32``)",
+    "hadamard": "Hadamard rotation of Linear inputs",
+    "rotate": "random orthogonal rotation of Linear inputs",
+    "fsearch": "LLM-FP4 per-layer E/M split and exponent-bias search",
+}
+
+
+def _apply_variant(cfg: QuantConfig, variant: str) -> QuantConfig:
+    if variant == "adaround":
+        return cfg.replace(rounding="adaround")
+    if variant == "brecq":
+        return cfg.replace(rounding="adaround", reconstruction="block")
+    if variant == "gptq":
+        return cfg.replace(rounding="gptq")
+    if variant == "hadamard":
+        return cfg.replace(rotation="hadamard")
+    if variant == "rotate":
+        return cfg.replace(rotation="orthogonal")
+    if variant == "fsearch":
+        return cfg.replace(format_search=True)
+    m = re.fullmatch(r"smooth(\d*\.?\d*)", variant)
+    if m:
+        return cfg.replace(smooth=float(m.group(1)) if m.group(1) else "search")
+    m = re.fullmatch(r"svd(\d+)", variant)
+    if m:
+        return cfg.replace(lowrank=int(m.group(1)))
+    raise ValueError(f"unknown preset variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+
+
 def get_config(config: str | QuantConfig) -> QuantConfig:
-    """A config object, or the preset called ``config``; unknown names raise ``ValueError`` listing the presets."""
+    """A config object, or the preset called ``config``, optionally with ``+variant`` method switches
+    (``"w4a8+adaround"``, ``"nvfp4+svd32"``, ``"w4a8+smooth+gptq"``; see :data:`VARIANTS`). Unknown names raise
+    ``ValueError`` listing the presets (or variants)."""
     if isinstance(config, QuantConfig):
         return config
     if not isinstance(config, str):
         raise TypeError(f"expected a QuantConfig or a preset name, got {type(config).__name__}")
+    base, *variants = config.lower().split("+")
     try:
-        return PRESETS[config.lower()]()
+        cfg = PRESETS[base]()
     except KeyError:
         raise ValueError(f"unknown preset {config!r}; valid presets: {', '.join(PRESETS)}") from None
+    for v in variants:
+        cfg = _apply_variant(cfg, v)
+    return cfg.replace(name=config.lower()) if variants else cfg
+
+
+# ------------------------------------------------------------------------------------------------ JSON
+_POLICIES = {"AllSteps": AllSteps, "UniformSteps": UniformSteps, "NormalSteps": NormalSteps}
+
+
+def _spec_dict(spec: QuantSpec | None) -> dict | None:
+    return None if spec is None else dataclasses.asdict(spec)
+
+
+def config_to_dict(cfg: QuantConfig) -> dict:
+    """A JSON-ready dict of ``cfg`` (round-trips through :func:`config_from_dict`)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, QuantSpec):
+            v = _spec_dict(v)
+        elif f.name == "steps":
+            if type(v).__name__ not in _POLICIES:
+                raise ValueError(f"step policy {type(v).__name__} is not serialisable; use one of {list(_POLICIES)}")
+            v = {"policy": type(v).__name__, **{k.name: getattr(v, k.name) for k in dataclasses.fields(v)
+                                                if not k.name.startswith("_")}}
+        elif f.name == "overrides":
+            v = [[g, _spec_dict(s)] for g, s in v]
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def config_from_dict(d: dict) -> QuantConfig:
+    """Inverse of :func:`config_to_dict`."""
+    kw = dict(d)
+    for k in ("weight", "act", "attn", "attn_probs"):
+        if kw.get(k) is not None:
+            kw[k] = QuantSpec(**kw[k])
+    if "steps" in kw:
+        st = dict(kw["steps"])
+        kw["steps"] = _POLICIES[st.pop("policy")](**st)
+    kw["keep_fp"] = tuple(kw.get("keep_fp", DEFAULT_KEEP_FP))
+    kw["timestep_range"] = tuple(kw.get("timestep_range", (0.0, 1000.0)))
+    kw["overrides"] = tuple((g, QuantSpec(**s)) for g, s in kw.get("overrides", ()))
+    return QuantConfig(**kw)
+
+
+def config_to_json(cfg: QuantConfig) -> str:
+    return json.dumps(config_to_dict(cfg), indent=1)
+
+
+def config_from_json(text: str) -> QuantConfig:
+    return config_from_dict(json.loads(text))

@@ -39,6 +39,32 @@ def _act(spec: QuantSpec | None, dim: int, config: QuantConfig) -> TensorQuantiz
     return None if spec is None else TensorQuantizer(spec, dim, config.timestep_range)
 
 
+def _register_method_state(q: nn.Module, config: QuantConfig, down_tail: tuple[int, ...], out: int,
+                           rotate_dim: int | None) -> None:
+    """Placeholders for the artefacts :func:`dmq.calibrate` learns (see :mod:`dmq.rounding`, :mod:`dmq.transforms`):
+    a persistent ``weight_fq`` (the learned quantized weight is state, never recomputed by round-to-nearest), an
+    input ``rotation`` and a 16-bit low-rank branch ``lowrank_up @ lowrank_down``. They exist from
+    :func:`dmq.quantize` on, so that a freshly quantized model can ``load_state_dict`` a calibrated one."""
+    q.weight_spec = config.weight
+    if config.learns_weights:
+        q._non_persistent_buffers_set.discard("weight_fq")
+    rank = min(config.lowrank, math.prod(down_tail), out) if config.weight is not None else 0
+    if getattr(q, "groups", 1) != 1:
+        rank = 0  # the branch is a dense conv pair
+    w = q.weight
+    q.register_buffer("lowrank_down", w.new_zeros((rank, *down_tail)) if rank else None)
+    q.register_buffer("lowrank_up", w.new_zeros(out, rank) if rank else None)
+    use_rot = config.rotation is not None and config.weight is not None and rotate_dim is not None
+    q.register_buffer("rotation", torch.eye(rotate_dim, dtype=w.dtype, device=w.device) if use_rot else None)
+
+
+
+def _register_empty_method_state(q: nn.Module) -> None:
+    """The method-state slots of :func:`_register_method_state`, empty; loading fills the ones a checkpoint has."""
+    for name in ("lowrank_down", "lowrank_up", "rotation"):
+        q.register_buffer(name, None)
+
+
 class PackedMixin:
     """The packed state of a frozen quantized layer: buffers named in ``_packed_names`` (``qweight``,
     ``weight_scale``, ..., with a ``_1`` suffix for the second half of a split convolution) described by
@@ -78,8 +104,11 @@ class PackedMixin:
             return
         names = []
         if self.weight_spec is not None:
+            from dmq.rounding.layer import target_weight  # the float weight the scales were searched on
+
             parts = self._weight_parts()
-            src = [self.weight] if len(parts) == 1 else [self.weight[:, : self.split], self.weight[:, self.split:]]
+            w = target_weight(self).reshape(self.weight.shape)  # after rotation, minus the low-rank branch
+            src = [w] if len(parts) == 1 else [w[:, : self.split], w[:, self.split:]]
             layouts = []
             for i, (w, target) in enumerate(zip(src, parts)):
                 tensors, layout = pack_weight(w, self.weight_spec, target)
@@ -152,6 +181,7 @@ class QuantLinear(PackedMixin, nn.Linear):
         q.weight_spec = config.weight
         q.input_quantizer = _act(config.act, -1, config)
         q.register_buffer("weight_fq", _wq(mod.weight, config.weight), persistent=False)
+        _register_method_state(q, config, (mod.in_features,), mod.out_features, mod.in_features)
         return q
 
     @classmethod
@@ -164,6 +194,7 @@ class QuantLinear(PackedMixin, nn.Linear):
         q.weight, q.bias = mod.weight, mod.bias
         q.weight_spec = weight_spec
         q.input_quantizer = act
+        _register_empty_method_state(q)
         q.set_packed(layouts)
         return q
 
@@ -174,24 +205,41 @@ class QuantLinear(PackedMixin, nn.Linear):
         fused (:func:`dmq.kernels.int_linear`); ``fp8_gemm``: ``torch._scaled_mm`` on CUDA devices that have it;
         otherwise (and as the fallback of both) the fake-quantized input times the weight dequantized on the fly.
         """
+        x = self.transform_input(x)  # online rotation (identity without one)
+        branch = self.lowrank_branch(x)  # 16-bit low-rank branch on the unquantized input (0.0 without one)
         q = self.input_quantizer
         ready = q is not None and q.enabled and q.frozen
+        y = None
         if self.exec_path == "int_gemm" and ready and kernels.enabled("int_gemm"):
             scale, zp = q.static_params(x)
             lay = self.weight_layouts[0]
             codes = int_codes(self._part(0), lay)
             w_scale = self.weight_scale.to(torch.float32).reshape(-1).expand(lay.rows)
-            return kernels.int_linear(x, scale, zp, q.fmt.bits, q.fmt.signed, codes, w_scale, self.weight_rowsum,
-                                      self.bias)
-        if self.exec_path == "fp8_gemm" and ready and x.is_cuda:
+            y = kernels.int_linear(x, scale, zp, q.fmt.bits, q.fmt.signed, codes, w_scale, self.weight_rowsum,
+                                   self.bias)
+        elif self.exec_path == "fp8_gemm" and ready and x.is_cuda:
             scale, _ = q.static_params(x)
             w_scale = self.weight_scale.to(torch.float32).reshape(-1).expand(self.weight_layouts[0].rows)
             y = kernels.fp8_linear(x, scale, self.qweight, w_scale, self.bias)
-            if y is not None:
-                return y
-        if q is not None:
-            x = q(x)
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        if y is None:
+            xq = q(x) if q is not None else x
+            y = F.linear(xq, self.dequantized_weight(x.dtype), self.bias)
+        return y + branch
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float weight the quantized path approximates: ``W R`` under an input rotation ``R``."""
+        w = self.weight
+        return w if self.rotation is None else w @ self.rotation
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x R`` (online input rotation; identity without one)."""
+        return x if self.rotation is None else x @ self.rotation
+
+    def lowrank_branch(self, x: torch.Tensor) -> torch.Tensor | float:
+        """``x Vᵀ Uᵀ``: the 16-bit low-rank branch on the unquantized (transformed) input, or 0."""
+        if self.lowrank_down is None:
+            return 0.0
+        return F.linear(F.linear(x, self.lowrank_down), self.lowrank_up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
@@ -200,11 +248,13 @@ class QuantLinear(PackedMixin, nn.Linear):
             return self.frozen_forward(x)
         if CONTEXT.calibrating:
             if self.input_quantizer is not None:
-                self.input_quantizer(x)
+                self.input_quantizer(self.transform_input(x))
             return F.linear(x, self.weight, self.bias)
+        x = self.transform_input(x)
+        branch = self.lowrank_branch(x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        return F.linear(x, self.weight_fq, self.bias)
+        return F.linear(x, self.weight_fq, self.bias) + branch
 
     def to_float(self) -> nn.Linear:
         m = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
@@ -241,6 +291,7 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
         wq = _wq(w, config.weight) if split is None else torch.cat(
             [_wq(w[:, :split], config.weight), _wq(w[:, split:], config.weight)], dim=1)
         q.register_buffer("weight_fq", wq, persistent=False)
+        _register_method_state(q, config, (mod.in_channels // mod.groups, *mod.kernel_size), mod.out_channels, None)
         return q
 
     @classmethod
@@ -256,8 +307,21 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
         q.weight, q.bias = mod.weight, mod.bias
         q.weight_spec, q.split = weight_spec, split
         q.input_quantizer, q.input_quantizer_skip = acts
+        _register_empty_method_state(q)
         q.set_packed(layouts)
         return q
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def lowrank_branch(self, x: torch.Tensor) -> torch.Tensor | float:
+        """``conv(x, V)`` then the 1x1 ``conv(·, U)``: the 16-bit low-rank branch, or 0."""
+        if self.lowrank_down is None:
+            return 0.0
+        return F.conv2d(self._conv_forward(x, self.lowrank_down, None), self.lowrank_up[:, :, None, None])
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is None:
@@ -269,8 +333,9 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
 
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
         """A packed convolution: the fake-quantized input and the weight dequantized on the fly (bit-identical to
-        the fake-quant path; no integer convolution kernel on CPU)."""
-        return self._conv_forward(self._quant_input(x), self.dequantized_weight(x.dtype), self.bias)
+        the fake-quant path; no integer convolution kernel on CPU), plus the low-rank branch if there is one."""
+        return self._conv_forward(self._quant_input(x), self.dequantized_weight(x.dtype), self.bias) + \
+            self.lowrank_branch(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
@@ -280,7 +345,7 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
         if CONTEXT.calibrating:
             self._quant_input(x)
             return self._conv_forward(x, self.weight, self.bias)
-        return self._conv_forward(self._quant_input(x), self.weight_fq, self.bias)
+        return self._conv_forward(self._quant_input(x), self.weight_fq, self.bias) + self.lowrank_branch(x)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", split={self.split}" if self.split is not None else "")

@@ -214,20 +214,24 @@ def pack_weight(w: torch.Tensor, spec: QuantSpec, target: torch.Tensor | None = 
                 ) -> tuple[dict[str, torch.Tensor], WeightLayout]:
     """Codes and scales of ``w`` quantized by ``spec`` (the static weight search of :mod:`dmq.fake_quant`).
 
-    ``target`` is the fake-quantized weight the layer computes with (default: recomputed); it is checked to round
-    trip bit for bit, and when rounding ``w`` does not give it (learned rounding, GPTQ) the codes are taken from
-    ``target`` itself on the same scales. A weight that is not on its grid raises ``ValueError``.
+    ``w`` is the float weight the scales are searched on, ``target`` the fake-quantized weight the layer computes
+    with (its dtype is the layout's). ``target`` is checked to round trip bit for bit; when rounding ``w`` does not
+    give it (learned rounding, GPTQ), the codes are taken from ``target`` itself on the same scales. A weight that
+    is not on its grid raises ``ValueError``.
     """
     fmt = spec.fmt
     rows = w.detach().reshape(w.shape[0], -1)
     storage = _storage(fmt)
     if fmt.is_block:
-        layout, tensors = _pack_block(rows, fmt, w, storage)
+        layout, tensors = _pack_block(rows, fmt, w, storage, w.dtype if target is None else target.dtype)
+        if target is not None and not _same(unpack_weight(tensors, layout), target):
+            tensors["qweight"] = _block_codes_of(target.detach().reshape(rows.shape), tensors, layout)
     else:
         g, scale, zp = weight_qparams(w, fmt, spec.granularity, spec.group_size, spec.symmetric, spec.estimator)
         sd = smallest_exact_dtype(scale)
+        dt = w.dtype if target is None else target.dtype
         layout = WeightLayout(fmt.name, spec.granularity, spec.group_size, spec.symmetric, tuple(w.shape),
-                              dtype_name(w.dtype), storage, _padded(rows.shape[1], spec), dtype_name(sd))
+                              dtype_name(dt), storage, _padded(rows.shape[1], spec), dtype_name(sd))
         tensors = _pack_element(g, scale, zp, fmt, layout)
         if target is not None and not _same(unpack_weight(tensors, layout), target):
             tg = grouped(target.detach().reshape(rows.shape).float(), spec.granularity, spec.group_size)
@@ -253,7 +257,7 @@ def _pack_element(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
     return out
 
 
-def _pack_block(rows: torch.Tensor, fmt: formats.Format, w: torch.Tensor, storage: str
+def _pack_block(rows: torch.Tensor, fmt: formats.Format, w: torch.Tensor, storage: str, dtype: torch.dtype
                 ) -> tuple[WeightLayout, dict[str, torch.Tensor]]:
     padded = _pad_to(rows.shape[1], fmt.block_size)
     if isinstance(fmt, formats.NVFP4Format):
@@ -262,13 +266,29 @@ def _pack_block(rows: torch.Tensor, fmt: formats.Format, w: torch.Tensor, storag
     else:
         codes, scales = fmt.encode(rows, dim=-1)
         st, sdt = None, torch.uint8
-    layout = WeightLayout(fmt.name, "block", fmt.block_size, True, tuple(w.shape), dtype_name(w.dtype), storage,
+    layout = WeightLayout(fmt.name, "block", fmt.block_size, True, tuple(w.shape), dtype_name(dtype), storage,
                           padded, dtype_name(sdt))
     tensors = {"qweight": _store_codes(codes.reshape(rows.shape[0], padded), storage, fmt.bits),
                "weight_scale": scales.contiguous()}
     if st is not None:
         tensors["weight_scale2"] = st.reshape(())
     return layout, tensors
+
+
+def _block_codes_of(target: torch.Tensor, tensors: dict[str, torch.Tensor], layout: WeightLayout) -> torch.Tensor:
+    """Stored codes of ``target`` rows on the block scales already in ``tensors`` (learned rounding)."""
+    fmt = layout.fmt
+    r = target.shape[0]
+    blocks = torch.nn.functional.pad(target.float(), (0, layout.padded_cols - target.shape[1]))
+    blocks = blocks.reshape(r, -1, fmt.block_size)
+    sc = tensors["weight_scale"]
+    if isinstance(fmt, formats.NVFP4Format):
+        denom = sc.to(torch.float32).unsqueeze(-1) * tensors["weight_scale2"].to(torch.float32)
+    else:
+        e = sc.to(torch.int32).unsqueeze(-1) - 127
+        denom = torch.ldexp(torch.ones(e.shape, dtype=torch.float32), e)
+    codes = fmt.element.encode(blocks / denom).reshape(r, layout.padded_cols)
+    return _store_codes(codes, layout.storage, fmt.bits)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from dmq.api import QuantState, _set_child
-from dmq.calibration import TimestepHook
-from dmq.config import QuantConfig, QuantSpec
+from dmq.calibration import AllSteps, TimestepHook
+from dmq.config import QuantConfig, QuantSpec, config_from_dict, config_to_dict
 from dmq.joint_attention import QuantJointAttnProcessor
 from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, QuantConv2d, QuantLinear
 from dmq.packed import WeightLayout
@@ -83,20 +83,16 @@ def _quantizer_from(d: dict | None, where: str) -> TensorQuantizer | None:
 
 
 def _config(cfg: QuantConfig) -> dict:
-    return {"name": cfg.name, "weight": _spec(cfg.weight), "act": _spec(cfg.act), "attn": _spec(cfg.attn),
-            "attn_probs": _spec(cfg.attn_probs), "keep_fp": list(cfg.keep_fp), "shortcut_split": cfg.shortcut_split,
-            "timestep_range": list(cfg.timestep_range), "steps": repr(cfg.steps)}
+    try:
+        return config_to_dict(cfg)
+    except ValueError:  # a custom step policy: irrelevant once frozen
+        return config_to_dict(cfg.replace(steps=AllSteps()))
 
 
 def _config_from(d: dict) -> QuantConfig:
     try:
-        return QuantConfig(
-            weight=_spec_from(d["weight"], "config"), act=_spec_from(d["act"], "config"),
-            attn=_spec_from(d["attn"], "config"), attn_probs=_spec_from(d["attn_probs"], "config"),
-            keep_fp=tuple(d["keep_fp"]), shortcut_split=bool(d["shortcut_split"]),
-            timestep_range=tuple(float(v) for v in d["timestep_range"]), name=str(d["name"]),
-        )
-    except (KeyError, TypeError) as e:
+        return config_from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"bad config entry in the quantization map: {e}") from None
 
 

@@ -2,6 +2,11 @@
 
     .venv/bin/python scripts/bench_quant.py --n-samples 200 --steps 50 --out benchmarks/quant.json
 
+Advanced PTQ methods (each row beside its round-to-nearest baseline, the preset before the ``+``):
+
+    .venv/bin/python scripts/bench_quant.py --presets w4a8 w4a6-fp nvfp4 --no-naive --peers \
+        --methods w4a8+adaround w4a8+gptq nvfp4+svd32 --out benchmarks/quant_methods.json
+
 Per backbone and method: ε SQNR vs full precision per timestep bin (on inputs captured from the FP trajectory),
 final-sample PSNR vs FP at identical seeds (DPMSolverMultistepScheduler), FID against the held-out digits in the
 digit classifier's feature space, class accuracy, calibration time, the streaming-statistics size and the process
@@ -183,7 +188,63 @@ def run_dmq(ev: Evaluator, config, include: list[str] | None = None) -> dict:
            "observer_bytes": stats_bytes, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024,
            "layers": s["layers"], "attention_modules": s["attention"], "shortcut_splits": s["shortcut_splits"]}
+    methods = s.get("methods") or {}
+    if methods:
+        res["methods"] = _method_summary(methods)
+        res["lowrank_params_fraction"] = lowrank_fraction(model)
     res.update(ev.metrics(model))
+    return res
+
+
+def lowrank_fraction(model: torch.nn.Module) -> float:
+    """Parameters of the 16-bit low-rank branches relative to the quantized layers' weights."""
+    lr = w = 0
+    for n in model._dmq.modules:
+        m = model.get_submodule(n)
+        w += m.weight.numel()
+        if getattr(m, "lowrank_down", None) is not None:
+            lr += m.lowrank_down.numel() + m.lowrank_up.numel()
+    return lr / max(w, 1)
+
+
+def _method_summary(report: dict) -> dict:
+    """The JSON-sized part of ``dmq.summary(model)["methods"]``: per-layer errors become their median and mean."""
+    out = {}
+    for k, v in report.items():
+        if k == "error_vs_rtn" and v:
+            vals = sorted(v.values())
+            out["layer_error_vs_rtn_median"] = vals[len(vals) // 2]
+            out["layer_error_vs_rtn_mean"] = sum(vals) / len(vals)
+        elif k == "smooth_alpha":
+            out["smoothed_groups"] = sum(a is not None for a in v.values())
+            out["smooth_alpha"] = v
+        else:
+            out[k] = v
+    return out
+
+
+def run_mixed(ev: Evaluator, preset: str, bits: float) -> dict:
+    """Sensitivity-driven mixed precision at the preset's own weight budget: per-layer INT3 / INT4 / INT8 weights
+    (per channel, MSE clipping) allocated under ``bits`` per weight on average, activations as the preset. The
+    sensitivity runs on the ε-SQNR inputs (12 FP trajectory calls across timesteps)."""
+    from dmq.mixed_precision import allocate, average_bits_budget, measure_sensitivity
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    base = dmq.get_config(preset)
+    probe = dmq.quantize(ev.fp_model, base, inplace=False)
+    cands = [dmq.QuantSpec(f"int{b}", "channel", estimator="mse") for b in (3, 4, 8)]
+    sens = measure_sensitivity(probe, lambda m: eps_outputs(m, ev.inputs[::2]), cands)
+    plan = allocate(probe, sens, cands, average_bits_budget(probe, list(sens), bits))
+    t_sens = time.perf_counter() - t0
+    res = run_dmq(ev, plan.to_config(base))
+    counts = {}
+    for spec in plan.specs.values():
+        counts[spec.format] = counts.get(spec.format, 0) + 1
+    res.update({"sensitivity_s": t_sens, "calibrate_s": res["calibrate_s"] + t_sens, "budget_bits": bits,
+                "avg_bits": plan.cost_bits / sum(probe.get_submodule(n).weight.numel() for n in plan.specs),
+                "layers_per_format": counts,
+                "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024})
     return res
 
 
@@ -236,9 +297,14 @@ def main() -> None:
     ap.add_argument("--eps-calls", type=int, default=12, help="FP backbone calls whose inputs measure ε SQNR")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--methods", nargs="*", default=[],
+                    help="preset+variant rows (dmq.VARIANTS), e.g. w4a8+adaround nvfp4+svd32; compare with the preset")
+    ap.add_argument("--mixed", nargs="*", default=[], metavar="PRESET:BITS",
+                    help="mixed-precision rows, e.g. w4a8:4 (INT3/4/8 weights at 4 bits per weight on average)")
     ap.add_argument("--peers", nargs="*", default=list(PEERS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "quant.json"))
+    ap.add_argument("--append", action="store_true", help="merge the rows into an existing --out file (same protocol)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     features = DigitsFeatures.from_pretrained(str(ROOT / "assets" / "digits-classifier"))
@@ -259,12 +325,19 @@ def main() -> None:
             configs.append(("int-w4a6-token", int_w4a6()))
         if any(p.startswith("torchao-int8") for p in args.peers):
             configs.append(("int8-dynamic-linear", int8_dynamic_linear()))
+        configs += [(m, m) for m in args.methods]
         for name, cfg in configs:
             include = linear_names(ev.fp_model) if name == "int8-dynamic-linear" else None
             rows[name] = run_dmq(ev, cfg, include)
             r = rows[name]
             print(f"[{kind}] {name}: eps {r['eps_sqnr_db']['all']:.1f} dB, PSNR {r['psnr_vs_fp_db']:.1f}, "
                   f"FID {r['fid']:.3f}, acc {r['class_accuracy']:.3f}, calib {r['calibrate_s']:.1f}s", flush=True)
+        for item in args.mixed:
+            preset, bits = item.split(":")
+            name = f"{preset}+mixed{bits}"
+            rows[name] = r = run_mixed(ev, preset, float(bits))
+            print(f"[{kind}] {name}: eps {r['eps_sqnr_db']['all']:.1f} dB, FID {r['fid']:.3f}, "
+                  f"avg bits {r['avg_bits']:.2f}, calib {r['calibrate_s']:.1f}s", flush=True)
         for peer in args.peers:
             try:
                 rows[peer] = run_peer(ev, peer)
@@ -275,6 +348,16 @@ def main() -> None:
         report["models"][kind] = rows
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and out.exists():  # add this run's rows to an earlier run of the same protocol
+        old = json.loads(out.read_text())
+        keys = ("n_samples", "steps", "calib_samples", "calib_steps", "eps_calls", "seed", "threads")
+        if any(old["protocol"][k] != report["protocol"][k] for k in keys):
+            raise SystemExit(f"--append: {out} was made with a different protocol")
+        old.setdefault("appended_commands", []).append(report["command"])
+        for kind, rows in report["models"].items():
+            old["models"].setdefault(kind, {}).update({k: v for k, v in rows.items() if k not in old["models"][kind]
+                                                       or k not in ("fp",) + tuple(args.presets)})
+        report = old
     out.write_text(json.dumps(report, indent=2))
     print_table(report)
 

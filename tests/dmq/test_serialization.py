@@ -47,15 +47,15 @@ def test_unet_with_shortcut_splits_round_trips(tmp_path, one_thread):
 
 
 def test_map_is_written_per_module_and_extra_buffers_are_carried(tmp_path):
-    # mixed precision: one layer with its own spec; a low-rank branch registered as buffers by another tool
+    # mixed precision: one layer with its own spec; tensors another tool registers as buffers, unknown to dmq
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))
     x = torch.randn(5, 32)
     q = dmq.quantize(model, dmq.get_config("w4a16").replace(keep_fp=()))
     q[2] = dmq.QuantLinear.from_float(nn.Linear(64, 16), dmq.get_config("w8a8").replace(
         act=None, attn=None, keep_fp=()))
-    q[2].register_buffer("lowrank_down", torch.randn(4, 64))
-    q[2].register_buffer("lowrank_up", torch.randn(16, 4))
+    q[2].register_buffer("tool_vector", torch.randn(64))
+    q[0].register_buffer("tool_scale", torch.randn(3))
     dmq.freeze(q)
     path = tmp_path / "mixed.safetensors"
     dmq.save(q, path)
@@ -67,7 +67,8 @@ def test_map_is_written_per_module_and_extra_buffers_are_carried(tmp_path):
     with pytest.raises(ValueError, match="rebuilt from its config"):
         dmq.load(path)  # a plain nn.Sequential cannot be rebuilt from a config
     r = dmq.load(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16)), path)
-    assert torch.equal(r[2].lowrank_down, q[2].lowrank_down) and "lowrank_up" in dict(r[2].named_buffers())
+    assert torch.equal(r[2].tool_vector, q[2].tool_vector)
+    assert torch.equal(r[0].tool_scale, q[0].tool_scale)
     assert r[2].weight_layouts[0].format == "int8" and r[0].weight_layouts[0].format == "int4"
     with torch.no_grad():
         assert torch.equal(r(x), q(x))
@@ -155,3 +156,33 @@ def test_wrong_format_name_and_missing_or_unknown_keys(saved, tmp_path):
         dmq.load(_rewrite(tmp_path / "cls.safetensors", bad, tensors))
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         dmq.load(tmp_path / "does-not-exist.safetensors")
+
+
+@pytest.mark.parametrize("make, name", [
+    (tiny_dit, "w4a8+adaround+smooth+svd4+hadamard"),
+    (tiny_unet, "nvfp4+svd8+gptq"),
+    (tiny_dit, "w4a6-fp+fsearch+adaround"),
+])
+def test_learned_methods_pack_exactly_and_round_trip(make, name, tmp_path, one_thread):
+    # learned rounding, smoothing, rotation, low-rank branches and searched formats: the packed model computes the
+    # fake-quant model's output, and dmq.save / dmq.load carry every artefact without knowing it
+    import copy
+
+    fp = make()
+    loop = backbone_loop(fp, [900, 300, 20])
+    q = dmq.calibrate(dmq.quantize(fp, dmq.get_config(name).replace(rounding_iters=20), inplace=False), loop)
+    fake = dmq.freeze(copy.deepcopy(q), pack=False)
+    packed = dmq.freeze(q)
+    with dmq.kernels.disable("int_gemm"):
+        assert all(torch.equal(a, b) for a, b in zip(_outs(fake, loop), _outs(packed, loop)))
+    ref = _outs(packed, loop)
+    dmq.save(packed, tmp_path / "m.safetensors")
+    loaded = dmq.load(tmp_path / "m.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(ref, _outs(loaded, loop)))
+    for n in packed._dmq.modules:
+        for buf in ("lowrank_down", "rotation"):
+            mine, theirs = getattr(packed.get_submodule(n), buf), getattr(loaded.get_submodule(n), buf)
+            assert (mine is None and theirs is None) or torch.equal(mine, theirs)
+    if any(t in name for t in ("smooth", "svd", "hadamard")):
+        with pytest.raises(ValueError, match="learned transforms"):
+            dmq.restore(packed, allow_dequantized=True)

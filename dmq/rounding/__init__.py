@@ -1,0 +1,79 @@
+"""Learned weight rounding: AdaRound (INT and FP grids) and GPTQ, on inputs streamed from a bounded cache.
+:func:`reconstruct` is what :func:`dmq.calibrate` runs when ``config.rounding`` or ``config.format_search`` asks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from dmq.rounding.adaround import RoundingResult, adaround, layer_error
+from dmq.rounding.cache import CacheStats, Reservoir, capture, iter_layer_inputs
+from dmq.rounding.gptq import gptq
+from dmq.rounding.grid import WeightGrid, weight_grid
+from dmq.rounding.layer import requantize_rtn, set_weight_fq, split_of, target_weight
+
+if TYPE_CHECKING:
+    from dmq.api import QuantState
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CacheStats", "Reservoir", "RoundingResult", "WeightGrid", "adaround", "capture", "gptq", "iter_layer_inputs",
+    "layer_error", "reconstruct", "requantize_rtn", "set_weight_fq", "target_weight", "weight_grid",
+]
+
+
+def reconstruct(model: nn.Module, state: QuantState, run_loop: Callable[[], None]) -> dict:
+    """Per layer: capture inputs (bounded cache), optionally search the FP format, then learn the rounding.
+    The learned quantized weight goes to the layer's ``weight_fq``. Returns a report (errors relative to
+    round-to-nearest, cache passes and peak bytes, time)."""
+    from dmq.format_search import search_format
+
+    cfg = state.config
+    t0 = time.perf_counter()
+    mods = {n: model.get_submodule(n) for n in state.modules}
+    mods = {n: m for n, m in mods.items() if m.weight_spec is not None}
+    from dmq.rounding.block import find_blocks, reconstruct_blocks
+
+    blocks = find_blocks(model, list(mods)) if cfg.rounding == "adaround" and cfg.reconstruction == "block" else []
+    in_blocks = {n for _, inner in blocks for n in inner}
+    if not cfg.format_search:  # block layers need no layer cache
+        mods = {n: m for n, m in mods.items() if n not in in_blocks}
+    stats = CacheStats()
+    ratios, formats = {}, {}
+    for name, x in iter_layer_inputs(model, run_loop, mods, cfg.calib_rows, cfg.cache_mb * 2 ** 20, stats):
+        m = mods[name]
+        if x.numel() == 0:
+            logger.info("%s saw no calibration input: keeping round-to-nearest", name)
+            continue
+        w = target_weight(m).reshape(m.weight.shape)
+        rows = w.reshape(w.shape[0], -1)
+        if cfg.format_search:
+            hess = x.T @ x / x.shape[0]
+            spec, _ = search_format(w, hess, m.weight_spec, split_of(m))
+            if spec != m.weight_spec:
+                m.weight_spec = spec
+                formats[name] = spec.format
+                state.learned_overrides[name] = spec
+            requantize_rtn(m)
+        if cfg.rounding == "rtn" or name in in_blocks:
+            continue
+        grid = weight_grid(w, m.weight_spec, split_of(m))
+        if cfg.rounding == "adaround":
+            res = adaround(rows, x, grid, iters=cfg.rounding_iters)
+        else:
+            res = gptq(rows, x, grid)
+        set_weight_fq(m, res.weight)
+        ratios[name] = res.error / res.rtn_error if res.rtn_error > 0 else 1.0
+    report = {"cache_passes": stats.passes, "cache_peak_bytes": stats.peak_bytes, "error_vs_rtn": ratios}
+    if blocks:
+        report.update(reconstruct_blocks(model, blocks, run_loop, cfg.rounding_iters))
+        report["cache_passes"] += 1
+    report["reconstruct_s"] = time.perf_counter() - t0
+    if cfg.format_search:
+        report["formats"] = formats
+    return report

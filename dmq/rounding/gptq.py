@@ -1,0 +1,54 @@
+"""GPTQ (Frantar et al., 2023): quantize a weight column by column and spread each column's error over the columns
+not yet quantized, weighted by the inverse Hessian ``H = X^T X`` of the layer objective (OBS update, eq. 3-5, with
+the Cholesky form of the inverse and lazy block updates). Columns go in decreasing ``diag(H)`` order (act-order).
+The grid (INT, minifloat or block format) keeps round-to-nearest's scales, so any format works.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dmq.rounding.adaround import RoundingResult, layer_error
+from dmq.rounding.grid import WeightGrid
+
+
+def gptq(w: torch.Tensor, x: torch.Tensor, grid: WeightGrid, damp: float = 0.01, block: int = 128,
+         act_order: bool = True) -> RoundingResult:
+    """GPTQ-rounded ``w`` (``(O, K)``) for inputs ``x`` (``(N, K)``); kept only if its objective is not above
+    round-to-nearest's."""
+    w = w.float()
+    hess = (x.double().T @ x.double() / max(x.shape[0], 1))
+    rtn = grid.nearest(w)
+    rtn_err = layer_error(hess, w, rtn)
+    k = w.shape[1]
+    h = hess.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    inv = torch.argsort(perm)
+    h = h[perm][:, perm]
+    scale, zero = grid.scale[:, perm], grid.zero[:, perm]
+    pgrid = WeightGrid(scale, zero, grid.values)
+    wp = w.double()[:, perm].clone()
+    wp[:, dead[perm]] = 0.0
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(wp)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = wp[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            qc = pgrid.nearest(col[:, None].float(), slice(i1 + i, i1 + i + 1))[:, 0].double()
+            q[:, i1 + i] = qc
+            e = (col - qc) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        wp[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    out = q[:, inv].float()
+    err = layer_error(hess, w, out)
+    if err > rtn_err:
+        return RoundingResult(rtn, rtn_err, rtn_err)
+    return RoundingResult(out, err, rtn_err)
