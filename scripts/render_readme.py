@@ -171,9 +171,11 @@ def quant_table(data: dict) -> str:
         f"`python {data['command']}`: ε SQNR against full precision on inputs from the FP trajectory, final-sample "
         f"PSNR against FP from the same seeds ({proto['n_samples']} samples, DPM-Solver++ {proto['steps']} steps, "
         f"guidance 2), FID (digit features) and class accuracy, calibration time ({proto['calib_samples']} images x "
-        f"{proto['calib_steps']} steps). `naive-*`: round-to-nearest, min-max per tensor at the same formats. With "
-        f"{proto['n_samples']} samples FID moves by several percent between runs, so the FID column does not decide "
-        "the 2% / 10% goals.",
+        f"{proto['calib_steps']} steps). `naive-*`: round-to-nearest, min-max per tensor at the same formats. "
+        f"Every row samples the same {proto['n_samples']} seeds, so FID differences between rows come from the "
+        "quantization; the absolute FID carries a large small-sample bias (compare rows, not with other tables). "
+        "`int8-dynamic-linear` is dmq in torchao's int8-dynamic setting (Linear layers only, per-token dynamic "
+        "activations), for a like-for-like comparison.",
         "",
         "| model | method | ε SQNR dB | PSNR vs FP dB | FID | class acc. | calibration s |",
         "|---|---|---:|---:|---:|---:|---:|",
