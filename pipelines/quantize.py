@@ -146,6 +146,7 @@ def quantize_pipeline(
     text_encoders: str | dmq.QuantConfig | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    pack: bool = True,
     progress: bool = True,
 ) -> Any:
     """Quantize ``pipe``'s backbone with timestep-aware calibration through the pipeline itself; in place.
@@ -163,6 +164,9 @@ def quantize_pipeline(
         seed: call ``i`` samples with ``torch.Generator().manual_seed(seed + i)``.
         text_encoders: also quantize the text encoders' weights (weight-only: ``"w8a16"``, ``"w4a16"``, ...).
         include, exclude: module-name globs for :func:`dmq.quantize`.
+        pack: ``dmq.freeze(..., pack=True)``: store the weights packed and release the float weights (the memory
+            saving). ``pack=False`` keeps the float weights (fake quantization), so :func:`restore_pipeline` can
+            bring the original model back.
         progress: a tqdm bar over the calibration calls (rank 0 only).
 
     Under an initialised ``torch.distributed`` process group (``accelerate launch``, ``torchrun``) the calls are
@@ -194,7 +198,7 @@ def quantize_pipeline(
                 te = getattr(pipe, te_attr, None)
                 if isinstance(te, nn.Module):
                     done.append((te, _quantize_module(te, te_cfg, None, None)))
-                    dmq.freeze(te)  # weight-only: nothing to calibrate, and no timestep hook needed
+                    dmq.freeze(te, pack=pack)  # weight-only: nothing to calibrate, and no timestep hook needed
                     te_names.append(te_attr)
         done.append((backbone, _quantize_module(backbone, cfg, include, exclude)))
         seen: set[float] = set()
@@ -216,7 +220,7 @@ def quantize_pipeline(
         finally:
             handle.remove()
         processes = dmq.sync_statistics(backbone)
-        dmq.freeze(backbone)
+        dmq.freeze(backbone, pack=pack)
     except BaseException:
         _restore(done)
         logger.warning("quantize_pipeline failed: %s restored to full precision", type(pipe).__name__)
@@ -243,10 +247,16 @@ def _restore(done: list[tuple[nn.Module, offload.OffloadRecord]]) -> None:
 
 def restore_pipeline(pipe: Any) -> Any:
     """Undo :func:`quantize_pipeline`: the float backbone and text encoders come back, with their accelerate
-    offloading hooks where they had them. Returns ``pipe``."""
+    offloading hooks where they had them. Returns ``pipe``.
+
+    A backbone quantized with ``pack=True`` (the default) has released its float weights: this then raises
+    ``ValueError`` and leaves the pipeline quantized (quantize with ``pack=False`` to be able to restore)."""
     done = getattr(pipe, "_dmq_quantized", None)
     if done is None:
         raise ValueError("pipeline was not quantized by quantize_pipeline")
+    if any(dmq.summary(mod)["packed"] for mod, _ in done if getattr(mod, "_dmq", None) is not None):
+        raise ValueError("the pipeline was quantized with pack=True, which released the float weights: reload it, "
+                         "or quantize with quantize_pipeline(..., pack=False) to be able to restore it")
     _restore(done)
     del pipe._dmq_quantized
     return pipe

@@ -38,7 +38,6 @@ sys.path.insert(0, str(ROOT))
 import dmq  # noqa: E402
 from pipelines import DigitsPipeline, load_digits, quantize_pipeline, use_sampler  # noqa: E402
 from pipelines.evaluation import DigitsFeatures, class_accuracy, feature_stats, fid_from_stats, psnr  # noqa: E402
-from pipelines.quantize import restore_pipeline  # noqa: E402
 
 SAMPLER_NAMES = ("deis", "dc-solver", "dpm++")
 LABELS = {"deis": "DEIS", "dc-solver": "DC-Solver", "dpm++": "DPM-Solver++"}
@@ -225,6 +224,12 @@ def print_table(results: list[dict]) -> None:
               f"{r['class_accuracy']:.3f} | {ps} | {r['seconds']:.1f} |")
 
 
+def load_pipeline(model: str) -> DigitsPipeline:
+    pipe = DigitsPipeline.from_pretrained(str(ROOT / "assets" / f"digits-{model}"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
@@ -265,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         })
 
     for model in args.models:
-        pipe = DigitsPipeline.from_pretrained(str(ROOT / "assets" / f"digits-{model}"))
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_pipeline(model)
         base = pipe.scheduler
         t0 = time.perf_counter()
         set_sampler(pipe, base, "dpm++", {})
@@ -277,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         for precision in precisions:
             calib_s = 0.0
             if precision != "fp":
+                pipe = load_pipeline(model)  # a fresh float model: the packed one below releases its float weights
                 set_sampler(pipe, base, "dpm++", {})
                 t0 = time.perf_counter()
                 calib = torch.arange(args.calib_samples) % 10
@@ -297,8 +302,6 @@ def main(argv: list[str] | None = None) -> int:
                     results[-1]["calibration_seconds"] = calib_s
                     grid.append((f"{precision}, {LABELS[sampler]} {nfe}", images[:10]))
                     bar.update()
-            if precision != "fp":
-                restore_pipeline(pipe)
         draw_grid(grid, out / f"grid-{model}.png")
     bar.close()
     plot_error(results, out / "error_vs_nfe.png")
