@@ -19,9 +19,7 @@ from diffusers.configuration_utils import register_to_config
 
 from .cpr import CascadePolynomialRegression
 from .dc import compensation_weights
-from .grids import TIME_GRIDS, TIMESTEP_SPACINGS
-from .schedules import FlowSchedule, NoiseSchedule, VPSchedule, alphas_cumprod_from_config
-from .scheduling_deis import PREDICTION_TYPES, TIME_SHIFT_TYPES, DEISScheduler, DEISSchedulerOutput
+from .scheduling_deis import PREDICTION_TYPES, DEISScheduler, DEISSchedulerOutput
 from .unipc import SOLVER_TYPES, unic_coefficients, unip_coefficients
 
 __all__ = ["DCSolverScheduler"]
@@ -116,36 +114,14 @@ class DCSolverScheduler(DEISScheduler):
             raise ValueError(f"dc_order must be one of [1, 2, 3], got {dc_order!r}")
         if dc_variable not in DC_VARIABLES:
             raise ValueError(f"dc_variable must be one of {DC_VARIABLES}, got {dc_variable!r}")
-        if time_grid not in TIME_GRIDS:
-            raise ValueError(f"time_grid must be one of {TIME_GRIDS}, got {time_grid!r}")
-        if timestep_spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
-        if time_shift_type not in TIME_SHIFT_TYPES:
-            raise ValueError(f"time_shift_type must be one of {TIME_SHIFT_TYPES}, got {time_shift_type!r}")
-        if time_grid_power is not None and not (
-            isinstance(time_grid_power, (int, float)) and math.isfinite(time_grid_power) and time_grid_power > 0
-        ):
-            raise ValueError(f"time_grid_power must be None or a finite number > 0, got {time_grid_power!r}")
         _check_ratios(dc_ratios, None)
         if cpr is not None:
             CascadePolynomialRegression.from_dict(cpr)  # validates
-        if prediction_type == "flow_prediction":
-            self.schedule: NoiseSchedule = FlowSchedule(num_train_timesteps)
-            self.alphas_cumprod = None
-        else:
-            ac = alphas_cumprod_from_config(
-                num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
-            )
-            self.schedule = VPSchedule(ac)
-            self.alphas_cumprod = torch.from_numpy(ac).float()
-        self.init_noise_sigma = 1.0
+        self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
+                            timestep_spacing, rescale_betas_zero_snr, time_shift_type, time_grid, time_grid_power)
         self.order = 1
-        self.num_inference_steps: int | None = None
-        self.timesteps = torch.from_numpy(np.arange(num_train_timesteps)[::-1].astype(np.float32))
-        self.sigmas = torch.from_numpy(self.schedule.rho(self.timesteps.double().numpy()).astype(np.float32))
         self._plan: _DCPlan | None = None
         self._ratios: list[float] = []
-        self._begin_index: int | None = None
         self._reset_state()
 
     # ----------------------------------------------------------------------------------------------------------------

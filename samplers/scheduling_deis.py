@@ -121,6 +121,17 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"deis_order for deis_method={deis_method!r} must be one of {list(allowed)}, got {deis_order!r}"
             )
+        self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
+                            timestep_spacing, rescale_betas_zero_snr, time_shift_type, time_grid, time_grid_power)
+        self.order = len(RK_TABLEAUX[deis_order].c) if deis_method == "rhork" else 1
+        self._plan: Plan | None = None
+        self._reset_state()
+
+    def _init_schedule(self, num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+                       trained_betas, prediction_type: str, timestep_spacing: str, rescale_betas_zero_snr: bool,
+                       time_shift_type: str, time_grid: str, time_grid_power: float | None) -> None:
+        """Validate the schedule and grid options shared with :class:`~samplers.DCSolverScheduler`, and build the
+        noise schedule and the state before the first ``set_timesteps``."""
         if time_grid not in TIME_GRIDS:
             raise ValueError(f"time_grid must be one of {TIME_GRIDS}, got {time_grid!r}")
         if time_grid_power is not None and not (
@@ -141,13 +152,10 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
             self.schedule = VPSchedule(ac)
             self.alphas_cumprod = torch.from_numpy(ac).float()
         self.init_noise_sigma = 1.0
-        self.order = len(RK_TABLEAUX[deis_order].c) if deis_method == "rhork" else 1
         self.num_inference_steps: int | None = None
         self.timesteps = torch.from_numpy(np.arange(num_train_timesteps)[::-1].astype(np.float32))
         self.sigmas = torch.from_numpy(self.schedule.rho(self.timesteps.double().numpy()).astype(np.float32))
-        self._plan: Plan | None = None
         self._begin_index: int | None = None
-        self._reset_state()
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any):
