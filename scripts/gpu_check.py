@@ -17,6 +17,8 @@ Without a CUDA device it prints why and exits 0 (CI never needs a GPU). It needs
 from __future__ import annotations
 
 import argparse
+import copy
+import fnmatch
 import json
 import statistics
 import sys
@@ -125,8 +127,6 @@ def build(name: str, layers: int) -> tuple[nn.Module, callable]:
 
 
 def variant(model: nn.Module, name: str, inputs, dev) -> nn.Module:
-    import copy
-
     m = copy.deepcopy(model).to(dev, torch.bfloat16)
     if name == "bf16":
         return m
@@ -141,13 +141,15 @@ def variant(model: nn.Module, name: str, inputs, dev) -> nn.Module:
         args, kw = inputs(2, dev)
         dmq.calibrate(q, lambda mm: mm(*args, **kw))
         return dmq.freeze(q)
-    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int4WeightOnlyConfig,
-                                      Int8DynamicActivationInt8WeightConfig, quantize_)
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        quantize_,
+    )
 
     cfg = {"torchao-int8dyn": Int8DynamicActivationInt8WeightConfig(), "torchao-int4wo": Int4WeightOnlyConfig(),
            "torchao-fp8dyn": Float8DynamicActivationFloat8WeightConfig()}[name]
-    import fnmatch
-
     quantize_(m, cfg, filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and not any(
         fnmatch.fnmatchcase(fqn, p) for p in DEFAULT_KEEP_FP))
     return m
