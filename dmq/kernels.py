@@ -399,11 +399,13 @@ def _int_path(layer, plan: _Plan, q, x: torch.Tensor) -> torch.Tensor | None:
     b = _single_bin(q)
     if b is not None and plan.onednn is not None and enabled("onednn_int8"):
         x2d = x.reshape(-1, plan.k)
-        t = act_codes(x2d, plan.s_t[b], plan.z_t[b], plan.qmin, plan.qmax)
-        if plan.off:
-            t.add_(plan.off)
-        y = kernels_cpu.onednn_int8_linear(t.to(torch.uint8), plan.s_f[b], plan.z_i[b] + plan.off, plan.onednn,
-                                           plan.w_scale, layer.bias, x.dtype)
+        if x.dtype.itemsize == 2:  # one table lookup per element (see _code_table)
+            idx = x2d.view(torch.int16).to(torch.int32).add_(32768)
+            u8 = _code_table(plan, b).index_select(0, idx.reshape(-1)).reshape(x2d.shape)
+        else:
+            u8 = act_codes(x2d, plan.s_t[b], plan.z_t[b], plan.qmin, plan.qmax).add_(plan.off).to(torch.uint8)
+        y = kernels_cpu.onednn_int8_linear(u8, plan.s_f[b], plan.z_i[b] + plan.off, plan.onednn, plan.w_scale,
+                                           layer.bias, x.dtype)
         return y.reshape(*x.shape[:-1], plan.n)
     if not enabled("int_gemm"):
         return None
@@ -413,6 +415,22 @@ def _int_path(layer, plan: _Plan, q, x: torch.Tensor) -> torch.Tensor | None:
         scale, zp = q.static_params(x)
     codes = plan.codes if plan.codes is not None else int_codes(layer._part(0), layer.weight_layouts[0])
     return int_linear(x, scale, zp, plan.a_bits, plan.a_signed, codes, plan.w_scale, plan.rowsum, layer.bias)
+
+
+def _code_table(plan: _Plan, b: int) -> torch.Tensor:
+    """The uint8 activation code (plus the signed offset) of every one of the 65536 bfloat16 / float16 values, for
+    timestep bin ``b``: :func:`act_codes` itself applied to every bit pattern, so a lookup is bit-identical to the
+    fake quantizer's codes and replaces its five elementwise passes (NaN, which has no code, maps to the zero point).
+    Built on first use of the bin: 64 KiB."""
+    tables = plan.__dict__.setdefault("tables", {})
+    t = tables.get(b)
+    if t is None:
+        dtype = plan.s_t[b].dtype
+        every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 1)
+        codes = act_codes(every, plan.s_t[b], plan.z_t[b], plan.qmin, plan.qmax)
+        codes = torch.where(codes.isnan(), float(plan.z_i[b] - plan.off), codes)
+        t = tables[b] = codes.add_(plan.off).to(torch.uint8).reshape(-1)
+    return t
 
 
 def _traceable(layer, x: torch.Tensor, q, ready: bool) -> torch.Tensor:

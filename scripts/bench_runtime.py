@@ -247,6 +247,56 @@ def measure_latency(args, names: list[str]) -> dict[str, dict[str, float]]:
         f"reps_b{b}": len(v) for b, v in t.items()} for n, t in times.items()}
 
 
+def gemm_candidates(m: int = 512, k: int = 1152, n: int = 4608, reps: int = 9) -> dict[str, float]:
+    """One DiT-XL MLP GEMM (batch 1 with guidance: 512 x 1152 x 4608) on every kernel a layer could use here,
+    interleaved rounds, median seconds: what the execution paths of :mod:`dmq.kernels` were chosen by."""
+    from dmq import kernels, kernels_cpu
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    xf, wf = x.float(), w.float()
+    wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    xs = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    ws = torch.rand(n, generator=g) * 0.01
+    s, z = torch.tensor(0.05).to(torch.bfloat16).reshape(1, 1), torch.tensor(128.0).to(torch.bfloat16).reshape(1, 1)
+    fns = {
+        "bf16 F.linear": lambda: torch.nn.functional.linear(x, w),
+        "fp32 F.linear": lambda: torch.nn.functional.linear(xf, wf),
+        "int8 torch._int_mm (s8 x s8 -> s32)": lambda: torch._int_mm(xs, wq.t()),
+        "activation codes (u8, eager, exact)": lambda: kernels.act_codes(x, s, z, 0, 255).to(torch.uint8),
+        "int_gemm path (codes + _int_mm + epilogue)": lambda: kernels.int_linear(
+            x, s.float(), z.float(), 8, False, wq, ws, wq.to(torch.int32).sum(1), None),
+    }
+    if kernels_cpu.onednn_int8_ok():
+        pw = kernels_cpu.prepack_int8(wq)
+        xu = (xs.to(torch.int16) + 128).to(torch.uint8)
+        fns["int8 oneDNN u8 x s8, fused epilogue -> bf16"] = lambda: kernels_cpu.onednn_int8_linear(
+            xu, 0.05, 128, pw, ws, None, torch.bfloat16)
+    if kernels_cpu.int4_weight_ok():
+        packed, sz = kernels_cpu.prepack_int4((wq >> 4), ws.reshape(-1, 1).expand(n, k // 32), 32, torch.bfloat16)
+        fns["int4 weight-only _weight_int4pack_mm_for_cpu (g32)"] = lambda: kernels_cpu.int4_weight_linear(
+            x, packed, sz, 32, None)
+    if hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        fns["int8 weight-only _weight_int8pack_mm"] = lambda: torch.ops.aten._weight_int8pack_mm(
+            x, wq, ws.to(torch.bfloat16))
+    try:
+        a8, w8, one = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn), torch.tensor(1.0)
+        torch._scaled_mm(a8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        fns["fp8 torch._scaled_mm (CPU)"] = lambda: torch._scaled_mm(a8, w8.t(), scale_a=one, scale_b=one,
+                                                                     out_dtype=torch.bfloat16)
+    except (RuntimeError, TypeError):
+        pass
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(reps + 1):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def child(args) -> None:
     torch.set_num_threads(args.threads)
     rows = []
@@ -283,6 +333,7 @@ def main() -> None:
     ap.add_argument("--append", action="store_true", help="add the rows to --out instead of replacing it")
     ap.add_argument("--compiled", nargs="*", default=[], help="variants also timed under torch.compile")
     ap.add_argument("--cached", nargs="*", default=[], help="presets also timed with dmq.kernels.cache_weights")
+    ap.add_argument("--gemm", action="store_true", help="also time one GEMM on every candidate kernel")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--variants", nargs="+", help=argparse.SUPPRESS)
@@ -290,6 +341,11 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    if args.gemm:
+        torch.set_num_threads(args.threads)
+        gemm = gemm_candidates()
+        for name, t in gemm.items():
+            print(f"GEMM {name:55s} {t * 1e3:8.2f} ms  {t / gemm['bf16 F.linear']:.2f}x BF16", flush=True)
     rows, t_start = [], time.perf_counter()
     variants = ["fp32", "bf16", *args.presets, *args.peers, *(f"{v}+compile" for v in args.compiled),
                 *(f"{v}+cache" for v in args.cached)]
@@ -312,7 +368,7 @@ def main() -> None:
         proc.wait()
         rows += [{"model": model, "variant": v, "error": f"child exited with {proc.returncode}"}
                  for v in variants if v not in done]
-    runs = []
+    runs, old = [], {}
     if args.append and Path(args.out).exists():
         old = json.loads(Path(args.out).read_text())
         runs = old.get("runs", [{k: v for k, v in old.items() if k not in ("rows", "runs")}])
@@ -325,6 +381,10 @@ def main() -> None:
         "reps_large_batch": args.reps_large_batch, "wall_s": time.perf_counter() - t_start,
         "versions": _versions(), "rows": rows,
     }
+    if args.gemm:
+        out["gemm_512x1152x4608_s"] = gemm
+    elif args.append and "gemm_512x1152x4608_s" in old:
+        out["gemm_512x1152x4608_s"] = old["gemm_512x1152x4608_s"]
     if runs:
         out["runs"] = runs + [{k: v for k, v in out.items() if k != "rows"}]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
