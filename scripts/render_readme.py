@@ -208,6 +208,12 @@ def runtime_table(data: dict) -> str:
               "rounds that call every variant once in turn after a warm-up round; `+compile` is `torch.compile` of "
               "that variant (default Inductor), `+cache` keeps a dequantized weight copy (memory trade-off, "
               "`dmq.kernels.cache_weights`). Calibration: min-max ranges (the estimator moves scales, not kernels)."]
+    gemm = data.get("gemm_512x1152x4608_s")
+    if gemm:
+        base = gemm["bf16 F.linear"]
+        lines += ["", "One 512 x 1152 x 4608 GEMM (a DiT-XL MLP layer, batch 1 with guidance) on each candidate "
+                  "kernel, same interleaved rounds:", "", "| kernel | ms | x BF16 |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v * 1e3:.2f} | {v / base:.2f} |" for k, v in gemm.items()]
     groups: dict[tuple, list[dict]] = {}
     for r in data["rows"]:
         groups.setdefault((r["model"], r.get("layers")), []).append(r)
