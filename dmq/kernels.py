@@ -255,7 +255,7 @@ def _plan(layer, device: torch.device, dtype: torch.dtype) -> _Plan:
             plan = plans.by_key.get(key)
             if plan is None:
                 plan = _build_plan(layer, device, dtype, plans.cache_weights)
-                plans.by_key = {k: v for k, v in plans.by_key.items() if k[:2] != key[:2]} | {key: plan}
+                plans.by_key = {key: plan}  # one device and dtype at a time: a move frees the old state
     return plan
 
 
@@ -336,8 +336,9 @@ def cached_bytes(model: torch.nn.Module) -> int:
 
 
 # one memo of the running call's timestep bins: keyed by the timestep tensor object itself (held, so its id is not
-# reused) and the bin layout; every layer of a call reads the same tensor, so the lookup runs once per call
-_BIN_MEMO: list = [None, {}]
+# reused) and the bin layout; every layer of a call reads the same tensor, so the lookup runs once per call. The
+# (tensor, bins) pair is replaced as a whole, so a thread never reads another call's bins.
+_BIN_MEMO: list = [(None, {})]
 
 
 def _single_bin(q) -> int | None:
@@ -347,9 +348,10 @@ def _single_bin(q) -> int | None:
     t = CONTEXT.timestep
     if t is None:
         return None
-    memo = _BIN_MEMO
+    memo = _BIN_MEMO[0]
     if memo[0] is not t:
-        memo[0], memo[1] = t, {}
+        memo = (t, {})
+        _BIN_MEMO[0] = memo
     key = (q.num_bins, *q.timestep_range)
     b = memo[1].get(key)
     if b is None:
