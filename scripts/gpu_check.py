@@ -63,8 +63,9 @@ def check_int(dev: torch.device) -> dict:
     bound = 4 * U32 * (exact.abs() + bias.double().abs()) + 2.0**-8 * exact.abs()
     out["int_linear_within_bound"] = bool(((y.double() - exact).abs() <= bound).all())
     fq = fake_quant(x, formats.get("uint8"), s, z)
-    out["act_codes_are_fake_quant_codes"] = bool(torch.equal((codes - z.double()) * s.to(torch.bfloat16).double(),
-                                                             fq.double()))
+    codes_bf = kernels.act_codes(x, s, z, 0, 255)  # in bfloat16, like the fake quantizer's own arithmetic
+    out["act_codes_are_fake_quant_codes"] = bool(torch.equal((codes_bf - z.to(torch.bfloat16)) * s.to(torch.bfloat16),
+                                                             fq))
     return out
 
 
