@@ -372,6 +372,8 @@ def main() -> None:
     if args.append and Path(args.out).exists():
         old = json.loads(Path(args.out).read_text())
         runs = old.get("runs", [{k: v for k, v in old.items() if k not in ("rows", "runs")}])
+        for r in rows:  # rows compare only within their run
+            r["run"] = len(runs)
         rows = old["rows"] + rows
     out = {
         "command": "python scripts/bench_runtime.py " + " ".join(sys.argv[1:]),

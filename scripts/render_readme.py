@@ -202,8 +202,9 @@ def runtime_table(data: dict) -> str:
     mb = 1 / 2**20
     runs = data.get("runs") or [data]
     lines = ["Runs (each a separate process; ratios only compare rows of the same run):", ""]
-    lines += [f"- `{r['command']}`: {r.get('cpu_model', r.get('cpu'))}, {r['threads']} thread(s), torch "
-              f"{r['torch']}, {r.get('load', 'load not recorded')}, {r['wall_s'] / 60:.1f} min" for r in runs]
+    lines += [f"{i + 1}. `{r['command']}`: {r.get('cpu_model', r.get('cpu'))}, {r['threads']} thread(s), torch "
+              f"{r['torch']}, {r.get('load', 'load not recorded')}, {r['wall_s'] / 60:.1f} min"
+              for i, r in enumerate(runs)]
     lines += ["", "`dit-1152` is DiT-XL/2's shape (16 heads x 72, patch 2, 32x32x4 latents, 256 tokens) with random "
               "weights; batch 2 is one image with classifier-free guidance, batch 32 sixteen. Latency: median over "
               "rounds that call every variant once in turn after a warm-up round; `+compile` is `torch.compile` of "
@@ -217,20 +218,24 @@ def runtime_table(data: dict) -> str:
         lines += [f"| {k} | {v * 1e3:.2f} | {v / base:.2f} |" for k, v in gemm.items()]
     groups: dict[tuple, list[dict]] = {}
     for r in data["rows"]:
-        groups.setdefault((r["model"], r.get("layers")), []).append(r)
+        groups.setdefault((r["model"], r.get("layers"), r.get("run", 0)), []).append(r)
     goals = []
-    for (model, layers), rows in groups.items():
+    for (model, layers, run), rows in groups.items():
         ok = {r["variant"]: r for r in rows if "error" not in r}
         bf, bfc = ok.get("bf16"), ok.get("bf16+compile")
         if bf is None:
             continue
         batches = sorted({int(k[9:-2]) for r in ok.values() for k in r if k.startswith("latency_b")})
         head = ["variant"] + [c for b in batches for c in (f"b{b} ms", "x BF16") + (("x BF16 comp.",) if bfc else ())]
-        lines += ["", f"**{model}**" + (f" ({layers} blocks)" if layers else ""), "", "| " + " | ".join(head) +
-                  " | weight MiB | paths |", "|---|" + "---:|" * (len(head) - 1) + "---:|---|"]
+        title = f"**{model}**" + (f" ({layers} blocks)" if layers else "") + f", run {run + 1}"
+        lines += ["", title, "", "| " + " | ".join(head) + " | weight MiB | paths |",
+                  "|---|" + "---:|" * (len(head) - 1) + "---:|---|"]
         for r in rows:
             if "error" in r:
                 lines.append(f"| {r['variant']} | did not run: {r['error'][:80]} |" + " |" * len(head))
+                continue
+            if not any(k.startswith("latency_b") for k in r):
+                lines.append(f"| {r['variant']} | did not run here |" + " |" * len(head))
                 continue
             cells = [r["variant"]]
             for b in batches:
@@ -252,11 +257,13 @@ def runtime_table(data: dict) -> str:
 # issue 16's latency goals on DiT-XL/2 (28 blocks): preset -> (max x BF16 at batch 1 with CFG, at batch 16 with CFG)
 RUNTIME_GOALS = {"w8a8": (0.75, 0.60), "w4a8": (0.80, 0.65), "w4a16": (1.0, 1.0), "fp8": (1.0, 1.0),
                  "nvfp4": (1.25, 1.25), "mxfp4": (1.25, 1.25), "w4a8-fp": (1.25, 1.25)}
+# the peer variants at the same setting as a preset (8-bit activations and weights; 4-bit weight-only)
+RUNTIME_PEERS = {"w8a8": ("torchao-int8dyn", "quanto-w8a8"), "w4a8": ("torchao-int8dyn", "quanto-w8a8"),
+                 "w4a16": ("torchao-int4wo", "quanto-w4")}
 
 
 def _runtime_goals(model: str, layers: int | None, ok: dict, bf: dict, batches: list[int]) -> list[str]:
     out = []
-    peers = [v for v in ok if v.startswith(("torchao", "quanto")) and "+" not in v]
     for b in batches:
         k = f"latency_b{b}_s"
         for preset, r in ok.items():
@@ -265,6 +272,7 @@ def _runtime_goals(model: str, layers: int | None, ok: dict, bf: dict, batches: 
             ratio = r[k] / bf[k]
             if model == "dit-1152" and preset in RUNTIME_GOALS:
                 goal = RUNTIME_GOALS[preset][0 if b <= 2 else 1]
+                peers = [p for p in RUNTIME_PEERS.get(preset, ()) if p in ok]
                 faster = [p for p in peers if k in ok[p] and r[k] < ok[p][k]]
                 slower = [p for p in peers if k in ok[p] and r[k] >= ok[p][k]]
                 out.append(f"{model} ({layers} blocks) b{b} {preset}: {ratio:.2f}x BF16 "
@@ -419,8 +427,9 @@ def headline_table(data: dict) -> str:
     memory and speed on the largest backbone of ``benchmarks/runtime.json``."""
     quant, runtime = data["quant"]["models"], data["runtime"]["rows"]
     large = max((r for r in runtime if "error" not in r), key=lambda r: r.get("params", 0))["model"]
-    rt = {r["variant"]: r for r in runtime if r["model"] == large and "error" not in r}
+    rt = {r["variant"]: r for r in runtime if r["model"] == large and "error" not in r and r.get("run", 0) == 0}
     bf = rt["bf16"]
+    lat = max((k for k in bf if k.startswith("latency_b")), key=lambda k: int(k[9:-2]))  # the largest batch run
 
     def pair(preset: str, fmt) -> str:
         vals = [quant[m].get(preset) for m in ("unet", "dit")]
@@ -432,10 +441,10 @@ def headline_table(data: dict) -> str:
         f"peers) (`python {data['quant']['command']}`): ε SQNR of the backbone's output against full precision on "
         "the full-precision trajectory, and the same format with naive round-to-nearest (min-max per tensor); FID "
         "change against full precision on the same seeds (digit features), class accuracy. Memory and speed on "
-        f"`{large}` (DiT-XL/2 width, {data['runtime']['large_layers']} of its 28 blocks, {bf['params'] / 1e6:.0f}M "
-        "parameters), from "
+        f"`{large}` (DiT-XL/2 width, {data['runtime']['large_layers']} of its 28 blocks"
+        + (f", {bf['params'] / 1e6:.0f}M parameters" if "params" in bf else "") + "), from "
         f"[memory and speed](docs/benchmarks.md#memory-and-speed): resident weights and latency per denoiser call "
-        "at batch 16 relative to BF16 in the same run (CPU).",
+        f"at batch {lat[9:-2]} relative to BF16 in the same run (CPU).",
         "",
         "| preset | ε SQNR dB | naive rounding dB | ΔFID vs FP | class acc. | weights x BF16 | latency x BF16 |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -448,8 +457,8 @@ def headline_table(data: dict) -> str:
             pair(f"naive-{p}", lambda v, fp: f"{v['eps_sqnr_db']['all']:.1f}"),
             pair(p, lambda v, fp: f"{(v['fid'] / fp['fid'] - 1) * 100:+.1f}%"),
             pair(p, lambda v, fp: f"{v['class_accuracy'] * 100:.0f}%"),
-            "" if r is None else f"{r['weight_bytes'] / bf['weight_bytes']:.2f}",
-            "" if r is None or "latency_b16_s" not in r else f"{r['latency_b16_s'] / bf['latency_b16_s']:.2f}",
+            "" if r is None or "weight_bytes" not in r else f"{r['weight_bytes'] / bf['weight_bytes']:.2f}",
+            "" if r is None or lat not in r else f"{r[lat] / bf[lat]:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
