@@ -363,7 +363,8 @@ def search_schedule(
     if method != "dp" and refine_rounds > 0:
         ts, err = _refine(objective, sch, ts, err, refine_rounds, integer, progress)
 
-    result = ScheduleSearchResult([float(t) for t in ts], True, "", err, default_err, default_timesteps=default)
+    ts = [float(np.float32(t)) for t in ts]  # what the scheduler feeds the model (and what was measured)
+    result = ScheduleSearchResult(ts, True, "", err, default_err, default_timesteps=default)
     if err >= default_err:
         result.accepted, result.reason = False, (
             f"searched schedule is no better than the default on the search latents ({err:.3e} >= {default_err:.3e})")
