@@ -106,6 +106,12 @@ def search_dc_ratios(
         raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+    if isinstance(fine_steps, bool) or not isinstance(fine_steps, int) or fine_steps < 1:
+        raise ValueError(f"fine_steps must be an integer >= 1, got {fine_steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr must be a number > 0, got {lr!r}")
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a tensor, got {type(latents).__name__}")
     from .schedule_search import held_out_rows  # local: schedule_search imports nothing of this module
 
     rows = latents.shape[0] - held_out_rows(latents.shape[0], held_out)
