@@ -376,17 +376,15 @@ def weight_bytes(model: nn.Module) -> dict[str, float]:
     """
     qparams, qbytes, total = 0, 0, 0
     for mod in model.modules():
-        for lay in getattr(mod, "weight_layouts", None) or ():
-            qparams += lay.rows * lay.cols
-        for name in getattr(mod, "_packed_names", ()):
-            t = mod._buffers.get(name)
-            if t is not None:
-                qbytes += t.numel() * t.element_size()
+        w = mod._parameters.get("weight")
+        if hasattr(w, "packed_nbytes"):  # a dmq.packed_weight.PackedWeight
+            qparams += w.numel()
+            qbytes += w.packed_nbytes
     seen: set[int] = set()
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
+            total += getattr(t, "packed_nbytes", t.numel() * t.element_size())
     return {"quantized_params": qparams, "quantized_bytes": qbytes,
             "bytes_per_param": qbytes / qparams if qparams else float("nan"), "other_bytes": total - qbytes,
             "total_bytes": total}
