@@ -25,7 +25,7 @@ from dmq.calibration import CONTEXT
 from dmq.config import QuantConfig, QuantSpec
 from dmq.fake_quant import quantize_weight
 from dmq.packed import WeightLayout, int_codes, pack_weight
-from dmq.packed_weight import PackedWeight
+from dmq.packed_weight import PackedWeight, dequantize, weight_part
 from dmq.quantizer import TensorQuantizer
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class PackedMixin:
 
     def _part(self, i: int) -> dict[str, torch.Tensor]:
         """The packed tensors of part ``i`` by their base names (``qweight``, ``weight_scale``, ...)."""
-        return self.weight.part(i)
+        return weight_part(self.weight, i)
 
     def _weight_parts(self) -> list[torch.Tensor]:
         w = self.weight_fq
@@ -199,7 +199,7 @@ class PackedMixin:
         """The weight the layer computes with: ``weight_fq`` bit for bit (its dtype unless ``dtype`` is given)."""
         w = self._parameters.get("weight")
         if isinstance(w, PackedWeight):
-            return w.dequantize(dtype)
+            return dequantize(w, dtype)
         if not self.packed:
             return self.weight_fq if dtype is None else self.weight_fq.to(dtype)
         return self.weight if dtype is None else self.weight.to(dtype)

@@ -39,6 +39,20 @@ def joined_shape(layouts: tuple[WeightLayout, ...]) -> tuple[int, ...]:
     return (a[0], a[1] + b[1], *a[2:])
 
 
+def weight_part(w: PackedWeight, i: int) -> dict[str, torch.Tensor]:
+    """The tensors of part ``i`` of ``w`` by their base names. (Plain functions rather than methods of the subclass,
+    here and in :func:`dequantize`: torch.compile inlines functions and reads the inner tensors as attributes.)"""
+    sfx = "" if i == 0 else f"_{i}"
+    return {k: getattr(w, k + sfx) for k in w.layouts[i].expected()}
+
+
+def dequantize(w: PackedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The fake-quantized float weight of ``w``, bit for bit, in ``dtype`` (default: the logical dtype)."""
+    dtype = w.dtype if dtype is None else dtype
+    ws = [unpack_weight(weight_part(w, i), lay, dtype) for i, lay in enumerate(w.layouts)]
+    return ws[0] if len(ws) == 1 else torch.cat(ws, dim=1)
+
+
 class PackedWeight(torch.Tensor):
     """A packed quantized weight; ``tensors`` maps :func:`part_names` to the stored tensors."""
 
@@ -68,14 +82,11 @@ class PackedWeight(torch.Tensor):
 
     def part(self, i: int) -> dict[str, torch.Tensor]:
         """The tensors of part ``i`` by their base names (``qweight``, ``weight_scale``, ...)."""
-        sfx = "" if i == 0 else f"_{i}"
-        return {k: getattr(self, k + sfx) for k in self.layouts[i].expected()}
+        return weight_part(self, i)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The fake-quantized float weight, bit for bit, in ``dtype`` (default: the logical dtype)."""
-        dtype = self.dtype if dtype is None else dtype
-        ws = [unpack_weight(self.part(i), lay, dtype) for i, lay in enumerate(self.layouts)]
-        return ws[0] if len(ws) == 1 else torch.cat(ws, dim=1)
+        return dequantize(self, dtype)
 
     @property
     def packed_nbytes(self) -> int:
