@@ -248,6 +248,10 @@ def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
         st.packed = True
         logger.info("dmq: packed %d layers", len(st.modules))
     st.frozen = True
+    if st.packed:
+        from dmq.backend import attach  # a diffusers model becomes a dmq-quantized diffusers model
+
+        attach(model)
     return model
 
 
@@ -291,6 +295,9 @@ def restore(model: nn.Module, *, allow_dequantized: bool = False) -> nn.Module:
     if st.hook is not None:
         st.hook.remove()
     del model._dmq
+    from dmq.backend import detach
+
+    detach(model)
     return model
 
 

@@ -222,8 +222,9 @@ class QuantLinear(PackedMixin, nn.Linear):
 
     @classmethod
     def from_packed(cls, mod: nn.Linear, weight_spec: QuantSpec | None, act: TensorQuantizer | None,
-                    layouts: list[WeightLayout]) -> QuantLinear:
-        """A packed layer with empty buffers shaped by ``layouts``, to load a saved state into (:func:`dmq.load`)."""
+                    layouts: list[WeightLayout], device: torch.device | str | None = None) -> QuantLinear:
+        """A packed layer with empty tensors shaped by ``layouts`` (on ``device``, default: the float weight's), to
+        load a saved state into (:func:`dmq.load`, ``from_pretrained``)."""
         q = cls.__new__(cls)
         nn.Module.__init__(q)
         q.in_features, q.out_features = mod.in_features, mod.out_features
@@ -231,7 +232,7 @@ class QuantLinear(PackedMixin, nn.Linear):
         q.weight_spec = weight_spec
         q.input_quantizer = act
         _register_empty_method_state(q)
-        q.set_packed(layouts)
+        q.set_packed(layouts, device=mod.weight.device if device is None else device)
         return q
 
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -332,7 +333,8 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
 
     @classmethod
     def from_packed(cls, mod: nn.Conv2d, weight_spec: QuantSpec | None, acts: list[TensorQuantizer | None],
-                    layouts: list[WeightLayout], split: int | None) -> QuantConv2d:
+                    layouts: list[WeightLayout], split: int | None,
+                    device: torch.device | str | None = None) -> QuantConv2d:
         """A packed convolution with empty buffers shaped by ``layouts`` (:func:`dmq.load`); ``acts`` are the input
         quantizer and the skip-half quantizer."""
         q = cls.__new__(cls)
@@ -344,7 +346,7 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
         q.weight_spec, q.split = weight_spec, split
         q.input_quantizer, q.input_quantizer_skip = acts
         _register_empty_method_state(q)
-        q.set_packed(layouts)
+        q.set_packed(layouts, device=mod.weight.device if device is None else device)
         return q
 
     def effective_weight(self) -> torch.Tensor:
