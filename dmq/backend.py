@@ -114,6 +114,11 @@ class DmqConfig(QuantizationConfigMixin):
                 "modules_to_not_convert": self.modules_to_not_convert,
                 "pre_quantization_dtype": self.pre_quantization_dtype}
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        """The entries that differ from ``DmqConfig()``'s (``quant_method`` always)."""
+        default = DmqConfig().to_dict()
+        return {k: v for k, v in self.to_dict().items() if k == "quant_method" or v != default[k]}
+
     def __repr__(self) -> str:
         return f"DmqConfig {json.dumps(self.to_dict(), sort_keys=True)}"
 
@@ -158,8 +163,9 @@ class DmqQuantizer(DiffusersQuantizer):
                     f"save_pretrained it. Presets that quantize on load: {', '.join(load_time_presets())}")
 
     def update_torch_dtype(self, torch_dtype):
-        if torch_dtype is None and self.quantization_config.pre_quantization_dtype is not None:
-            torch_dtype = dtype_from_name(self.quantization_config.pre_quantization_dtype)
+        if torch_dtype is None:  # the saved float dtype, else what diffusers loads without torch_dtype
+            pre = self.quantization_config.pre_quantization_dtype
+            torch_dtype = dtype_from_name(pre) if pre is not None else torch.float32
         self.torch_dtype = torch_dtype
         return torch_dtype
 

@@ -111,8 +111,11 @@ def _model_entry(model: nn.Module) -> dict | None:
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cls, "from_config") or not cls.__module__.startswith(BUILDABLE_PACKAGES):
         return None
-    plain = {k: v for k, v in dict(cfg).items() if k not in ("quantization_config", "_pre_quantization_dtype")}
-    return {"class": f"{cls.__module__}:{cls.__qualname__}", "config": json.loads(json.dumps(plain, default=list))}
+    plain = {k: v for k, v in dict(cfg).items()
+             if k not in ("quantization_config", "_pre_quantization_dtype", "_name_or_path")}
+    return {"class": f"{cls.__module__}:{cls.__qualname__}",
+            "config": json.loads(json.dumps(plain, default=lambda v: list(v) if isinstance(v, (set, frozenset)) else
+                                            str(v)))}
 
 
 def quantization_map(model: nn.Module) -> dict:
