@@ -36,6 +36,8 @@ class TensorQuantizer(nn.Module):
     def __init__(self, spec: QuantSpec, channel_dim: int = -1, timestep_range: tuple[float, float] = (0.0, 1000.0)):
         super().__init__()
         self.spec, self.fmt, self.channel_dim = spec, spec.fmt, channel_dim
+        for attr in ("max", "min"):  # fill the format's cached properties now: torch.compile cannot take their lock
+            getattr(self.fmt, attr, None)
         self.timestep_range = timestep_range
         self.num_bins = 1 if spec.dynamic else spec.timestep_bins
         self.enabled = True
