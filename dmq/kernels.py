@@ -234,7 +234,8 @@ def _plans(layer) -> _Plans:
 def _state_key(layer, device: torch.device, dtype: torch.dtype) -> tuple:
     """Identity of the tensors a plan is derived from: a reload (``copy_`` bumps ``_version``) or a move rebuilds."""
     key = [device, dtype]
-    tensors = [layer._buffers[n] for n in getattr(layer, "_packed_names", ()) if layer._buffers.get(n) is not None]
+    w = layer._parameters.get("weight")
+    tensors = list(w.tensors().values()) if hasattr(w, "tensors") else []
     q = getattr(layer, "input_quantizer", None)
     if q is not None:
         tensors += [q.scale, q.zero_point]
@@ -274,7 +275,7 @@ def _build_plan(layer, device: torch.device, dtype: torch.dtype, cache: bool) ->
         codes = int_codes(layer._part(0), lay)
         plan.codes = codes if lay.storage == "int8" else None  # 4-bit codes are unpacked again only on fallback
         plan.rowsum = codes.to(torch.int32).sum(1)
-        plan.w_scale = layer.weight_scale.to(torch.float32).reshape(-1).expand(lay.rows).contiguous()
+        plan.w_scale = layer._part(0)["weight_scale"].to(torch.float32).reshape(-1).expand(lay.rows).contiguous()
         # per timestep bin: the scale in the compute dtype (what the fake quantizer uses) and the zero point
         plan.s_t = [s.to(dtype).reshape(1, 1) for s in q.scale]
         plan.s_f = [float(s) for s in plan.s_t]
@@ -290,8 +291,8 @@ def _build_plan(layer, device: torch.device, dtype: torch.dtype, cache: bool) ->
         fmt = lay.fmt
         if (isinstance(fmt, formats.IntFormat) and fmt.bits == 4 and fmt.signed and lay.symmetric
                 and lay.granularity == "group" and lay.padded_cols == lay.cols and kernels_cpu.int4_weight_ok()):
-            packed = kernels_cpu.prepack_int4(int_codes(layer._part(0), lay), layer.weight_scale, lay.group_size,
-                                              dtype)
+            part = layer._part(0)
+            packed = kernels_cpu.prepack_int4(int_codes(part, lay), part["weight_scale"], lay.group_size, dtype)
             if packed is not None:
                 plan.int4 = (*packed, lay.group_size)
     if cache and lays:
@@ -305,10 +306,10 @@ def prepare(layer) -> None:
     lays = layer.weight_layouts
     if lays is None:
         return
-    ref = next((layer._buffers[n] for n in getattr(layer, "_packed_names", ())), None)
-    dtype = layer.bias.dtype if layer.bias is not None else (
-        torch.float32 if not lays else getattr(torch, lays[0].dtype))
-    _plan(layer, ref.device if ref is not None else torch.device("cpu"), dtype)
+    w = layer._parameters.get("weight")
+    if w is None:
+        return
+    _plan(layer, w.device, w.dtype)
 
 
 def cache_weights(model: torch.nn.Module, enabled: bool = True) -> int:
@@ -374,8 +375,9 @@ def frozen_linear(layer, x: torch.Tensor) -> torch.Tensor:
             return y
     elif layer.exec_path == "fp8_gemm" and ready and x.is_cuda:
         scale, _ = q.static_params(x)
-        w_scale = layer.weight_scale.to(torch.float32).reshape(-1).expand(layer.weight_layouts[0].rows)
-        y = fp8_linear(x, scale, layer.qweight, w_scale, layer.bias)
+        part = layer._part(0)
+        w_scale = part["weight_scale"].to(torch.float32).reshape(-1).expand(layer.weight_layouts[0].rows)
+        y = fp8_linear(x, scale, part["qweight"], w_scale, layer.bias)
         if y is not None:
             return y
     xq = q(x) if q is not None else x
@@ -439,9 +441,9 @@ def _traceable(layer, x: torch.Tensor, q, ready: bool) -> torch.Tensor:
     if layer.exec_path == "int_gemm" and ready and enabled("int_gemm"):
         scale, zp = q.static_params(x)
         lay = layer.weight_layouts[0]
-        codes = int_codes(layer._part(0), lay)
-        w_scale = layer.weight_scale.to(torch.float32).reshape(-1).expand(lay.rows)
-        return int_linear(x, scale, zp, q.fmt.bits, q.fmt.signed, codes, w_scale, codes.to(torch.int32).sum(1),
-                          layer.bias)
+        part = layer._part(0)
+        codes = int_codes(part, lay)
+        w_scale = part["weight_scale"].to(torch.float32).reshape(-1).expand(lay.rows)
+        return int_linear(x, scale, zp, q.fmt.bits, q.fmt.signed, codes, w_scale, layer.weight_rowsum, layer.bias)
     xq = q(x) if q is not None else x
     return F.linear(xq, layer.dequantized_weight(x.dtype), layer.bias)

@@ -113,7 +113,8 @@ def test_int8_layer_paths_agree_with_the_exact_integer_result(preset, dtype):
         aq = lin.input_quantizer
         s, z = aq.scale[0].to(dtype).double(), aq.zero_point[0].double()
         codes = kernels.act_codes(x, aq.scale[0].reshape(1, 1, 1), aq.zero_point[0].reshape(1, 1, 1), 0, 255)
-        w = int_codes(lin._part(0), lin.weight_layouts[0]).double() * lin.weight_scale.double().reshape(-1, 1)
+        part = lin._part(0)
+        w = int_codes(part, lin.weight_layouts[0]).double() * part["weight_scale"].double().reshape(-1, 1)
         exact = ((codes.double() - z) * s) @ w.t() + lin.bias.double()
     fq = fake_quant(x, formats.get("uint8"), aq.scale[0].reshape(1, 1, 1), aq.zero_point[0].reshape(1, 1, 1))
     assert torch.equal((codes - aq.zero_point[0].to(dtype)) * aq.scale[0].to(dtype), fq)  # the reference's codes
