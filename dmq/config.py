@@ -338,7 +338,8 @@ def get_config(config: str | QuantConfig) -> QuantConfig:
     if isinstance(config, QuantConfig):
         return config
     if not isinstance(config, str):
-        raise TypeError(f"expected a QuantConfig or a preset name, got {type(config).__name__}")
+        raise TypeError(f"config must be a QuantConfig or a preset name ({', '.join(PRESETS)}), got "
+                        f"{type(config).__name__}")
     base, *variants = config.lower().split("+")
     try:
         cfg = PRESETS[base]()

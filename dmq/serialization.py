@@ -10,7 +10,10 @@ JSON map written from the modules themselves, not from the global config alone:
 - ``attention``: per quantized attention module, its matmul-operand quantizers;
 - ``config``: the global :class:`~dmq.config.QuantConfig` (a report: per-module entries are what load uses);
 - ``model``: the class and ``config`` of a diffusers backbone, so that ``dmq.load(path)`` can rebuild it;
-- ``sha256``: a digest of every tensor, so a damaged file fails loudly and names the tensor.
+
+A second metadata entry, ``"dmq_integrity"`` (:mod:`dmq.integrity`), holds each tensor's dtype, shape and sha256 and a
+digest over the map and that table: a damaged or edited file (tensors *or* header) fails loudly and names what is
+wrong. The file is written to a temporary name and renamed into place, so an interrupted save leaves the previous file.
 
 Tensors a module carries beyond what dmq itself knows (a low-rank branch, a smoothing or rotation vector, registered
 as persistent buffers of a quantized layer or of its quantizers) are saved with the rest and registered again as
@@ -20,7 +23,6 @@ persistent buffers of the same module on load.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import json
 import logging
@@ -30,6 +32,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from dmq import integrity
+from dmq import validation as check
 from dmq.api import QuantState, _set_child
 from dmq.calibration import AllSteps, TimestepHook
 from dmq.config import QuantConfig, QuantSpec, config_from_dict, config_to_dict
@@ -37,10 +41,11 @@ from dmq.joint_attention import QuantJointAttnProcessor
 from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, QuantConv2d, QuantLinear
 from dmq.packed import WeightLayout
 from dmq.quantizer import TensorQuantizer
+from dmq.transaction import transaction
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the integrity seal covers the map as well as the tensors
 METADATA_KEY = "dmq"
 # dmq.load(path) rebuilds a backbone only from classes of these packages (a file never names arbitrary code to run)
 BUILDABLE_PACKAGES = ("diffusers.",)
@@ -126,6 +131,7 @@ def quantization_map(model: nn.Module) -> dict:
 
 
 def _frozen_state(model: nn.Module) -> QuantState:
+    check.module("model", model)
     st = getattr(model, "_dmq", None)
     if st is None:
         raise ValueError("model is not quantized: dmq.quantize, dmq.calibrate and dmq.freeze it before dmq.save")
@@ -135,16 +141,13 @@ def _frozen_state(model: nn.Module) -> QuantState:
 
 
 # --------------------------------------------------------------------------------------------------- save
-def _digest(t: torch.Tensor) -> str:
-    b = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(memoryview(b.numpy()) if b.numel() else b"").hexdigest()
-
-
 def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write a frozen (packed) quantized model to ``path`` (a ``.safetensors`` file with the map as metadata)."""
+    """Write a frozen (packed) quantized model to ``path`` (a ``.safetensors`` file with the map as metadata), sealed
+    (:mod:`dmq.integrity`) and atomically: an existing file at ``path`` is replaced whole or left as it was."""
     from safetensors.torch import save_file
 
     qmap = quantization_map(model)
+    target = integrity.check_target(check.path("path", path))
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
     for k, v in model.state_dict().items():
@@ -154,37 +157,33 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             v = v.clone()
         seen.add(key)
         tensors[k] = v
-    qmap["sha256"] = {k: _digest(v) for k, v in tensors.items()}
-    save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(qmap)})
-    logger.info("dmq.save: %d tensors, %d bytes, to %s", len(tensors), os.path.getsize(path), path)
+    metadata = integrity.seal({METADATA_KEY: json.dumps(qmap)}, tensors)
+    integrity.atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    logger.info("dmq.save: %d tensors, %d bytes, to %s", len(tensors), os.path.getsize(target), target)
 
 
 # --------------------------------------------------------------------------------------------------- load
 def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The quantization map and the tensors of a file written by :func:`save`, checked against their digests."""
+    """The quantization map and the tensors of a file written by :func:`save`, checked against its seal."""
     from safetensors import SafetensorError, safe_open
 
+    source = integrity.check_source(check.path("path", path))
     try:
-        with safe_open(os.fspath(path), framework="pt") as f:
+        with safe_open(os.fspath(source), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as e:
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     if METADATA_KEY not in meta:
         raise ValueError(f"{path}: no '{METADATA_KEY}' quantization map in the metadata: not written by dmq.save")
+    integrity.verify(meta, tensors, path)
     try:
         qmap = json.loads(meta[METADATA_KEY])
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: the quantization map is not valid JSON ({e})") from None
-    if qmap.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: quantization map version {qmap.get('format_version')!r}, this dmq reads "
-                         f"{FORMAT_VERSION}")
-    digests = qmap.get("sha256", {})
-    for k in sorted(set(digests) ^ set(tensors)):
-        raise ValueError(f"{path}: tensor {k!r} is {'missing from the file' if k in digests else 'not in the map'}")
-    for k, t in tensors.items():
-        if _digest(t) != digests[k]:
-            raise ValueError(f"{path}: tensor {k!r} does not match its sha256 digest: the file is damaged")
+    if not isinstance(qmap, dict) or qmap.get("format_version") != FORMAT_VERSION:
+        version = qmap.get("format_version") if isinstance(qmap, dict) else None
+        raise ValueError(f"{path}: quantization map version {version!r}, this dmq reads {FORMAT_VERSION}")
     return qmap, tensors
 
 
@@ -331,14 +330,30 @@ def load(model_or_path: nn.Module | str | os.PathLike, path: str | os.PathLike |
     architecture, weights irrelevant) in place and fills it. Outputs are bit-identical to the saved model's. A
     damaged, truncated or mismatched file raises ``ValueError`` naming the tensor or key.
     """
-    model = None if path is None else model_or_path
-    path = model_or_path if path is None else path
-    if model is not None and getattr(model, "_dmq", None) is not None:
-        raise ValueError("dmq.load(model, path) needs an unquantized model; dmq.restore it or build a fresh one")
+    if isinstance(model_or_path, nn.Module):
+        model = model_or_path
+        if path is None:
+            raise TypeError("dmq.load(model, path): path is missing; give the checkpoint file written by dmq.save")
+        check.path("path", path)
+        if getattr(model, "_dmq", None) is not None:
+            raise ValueError("dmq.load(model, path) needs an unquantized model; dmq.restore it or build a fresh one")
+    else:
+        if path is not None:
+            raise TypeError(f"dmq.load(model, path): model must be a torch.nn.Module, got "
+                            f"{type(model_or_path).__name__}")
+        model, path = None, check.path("model_or_path", model_or_path)
     qmap, tensors = read(path)
     if model is None:
-        model = _build(qmap.get("model"), path)
-    st = _swap_modules(model, qmap)
+        return _fill(_build(qmap.get("model"), path), qmap, tensors, path)
+    with transaction(model):
+        return _fill(model, qmap, tensors, path)
+
+
+def _fill(model: nn.Module, qmap: dict, tensors: dict[str, torch.Tensor], path) -> nn.Module:
+    try:
+        st = _swap_modules(model, qmap)
+    except (KeyError, TypeError, AttributeError) as e:  # a sealed map of an unexpected shape
+        raise ValueError(f"{path}: the quantization map is malformed ({type(e).__name__}: {e})") from None
     _load_tensors(model, tensors, st, path)
     for name in st.modules:
         model.get_submodule(name)._setup_exec()

@@ -79,21 +79,26 @@ def function(name: str, value: Any) -> Callable:
     return value
 
 
-def globs(name: str, value: Any) -> tuple[str, ...] | None:
-    """Module-name globs: ``None``, one glob as a string, or a sequence of strings (``"mid_block*"`` is one glob,
-    never seven one-character ones)."""
+def strings(name: str, value: Any, what: str = "string") -> tuple[str, ...] | None:
+    """``None``, one string, or a sequence of strings, as a tuple (a string is one item, never its characters)."""
     if value is None:
         return None
     if isinstance(value, str):
         return (value,)
     if isinstance(value, (bytes, dict)) or not isinstance(value, (Sequence, set, frozenset)):
-        raise TypeError(f"{name} must be a glob string or a list of glob strings, {_got(value)}")
+        raise TypeError(f"{name} must be a {what} or a list of {what}s, {_got(value)}")
     out = tuple(value)
     bad = [g for g in out if not isinstance(g, str)]
     if bad:
-        raise TypeError(f"{name} must hold glob strings only, got {_show(bad[0])} ({type(bad[0]).__name__}) "
+        raise TypeError(f"{name} must hold {what}s only, got {_show(bad[0])} ({type(bad[0]).__name__}) "
                         f"in {_show(value)}")
     return out
+
+
+def globs(name: str, value: Any) -> tuple[str, ...] | None:
+    """Module-name globs: ``None``, one glob as a string, or a sequence of strings (``"mid_block*"`` is one glob,
+    never seven one-character ones)."""
+    return strings(name, value, "glob string")
 
 
 def path(name: str, value: Any) -> str:
