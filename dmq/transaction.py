@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -36,8 +37,12 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
+_ACTIVE = threading.local()  # the enclosing transactions that cover nested ones, per thread
 SMALL = 1 << 16  # elements: parameters and buffers up to this size are copied by every snapshot
 OWNED_PACKAGES = ("dmq.", "pipelines.")  # state objects whose insides a snapshot copies
+
+
+_ATOMIC = frozenset({type(None), bool, int, float, str, bytes, torch.dtype, torch.device})
 
 
 def _owned(obj: Any) -> bool:
@@ -65,6 +70,7 @@ class Snapshot:
         self._containers: list[tuple[Any, Any]] = []  # dict / list / set -> a shallow copy of its contents
         self._tensors: list[tuple[str, torch.Tensor, int | None, torch.Tensor | None]] = []
         self._seen: set[int] = set()
+        self.clone_all = clone_all
         modules: list[tuple[str, nn.Module]] = []
         for i, root in enumerate(roots):
             if isinstance(root, nn.Module):
@@ -85,6 +91,7 @@ class Snapshot:
                         self._tensors.append((f"{prefix}.{name}", t, _version(t), keep))
             for _, mod in modules:
                 self._capture_object(mod)
+        self.modules = {id(m) for _, m in modules}
 
     # ---------------------------------------------------------------------------------------------- capture
     def _capture_object(self, obj: Any) -> None:
@@ -97,7 +104,7 @@ class Snapshot:
             self._capture_value(v)
 
     def _capture_value(self, v: Any) -> None:
-        if isinstance(v, nn.Module) or id(v) in self._seen:
+        if type(v) in _ATOMIC or isinstance(v, nn.Module) or id(v) in self._seen:
             return
         if isinstance(v, torch.Tensor):  # state of a dmq object (not a parameter or buffer, which are done)
             self._seen.add(id(v))
@@ -143,7 +150,7 @@ class Snapshot:
 
     def release(self) -> None:
         """Drop the references (the old modules and weights can be freed)."""
-        self._objects, self._containers, self._tensors = [], [], []
+        self._objects, self._containers, self._tensors, self.modules = [], [], [], set()
 
 
 def _restore_container(c: Any, saved: Any) -> None:
@@ -161,10 +168,22 @@ def _restore_container(c: Any, saved: Any) -> None:
 
 
 @contextmanager
-def transaction(*roots: Any, clone_all: bool = False) -> Iterator[Snapshot]:
+def transaction(*roots: Any, clone_all: bool = False, covers_nested: bool = False) -> Iterator[Snapshot | None]:
     """Run the block on ``roots`` all or nothing: on any exception (``BaseException``) roll back, then re-raise the
-    original exception unchanged."""
+    original exception unchanged.
+
+    ``covers_nested=True`` promises that no exception raised inside the block is caught before it leaves the block:
+    nested transactions on modules this one covers (with no stronger ``clone_all``) then take no snapshot of their
+    own, since this one rolls back everything they touched."""
+    enclosing = getattr(_ACTIVE, "stack", [])
+    covered = roots and all(isinstance(r, nn.Module) and any(id(r) in s.modules and (s.clone_all or not clone_all)
+                                                             for s in enclosing) for r in roots)
+    if covered:
+        yield None
+        return
     snap = Snapshot(*roots, clone_all=clone_all)
+    if covers_nested:
+        _ACTIVE.stack = [*enclosing, snap]
     try:
         yield snap
     except BaseException as e:
@@ -173,4 +192,6 @@ def transaction(*roots: Any, clone_all: bool = False) -> Iterator[Snapshot]:
             e.add_note(f"dmq could not roll back {len(lost)} tensor(s) changed in place: {lost[:5]}")
         raise
     finally:
+        if covers_nested:
+            _ACTIVE.stack = enclosing
         snap.release()

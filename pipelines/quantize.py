@@ -206,7 +206,7 @@ def quantize_pipeline(
     bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
     roots = [pipe] + [s for s in (getattr(pipe, "scheduler", None),) if s is not None]
     try:
-        with transaction(*roots):
+        with transaction(*roots, covers_nested=True):  # nothing inside catches: one snapshot for all
             te_names, processes, seen = _quantize_pipeline(pipe, backbone, cfg, te_cfg, include, exclude, pack,
                                                            progress, mine, defaults, seed, timestep_selection, rank,
                                                            done)
