@@ -5,7 +5,7 @@ Two levels, for any writer and reader of dmq checkpoints:
 - one safetensors file: :func:`seal` adds a metadata entry ``"dmq_integrity"`` holding each tensor's dtype, shape and
   sha256, and one sha256 over all other metadata entries plus that table; :func:`verify` checks both and raises
   ``ValueError`` naming what is damaged. A changed value in the quantization map, a renamed, dropped or retyped
-  tensor, or a flipped bit anywhere fails;
+  tensor, or a flipped bit anywhere fails. :func:`verify_metadata` checks the header before any tensor is read;
 - a folder (diffusers ``save_pretrained`` layout: ``config.json``, sharded safetensors and their index):
   :func:`seal_folder` writes ``dmq_integrity.json`` with the sha256 of every file and a digest over that list;
   :func:`verify_folder` checks it.
@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -66,8 +66,9 @@ def seal(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> di
     return {**metadata, SEAL_KEY: json.dumps(entry)}
 
 
-def verify(metadata: Mapping[str, str] | None, tensors: Mapping[str, torch.Tensor], source: object) -> None:
-    """Check a file's metadata and tensors against its seal; ``ValueError`` naming ``source`` and what is wrong."""
+def verify_metadata(metadata: Mapping[str, str] | None, names: Iterable[str], source: object) -> dict:
+    """Check the metadata against its digest and the tensor names against the seal, before any tensor data is read
+    (a damaged header fails fast); returns the seal's tensor table for :func:`verify_tensors`."""
     metadata = metadata or {}
     if SEAL_KEY not in metadata:
         raise ValueError(f"{source}: no {SEAL_KEY!r} entry in the metadata: not written by this dmq version, or "
@@ -84,6 +85,13 @@ def verify(metadata: Mapping[str, str] | None, tensors: Mapping[str, torch.Tenso
     if _record_digest(metadata, table) != digest:
         raise ValueError(f"{source}: the metadata (quantization map or tensor table) does not match its digest: "
                          "the header was edited or damaged")
+    for k in sorted(set(table) ^ set(names)):
+        raise ValueError(f"{source}: tensor {k!r} is {'missing from the file' if k in table else 'not in the seal'}")
+    return table
+
+
+def verify_tensors(table: dict, tensors: Mapping[str, torch.Tensor], source: object) -> None:
+    """Check each tensor's dtype, shape and sha256 against the table :func:`verify_metadata` returned."""
     for k in sorted(set(table) ^ set(tensors)):
         raise ValueError(f"{source}: tensor {k!r} is {'missing from the file' if k in table else 'not in the seal'}")
     for k, t in tensors.items():
@@ -93,6 +101,11 @@ def verify(metadata: Mapping[str, str] | None, tensors: Mapping[str, torch.Tenso
                              f"{rec.get('dtype')} {rec.get('shape')}: the file is damaged")
         if rec.get("sha256") != tensor_digest(t):
             raise ValueError(f"{source}: tensor {k!r} does not match its sha256 digest: the file is damaged")
+
+
+def verify(metadata: Mapping[str, str] | None, tensors: Mapping[str, torch.Tensor], source: object) -> None:
+    """Check a file's metadata and tensors against its seal; ``ValueError`` naming ``source`` and what is wrong."""
+    verify_tensors(verify_metadata(metadata, tensors.keys(), source), tensors, source)
 
 
 # ------------------------------------------------------------------------------------------------- targets

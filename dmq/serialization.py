@@ -171,12 +171,14 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with safe_open(os.fspath(source), framework="pt") as f:
             meta = f.metadata() or {}
+            if METADATA_KEY not in meta:
+                raise ValueError(f"{path}: no '{METADATA_KEY}' quantization map in the metadata: not written by "
+                                 "dmq.save")
+            table = integrity.verify_metadata(meta, f.keys(), path)  # a damaged header fails before reading data
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as e:
+    except (SafetensorError, OSError, RuntimeError, TypeError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    if METADATA_KEY not in meta:
-        raise ValueError(f"{path}: no '{METADATA_KEY}' quantization map in the metadata: not written by dmq.save")
-    integrity.verify(meta, tensors, path)
+    integrity.verify_tensors(table, tensors, path)
     try:
         qmap = json.loads(meta[METADATA_KEY])
     except json.JSONDecodeError as e:
