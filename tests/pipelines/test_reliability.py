@@ -5,10 +5,14 @@ import pickle
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dmq
 from pipelines import quantize_pipeline
 from pipelines.evaluation import load_clip
+from pipelines.quantize import restore_pipeline
+from tests.dmq.test_validation import ANY
 from tests.pipelines.tiny_pipelines import build, generate
 
 
@@ -133,3 +137,30 @@ def test_dmq_summary_reports_no_nonfinite_for_a_clean_pipeline():
     rep = build("ddim")
     quantize_pipeline(rep.pipe, "w8a8", call_kwargs=rep.calls[:1], num_inference_steps=2, progress=False)
     assert dmq.summary(rep.pipe.unet)["nonfinite"] == {}
+
+
+_DDPM = {}
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture], max_examples=40)
+@given(steps=st.one_of(ANY, st.just(1)), batch=st.one_of(ANY, st.just(1)), guidance=ANY,
+       seed=st.one_of(ANY, st.just(0)), selection=ANY, include=ANY, pack=st.one_of(ANY, st.just(False)),
+       config=st.one_of(ANY, st.just("w8a8")))
+def test_quantize_pipeline_accepts_or_rejects_clearly(steps, batch, guidance, seed, selection, include, pack, config):
+    """Property: any arguments give a quantized pipeline or a TypeError / ValueError, and an error leaves the
+    pipeline as it was."""
+    rep = _DDPM.get("rep") or _DDPM.setdefault("rep", build("ddpm"))
+    before = [(n, type(m)) for n, m in rep.pipe.unet.named_modules()]
+    try:
+        quantize_pipeline(rep.pipe, config, call_kwargs=rep.calls[:1], num_inference_steps=steps, batch_size=batch,
+                          guidance_scale=guidance, seed=seed, timestep_selection=selection, include=include,
+                          pack=pack, progress=False)
+    except (TypeError, ValueError) as e:
+        assert str(e)
+        assert [(n, type(m)) for n, m in rep.pipe.unet.named_modules()] == before
+        assert getattr(rep.pipe.unet, "_dmq", None) is None
+        return
+    if pack:
+        _DDPM.pop("rep")
+    else:
+        restore_pipeline(rep.pipe)
