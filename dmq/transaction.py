@@ -17,7 +17,8 @@ What a snapshot holds, and why that is enough:
 - parameter and buffer *data*: each tensor's version counter, and a copy of the small ones (scales, biases, norms;
   below :data:`SMALL`) or of all of them (``clone_all=True``, for calibration runs whose PTQ methods fold
   transforms into the float weights). A large tensor changed in place without a copy cannot be restored; rollback
-  then names it in a note on the exception (dmq's verbs never do that: the tests check it).
+  then names it in a note on the exception (dmq's verbs never do that: the tests check it). Writes through
+  ``tensor.data`` bypass the version counter: copied tensors are compared by value, large ones are not checked.
 
 Objects of other libraries (accelerate hooks, attention processors, configs) are restored by reference, not copied:
 dmq replaces them and never mutates them.
@@ -138,12 +139,11 @@ class Snapshot:
         lost = []
         with torch.no_grad():
             for name, t, version, keep in self._tensors:
-                if version is None or _version(t) == version:
-                    continue
-                if keep is None:
+                if keep is not None:  # compared by value too: writes through ``.data`` bypass the version counter
+                    if t.device.type != "meta" and (_version(t) != version or not torch.equal(t, keep)):
+                        t.copy_(keep)
+                elif version is not None and _version(t) != version:
                     lost.append(name)
-                else:
-                    t.copy_(keep)
         if lost:
             logger.error("rollback could not restore %d tensor(s) changed in place: %s", len(lost), lost[:5])
         return lost
