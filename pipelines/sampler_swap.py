@@ -94,6 +94,10 @@ def use_sampler(pipe: Any, name: str, **options: Any) -> Any:
     arguments). Unknown names or options raise ``ValueError`` listing the valid ones; the pipeline is left
     unchanged then. Returns the pipeline.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a sampler name (one of {sampler_names()}), got {type(name).__name__}")
+    if not hasattr(getattr(pipe, "scheduler", None), "config"):
+        raise TypeError(f"pipe must be a diffusers pipeline with a scheduler, got {type(pipe).__name__}")
     key = name.lower()
     if key in PLANNED:
         raise ValueError(f"sampler {name!r} is not available yet; available: {sampler_names()}")

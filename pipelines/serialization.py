@@ -15,6 +15,7 @@ from pathlib import Path
 from diffusers import DiffusionPipeline
 
 import dmq
+from dmq import validation as check
 from dmq.serialization import import_class
 
 BACKBONES = ("transformer", "unet")
@@ -33,7 +34,7 @@ def backbone_name(pipe: DiffusionPipeline) -> str:
 
 def save_quantized(pipe: DiffusionPipeline, directory: str | os.PathLike) -> Path:
     """Write ``pipe`` (its backbone frozen by :func:`dmq.freeze`) to ``directory``; returns the folder."""
-    out = Path(directory)
+    out = Path(check.path("directory", directory))
     name = backbone_name(pipe)
     backbone = getattr(pipe, name)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,7 @@ def save_quantized(pipe: DiffusionPipeline, directory: str | os.PathLike) -> Pat
 def load_quantized(directory: str | os.PathLike, pipeline_class: type | None = None) -> DiffusionPipeline:
     """Load a folder written by :func:`save_quantized`: the quantized backbone from its checkpoint, the other
     components with ``from_pretrained`` (local files only). ``pipeline_class`` overrides the saved class."""
-    root = Path(directory)
+    root = Path(check.path("directory", directory))
     try:
         info = json.loads((root / INFO).read_text())
     except FileNotFoundError:

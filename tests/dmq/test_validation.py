@@ -77,8 +77,11 @@ def test_save_and_load_accept_or_reject_clearly(tmp_path_factory, first, second)
     model = dmq.freeze(dmq.quantize(TimeToy(), "w4a16"))
     paths = {"file": folder / "m.safetensors", "dir": folder}
     dmq.save(model, paths["file"])
-    a, b = paths.get(first, first) if isinstance(first, str) else first, \
-        paths.get(second, second) if isinstance(second, str) else second
+
+    def where(v):  # strings name files inside the temporary folder: the test never writes anywhere else
+        return paths.get(v, folder / v.replace("/", "_")) if isinstance(v, str) and v else v
+
+    a, b = where(first), where(second)
     _call(dmq.save, model, b)
     fresh = TimeToy()
     _call(dmq.load, fresh, b, model=fresh)

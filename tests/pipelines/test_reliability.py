@@ -164,3 +164,24 @@ def test_quantize_pipeline_accepts_or_rejects_clearly(steps, batch, guidance, se
         _DDPM.pop("rep")
     else:
         restore_pipeline(rep.pipe)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=30)
+@given(value=ANY, other=ANY)
+def test_pipeline_helpers_accept_or_reject_clearly(tmp_path_factory, value, other):
+    from pipelines import use_sampler
+    from pipelines.quantize import find_backbone
+    from pipelines.serialization import load_quantized
+
+    rep = _DDPM.get("rep") or _DDPM.setdefault("rep", build("ddpm"))
+    scheduler = rep.pipe.scheduler
+    missing = tmp_path_factory.mktemp("none") / "missing"  # paths only inside a temporary folder
+    for call in (lambda: find_backbone(value), lambda: restore_pipeline(value), lambda: use_sampler(value, "deis"),
+                 lambda: use_sampler(rep.pipe, value), lambda: load_quantized(missing if isinstance(value, str)
+                                                                              else value, other)):
+        try:
+            call()
+        except (TypeError, ValueError) as e:
+            assert str(e)
+        assert rep.pipe.scheduler is scheduler or isinstance(value, str)
+        rep.pipe.scheduler = scheduler
