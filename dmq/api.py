@@ -125,7 +125,9 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, include: Sequence[s
 
 def _quantize(model: nn.Module, cfg: QuantConfig, include: tuple[str, ...] | None,
               exclude: tuple[str, ...] | None) -> nn.Module:
-    excl = tuple(cfg.keep_fp) + tuple(exclude or ())
+    # diffusers models name modules that must stay float32 (substrings of module names, as diffusers matches them)
+    fp32 = tuple(f"*{m}*" for m in getattr(model, "_keep_in_fp32_modules", None) or ())
+    excl = tuple(cfg.keep_fp) + tuple(exclude or ()) + fp32
     splits = unet_skip_splits(model) if cfg.shortcut_split and cfg.act is not None else {}
     state = QuantState(cfg, None)
     targets = [(n, m) for n, m in model.named_modules() if n and _selected(n, include, excl)]
@@ -300,6 +302,10 @@ def _freeze(model: nn.Module, st: QuantState, params: dict, pack: bool) -> nn.Mo
         st.packed = True
         logger.info("dmq: packed %d layers", len(st.modules))
     st.frozen = True
+    if st.packed:
+        from dmq.backend import attach  # a diffusers model becomes a dmq-quantized diffusers model
+
+        attach(model)
     return model
 
 
@@ -345,6 +351,9 @@ def restore(model: nn.Module, *, allow_dequantized: bool = False) -> nn.Module:
         if st.hook is not None:
             st.hook.remove()
         del model._dmq
+        from dmq.backend import detach
+
+        detach(model)
     return model
 
 
