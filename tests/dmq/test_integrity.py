@@ -74,7 +74,7 @@ def _changed(value, rng: random.Random):
     if isinstance(value, bool):
         return not value
     if isinstance(value, (int, float)):
-        return rng.choice([value + 1, value * 2 + 1, -value - 1, 9000.0])
+        return rng.choice([v for v in (value + 1, value - 7, 9000.0) if v != value])
     if isinstance(value, str):
         return rng.choice([value + "x", value[:-1], value.upper() + "_", "int4"]) if value else "x"
     return rng.choice([0, "x", []])  # None

@@ -98,7 +98,11 @@ def _rewrite(path, qmap, tensors, fix_digests=True, seal_of=None):
     """Write ``qmap`` and ``tensors`` as a checkpoint, resealed (``fix_digests``) or with the seal of ``seal_of``."""
     from dmq import integrity
 
-    meta = {"dmq": json.dumps(qmap)}
+    if fix_digests:
+        from dmq.serialization import _digest
+
+        qmap = {**qmap, "sha256": {k: _digest(v) for k, v in tensors.items()}}
+    meta = {"format": "pt", "dmq": json.dumps(qmap)}
     if fix_digests:
         meta = integrity.seal(meta, tensors)
     else:
