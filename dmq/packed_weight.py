@@ -132,8 +132,9 @@ class PackedWeight(torch.Tensor):
         if handler is not None:
             return handler(*args, **kwargs)
         if _writes(func) and any(isinstance(a, PackedWeight) for a in args):
-            raise PackedWeightWriteError(f"{func.__name__} would write into a dmq packed weight, which has no float storage: "
-                            "dequantize the layer (model.dequantize() / dmq.dequantize) to edit its weight")
+            raise PackedWeightWriteError(
+                f"{func.__name__} would write into a dmq packed weight, which has no float storage: dequantize the "
+                "layer (model.dequantize() / dmq.dequantize) to edit its weight")
 
         def unwrap(t):
             return t.dequantize() if isinstance(t, PackedWeight) else t

@@ -144,7 +144,8 @@ def test_modules_to_not_convert_and_keep_in_fp32(float_dirs, tmp_path, one_threa
         assert isinstance(m.weight, PackedWeight) == (not fp32 and "ffn" not in name), name
         assert m.weight.dtype == (torch.float32 if fp32 else torch.bfloat16), name
     assert part.get_memory_footprint() > full.get_memory_footprint()
-    assert torch.isfinite(run(part, {k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()})).all()
+    bf16 = {k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()}
+    assert torch.isfinite(run(part, bf16)).all()
 
 
 def test_device_map_auto(float_dirs, one_thread):

@@ -31,9 +31,10 @@ def test_quantized_pipeline_with_two_loras_saved_reloaded_compiled(tmp_path, one
     dmq.freeze(dmq.quantize(rep.pipe.transformer, "w4a16"))
     base = generate(rep, 2)
     rep.pipe.save_pretrained(tmp_path / "pipe")
-    absent = {k: None for k in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
-                                "tokenizer_3")}  # the tiny replica runs on prompt_embeds
-    rep.pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipe", **absent)  # plain diffusers, after import dmq
+    # the tiny replica runs on prompt_embeds: no text encoders, no tokenizers
+    absent = dict.fromkeys(("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+                            "tokenizer_3"))
+    rep.pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipe", **absent)  # plain diffusers after import dmq
     rep.pipe.set_progress_bar_config(disable=True)
     assert rep.pipe.transformer.config["quantization_config"].to_dict()["config"] == "w4a16"
     assert torch.equal(generate(rep, 2), base)
