@@ -165,3 +165,38 @@ def test_bad_inputs(float_dirs, tmp_path):
     d, cls, _ = float_dirs("pixart")
     with pytest.raises(ValueError, match="needs calibration data"):  # static activations cannot quantize on load
         cls.from_pretrained(d, quantization_config=dmq.DmqConfig("w8a8"))
+
+
+def test_without_import_dmq_diffusers_refuses_the_checkpoint(float_dirs, tmp_path):
+    from diffusers.quantizers import auto
+
+    from dmq.backend import register
+
+    d, cls, inputs = float_dirs("pixart")
+    cls.from_pretrained(d, quantization_config=dmq.DmqConfig("w4a16")).save_pretrained(tmp_path / "q")
+    auto.AUTO_QUANTIZER_MAPPING.pop("dmq")
+    auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop("dmq")
+    try:
+        with pytest.raises(ValueError, match="Unknown quantization type, got dmq"):
+            cls.from_pretrained(tmp_path / "q")
+    finally:
+        register()
+    assert torch.isfinite(run(cls.from_pretrained(tmp_path / "q"), inputs)).all()
+
+
+def test_a_damaged_shard_names_the_tensor(float_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d, cls, _ = float_dirs("pixart")
+    cls.from_pretrained(d, quantization_config=dmq.DmqConfig("w4a16")).save_pretrained(tmp_path / "q")
+    path = tmp_path / "q" / "diffusion_pytorch_model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("attn1.to_q.qweight"))
+    tensors[key] = tensors[key] ^ 1  # flip one bit of every code byte
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(ValueError, match="attn1.to_q.qweight"):
+        cls.from_pretrained(tmp_path / "q")
