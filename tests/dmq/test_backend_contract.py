@@ -200,3 +200,17 @@ def test_a_damaged_shard_names_the_tensor(float_dirs, tmp_path):
     save_file(tensors, path, metadata=meta)
     with pytest.raises(ValueError, match="attn1.to_q.qweight"):
         cls.from_pretrained(tmp_path / "q")
+
+
+def test_dmq_save_and_load_are_save_pretrained_and_from_pretrained(float_dirs, tmp_path, one_thread):
+    d, cls, inputs = float_dirs("digits-dit")
+    model = cls.from_pretrained(d)
+    dmq.calibrate(dmq.quantize(model, "w8a8"), lambda m: run(m, inputs))
+    dmq.freeze(model)
+    ref = run(model, inputs)
+    dmq.save(model, tmp_path / "m", max_shard_size=200_000)
+    assert len(list((tmp_path / "m").glob("*.safetensors"))) > 1
+    for loaded in (dmq.load(tmp_path / "m"), cls.from_pretrained(tmp_path / "m"), dmq.load(cls.from_pretrained(d),
+                                                                                              tmp_path / "m")):
+        assert isinstance(loaded.transformer_blocks[0].attn1.to_q.weight, PackedWeight)
+        assert torch.equal(run(loaded, inputs), ref)
