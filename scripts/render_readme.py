@@ -503,7 +503,7 @@ RENDERERS = {
     "formats": formats_table, "samplers_gmm": samplers_gmm_table, "samplers_deis_grids": samplers_deis_grids_table,
     "samplers_digits": samplers_digits_table, "samplers_dc": samplers_dc_table,
     "samplers_dc_digits": samplers_dc_digits_table, "runtime": runtime_table,
-    "samplers_fit": samplers_fit_table, "lora": lora_table, "compile": runtime_table,
+    "samplers_fit": samplers_fit_table, "lora": lora_table,
 }
 SOURCES = {"digits": (load_digits_quality, digits_table), "headline": (load_headline, headline_table)}
 
