@@ -86,7 +86,7 @@ def make_variant(model: nn.Module, variant: str, shape, ckpt_dir: str, estimator
     a dequantized weight copy for the layers without a fused low-bit kernel (:func:`dmq.kernels.cache_weights`)."""
     if variant.endswith("+compile"):
         m, size = make_variant(model, variant.removesuffix("+compile"), shape, ckpt_dir, estimator)
-        return torch.compile(m), size
+        return torch.compile(m, fullgraph=True), size  # one graph: a frozen dmq model has no graph break
     if variant.endswith("+cache"):
         m, size = make_variant(model, variant.removesuffix("+cache"), shape, ckpt_dir, estimator)
         dmq.kernels.cache_weights(m)
@@ -322,6 +322,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["digits-unet", "digits-dit", "dit-1152"])
     ap.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS))
     ap.add_argument("--peers", nargs="*", default=list(PEERS))
+    ap.add_argument("--compile", "--compiled", dest="compile", nargs="*", default=["w4a16", "w8a8"],
+                    help="variants also timed under torch.compile(fullgraph=True)")
     ap.add_argument("--large-layers", type=int, default=4)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--reps", type=int, default=5)
@@ -331,7 +333,6 @@ def main() -> None:
                     "preset's own; the estimator moves scales, not kernels)")
     ap.add_argument("--skip-memory", action="store_true", help="latency only (no per-variant memory phase)")
     ap.add_argument("--append", action="store_true", help="add the rows to --out instead of replacing it")
-    ap.add_argument("--compiled", nargs="*", default=[], help="variants also timed under torch.compile")
     ap.add_argument("--cached", nargs="*", default=[], help="presets also timed with dmq.kernels.cache_weights")
     ap.add_argument("--gemm", action="store_true", help="also time one GEMM on every candidate kernel")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -347,7 +348,7 @@ def main() -> None:
         for name, t in gemm.items():
             print(f"GEMM {name:55s} {t * 1e3:8.2f} ms  {t / gemm['bf16 F.linear']:.2f}x BF16", flush=True)
     rows, t_start = [], time.perf_counter()
-    variants = ["fp32", "bf16", *args.presets, *args.peers, *(f"{v}+compile" for v in args.compiled),
+    variants = ["fp32", "bf16", *args.presets, *args.peers, *(f"{v}+compile" for v in args.compile),
                 *(f"{v}+cache" for v in args.cached)]
     for model in args.models:
         cmd = [sys.executable, __file__, "--child", "--model", model, "--variants", *variants, "--estimator",
