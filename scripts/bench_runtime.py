@@ -82,6 +82,12 @@ def make_variant(model: nn.Module, variant: str, shape, ckpt_dir: str) -> tuple[
     """The variant of ``model`` and its checkpoint size in bytes (None when it cannot be saved here)."""
     if variant == "fp32":
         return model, _safetensors_bytes(model, ckpt_dir)
+    if variant.endswith("+compile"):  # torch.compile(fullgraph=True) of the frozen model, compiled before timing
+        q, size = make_variant(model, variant.removesuffix("+compile"), shape, ckpt_dir)
+        compiled = torch.compile(q, fullgraph=True)
+        for b in (1, 16):
+            call(compiled, *inputs(shape, b, torch.bfloat16))
+        return compiled, size
     bf16 = model.to(torch.bfloat16)
     if variant == "bf16":
         return bf16, _safetensors_bytes(bf16, ckpt_dir)
@@ -231,6 +237,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["digits-unet", "digits-dit", "dit-1152"])
     ap.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS))
     ap.add_argument("--peers", nargs="*", default=list(PEERS))
+    ap.add_argument("--compile", nargs="*", default=["w4a16", "w8a8"], help="presets also timed compiled")
     ap.add_argument("--large-layers", type=int, default=4)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--reps", type=int, default=5)
@@ -244,7 +251,7 @@ def main() -> None:
         child(args)
         return
     rows, t_start = [], time.perf_counter()
-    variants = ["fp32", "bf16", *args.presets, *args.peers]
+    variants = ["fp32", "bf16", *args.presets, *args.peers, *(f"{p}+compile" for p in args.compile)]
     for model in args.models:
         cmd = [sys.executable, __file__, "--child", "--model", model, "--variants", *variants,
                "--large-layers", str(args.large_layers), "--threads", str(args.threads), "--reps", str(args.reps),

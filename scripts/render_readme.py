@@ -488,13 +488,26 @@ def samplers_fit_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def lora_table(data: dict) -> str:
+    """``benchmarks/lora.json`` (scripts/bench_lora.py): LoRA latency on dmq-quantized backbones against BF16 with
+    the same adapters."""
+    lines = [f"`{data['command']}`: SD3 transformer, {data['layers']} blocks, width {data['dim']}, batch "
+             f"{data['batch']}, BF16, {data['threads']} thread(s), torch {data['torch']}; median of {data['reps']} "
+             "interleaved rounds on a shared machine.", "",
+             "| variant | adapters | ms | x BF16 (same adapters) | x no LoRA |", "|---|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['variant']} | {r['adapters']} | {r['latency_s'] * 1e3:.1f} | "
+                     f"{r['vs_bf16_same_adapters']:.2f} | {r['lora_overhead']:.2f} |")
+    return "\n".join(lines)
+
+
 RENDERERS = {
     "demo": demo_table, "quant": quant_table, "quant_methods": quant_methods_table,
     "quant_keep_fp": quant_keep_fp_table,
     "formats": formats_table, "samplers_gmm": samplers_gmm_table, "samplers_deis_grids": samplers_deis_grids_table,
     "samplers_digits": samplers_digits_table, "samplers_dc": samplers_dc_table,
     "samplers_dc_digits": samplers_dc_digits_table, "runtime": runtime_table,
-    "samplers_fit": samplers_fit_table,
+    "samplers_fit": samplers_fit_table, "lora": lora_table,
 }
 SOURCES = {"digits": (load_digits_quality, digits_table), "headline": (load_headline, headline_table)}
 
