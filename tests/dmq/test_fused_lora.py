@@ -46,8 +46,8 @@ def _two_adapters(model):
     return pm
 
 
-@pytest.mark.parametrize("preset", ["w4a16", "w8a8", "w4a16+hadamard"])
-def test_merge_matches_unfused_and_unmerge_restores_bits(preset, one_thread):
+@pytest.mark.parametrize("preset,safe", [("w4a16", False), ("w8a8", False), ("w4a16+hadamard", True)])
+def test_merge_matches_unfused_and_unmerge_restores_bits(preset, safe, one_thread):
     model = _frozen(preset)
     x = torch.randn(3, 4, 4, 4)
     with torch.no_grad():
@@ -57,11 +57,11 @@ def test_merge_matches_unfused_and_unmerge_restores_bits(preset, one_thread):
         assert len(packed) == 3
         unfused = pm(x)
         assert not torch.allclose(unfused, base, atol=1e-3)
-        pm.base_model.merge_adapter(["first", "second"])
+        pm.base_model.merge_adapter(["first", "second"], safe_merge=safe)  # safe: peft adds into a clone
         fused = pm(x)
-        # the same sum, in another order: float32 rounding of outputs of size ~1
+        # the same sum in another order: float32 rounding (measured 1.3e-7..1.8e-7 of the largest output)
         scale = unfused.abs().max()
-        assert (fused - unfused).abs().max() <= 1e-5 * scale
+        assert (fused - unfused).abs().max() <= 2e-6 * scale
         for n, m in _packed(model).items():
             assert m.lora_fused.dtype == m.weight.dtype and m.lora_fused.shape == m.weight.shape
             assert all(torch.equal(t, packed[n][k]) for k, t in m.weight.tensors().items())  # codes untouched
@@ -81,7 +81,7 @@ def test_merge_and_unload_saves_and_loads(tmp_path, one_thread):
         plain = pm.merge_and_unload()
         assert isinstance(plain.fc, QuantLinear) and isinstance(plain.conv, QuantConv2d)
         fused = plain(x)
-        assert (fused - unfused).abs().max() <= 1e-5 * unfused.abs().max()
+        assert (fused - unfused).abs().max() <= 2e-6 * unfused.abs().max()
         state = plain.state_dict()
         assert {"conv.lora_fused", "fc.lora_fused", "out.lora_fused"} <= set(state)
         torch.save(state, tmp_path / "fused.pt")
