@@ -88,6 +88,8 @@ def test_merge_and_unload_saves_and_loads(tmp_path, one_thread):
         fresh = _frozen("w4a16", seed=5)  # other weights: everything comes from the checkpoint
         fresh.load_state_dict(torch.load(tmp_path / "fused.pt"))
         assert torch.equal(fresh(x), fused)
+        dmq.save(plain, tmp_path / "dmq")  # the dmq format keeps the branch too
+        assert torch.equal(dmq.load(ConvLinear(), tmp_path / "dmq")(x), fused)
         # a loaded branch can still take and give back a delta
         d = torch.randn_like(fresh.out.lora_fused)
         fresh.out.weight.data += d
