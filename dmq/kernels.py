@@ -300,6 +300,15 @@ def _build_plan(layer, device: torch.device, dtype: torch.dtype, cache: bool) ->
     return plan
 
 
+def forget(layer) -> None:
+    """Drop a layer's kernel state, keeping its ``cache_weights`` choice: its packed tensors were overwritten in
+    place (``load_state_dict`` copies without bumping the version counters the state is keyed on)."""
+    plans = layer.__dict__.get("_dmq_kernel_plans")
+    if plans is not None:
+        with plans.lock:
+            plans.by_key = {}
+
+
 def prepare(layer) -> None:
     """Build a frozen layer's kernel state for its current device and dtype (called at freeze and load; a call in
     another dtype or after a move builds its own on first use)."""

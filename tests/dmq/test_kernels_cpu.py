@@ -184,11 +184,12 @@ def test_disable_rejects_unknown_paths_and_restores():
     assert all(kernels.enabled(p) for p in kernels.PATHS)
 
 
-def test_kernel_state_stays_out_of_the_state_dict_and_follows_reloads():
-    q, x = _frozen("w8a8")
+@pytest.mark.parametrize("preset", ["w8a8", "w4a16"])  # the oneDNN / int4pack prepacked weights
+def test_kernel_state_stays_out_of_the_state_dict_and_follows_reloads(preset):
+    q, x = _frozen(preset)
     keys = set(q.state_dict())
     assert not any("kernel" in k or "rowsum" in k for k in keys)
-    other, _ = _frozen("w8a8", seed=1)
+    other, _ = _frozen(preset, seed=1)
     clone = copy.deepcopy(q)  # the copy builds its own kernel state
     with torch.no_grad():
         before = q(x)

@@ -7,7 +7,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 import dmq
-from dmq.packed_weight import PackedWeightWriteError
+from dmq.modules import QuantLinear
 from tests.pipelines.tiny_pipelines import build, generate
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -38,6 +38,9 @@ def test_quantized_pipeline_with_two_loras_saved_reloaded_compiled(tmp_path, one
     rep.pipe.set_progress_bar_config(disable=True)
     assert rep.pipe.transformer.config["quantization_config"].to_dict()["config"] == "w4a16"
     assert torch.equal(generate(rep, 2), base)
+    rep.pipe.fuse_lora(components=["transformer"])  # no LoRA: nothing to fuse, nothing changes
+    assert torch.equal(generate(rep, 2), base)
+    assert not [n for n, _ in rep.pipe.transformer.named_buffers() if "lora_fused" in n]
 
     for name, seed in (("a", 1), ("b", 2)):
         _write_lora(rep.pipe, seed, tmp_path / name)
@@ -50,11 +53,24 @@ def test_quantized_pipeline_with_two_loras_saved_reloaded_compiled(tmp_path, one
     rep.pipe.set_adapters(["a", "b"], [0.0, 0.0])  # zero-weighted adapters add exactly nothing
     assert torch.equal(generate(rep, 2), base)
 
-    # fusing into a packed weight is refused before anything changes
+    # fuse_lora folds the weighted adapters into each quantized layer's 16-bit side branch (the packed codes stay);
+    # unfuse_lora gives back the unfused pipeline bit for bit
     rep.pipe.set_adapters(["a", "b"], [1.0, 0.5])
-    with pytest.raises(PackedWeightWriteError, match="packed weight"):
-        rep.pipe.fuse_lora()
+    packed = {n: {k: t.clone() for k, t in m.weight.tensors().items()}
+              for n, m in rep.pipe.transformer.named_modules()
+              if isinstance(getattr(m, "base_layer", None), QuantLinear)}
+    rep.pipe.fuse_lora(components=["transformer"], adapter_names=["a", "b"])  # weights 1.0 and 0.5, as set
+    fused = generate(rep, 2)
+    assert (fused - both).abs().max() <= 1e-5 * both.abs().max() and not torch.equal(fused, base)
+    fused_layers = [m.base_layer for n, m in rep.pipe.transformer.named_modules() if n in packed]
+    assert fused_layers and all(m.lora_fused.shape == m.weight.shape for m in fused_layers)
+    rep.pipe.unfuse_lora(components=["transformer"])
     assert torch.equal(generate(rep, 2), both)
+    for n, m in rep.pipe.transformer.named_modules():
+        if n in packed:
+            assert all(torch.equal(t, packed[n][k]) for k, t in m.base_layer.weight.tensors().items())
+            assert "lora_fused" not in m.base_layer._buffers
+    rep.pipe.set_adapters(["a", "b"], [1.0, 0.5])
 
     # a LoRA naming modules the model does not have is a clear error
     with pytest.raises(ValueError, match="not found"):
