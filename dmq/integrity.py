@@ -187,6 +187,9 @@ def _exchange(a: Path, b: Path) -> bool:
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Fill the yielded temporary folder; on success it is sealed (:func:`seal_folder`) and replaces ``path``."""
     target = check_target(path, folder=True)
+    if target.is_dir() and any(target.iterdir()) and not (target / SEAL_FILE).is_file():
+        raise ValueError(f"cannot write the folder {str(target)!r}: it exists and is not a folder written by dmq "
+                         f"(no {SEAL_FILE}); replacing it would delete its files. Give a new or empty folder")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
@@ -253,3 +256,14 @@ def verify_folder(folder: str | os.PathLike) -> None:
     for name, want in files.items():
         if file_digest(root / name) != want:
             raise ValueError(f"{str(root)!r}: file {name!r} does not match its sha256 digest: it is damaged")
+
+
+def verify_sealed_parent(file: str | os.PathLike) -> Path | None:
+    """:func:`verify_folder` on the sealed folder ``file`` belongs to: its own folder (a model) or, for a
+    component of a pipeline (``model_index.json`` one level up), the pipeline's; returns it, or None if unsealed."""
+    folder = Path(file).resolve().parent
+    for root in (folder, folder.parent):
+        if (root / SEAL_FILE).is_file() and (root == folder or (root / "model_index.json").is_file()):
+            verify_folder(root)
+            return root
+    return None
