@@ -189,27 +189,9 @@ def write_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path:
 
     def write(tmp: str) -> None:
         save_file(tensors, tmp, metadata=sealed)
-        canonical_header(tmp)
+        integrity.canonical_header(tmp)
 
     integrity.atomic_write(path, write)
-
-
-def canonical_header(path: str | os.PathLike) -> None:
-    """Rewrite a safetensors file's header with its metadata entries in sorted order, in place and at the same
-    length. safetensors keeps the metadata in a hash map whose order changes from one process and call to the next,
-    so without this two saves of the same model differ in their bytes (and "the old file or the new one" could not
-    be told by content)."""
-    with open(path, "r+b") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n), object_pairs_hook=dict)
-        meta = header.pop("__metadata__", None)
-        ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
-        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > n:  # a serializer escaping differently than json: leave the (valid) header as written
-            logger.debug("%s: header not canonicalized (%d > %d bytes)", path, len(text), n)
-            return
-        f.seek(8)
-        f.write(text.ljust(n, b" "))
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str | None = None) -> None:
