@@ -188,8 +188,12 @@ class DmqQuantizer(DiffusersQuantizer):
     # ------------------------------------------------------------------------------------- pre-quantized load
     def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
         if self.pre_quantized:
+            from dmq.integrity import verify_sealed_parent
             from dmq.serialization import read_map
 
+            # a folder sealed by dmq.save / save_quantized (the model's, or its pipeline's): checked whole, so an
+            # edited quantization_config in config.json fails here
+            verify_sealed_parent(checkpoint_files[0])
             self._qmap = read_map(checkpoint_files[0])
             self._loaded_keys = list(loaded_keys)
         return loaded_keys

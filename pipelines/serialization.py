@@ -17,6 +17,7 @@ import diffusers
 from diffusers import DiffusionPipeline
 
 import dmq  # noqa: F401 -- registers quant_method="dmq" with diffusers
+from dmq import integrity
 
 BACKBONES = ("transformer", "unet")
 
@@ -38,7 +39,9 @@ def save_quantized(pipe: DiffusionPipeline, directory: str | os.PathLike, **save
         raise ValueError("the pipeline's backbone is not a frozen dmq model: dmq.quantize, dmq.calibrate and "
                          "dmq.freeze it (or load it with a DmqConfig) before save_quantized")
     out = Path(directory)
-    pipe.save_pretrained(out, safe_serialization=True, **save_kwargs)
+    # filled under a temporary name, sealed (every file of every component) and swapped in whole
+    with integrity.atomic_directory(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True, **save_kwargs)
     return out
 
 
