@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from dmq.calibration import CONTEXT, StepPolicy, TimestepHook, get_policy
+from dmq.calibration import ModelClock, StepPolicy, TimestepHook, call_scope, get_policy
 from dmq.config import QuantConfig, get_config
 from dmq.joint_attention import QuantJointAttnProcessor
 from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, QuantConv2d, QuantLinear
-from dmq.quantizer import TensorQuantizer
+from dmq.quantizer import NotCalibratedError, TensorQuantizer
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,12 @@ class QuantState:
     learned_overrides: dict = field(default_factory=dict)  # module -> weight QuantSpec chosen by format search
     transformed: bool = False
     report: dict = field(default_factory=dict)  # what the PTQ methods did (errors, cache, time)
+    unobserved: list[str] = field(default_factory=list)  # quantizers calibration never reached (now dynamic)
+    clock: ModelClock | None = None  # the model's timestep convention and calibration mode
+
+    def __post_init__(self) -> None:
+        if self.clock is None:
+            self.clock = self.hook.clock if self.hook is not None else ModelClock(*self.config.timestep_range)
 
 
 def _state(model: nn.Module) -> QuantState:
@@ -143,7 +150,7 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, include: Sequence[s
             f"nothing to quantize in {type(model).__name__}: no nn.Linear / nn.Conv2d / diffusers attention module "
             f"matched include={list(include) if include else None} outside keep_fp/exclude"
         )
-    state.hook = TimestepHook(model, *cfg.timestep_range)
+    state.hook = TimestepHook(model, *cfg.timestep_range, clock=state.clock)
     model._dmq = state
     logger.info("dmq: quantized %d layers and %d attention modules with %s", len(state.modules),
                 len(state.attention), cfg.name)
@@ -201,15 +208,38 @@ def _run(model: nn.Module, forward_loop: Callable[[nn.Module], object], policy: 
     if not observe:
         for q in qs:
             q.enabled = False
-    CONTEXT.calibrating, CONTEXT.policy, CONTEXT.points = True, policy, 0
-    try:
-        with torch.no_grad():
+    clock = _state(model).clock
+    clock.calibrating, clock.policy, clock.points = True, policy, 0
+    try:  # the scope covers loops that run submodules directly; each call of the model gets its own on top
+        with torch.no_grad(), call_scope(calibrating=True, clock=clock):
             forward_loop(model)
     finally:
-        CONTEXT.calibrating, CONTEXT.policy, CONTEXT.timestep, CONTEXT.observe = False, None, None, True
+        clock.calibrating, clock.policy = False, None
         for q, e in zip(qs, enabled):
             q.enabled = e
-    return CONTEXT.points
+    return clock.points
+
+
+class _NoSteps(StepPolicy):
+    def accept(self, t, lo, hi) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def full_precision(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a quantized, not yet frozen model in full precision inside the ``with`` block, observing nothing: a
+    second denoiser of a pipeline stays on the full-precision trajectory while the first one calibrates."""
+    st = _state(model)
+    if st.frozen:
+        raise ValueError("full_precision needs a model that is not frozen")
+    clock = st.clock
+    if clock.calibrating:
+        raise ValueError("the model is calibrating already")
+    clock.calibrating, clock.policy = True, _NoSteps()
+    try:
+        yield model
+    finally:
+        clock.calibrating, clock.policy = False, None
 
 
 def learned_config(model: nn.Module) -> QuantConfig:
@@ -221,8 +251,12 @@ def learned_config(model: nn.Module) -> QuantConfig:
 
 
 def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
-    """Fix every static activation quantizer's per-bin scales from its statistics, then drop the observers. The
-    timestep hook stays only while some quantizer has more than one timestep bin.
+    """Fix every static activation quantizer's per-bin scales from its statistics, then drop the observers.
+
+    A quantizer that calibration never reached (its layer sits on a branch the calibration calls did not take)
+    has no statistics to fix a scale from: it falls back to dynamic per-tensor quantization of the same format,
+    with a logged warning, listed in ``summary(model)["unobserved"]``. With no calibration call at all this raises
+    :class:`~dmq.quantizer.NotCalibratedError`.
 
     With ``pack=True`` (default) every quantized layer's float weight is released and replaced by packed codes and
     scales (:mod:`dmq.packed`): resident memory drops, layers run integer / FP8 GEMMs or dequantize on the fly
@@ -231,11 +265,19 @@ def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
     layers are offloaded one by one (accelerate hooks, weights on the meta device) is not packed.
     """
     st = _state(model)
-    for q in quantizers(model).values():
-        q.freeze()
-    if st.hook is not None and not any(q.num_bins > 1 for q in quantizers(model).values()):
-        st.hook.remove()
-        st.hook = None
+    for name, q in quantizers(model).items():
+        try:
+            q.freeze()
+        except NotCalibratedError:
+            if not st.calibration_points:
+                raise
+            q.fall_back_to_dynamic()
+            st.unobserved.append(name)
+    if st.unobserved:
+        logger.warning("dmq: %d activation quantizer(s) saw no input in %d calibration calls (a branch the "
+                       "calibration trajectory never takes: %s%s); they quantize dynamically (per-tensor min-max "
+                       "of each input) instead of with a static scale", len(st.unobserved), st.calibration_points,
+                       ", ".join(st.unobserved[:5]), ", ..." if len(st.unobserved) > 5 else "")
     if pack and not st.packed and _offloaded(model):  # hooks reload float weights by name: keep them, unpacked
         logger.info("dmq: some layers are offloaded (weights on the meta device): the weights stay unpacked")
     elif pack and not st.packed:
@@ -305,5 +347,6 @@ def summary(model: nn.Module) -> dict:
         "shortcut_splits": len(st.splits), "calibration_points": st.calibration_points,
         "calibration_seconds": st.calibration_seconds, "frozen": st.frozen, "packed": st.packed,
         "observer_bytes": sum(q.observer.nbytes for q in quantizers(model).values() if q.observer is not None),
-        "methods": dict(st.report),
+        "methods": dict(st.report), "unobserved": list(st.unobserved),
+        "timestep_range": st.clock.range, "observed_timesteps": st.clock.observed,
     }

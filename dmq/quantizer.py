@@ -3,12 +3,13 @@ one set per timestep bin)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 from torch import nn
 
-from dmq.calibration import CONTEXT, timestep_bins
+from dmq.calibration import CONTEXT, sample_timesteps, timestep_bins
 from dmq.config import QuantSpec
 from dmq.fake_quant import fake_quant, from_rows, params_from_range, quantize_rows_dynamic, to_rows
 from dmq.observers import StreamingObserver
@@ -32,6 +33,8 @@ class TensorQuantizer(nn.Module):
     ``CONTEXT.calibrating``), *frozen* (static: per-bin ``scale`` / ``zero_point`` buffers), or *dynamic*
     (scales computed from every input).
     """
+
+    follows_clock = True  # the model's timestep hook sets ``timestep_range`` to the convention calibration finds
 
     def __init__(self, spec: QuantSpec, channel_dim: int = -1, timestep_range: tuple[float, float] = (0.0, 1000.0)):
         super().__init__()
@@ -64,11 +67,13 @@ class TensorQuantizer(nn.Module):
         t = CONTEXT.timestep
         if t is None:
             return None
-        bins = timestep_bins(t, self.num_bins, *self.timestep_range)
+        bins = timestep_bins(sample_timesteps(t), self.num_bins, *self.timestep_range)
         if bins.numel() == 1 or bool((bins == bins[0]).all()):
             return bins[:1]
         if bins.numel() == batch:
             return bins
+        if batch % bins.numel() == 0:  # (B * frames, ...) activations of video models, batch-major
+            return bins.repeat_interleave(batch // bins.numel())
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +120,16 @@ class TensorQuantizer(nn.Module):
         return scale, zp
 
     # --------------------------------------------------------------------------------------- freezing
+    def fall_back_to_dynamic(self) -> None:
+        """No statistics were observed: quantize each input with its own per-tensor min-max scale instead (same
+        format and symmetry), a choice that needs no calibration data and is never worse-clipped than a guess."""
+        self.spec = dataclasses.replace(self.spec, dynamic=True, granularity="tensor", timestep_bins=1)
+        self.num_bins = 1
+        self.scale = self.scale.new_ones(1)
+        self.zero_point = self.zero_point.new_zeros(1)
+        self.observer = None
+        self.frozen = True
+
     def freeze(self) -> None:
         """Fix the per-bin parameters from the observed statistics and drop the observer."""
         if self.frozen:

@@ -342,7 +342,6 @@ def load(model_or_path: nn.Module | str | os.PathLike, path: str | os.PathLike |
     _load_tensors(model, tensors, st, path)
     for name in st.modules:
         model.get_submodule(name)._setup_exec()
-    if any(q.num_bins > 1 for q in model.modules() if isinstance(q, TensorQuantizer)):
-        st.hook = TimestepHook(model, *st.config.timestep_range)
+    st.hook = TimestepHook(model, *st.config.timestep_range, clock=st.clock)  # each model sets its own active call
     model._dmq = st
     return model
