@@ -54,7 +54,7 @@ def _component(pipe: Any, name: str) -> object:
 
 
 def find_denoisers(pipe: Any, names: str | Sequence[str] | None = None,
-                   config: dmq.QuantConfig | None = None) -> dict[str, nn.Module]:
+                   config: dmq.QuantConfig | None = None, *, quantized_ok: bool = False) -> dict[str, nn.Module]:
     """The denoisers to quantize, by component name (dotted paths reach nested pipelines).
 
     ``names=None`` takes every one of :data:`DENOISER_ATTRS` the pipeline has (its U-Net or transformer, and Wan
@@ -83,7 +83,7 @@ def find_denoisers(pipe: Any, names: str | Sequence[str] | None = None,
                              "nn.Module with dmq.quantize / dmq.calibrate / dmq.freeze")
         if any(mod is m for m in out.values()):
             raise ValueError(f"{where} is the same module as another named denoiser; name it once")
-        if getattr(mod, "_dmq", None) is not None:
+        if getattr(mod, "_dmq", None) is not None and not quantized_ok:
             raise ValueError(f"pipe.{name} is already quantized; dmq.restore(pipe.{name}) first")
         binned = config is not None and any(s is not None and not s.dynamic and s.timestep_bins > 1
                                             for s in (config.act, config.attn, config.attn_probs))
@@ -97,7 +97,7 @@ def find_denoisers(pipe: Any, names: str | Sequence[str] | None = None,
 
 def find_backbone(pipe: Any) -> tuple[str, nn.Module]:
     """``(attribute, module)`` of the pipeline's first default denoiser (see :func:`find_denoisers`)."""
-    name, mod = next(iter(find_denoisers(pipe).items()))
+    name, mod = next(iter(find_denoisers(pipe, quantized_ok=True).items()))
     return name, mod
 
 
