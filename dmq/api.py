@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dmq import attention
 from dmq.calibration import ModelClock, StepPolicy, TimestepHook, call_scope, get_policy
 from dmq.config import QuantConfig, get_config
-from dmq.joint_attention import QuantJointAttnProcessor
-from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, QuantConv2d, QuantLinear
+from dmq.modules import AttentionQuantizers, QuantConv2d, QuantLinear
 from dmq.quantizer import NotCalibratedError, TensorQuantizer
 
 logger = logging.getLogger(__name__)
@@ -68,9 +68,12 @@ def unet_skip_splits(model: nn.Module) -> dict[str, int]:
     stack = [conv_in.out_channels]
     for db in downs:
         for r in getattr(db, "resnets", []):
-            stack.append(r.out_channels)
+            stack.append(_out_channels(r))
         if getattr(db, "downsamplers", None):
-            stack.append(db.downsamplers[0].out_channels)
+            stack.append(_out_channels(db.downsamplers[0]))
+    if any(c is None for c in stack):
+        logger.info("U-Net down path with a block of unknown output width: no shortcut split")
+        return {}
     splits: dict[str, int] = {}
     for i, ub in enumerate(ups):
         for j, r in enumerate(getattr(ub, "resnets", [])):
@@ -86,6 +89,16 @@ def unet_skip_splits(model: nn.Module) -> dict[str, int]:
             if getattr(r, "conv_shortcut", None) is not None and isinstance(r.conv_shortcut, nn.Conv2d):
                 splits[f"up_blocks.{i}.resnets.{j}.conv_shortcut"] = first
     return splits
+
+
+def _out_channels(block: nn.Module) -> int | None:
+    """Output channels of a U-Net resnet or downsampler: its ``out_channels``, else those of its last convolution
+    (``SpatioTemporalResBlock`` and other wrappers carry no ``out_channels`` of their own)."""
+    c = getattr(block, "out_channels", None)
+    if isinstance(c, int):
+        return c
+    convs = [m for m in block.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    return convs[-1].out_channels if convs else None
 
 
 def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str]) -> bool:
@@ -138,12 +151,9 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, include: Sequence[s
             proc = getattr(mod, "processor", None)
             if proc is None or not hasattr(mod, "set_processor"):
                 continue
-            if type(proc).__name__ not in QUANTIZABLE_PROCESSORS:
+            if attention.attach(mod, AttentionQuantizers(cfg, proc)) is None:
                 logger.info("attention %s uses %s: its matmuls stay in full precision", name, type(proc).__name__)
                 continue
-            mod.matmul_quantizers = AttentionQuantizers(cfg, proc)
-            joint = type(proc).__name__ == "JointAttnProcessor2_0"
-            mod.set_processor(QuantJointAttnProcessor() if joint else QuantAttnProcessor())
             state.attention.append(name)
     if not state.modules and not state.attention:
         raise ValueError(
@@ -327,9 +337,7 @@ def restore(model: nn.Module, *, allow_dequantized: bool = False) -> nn.Module:
     for name in st.modules:
         _set_child(model, name, model.get_submodule(name).to_float())
     for name in st.attention:
-        mod = model.get_submodule(name)
-        mod.set_processor(mod.matmul_quantizers.original_processor)
-        del mod.matmul_quantizers
+        attention.detach(model.get_submodule(name))
     if st.hook is not None:
         st.hook.remove()
     del model._dmq

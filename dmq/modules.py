@@ -87,6 +87,13 @@ class PackedMixin:
     def packed(self) -> bool:
         return self.weight_layouts is not None
 
+    def __getattr__(self, name: str):
+        # model code reads ``layer.weight`` (its dtype, device, shape): a packed layer answers with the dequantized
+        # weight, computed on demand (nothing is stored)
+        if name == "weight" and self.__dict__.get("weight_layouts"):
+            return self.dequantized_weight()
+        return super().__getattr__(name)
+
     def _part(self, i: int) -> dict[str, torch.Tensor]:
         """The buffers of packed part ``i`` by their base names (``qweight``, ``weight_scale``, ...)."""
         sfx = "" if i == 0 else f"_{i}"
@@ -241,7 +248,8 @@ class QuantLinear(PackedMixin, nn.Linear):
             return 0.0
         return F.linear(F.linear(x, self.lowrank_down), self.lowrank_up)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Linear's argument name: model code passes input=
+        x = input
         if self.packed:
             if CONTEXT.calibrating:
                 raise RuntimeError("a packed (frozen) layer cannot be calibrated")
@@ -337,7 +345,8 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
         return self._conv_forward(self._quant_input(x), self.dequantized_weight(x.dtype), self.bias) + \
             self.lowrank_branch(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Linear's argument name: model code passes input=
+        x = input
         if self.packed:
             if CONTEXT.calibrating:
                 raise RuntimeError("a packed (frozen) layer cannot be calibrated")

@@ -30,11 +30,11 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from dmq import attention
 from dmq.api import QuantState, _set_child
 from dmq.calibration import AllSteps, TimestepHook
 from dmq.config import QuantConfig, QuantSpec, config_from_dict, config_to_dict
-from dmq.joint_attention import QuantJointAttnProcessor
-from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, QuantConv2d, QuantLinear
+from dmq.modules import AttentionQuantizers, QuantConv2d, QuantLinear
 from dmq.packed import WeightLayout
 from dmq.quantizer import TensorQuantizer
 
@@ -257,16 +257,13 @@ def _swap_modules(model: nn.Module, qmap: dict) -> QuantState:
         except AttributeError:
             raise ValueError(f"{where} of the checkpoint is not in the model") from None
         proc = getattr(mod, "processor", None)
-        if proc is None or type(proc).__name__ not in QUANTIZABLE_PROCESSORS:
+        if attention.kind(proc) is None:
             raise ValueError(f"{where}: the model's attention processor {type(proc).__name__} is not quantizable")
         mq = AttentionQuantizers.__new__(AttentionQuantizers)
         nn.Module.__init__(mq)
         for k in ("q", "k", "v", "probs"):
             setattr(mq, k, _quantizer_from(e["quantizers"].get(k), f"{where}.{k}"))
-        mq.original_processor = proc
-        mod.matmul_quantizers = mq
-        joint = type(proc).__name__ == "JointAttnProcessor2_0"  # as dmq.quantize chooses
-        mod.set_processor(QuantJointAttnProcessor() if joint else QuantAttnProcessor())
+        attention.attach(mod, mq)  # as dmq.quantize does
         st.attention.append(name)
     return st
 
