@@ -80,5 +80,10 @@ def load_quantized(directory: str | os.PathLike, pipeline_class: type | None = N
             isinstance(k, str) and isinstance(v, str) and "/" in v and ".." not in v for k, v in quantized.items()):
         raise ValueError(f"{root / INFO}: 'quantized' must map component names to checkpoint paths, got {quantized!r}")
     modules = {n: dmq.load(root / ckpt) for n, ckpt in quantized.items()}
+    try:  # components saved as absent (a pipeline driven by prompt_embeds, without text encoders) stay absent
+        index = json.loads((root / "model_index.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        index = {}
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
     cls = pipeline_class or import_class(info["pipeline_class"], PIPELINE_PACKAGES)
-    return cls.from_pretrained(root, local_files_only=True, **modules)
+    return cls.from_pretrained(root, local_files_only=True, **{**absent, **modules})
