@@ -397,7 +397,8 @@ def families_table(data: dict) -> str:
         "sampling run; the Linear/Conv2d layers left in full precision (block indices folded to `*`); attention "
         "matmuls quantized (modules, processor).",
         "",
-        "| family | denoiser | W8A8 ε SQNR | W4A8 ε SQNR | quantized layers | full precision | attention | bins over |",
+        "| family | denoiser | W8A8 ε SQNR | W4A8 ε SQNR | quantized layers | full precision | attention "
+        "| bins over |",
         "|---|---|---:|---:|---:|---|---|---|",
     ]
     for row in data["families"]:
@@ -408,7 +409,8 @@ def families_table(data: dict) -> str:
                     if d["attention_modules"] else "no")
             lo, hi = d["timestep_range"]
             lines.append(f"| {row['family']} ({row['pipeline']}) | `{name}` {d['class']} | "
-                         f"{d['w8a8_eps_sqnr_db']:.1f} dB | {d['w4a8_eps_sqnr_db']:.1f} dB | {d['quantized_layers']} | "
+                         f"{d['w8a8_eps_sqnr_db']:.1f} dB | {d['w4a8_eps_sqnr_db']:.1f} dB | "
+                         f"{d['quantized_layers']} | "
                          f"{fp_text or '—'} | {attn} | [{lo:g}, {hi:g}] |")
     return "\n".join(lines)
 
