@@ -196,8 +196,9 @@ def _wan22() -> Replica:
                              latents_std=[1.0] * 4).eval()
     pipe = d.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=expert(0), transformer_2=expert(5),
                          scheduler=d.FlowMatchEulerDiscreteScheduler(shift=3.0), boundary_ratio=0.6)
-    calls = [{"prompt_embeds": _randn(1, 6, 32, seed=100 + i), "negative_prompt_embeds": _randn(1, 6, 32, seed=200 + i),
-              "height": 16, "width": 16, "num_frames": 5} for i in range(2)]
+    calls = [{"prompt_embeds": _randn(1, 6, 32, seed=100 + i),
+              "negative_prompt_embeds": _randn(1, 6, 32, seed=200 + i), "height": 16, "width": 16, "num_frames": 5}
+             for i in range(2)]
     return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=3.0)
 
 
