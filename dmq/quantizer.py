@@ -39,6 +39,8 @@ class TensorQuantizer(nn.Module):
     def __init__(self, spec: QuantSpec, channel_dim: int = -1, timestep_range: tuple[float, float] = (0.0, 1000.0)):
         super().__init__()
         self.spec, self.fmt, self.channel_dim = spec, spec.fmt, channel_dim
+        for attr in ("max", "min"):  # fill the format's cached properties now: torch.compile cannot take their lock
+            getattr(self.fmt, attr, None)
         self.timestep_range = timestep_range
         self.num_bins = 1 if spec.dynamic else spec.timestep_bins
         self.enabled = True
@@ -61,20 +63,28 @@ class TensorQuantizer(nn.Module):
             logger.warning(msg)
 
     def current_bins(self, batch: int) -> torch.Tensor | None:
-        """Bin per sample (``(batch,)``), one bin (``(1,)``), or None for a single-bin quantizer."""
+        """Bin per sample (``(batch,)``) or one bin (``(1,)``, one timestep for the batch); None for a single-bin
+        quantizer or without a usable timestep. No branch on tensor values, so ``torch.compile`` traces it whole."""
         if self.num_bins == 1:
             return None
         t = CONTEXT.timestep
         if t is None:
             return None
-        bins = timestep_bins(sample_timesteps(t), self.num_bins, *self.timestep_range)
-        if bins.numel() == 1 or bool((bins == bins[0]).all()):
-            return bins[:1]
-        if bins.numel() == batch:
-            return bins
-        if batch % bins.numel() == 0:  # (B * frames, ...) activations of video models, batch-major
-            return bins.repeat_interleave(batch // bins.numel())
+        t = sample_timesteps(t)  # one per sample: per-token / per-frame timesteps take the noisiest
+        n = t.numel()
+        if n == 1 or n == batch:
+            return timestep_bins(t, self.num_bins, *self.timestep_range)
+        if batch % n == 0:  # (B * frames, ...) activations of video models, batch-major
+            return timestep_bins(t, self.num_bins, *self.timestep_range).repeat_interleave(batch // n)
         return None
+
+    def _observed_bins(self, batch: int) -> torch.Tensor | None:
+        """:meth:`current_bins` for the observer, a batch at one timestep collapsed to one bin (calibration only:
+        this reads tensor values, which eager calibration can afford)."""
+        bins = self.current_bins(batch)
+        if bins is not None and bins.numel() > 1 and bool((bins == bins[0]).all()):
+            return bins[:1]
+        return bins
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -83,7 +93,7 @@ class TensorQuantizer(nn.Module):
             if self.spec.dynamic:
                 return x
             if CONTEXT.observe and self.observer is not None:
-                self.observer.observe(x, self.current_bins(x.shape[0]))
+                self.observer.observe(x, self._observed_bins(x.shape[0]))
             return x
         if self.spec.dynamic:
             return self._dynamic(x)
@@ -107,13 +117,14 @@ class TensorQuantizer(nn.Module):
         """The frozen ``scale`` and ``zero_point`` (None if symmetric) that apply to ``x``, shaped ``(B or 1, 1, ..)``
         to broadcast against it: one set per sample's timestep bin."""
         bins = self.current_bins(x.shape[0])
-        if bins is None and self.num_bins > 1:
-            # no usable timestep: the widest bin never clips
-            if not bool((self.scale == self.scale[0]).all()):
+        if bins is not None:
+            idx = bins.to(self.scale.device)
+        elif self.num_bins > 1:  # no usable timestep: the widest bin never clips
+            if not torch.compiler.is_compiling():
                 self._warn_once("nobin", "no usable timestep for a timestep-binned quantizer: using the widest bin")
-            bins = torch.argmax(self.scale).reshape(1)
-        idx = bins.to(self.scale.device) if bins is not None else torch.zeros(1, dtype=torch.long,
-                                                                             device=self.scale.device)
+            idx = torch.argmax(self.scale).reshape(1)
+        else:
+            idx = torch.zeros(1, dtype=torch.long, device=self.scale.device)
         shape = (-1,) + (1,) * (x.ndim - 1)
         scale = self.scale[idx].reshape(shape)
         zp = None if self.spec.symmetric else self.zero_point[idx].reshape(shape)
@@ -127,23 +138,33 @@ class TensorQuantizer(nn.Module):
         self.num_bins = 1
         self.scale = self.scale.new_ones(1)
         self.zero_point = self.zero_point.new_zeros(1)
+        if self.observer is not None:
+            self._counts = self.value_counts()
         self.observer = None
         self.frozen = True
 
-    def freeze(self) -> None:
-        """Fix the per-bin parameters from the observed statistics and drop the observer."""
+    def value_counts(self) -> tuple[list[int], list[int]]:
+        """``(finite, nonfinite)``: activation values seen during calibration per timestep bin (kept after
+        :meth:`freeze`; zeros for a dynamic or loaded quantizer)."""
+        obs = self.observer
+        if obs is not None:
+            return obs.count.tolist(), obs.nonfinite_bins.tolist()
+        return getattr(self, "_counts", ([0] * self.num_bins, [0] * self.num_bins))
+
+    def frozen_params(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The per-bin ``(scale, zero_point)`` that :meth:`freeze` would set (``None`` if already frozen), computed
+        without changing anything; :class:`NotCalibratedError` saying what the quantizer saw if it has no finite
+        calibration data."""
         if self.frozen:
-            self.observer = None
-            return
+            return None
         obs = self.observer
         seen = obs.observed_bins() if obs is not None else []
         if not seen:
-            raise NotCalibratedError(
-                "static activation quantizer has no calibration data: run dmq.calibrate(model, forward_loop) "
-                "before dmq.freeze (or use a dynamic/weight-only config)"
-            )
-        if obs.nonfinite:
-            logger.warning("observer skipped %d non-finite (NaN/inf) activation values", obs.nonfinite)
+            nonfinite = obs.nonfinite if obs is not None else 0
+            if nonfinite:
+                raise NotCalibratedError(f"saw only non-finite activation values during calibration ({nonfinite} "
+                                         "NaN/inf, no finite value)")
+            raise NotCalibratedError("no calibration data: it saw no activation during dmq.calibrate")
         s = self.spec
         scales, zps = [], []
         for k in range(self.num_bins):
@@ -152,7 +173,17 @@ class TensorQuantizer(nn.Module):
             scale, zp = params_from_range(torch.tensor(lo), torch.tensor(hi), self.fmt, s.symmetric)
             scales.append(float(scale))
             zps.append(0.0 if zp is None else float(zp))
-        self.scale.copy_(torch.tensor(scales))
-        self.zero_point.copy_(torch.tensor(zps))
+        kw = {"dtype": self.scale.dtype, "device": self.scale.device}
+        return torch.tensor(scales, **kw), torch.tensor(zps, **kw)
+
+    def freeze(self, params: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Fix the per-bin parameters (``params`` from :meth:`frozen_params`, computed if not given) and drop the
+        observer."""
+        if params is None:
+            params = self.frozen_params()
+        if self.observer is not None:
+            self._counts = self.value_counts()
+        if params is not None:
+            self.scale, self.zero_point = params  # new buffers, not copies into the old (rollback keeps those)
         self.observer = None
         self.frozen = True

@@ -1,9 +1,10 @@
-"""Save and load a diffusers pipeline whose backbone dmq quantized and froze.
+"""Save and load a diffusers pipeline whose backbone dmq quantized and froze: thin conveniences over diffusers.
 
-The folder is an ordinary diffusers pipeline folder (``model_index.json``, one subfolder per component) except for
-the backbone's subfolder, which holds ``config.json`` and ``dmq_model.safetensors`` (:func:`dmq.save`) instead of
-float weights, and a ``dmq_pipeline.json`` that names the pipeline class and the backbone. Loading needs no
-calibration data, no float backbone weights and no hub.
+A frozen diffusers backbone is a dmq-quantized diffusers model (:mod:`dmq.backend`), so the pipeline folder is an
+ordinary diffusers pipeline folder: ``pipe.save_pretrained(dir)`` writes it (the backbone's ``config.json`` carries
+``quantization_config``, its safetensors the packed weights and the quantization map) and
+``DiffusionPipeline.from_pretrained(dir)`` reads it after ``import dmq``. These two functions add only the checks,
+and the lookup of this package's own pipeline classes (``DigitsPipeline``), which diffusers cannot resolve by name.
 """
 
 from __future__ import annotations
@@ -12,15 +13,12 @@ import json
 import os
 from pathlib import Path
 
+import diffusers
 from diffusers import DiffusionPipeline
 
-import dmq
-from dmq.serialization import import_class
+import dmq  # noqa: F401 -- registers quant_method="dmq" with diffusers
 
 BACKBONES = ("transformer", "unet")
-CHECKPOINT = "dmq_model.safetensors"
-INFO = "dmq_pipeline.json"
-PIPELINE_PACKAGES = ("diffusers.", "pipelines.")
 
 
 def backbone_name(pipe: DiffusionPipeline) -> str:
@@ -31,59 +29,42 @@ def backbone_name(pipe: DiffusionPipeline) -> str:
     raise ValueError(f"{type(pipe).__name__} has no backbone component; expected one of {BACKBONES}")
 
 
-def quantized_components(pipe: DiffusionPipeline) -> list[str]:
-    """The components dmq quantized (the denoisers; a weight-only text encoder too), backbone first."""
-    names = [n for n, c in pipe.components.items() if getattr(c, "_dmq", None) is not None]
-    return sorted(names, key=lambda n: (n not in BACKBONES, n))
-
-
-def save_quantized(pipe: DiffusionPipeline, directory: str | os.PathLike) -> Path:
-    """Write ``pipe`` (its quantized components frozen by :func:`dmq.freeze`) to ``directory``; returns the
-    folder. Every quantized component (each denoiser of a multi-denoiser pipeline such as Wan 2.2) is written with
-    :func:`dmq.save` into its subfolder."""
+def save_quantized(pipe: DiffusionPipeline, directory: str | os.PathLike, **save_kwargs) -> Path:
+    """Write ``pipe`` (its backbone frozen by :func:`dmq.freeze`) with ``pipe.save_pretrained``; returns the folder.
+    ``save_kwargs`` go to ``save_pretrained`` (``max_shard_size``, ...)."""
+    backbone = getattr(pipe, backbone_name(pipe))
+    st = getattr(backbone, "_dmq", None)
+    if st is None or not st.packed:
+        raise ValueError("the pipeline's backbone is not a frozen dmq model: dmq.quantize, dmq.calibrate and "
+                         "dmq.freeze it (or load it with a DmqConfig) before save_quantized")
     out = Path(directory)
-    names = quantized_components(pipe) or [backbone_name(pipe)]
-    out.mkdir(parents=True, exist_ok=True)
-    for comp_name, comp in pipe.components.items():
-        if comp_name in names or comp is None:
-            continue
-        if not hasattr(comp, "save_pretrained"):
-            raise ValueError(f"component {comp_name!r} ({type(comp).__name__}) has no save_pretrained")
-        comp.save_pretrained(out / comp_name)
-    pipe.save_config(out)
-    for name in names:
-        module = getattr(pipe, name)
-        (out / name).mkdir(exist_ok=True)
-        if hasattr(module, "save_config"):
-            module.save_config(out / name)
-        dmq.save(module, out / name / CHECKPOINT)
-    cls = type(pipe)
-    info = {"format_version": 1, "pipeline_class": f"{cls.__module__}:{cls.__qualname__}", "backbone": names[0],
-            "checkpoint": f"{names[0]}/{CHECKPOINT}", "quantized": {n: f"{n}/{CHECKPOINT}" for n in names}}
-    (out / INFO).write_text(json.dumps(info, indent=2))
+    pipe.save_pretrained(out, safe_serialization=True, **save_kwargs)
     return out
 
 
-def load_quantized(directory: str | os.PathLike, pipeline_class: type | None = None) -> DiffusionPipeline:
-    """Load a folder written by :func:`save_quantized`: the quantized components from their checkpoints, the
-    others with ``from_pretrained`` (local files only). ``pipeline_class`` overrides the saved class."""
+def resolve_pipeline_class(directory: str | os.PathLike) -> type:
+    """The pipeline class named in ``model_index.json``: a diffusers class or one of this package's."""
+    import pipelines
+
     root = Path(directory)
     try:
-        info = json.loads((root / INFO).read_text())
+        name = json.loads((root / "model_index.json").read_text())["_class_name"]
     except FileNotFoundError:
-        raise ValueError(f"{root}: no {INFO}: not a folder written by pipelines.save_quantized") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{root / INFO}: not valid JSON ({e})") from None
-    name = info.get("backbone")
-    quantized = info.get("quantized", {name: info.get("checkpoint")})
-    if not isinstance(quantized, dict) or not quantized or not all(
-            isinstance(k, str) and isinstance(v, str) and "/" in v and ".." not in v for k, v in quantized.items()):
-        raise ValueError(f"{root / INFO}: 'quantized' must map component names to checkpoint paths, got {quantized!r}")
-    modules = {n: dmq.load(root / ckpt) for n, ckpt in quantized.items()}
-    try:  # components saved as absent (a pipeline driven by prompt_embeds, without text encoders) stay absent
-        index = json.loads((root / "model_index.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        index = {}
+        raise ValueError(f"{root}: no model_index.json: not a diffusers pipeline folder") from None
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{root / 'model_index.json'}: not a pipeline index ({e})") from None
+    cls = getattr(diffusers, name, None) or getattr(pipelines, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, DiffusionPipeline)):
+        raise ValueError(f"{root}: pipeline class {name!r} is neither a diffusers nor a dmq pipeline")
+    return cls
+
+
+def load_quantized(directory: str | os.PathLike, pipeline_class: type | None = None, **kwargs) -> DiffusionPipeline:
+    """Load a pipeline folder with a dmq-quantized backbone (local files only); ``pipeline_class`` overrides the
+    saved class, ``kwargs`` go to ``from_pretrained``."""
+    root = Path(directory)
+    cls = pipeline_class or resolve_pipeline_class(root)
+    index = json.loads((root / "model_index.json").read_text())
+    # components saved as absent (a pipeline driven by prompt_embeds, without text encoders) stay absent
     absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
-    cls = pipeline_class or import_class(info["pipeline_class"], PIPELINE_PACKAGES)
-    return cls.from_pretrained(root, local_files_only=True, **{**absent, **modules})
+    return cls.from_pretrained(root, local_files_only=True, **{**absent, **kwargs})

@@ -112,7 +112,7 @@ def test_unsupported_denoisers_are_refused_with_the_reason():
     rep = tp.build("ddpm")
     with pytest.raises(ValueError, match="exactly one of prompts= .* or call_kwargs="):
         quantize_pipeline(rep.pipe)
-    with pytest.raises(ValueError, match="list of dicts"):
+    with pytest.raises(TypeError, match="list of dicts"):
         quantize_pipeline(rep.pipe, call_kwargs={"batch_size": 1})
     with pytest.raises(ValueError, match="unknown preset 'w3a3'"):
         quantize_pipeline(rep.pipe, "w3a3", call_kwargs=rep.calls)
