@@ -14,6 +14,7 @@ from dmq.api import (
     calibrate,
     dequantize,
     freeze,
+    full_precision,
     learned_config,
     quantize,
     quantizers,
@@ -50,7 +51,7 @@ __all__ = [
     "PRESETS", "VARIANTS", "AllSteps", "DmqConfig", "NormalSteps", "NotCalibratedError", "QuantAttnProcessor",
     "QuantConfig",
     "QuantConv2d", "QuantLinear", "QuantSpec", "StepPolicy", "TensorQuantizer", "UniformSteps", "calibrate",
-    "config_from_json", "config_to_json", "dequantize", "formats", "freeze", "get_config", "kernels",
+    "config_from_json", "config_to_json", "dequantize", "formats", "freeze", "full_precision", "get_config", "kernels",
     "learned_config", "load", "preset_names", "quantization_map", "quantize", "quantizers", "restore", "save",
     "summary", "sync_statistics", "unet_skip_splits", "weight_bytes",
 ]

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from dmq import attention
 from dmq import validation as check
-from dmq.calibration import CONTEXT, StepPolicy, TimestepHook, get_policy
+from dmq.calibration import ModelClock, StepPolicy, TimestepHook, call_scope, get_policy
 from dmq.config import QuantConfig, get_config
-from dmq.joint_attention import QuantJointAttnProcessor
-from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, QuantConv2d, QuantLinear
+from dmq.modules import AttentionQuantizers, QuantConv2d, QuantLinear
 from dmq.nonfinite import nonfinite_report, warn_nonfinite
 from dmq.quantizer import NotCalibratedError, TensorQuantizer
 from dmq.transaction import transaction
@@ -41,6 +42,12 @@ class QuantState:
     learned_overrides: dict = field(default_factory=dict)  # module -> weight QuantSpec chosen by format search
     transformed: bool = False
     report: dict = field(default_factory=dict)  # what the PTQ methods did (errors, cache, time)
+    unobserved: list[str] = field(default_factory=list)  # quantizers calibration never reached (now dynamic)
+    clock: ModelClock | None = None  # the model's timestep convention and calibration mode
+
+    def __post_init__(self) -> None:
+        if self.clock is None:
+            self.clock = self.hook.clock if self.hook is not None else ModelClock(*self.config.timestep_range)
 
 
 def _state(model: nn.Module) -> QuantState:
@@ -65,9 +72,12 @@ def unet_skip_splits(model: nn.Module) -> dict[str, int]:
     stack = [conv_in.out_channels]
     for db in downs:
         for r in getattr(db, "resnets", []):
-            stack.append(r.out_channels)
+            stack.append(_out_channels(r))
         if getattr(db, "downsamplers", None):
-            stack.append(db.downsamplers[0].out_channels)
+            stack.append(_out_channels(db.downsamplers[0]))
+    if any(c is None for c in stack):
+        logger.info("U-Net down path with a block of unknown output width: no shortcut split")
+        return {}
     splits: dict[str, int] = {}
     for i, ub in enumerate(ups):
         for j, r in enumerate(getattr(ub, "resnets", [])):
@@ -83,6 +93,16 @@ def unet_skip_splits(model: nn.Module) -> dict[str, int]:
             if getattr(r, "conv_shortcut", None) is not None and isinstance(r.conv_shortcut, nn.Conv2d):
                 splits[f"up_blocks.{i}.resnets.{j}.conv_shortcut"] = first
     return splits
+
+
+def _out_channels(block: nn.Module) -> int | None:
+    """Output channels of a U-Net resnet or downsampler: its ``out_channels``, else those of its last convolution
+    (``SpatioTemporalResBlock`` and other wrappers carry no ``out_channels`` of their own)."""
+    c = getattr(block, "out_channels", None)
+    if isinstance(c, int):
+        return c
+    convs = [m for m in block.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    return convs[-1].out_channels if convs else None
 
 
 def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str]) -> bool:
@@ -147,19 +167,16 @@ def _quantize(model: nn.Module, cfg: QuantConfig, include: tuple[str, ...] | Non
             proc = getattr(mod, "processor", None)
             if proc is None or not hasattr(mod, "set_processor"):
                 continue
-            if type(proc).__name__ not in QUANTIZABLE_PROCESSORS:
+            if attention.attach(mod, AttentionQuantizers(cfg, proc)) is None:
                 logger.info("attention %s uses %s: its matmuls stay in full precision", name, type(proc).__name__)
                 continue
-            mod.matmul_quantizers = AttentionQuantizers(cfg, proc)
-            joint = type(proc).__name__ == "JointAttnProcessor2_0"
-            mod.set_processor(QuantJointAttnProcessor() if joint else QuantAttnProcessor())
             state.attention.append(name)
     if not state.modules and not state.attention:
         raise ValueError(
             f"nothing to quantize in {type(model).__name__}: no nn.Linear / nn.Conv2d / diffusers attention module "
             f"matched include={list(include) if include else None} outside keep_fp/exclude"
         )
-    state.hook = TimestepHook(model, *cfg.timestep_range)
+    state.hook = TimestepHook(model, *cfg.timestep_range, clock=state.clock)
     model._dmq = state
     logger.info("dmq: quantized %d layers and %d attention modules with %s", len(state.modules),
                 len(state.attention), cfg.name)
@@ -234,15 +251,38 @@ def _run(model: nn.Module, forward_loop: Callable[[nn.Module], object], policy: 
     if not observe:
         for q in qs:
             q.enabled = False
-    CONTEXT.calibrating, CONTEXT.policy, CONTEXT.points = True, policy, 0
-    try:
-        with torch.no_grad():
+    clock = _state(model).clock
+    clock.calibrating, clock.policy, clock.points = True, policy, 0
+    try:  # the scope covers loops that run submodules directly; each call of the model gets its own on top
+        with torch.no_grad(), call_scope(calibrating=True, clock=clock):
             forward_loop(model)
     finally:
-        CONTEXT.calibrating, CONTEXT.policy, CONTEXT.timestep, CONTEXT.observe = False, None, None, True
+        clock.calibrating, clock.policy = False, None
         for q, e in zip(qs, enabled):
             q.enabled = e
-    return CONTEXT.points
+    return clock.points
+
+
+class _NoSteps(StepPolicy):
+    def accept(self, t, lo, hi) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def full_precision(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a quantized, not yet frozen model in full precision inside the ``with`` block, observing nothing: a
+    second denoiser of a pipeline stays on the full-precision trajectory while the first one calibrates."""
+    st = _state(model)
+    if st.frozen:
+        raise ValueError("full_precision needs a model that is not frozen")
+    clock = st.clock
+    if clock.calibrating:
+        raise ValueError("the model is calibrating already")
+    clock.calibrating, clock.policy = True, _NoSteps()
+    try:
+        yield model
+    finally:
+        clock.calibrating, clock.policy = False, None
 
 
 def learned_config(model: nn.Module) -> QuantConfig:
@@ -254,8 +294,12 @@ def learned_config(model: nn.Module) -> QuantConfig:
 
 
 def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
-    """Fix every static activation quantizer's per-bin scales from its statistics, then drop the observers. The
-    timestep hook stays only while some quantizer has more than one timestep bin.
+    """Fix every static activation quantizer's per-bin scales from its statistics, then drop the observers.
+
+    A quantizer that calibration never reached (its layer sits on a branch the calibration calls did not take)
+    has no statistics to fix a scale from: it falls back to dynamic per-tensor quantization of the same format,
+    with a logged warning, listed in ``summary(model)["unobserved"]``. With no calibration call at all this raises
+    :class:`~dmq.quantizer.NotCalibratedError`.
 
     With ``pack=True`` (default) every quantized layer's float weight is released and replaced by packed codes and
     scales (:mod:`dmq.packed`): resident memory drops, layers run integer / FP8 GEMMs or dequantize on the fly
@@ -269,27 +313,37 @@ def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
     st = _state(model)
     check.boolean("pack", pack)
     params = {}
-    problems = []
+    problems, unobserved = [], []
     for name, q in quantizers(model).items():
         try:
             params[name] = q.frozen_params()
         except NotCalibratedError as e:
-            problems.append(f"{name}: {e}")
+            finite, nonfinite = q.value_counts()
+            if st.calibration_points and not sum(finite) and not sum(nonfinite):
+                unobserved.append(name)  # its layer never ran on the calibration calls: dynamic fallback
+            else:
+                problems.append(f"{name}: {e}")
     if problems:
         raise NotCalibratedError(
             f"{len(problems)} static activation quantizer(s) cannot be frozen: {'; '.join(problems[:5])}"
             f"{'; ...' if len(problems) > 5 else ''}. Run dmq.calibrate(model, forward_loop) with finite inputs "
             "before dmq.freeze (or use a dynamic / weight-only config); nothing was frozen")
     with transaction(model):
-        return _freeze(model, st, params, pack)
+        return _freeze(model, st, params, pack, unobserved)
 
 
-def _freeze(model: nn.Module, st: QuantState, params: dict, pack: bool) -> nn.Module:
+def _freeze(model: nn.Module, st: QuantState, params: dict, pack: bool, unobserved: list[str]) -> nn.Module:
     for name, q in quantizers(model).items():
-        q.freeze(params[name])
-    if st.hook is not None and not any(q.num_bins > 1 for q in quantizers(model).values()):
-        st.hook.remove()
-        st.hook = None
+        if name in unobserved:
+            q.fall_back_to_dynamic()
+        else:
+            q.freeze(params[name])
+    if unobserved:
+        st.unobserved = list(unobserved)
+        logger.warning("dmq: %d activation quantizer(s) saw no input in %d calibration calls (a branch the "
+                       "calibration trajectory never takes: %s%s); they quantize dynamically (per-tensor min-max "
+                       "of each input) instead of with a static scale", len(unobserved), st.calibration_points,
+                       ", ".join(unobserved[:5]), ", ..." if len(unobserved) > 5 else "")
     if pack and not st.packed and _offloaded(model):  # hooks reload float weights by name: keep them, unpacked
         logger.info("dmq: some layers are offloaded (weights on the meta device): the weights stay unpacked")
     elif pack and not st.packed:
@@ -342,9 +396,7 @@ def restore(model: nn.Module, *, allow_dequantized: bool = False) -> nn.Module:
         for name in st.modules:
             _set_child(model, name, model.get_submodule(name).to_float())
         for name in st.attention:
-            mod = model.get_submodule(name)
-            mod.set_processor(mod.matmul_quantizers.original_processor)
-            del mod.matmul_quantizers
+            attention.detach(model.get_submodule(name))
         with torch.no_grad():  # undo folded transforms (smoothing scales live in the float parameters); last, as
             for pname, value in st.originals.items():  # in-place changes of large weights cannot be rolled back
                 model.get_parameter(pname).copy_(value)
@@ -368,5 +420,6 @@ def summary(model: nn.Module) -> dict:
         "shortcut_splits": len(st.splits), "calibration_points": st.calibration_points,
         "calibration_seconds": st.calibration_seconds, "frozen": st.frozen, "packed": st.packed,
         "observer_bytes": sum(q.observer.nbytes for q in quantizers(model).values() if q.observer is not None),
-        "methods": dict(st.report), "nonfinite": nonfinite_report(model),
+        "methods": dict(st.report), "nonfinite": nonfinite_report(model), "unobserved": list(st.unobserved),
+        "timestep_range": st.clock.range, "observed_timesteps": st.clock.observed,
     }

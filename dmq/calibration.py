@@ -1,15 +1,26 @@
-"""The timestep context, timestep bins and the calibration-step selection policies.
+"""Per-model timestep state, timestep bins and the calibration-step selection policies.
 
-A forward pre-hook on the top-level backbone reads the ``timestep`` argument of every call (positional or keyword,
-scalar or per-sample) and publishes it in a context that every quantizer reads: activation quantizers pick their
-timestep bin from it, and during calibration a :class:`StepPolicy` decides from it (never from a loop index)
-whether the call is a calibration point.
+A forward pre-hook on the top-level backbone reads the ``timestep`` argument of every call (positional or keyword;
+scalar, per-sample, per-token or per-frame, tensor or list) and makes it the *active call* of the running thread:
+activation quantizers pick their timestep bin from it, and during calibration a :class:`StepPolicy` decides from it
+(never from a loop index) whether the call is a calibration point.
+
+The active call is a :class:`contextvars.ContextVar`, so it is private to a thread (and to an asyncio task): two
+threads calling one quantized model, or two quantized models running at once, never see each other's timestep. What
+belongs to the model (calibration mode, step policy, the timestep convention it receives) lives on a
+:class:`ModelClock` on the model (``model._dmq.clock``), never in a process-wide global. :data:`CONTEXT` is a
+read-only view of the running thread's active call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import math
+import threading
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -18,26 +29,133 @@ from torch import nn
 from dmq import validation as check
 
 TIMESTEP_ARGS = ("timestep", "timesteps", "t")
+logger = logging.getLogger(__name__)
 
 
-class _Context:
-    """Process-wide state of the running backbone call."""
+class ModelClock:
+    """What one quantized model knows about its timesteps and calibration mode (``model._dmq.clock``).
 
-    def __init__(self) -> None:
-        self.timestep: torch.Tensor | None = None  # (B,) or (1,) float
+    ``range`` is where the timestep bins and the step policies are laid: the config's ``timestep_range`` (the
+    scheduler's ``[0, num_train_timesteps)``) until the first calibration call shows the model's own convention.
+    Flux-style flow models receive ``t / num_train_timesteps`` in ``[0, 1]``: a first calibration call whose
+    timesteps all lie in ``[0, 1]`` while the range ends above 1 switches the range to ``[lo, hi] / hi``, so the bins
+    split the interval the model really sees. ``observed`` is the ``(min, max)`` of the timesteps calibration saw.
+    """
+
+    def __init__(self, lo: float, hi: float):
+        self.range = (float(lo), float(hi))
+        self.latched = False
         self.calibrating = False
-        self.observe = True
         self.policy: StepPolicy | None = None
-        self.points = 0  # calibration points seen in the current calibrate()
+        self.points = 0
+        self.observed = (math.inf, -math.inf)
+        self.lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict) -> ModelClock:
+        new = ModelClock(*self.range)
+        new.latched, new.observed = self.latched, self.observed
+        return new
+
+    def __getstate__(self) -> dict:
+        return {"range": self.range, "latched": self.latched, "observed": self.observed}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(*state["range"])
+        self.latched, self.observed = state["latched"], state["observed"]
+
+    def see(self, t: torch.Tensor | None) -> bool:
+        """Record a calibration call's timesteps; the first one fixes the convention (see the class docstring).
+        Returns whether the range changed."""
+        if t is None or t.numel() == 0:
+            return False
+        lo, hi = float(t.min()), float(t.max())
+        with self.lock:
+            self.observed = (min(self.observed[0], lo), max(self.observed[1], hi))
+            if self.latched:
+                return False
+            self.latched = True
+            r_lo, r_hi = self.range
+            if not (r_hi > 1.0 and hi <= 1.0 and lo >= 0.0):
+                return False
+            self.range = (r_lo / r_hi, 1.0)
+        logger.info("dmq: the model receives normalised timesteps (t=%.4g at the first calibration call): timestep "
+                    "bins over [%.4g, 1]", hi, self.range[0])
+        return True
 
 
-CONTEXT = _Context()
+@dataclass
+class Call:
+    """The active backbone call of a thread: its timesteps, whether it is observed, and the model's clock."""
+
+    timestep: torch.Tensor | None = None  # (N, K) float64 on the CPU: N samples, K per-token/frame values
+    calibrating: bool = False
+    observe: bool = True
+    clock: ModelClock | None = None
+    prev: Call | None = None
+
+    @property
+    def range(self) -> tuple[float, float] | None:
+        return None if self.clock is None else self.clock.range
+
+
+_ACTIVE: ContextVar[Call | None] = ContextVar("dmq_active_call", default=None)
+
+
+def active_call() -> Call | None:
+    """The running thread's active backbone call (None outside any quantized model's forward)."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def call_scope(*, calibrating: bool, observe: bool = True, timestep: torch.Tensor | None = None,
+               clock: ModelClock | None = None) -> Iterator[Call]:
+    """Make a call active in this thread for the ``with`` block (calibration passes that run submodules directly,
+    e.g. block reconstruction's full-precision targets)."""
+    call = Call(timestep, calibrating, observe, clock, _ACTIVE.get())
+    token = _ACTIVE.set(call)
+    try:
+        yield call
+    finally:
+        _ACTIVE.reset(token)
+
+
+class _ActiveView:
+    """Read-only view of the running thread's active call: ``CONTEXT.calibrating``, ``.timestep``, ``.observe``."""
+
+    @property
+    def calibrating(self) -> bool:
+        c = _ACTIVE.get()
+        return c is not None and c.calibrating
+
+    @property
+    def timestep(self) -> torch.Tensor | None:
+        c = _ACTIVE.get()
+        return None if c is None else c.timestep
+
+    @property
+    def observe(self) -> bool:
+        c = _ACTIVE.get()
+        return c is None or c.observe
+
+    @property
+    def range(self) -> tuple[float, float] | None:
+        c = _ACTIVE.get()
+        return None if c is None else c.range
+
+
+CONTEXT = _ActiveView()
 
 
 def timestep_bins(t: torch.Tensor, bins: int, lo: float, hi: float) -> torch.Tensor:
     """Bin index of each timestep for ``bins`` equal bins over ``[lo, hi)``, clamped to ``0..bins-1``."""
     idx = torch.floor((t.double() - lo) / (hi - lo) * bins).long()
     return idx.clamp_(0, bins - 1)
+
+
+def sample_timesteps(t: torch.Tensor) -> torch.Tensor:
+    """One timestep per sample from ``(N, K)`` per-token / per-frame timesteps: the largest (the noisiest token
+    decides the activation range; Wan's clean first frame has t = 0 beside noisy frames)."""
+    return t.amax(dim=1) if t.ndim == 2 else t.reshape(-1)
 
 
 # --------------------------------------------------------------------------------------------- step policies
@@ -138,6 +256,11 @@ def get_policy(policy: str | StepPolicy, name: str = "steps") -> StepPolicy:
 
 
 # --------------------------------------------------------------------------------------------- timestep hook
+def timestep_argument(model: nn.Module) -> str | None:
+    """The name of the forward argument that carries the timestep (None if there is none)."""
+    return _timestep_position(model)[0]
+
+
 def _timestep_position(model: nn.Module) -> tuple[str | None, int | None]:
     try:
         params = list(inspect.signature(model.forward).parameters)
@@ -150,36 +273,67 @@ def _timestep_position(model: nn.Module) -> tuple[str | None, int | None]:
 
 
 def read_timestep(value: object) -> torch.Tensor | None:
+    """A call's timesteps as ``(N, K)`` float64 on the CPU: ``N`` samples (1 for a scalar) and ``K`` per-token or
+    per-frame values (1 for one per sample). Lists and tuples (of numbers or tensors) are stacked per sample."""
     if value is None:
         return None
-    t = torch.as_tensor(value).detach()
-    return t.reshape(-1).to("cpu", torch.float64)
+    if isinstance(value, (list, tuple)):
+        parts = [read_timestep(v) for v in value]
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            return None
+        if all(p.shape == parts[0].shape for p in parts):
+            return torch.cat(parts, dim=1) if parts[0].shape[0] > 1 else torch.cat(parts).reshape(1, -1)
+        return torch.cat([p.reshape(-1) for p in parts]).reshape(1, -1)  # ragged: one sample of all values
+    if not isinstance(value, (torch.Tensor, int, float)):
+        return None
+    t = torch.as_tensor(value).detach().to("cpu", torch.float64)
+    if t.numel() == 0:
+        return None
+    return t.reshape(1, 1) if t.ndim == 0 else t.reshape(t.shape[0], -1)
 
 
 class TimestepHook:
-    """Forward pre-hook + hook on the top-level model that publish the call's timestep in :data:`CONTEXT`."""
+    """Forward pre-hook + hook on the top-level model that make each call, with its timesteps, the thread's active
+    call (:func:`active_call`) for the duration of the forward, with the model's :class:`ModelClock`."""
 
-    def __init__(self, model: nn.Module, lo: float, hi: float):
+    def __init__(self, model: nn.Module, lo: float, hi: float, clock: ModelClock | None = None):
         self.name, self.pos = _timestep_position(model)
-        self.lo, self.hi = lo, hi
+        self.clock = clock if clock is not None else ModelClock(lo, hi)
         self.handles = [
             model.register_forward_pre_hook(self.pre, with_kwargs=True),
             model.register_forward_hook(self.post, always_call=True),
         ]
 
+    @property
+    def lo(self) -> float:
+        return self.clock.range[0]
+
+    @property
+    def hi(self) -> float:
+        return self.clock.range[1]
+
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         value = kwargs.get(self.name) if self.name in kwargs else None
         if value is None and self.pos is not None and len(args) > self.pos:
             value = args[self.pos]
-        CONTEXT.timestep = read_timestep(value)
-        if CONTEXT.calibrating:
-            policy = CONTEXT.policy or AllSteps()
-            CONTEXT.observe = policy.accept(CONTEXT.timestep, self.lo, self.hi)
-            CONTEXT.points += int(CONTEXT.observe)
+        t = read_timestep(value)
+        clock, observe = self.clock, True
+        if clock.calibrating:  # the model's own mode: a quantized model nested in another keeps its own
+            if clock.see(t):  # the model's timestep convention is now known: binned quantizers follow it
+                for m in module.modules():
+                    if getattr(m, "follows_clock", False):
+                        m.timestep_range = clock.range
+            with clock.lock:
+                policy = clock.policy or AllSteps()
+                observe = policy.accept(None if t is None else sample_timesteps(t), *clock.range)
+                clock.points += int(observe)
+        _ACTIVE.set(Call(t, clock.calibrating, observe, clock, _ACTIVE.get()))
 
     def post(self, module: nn.Module, args: tuple, output: object) -> None:
-        CONTEXT.timestep = None
-        CONTEXT.observe = True
+        call = _ACTIVE.get()
+        if call is not None and call.clock is self.clock:
+            _ACTIVE.set(call.prev)
 
     def remove(self) -> None:
         for h in self.handles:

@@ -92,7 +92,7 @@ def int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
             pad = max(0, 17 - m)
             ap = torch.nn.functional.pad(a, (0, 0, 0, pad)) if pad else a
             return torch._int_mm(ap, b_t.t())[:m]
-    elif hasattr(torch, "_int_mm"):
+    elif hasattr(torch, "_int_mm") and k > 1:  # CPU _int_mm returns wrong sums for K = 1 (torch 2.14, N > 1)
         return torch._int_mm(a, b_t.t())
     return (a.double() @ b_t.double().t()).to(torch.int32)
 
@@ -142,7 +142,7 @@ def int_linear(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None
     if not per_sample:
         sw = s_rows[:1] * w_scale  # (1, N)
         corr = c_rows[:1] * w_rowsum
-    b = None if bias is None else bias.to(torch.float32)
+    b = None if bias is None else bias.detach().to(torch.float32)  # inference kernel: no autograd graph
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     for r0 in range(0, m, INT_ROWS):
         r1 = min(m, r0 + INT_ROWS)

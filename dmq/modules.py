@@ -326,7 +326,8 @@ class QuantLinear(PackedMixin, nn.Linear):
             return 0.0
         return F.linear(F.linear(x, self.lowrank_down), self.lowrank_up)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Linear's argument name: model code passes input=
+        x = input
         if self.packed:
             if CONTEXT.calibrating:
                 raise RuntimeError("a packed (frozen) layer cannot be calibrated")
@@ -431,7 +432,8 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
         return self._conv_forward(self._quant_input(x), self.dequantized_weight(x.dtype), self.bias) + \
             self.lowrank_branch(x) + self.fused_branch(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Conv2d's argument name: model code passes input=
+        x = input
         if self._plain:
             return nn.Conv2d.forward(self, x)
         if self.packed:

@@ -3,12 +3,13 @@ one set per timestep bin)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 from torch import nn
 
-from dmq.calibration import CONTEXT, timestep_bins
+from dmq.calibration import CONTEXT, sample_timesteps, timestep_bins
 from dmq.config import QuantSpec
 from dmq.fake_quant import fake_quant, from_rows, params_from_range, quantize_rows_dynamic, to_rows
 from dmq.observers import StreamingObserver
@@ -32,6 +33,8 @@ class TensorQuantizer(nn.Module):
     ``CONTEXT.calibrating``), *frozen* (static: per-bin ``scale`` / ``zero_point`` buffers), or *dynamic*
     (scales computed from every input).
     """
+
+    follows_clock = True  # the model's timestep hook sets ``timestep_range`` to the convention calibration finds
 
     def __init__(self, spec: QuantSpec, channel_dim: int = -1, timestep_range: tuple[float, float] = (0.0, 1000.0)):
         super().__init__()
@@ -65,9 +68,15 @@ class TensorQuantizer(nn.Module):
         if self.num_bins == 1:
             return None
         t = CONTEXT.timestep
-        if t is None or t.numel() not in (1, batch):
+        if t is None:
             return None
-        return timestep_bins(t, self.num_bins, *self.timestep_range)
+        t = sample_timesteps(t)  # one per sample: per-token / per-frame timesteps take the noisiest
+        n = t.numel()
+        if n == 1 or n == batch:
+            return timestep_bins(t, self.num_bins, *self.timestep_range)
+        if batch % n == 0:  # (B * frames, ...) activations of video models, batch-major
+            return timestep_bins(t, self.num_bins, *self.timestep_range).repeat_interleave(batch // n)
+        return None
 
     def _observed_bins(self, batch: int) -> torch.Tensor | None:
         """:meth:`current_bins` for the observer, a batch at one timestep collapsed to one bin (calibration only:
@@ -122,6 +131,18 @@ class TensorQuantizer(nn.Module):
         return scale, zp
 
     # --------------------------------------------------------------------------------------- freezing
+    def fall_back_to_dynamic(self) -> None:
+        """No statistics were observed: quantize each input with its own per-tensor min-max scale instead (same
+        format and symmetry), a choice that needs no calibration data and is never worse-clipped than a guess."""
+        self.spec = dataclasses.replace(self.spec, dynamic=True, granularity="tensor", timestep_bins=1)
+        self.num_bins = 1
+        self.scale = self.scale.new_ones(1)
+        self.zero_point = self.zero_point.new_zeros(1)
+        if self.observer is not None:
+            self._counts = self.value_counts()
+        self.observer = None
+        self.frozen = True
+
     def value_counts(self) -> tuple[list[int], list[int]]:
         """``(finite, nonfinite)``: activation values seen during calibration per timestep bin (kept after
         :meth:`freeze`; zeros for a dynamic or loaded quantizer)."""

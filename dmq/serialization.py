@@ -37,13 +37,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dmq import integrity
+from dmq import attention, integrity
 from dmq import validation as check
 from dmq.api import QuantState, _set_child
 from dmq.calibration import AllSteps, TimestepHook
 from dmq.config import QuantConfig, QuantSpec, config_from_dict, config_to_dict
-from dmq.joint_attention import QuantJointAttnProcessor
-from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, QuantConv2d, QuantLinear
+from dmq.modules import AttentionQuantizers, QuantConv2d, QuantLinear
 from dmq.packed import WeightLayout
 from dmq.quantizer import TensorQuantizer
 from dmq.transaction import transaction
@@ -400,16 +399,13 @@ def swap_modules(model: nn.Module, qmap: dict, device: torch.device | str | None
         except AttributeError:
             raise ValueError(f"{where} of the checkpoint is not in the model") from None
         proc = getattr(mod, "processor", None)
-        if proc is None or type(proc).__name__ not in QUANTIZABLE_PROCESSORS:
+        if attention.kind(proc) is None:
             raise ValueError(f"{where}: the model's attention processor {type(proc).__name__} is not quantizable")
         mq = AttentionQuantizers.__new__(AttentionQuantizers)
         nn.Module.__init__(mq)
         for k in ("q", "k", "v", "probs"):
             setattr(mq, k, _quantizer_from(e["quantizers"].get(k), f"{where}.{k}"))
-        mq.original_processor = proc
-        mod.matmul_quantizers = mq
-        joint = type(proc).__name__ == "JointAttnProcessor2_0"  # as dmq.quantize chooses
-        mod.set_processor(QuantJointAttnProcessor() if joint else QuantAttnProcessor())
+        attention.attach(mod, mq)  # as dmq.quantize does
         st.attention.append(name)
     return st
 
@@ -516,6 +512,5 @@ def finish_load(model: nn.Module, st: QuantState) -> None:
         if any(t.is_meta for t in getattr(mod.weight, "tensors", dict)().values()):
             raise ValueError(f"the checkpoint lacks the packed weight of {name!r}")
         mod._setup_exec()
-    if any(q.num_bins > 1 for q in model.modules() if isinstance(q, TensorQuantizer)):
-        st.hook = TimestepHook(model, *st.config.timestep_range)
+    st.hook = TimestepHook(model, *st.config.timestep_range, clock=st.clock)  # each model sets its own active call
     model._dmq = st

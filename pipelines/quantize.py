@@ -9,6 +9,7 @@ each process runs its share of the calls and :func:`dmq.sync_statistics` reduces
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -21,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import dmq
+from dmq import calibration
 from dmq import validation as check
 from dmq.calibration import CONTEXT, get_policy
 from dmq.transaction import transaction
@@ -28,23 +30,9 @@ from pipelines import offload
 
 logger = logging.getLogger(__name__)
 
-# backbone class -> the pipeline families it serves
-FAMILIES: dict[str, str] = {
-    "UNet2DModel": "DDPM/DDIM and the bundled digit U-Net (UNet2DModel)",
-    "UNet2DConditionModel": "Stable Diffusion 1.x/2.x and SDXL (UNet2DConditionModel)",
-    "DiTTransformer2DModel": "DiT and the bundled digit DiT (DiTTransformer2DModel)",
-    "Transformer2DModel": "DiT / PixArt checkpoints loaded as the legacy Transformer2DModel",
-    "PixArtTransformer2DModel": "PixArt-alpha / PixArt-Sigma (PixArtTransformer2DModel)",
-    "SD3Transformer2DModel": "Stable Diffusion 3 (SD3Transformer2DModel, flow matching)",
-}
-BACKBONE_ATTRS = ("unet", "transformer")
+# the components that are the denoiser by default: a U-Net or a transformer, and Wan 2.2's low-noise expert
+DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
 TEXT_ENCODER_ATTRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-# pipelines whose output_type="latent" skips the VAE decode (calibration only needs the backbone calls)
-LATENT_OUTPUT = ("StableDiffusion", "PixArt", "StableDiffusion3", "StableDiffusionXL")
-
-
-def supported_families() -> str:
-    return "; ".join(FAMILIES.values())
 
 
 def text_encoder_config(config: str | dmq.QuantConfig) -> dmq.QuantConfig:
@@ -60,17 +48,59 @@ def text_encoder_config(config: str | dmq.QuantConfig) -> dmq.QuantConfig:
     return cfg.replace(keep_fp=())
 
 
+def _component(pipe: Any, name: str) -> object:
+    obj = pipe
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def find_denoisers(pipe: Any, names: str | Sequence[str] | None = None,
+                   config: dmq.QuantConfig | None = None, *, quantized_ok: bool = False) -> dict[str, nn.Module]:
+    """The denoisers to quantize, by component name (dotted paths reach nested pipelines).
+
+    ``names=None`` takes every one of :data:`DENOISER_ATTRS` the pipeline has (its U-Net or transformer, and Wan
+    2.2's second expert ``transformer_2``); name others explicitly (``"controlnet"``, a refiner's ``"unet"``).
+    Anything that cannot be calibrated through the pipeline is refused with a ``ValueError`` that says why.
+    """
+    from diffusers import ModelMixin
+
+    if isinstance(names, str):
+        names = [names]
+    if names is None:
+        names = [n for n in DENOISER_ATTRS if isinstance(getattr(pipe, n, None), nn.Module)]
+        if not names:
+            comps = sorted(k for k, v in getattr(pipe, "components", {}).items() if isinstance(v, nn.Module))
+            raise ValueError(f"{type(pipe).__name__} has no `unet`, `transformer` or `transformer_2` denoiser; name "
+                             f"the denoiser with denoisers=[...] (its nn.Module components: {comps})")
+    out: dict[str, nn.Module] = {}
+    for name in names:
+        mod = _component(pipe, name)
+        where = f"{type(pipe).__name__}.{name}"
+        if mod is None:
+            raise ValueError(f"{where} does not exist or is None: nothing to quantize there")
+        if not isinstance(mod, ModelMixin):
+            raise ValueError(f"{where} is a {type(mod).__name__}, not a diffusers ModelMixin: quantize_pipeline "
+                             "saves and reloads denoisers through their diffusers config; quantize a plain "
+                             "nn.Module with dmq.quantize / dmq.calibrate / dmq.freeze")
+        if any(mod is m for m in out.values()):
+            raise ValueError(f"{where} is the same module as another named denoiser; name it once")
+        if getattr(mod, "_dmq", None) is not None and not quantized_ok:
+            raise ValueError(f"pipe.{name} is already quantized; dmq.restore(pipe.{name}) first")
+        binned = config is not None and any(s is not None and not s.dynamic and s.timestep_bins > 1
+                                            for s in (config.act, config.attn, config.attn_probs))
+        if binned and calibration.timestep_argument(mod) is None:
+            raise ValueError(f"{where} ({type(mod).__name__}) takes no timestep argument "
+                             f"({', '.join(calibration.TIMESTEP_ARGS)}), so timestep bins cannot follow the "
+                             f"sampling run; use a config with timestep_bins=1 (config {config.name!r} has bins)")
+        out[name] = mod
+    return out
+
+
 def find_backbone(pipe: Any) -> tuple[str, nn.Module]:
-    """``(attribute, module)`` of the pipeline's denoising backbone; ``ValueError`` naming the supported families."""
-    for attr in BACKBONE_ATTRS:
-        mod = getattr(pipe, attr, None)
-        if isinstance(mod, nn.Module):
-            if type(mod).__name__ not in FAMILIES:
-                raise ValueError(f"{type(pipe).__name__}.{attr} is a {type(mod).__name__}, which quantize_pipeline "
-                                 f"does not support; supported families: {supported_families()}")
-            return attr, mod
-    raise ValueError(f"{type(pipe).__name__} has no `unet` or `transformer` backbone; quantize_pipeline supports: "
-                     f"{supported_families()}")
+    """``(attribute, module)`` of the pipeline's first default denoiser (see :func:`find_denoisers`)."""
+    name, mod = next(iter(find_denoisers(pipe, quantized_ok=True).items()))
+    return name, mod
 
 
 @dataclass
@@ -85,6 +115,7 @@ class CalibrationRecord:
     timesteps: list[float] = field(default_factory=list)
     seconds: float = 0.0
     text_encoders: list[str] = field(default_factory=list)
+    denoisers: dict[str, dict] = field(default_factory=dict)  # per denoiser: points, timesteps, bin range
 
 
 def _rank_world() -> tuple[int, int]:
@@ -127,9 +158,8 @@ def _call_defaults(pipe: Any, num_inference_steps: int, guidance_scale: float | 
         if "guidance_scale" not in params:
             raise ValueError(f"{type(pipe).__name__} takes no guidance_scale; leave guidance_scale=None")
         out["guidance_scale"] = guidance_scale
-    if "output_type" in params:
-        latent = getattr(pipe, "vae", None) is not None and type(pipe).__name__.startswith(LATENT_OUTPUT)
-        out["output_type"] = "latent" if latent else "np"
+    if "output_type" in params:  # calibration needs the denoiser calls only: skip the VAE decode where there is one
+        out["output_type"] = "latent" if getattr(pipe, "vae", None) is not None else "np"
     return out
 
 
@@ -139,6 +169,7 @@ def quantize_pipeline(
     *,
     prompts: Sequence[str] | None = None,
     call_kwargs: Sequence[dict] | None = None,
+    denoisers: str | Sequence[str] | None = None,
     num_inference_steps: int = 25,
     guidance_scale: float | None = None,
     timestep_selection: str | dmq.StepPolicy | None = None,
@@ -150,26 +181,36 @@ def quantize_pipeline(
     pack: bool = True,
     progress: bool = True,
 ) -> Any:
-    """Quantize ``pipe``'s backbone with timestep-aware calibration through the pipeline itself; in place.
+    """Quantize ``pipe``'s denoiser(s) with timestep-aware calibration through the pipeline itself; in place.
 
     Args:
-        pipe: a diffusers pipeline with a ``unet`` or ``transformer`` of a supported family (:data:`FAMILIES`).
+        pipe: a diffusers pipeline whose denoiser is a diffusers ``ModelMixin`` (any U-Net, 2-D or 3-D transformer,
+            ControlNet, ...).
         config: a dmq preset name (``dmq.preset_names()``) or :class:`dmq.QuantConfig`.
         prompts: calibration prompts for text-to-image pipelines, ``batch_size`` per pipeline call.
         call_kwargs: instead of prompts, one keyword dict per calibration call of ``pipe(...)``
             (``prompt_embeds``/``negative_prompt_embeds``, ``class_labels``, ``batch_size``, ...).
+        denoisers: the components to quantize (:func:`find_denoisers`); default the pipeline's ``unet`` or
+            ``transformer`` and, where there is one, ``transformer_2`` (Wan 2.2's second expert). Name a ControlNet
+            or any other ``ModelMixin`` component to quantize it too. Each has its own calibration statistics and
+            its own timestep state.
         num_inference_steps, guidance_scale: the calibration sampling runs (``guidance_scale=None`` keeps the
             pipeline's default); classifier-free guidance batches both branches, so both are observed.
         timestep_selection: which backbone calls count (``"all"``, ``"uniform"``, ``"normal"`` or a
             :class:`dmq.StepPolicy`); default the config's (all).
         seed: call ``i`` samples with ``torch.Generator().manual_seed(seed + i)``.
         text_encoders: also quantize the text encoders' weights (weight-only: ``"w8a16"``, ``"w4a16"``, ...).
-        include, exclude: module-name globs for :func:`dmq.quantize`.
+        include, exclude: module-name globs for :func:`dmq.quantize` (applied to every denoiser).
         pack: ``dmq.freeze(..., pack=True)``: store the weights packed and release the float weights (the memory
             saving). ``pack=False`` keeps the float weights (fake quantization), so :func:`restore_pipeline` can
             bring the original model back.
         progress: a tqdm bar over the calibration calls (rank 0 only).
 
+    The timestep bins start on the scheduler's ``[0, num_train_timesteps)``; a denoiser that receives normalised
+    timesteps (Flux: ``t / 1000``) has them moved to ``[0, 1]`` at its first calibration call
+    (:class:`dmq.calibration.ModelClock`). Several denoisers calibrate in the same sampling runs; with PTQ methods
+    that need several passes (smoothing, AdaRound, GPTQ, ...) they calibrate one after the other while the others
+    run in full precision.
     Under an initialised ``torch.distributed`` process group (``accelerate launch``, ``torchrun``) the calls are
     split between processes and the statistics all-reduced, which gives the same scales as one process running
     them all. The VAE stays in full precision. Offloaded backbones (accelerate hooks, ``meta`` weights) work.
@@ -179,9 +220,6 @@ def quantize_pipeline(
     it was (modules, weights, hooks, text encoders) and the original exception re-raised.
     Returns ``pipe``, with ``pipe.dmq_calibration`` (:class:`CalibrationRecord`).
     """
-    attr, backbone = find_backbone(pipe)
-    if getattr(backbone, "_dmq", None) is not None:
-        raise ValueError(f"pipe.{attr} is already quantized; dmq.restore(pipe.{attr}) first")
     cfg = dmq.get_config(config)
     num_inference_steps = check.integer("num_inference_steps", num_inference_steps, minimum=1)
     batch_size = check.integer("batch_size", batch_size, minimum=1)
@@ -194,6 +232,7 @@ def quantize_pipeline(
     n_train = getattr(getattr(pipe, "scheduler", None), "config", {}).get("num_train_timesteps")
     if n_train and cfg.timestep_range == (0.0, 1000.0) and float(n_train) != 1000.0:
         cfg = cfg.replace(timestep_range=(0.0, float(n_train)))
+    models = find_denoisers(pipe, denoisers, cfg)
     te_cfg = text_encoder_config(text_encoders) if text_encoders is not None else None
     calls = _calls(prompts, call_kwargs, batch_size)
     seed = check.integer("seed", seed, minimum=0, maximum=2**63 - 1 - len(calls))
@@ -207,7 +246,7 @@ def quantize_pipeline(
     roots = [pipe] + [s for s in (getattr(pipe, "scheduler", None),) if s is not None]
     try:
         with transaction(*roots, covers_nested=True):  # nothing inside catches: one snapshot for all
-            te_names, processes, seen = _quantize_pipeline(pipe, backbone, cfg, te_cfg, include, exclude, pack,
+            te_names, processes, seen = _quantize_pipeline(pipe, models, cfg, te_cfg, include, exclude, pack,
                                                            progress, mine, defaults, seed, timestep_selection, rank,
                                                            done)
     except BaseException:
@@ -217,16 +256,21 @@ def quantize_pipeline(
         if hasattr(pipe, "_progress_bar_config"):
             pipe._progress_bar_config = bar_config
     pipe._dmq_quantized = done
+    per = {name: {"class": type(m).__name__, "points": dmq.summary(m)["calibration_points"],
+                  "timesteps": sorted(seen[name]), "timestep_range": list(m._dmq.clock.range),
+                  "unobserved": list(m._dmq.unobserved)} for name, m in models.items()}
     pipe.dmq_calibration = CalibrationRecord(
-        config=cfg.name, calls=len(mine), processes=processes, points=dmq.summary(backbone)["calibration_points"],
-        timesteps=sorted(seen), seconds=time.perf_counter() - t0, text_encoders=te_names)
-    logger.info("quantize_pipeline: %s backbone %s, %d calibration points over %d process(es)", cfg.name,
-                type(backbone).__name__, pipe.dmq_calibration.points, processes)
+        config=cfg.name, calls=len(mine), processes=processes, points=sum(d["points"] for d in per.values()),
+        timesteps=sorted(set().union(*seen.values())), seconds=time.perf_counter() - t0, text_encoders=te_names,
+        denoisers=per)
+    logger.info("quantize_pipeline: %s on %s, %d calibration points over %d process(es)", cfg.name,
+                ", ".join(f"{n} ({type(m).__name__})" for n, m in models.items()), pipe.dmq_calibration.points,
+                processes)
     return pipe
 
 
-def _quantize_pipeline(pipe, backbone, cfg, te_cfg, include, exclude, pack, progress, mine, defaults, seed,
-                       timestep_selection, rank, done) -> tuple[list[str], int, set[float]]:
+def _quantize_pipeline(pipe, models, cfg, te_cfg, include, exclude, pack, progress, mine, defaults, seed,
+                       timestep_selection, rank, done) -> tuple[list[str], int, dict[str, set[float]]]:
     """The body of :func:`quantize_pipeline`, inside its transaction."""
     te_names = []
     if te_cfg is not None:
@@ -236,36 +280,69 @@ def _quantize_pipeline(pipe, backbone, cfg, te_cfg, include, exclude, pack, prog
                 done.append((te, _quantize_module(te, te_cfg, None, None)))
                 dmq.freeze(te, pack=pack)  # weight-only: nothing to calibrate, and no timestep hook needed
                 te_names.append(te_attr)
-    done.append((backbone, _quantize_module(backbone, cfg, include, exclude)))
-    seen: set[float] = set()
     first = {"call": True}
-
-    def record(module, args, kwargs):
-        if CONTEXT.timestep is not None and CONTEXT.observe:
-            seen.update(float(v) for v in CONTEXT.timestep.unique())
 
     def finite_outputs(module, args, kwargs, output):
         if first["call"]:
             _check_finite(pipe, output)
 
-    handles = [backbone.register_forward_pre_hook(record, with_kwargs=True),
-               backbone.register_forward_hook(finite_outputs, with_kwargs=True)]
+    seen: dict[str, set[float]] = {}
+    handles = []
+    for name, model in models.items():
+        done.append((model, _quantize_module(model, cfg, include, exclude)))
+        seen[name] = set()
+        handles += [model.register_forward_pre_hook(_recorder(seen[name]), with_kwargs=True),
+                    model.register_forward_hook(finite_outputs, with_kwargs=True)]
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
 
-    def loop(_model: nn.Module) -> None:
+    def loop() -> None:
         for i, kw in tqdm(mine, desc=f"calibrating {cfg.name}", disable=not progress or rank != 0):
             pipe(**{**defaults, "generator": torch.Generator().manual_seed(seed + i), **kw})
             first["call"] = False
 
     try:
-        dmq.calibrate(backbone, loop, steps=timestep_selection)
+        _calibrate_all(list(models.values()), loop, timestep_selection, cfg)
     finally:
         for h in handles:
             h.remove()
-    processes = dmq.sync_statistics(backbone)
-    dmq.freeze(backbone, pack=pack)
+    processes = 1
+    for model in models.values():
+        processes = dmq.sync_statistics(model)
+        dmq.freeze(model, pack=pack)
     return te_names, processes, seen
+
+
+def _recorder(seen: set[float]):
+    """A pre-hook (after the model's timestep hook) that records the timesteps of its observed calls."""
+
+    def record(module, args, kwargs):
+        if CONTEXT.timestep is not None and CONTEXT.observe:
+            seen.update(float(v) for v in CONTEXT.timestep.unique())
+    return record
+
+
+def _calibrate_all(models: list[nn.Module], loop, steps, cfg: dmq.QuantConfig) -> None:
+    """Calibrate every model on the pipeline runs of ``loop``. Round-to-nearest configs need one observer pass
+    per model, so the calibrations nest and one set of sampling runs calibrates them all; configs with PTQ methods
+    run several passes, so the models calibrate one after the other, each with the others in full precision."""
+    if len(models) == 1 or not _multi_pass(cfg):
+        def nest(i: int):
+            if i == len(models):
+                return lambda _m: loop()
+            return lambda _m: dmq.calibrate(models[i], nest(i + 1), steps=steps)
+        nest(0)(None)
+        return
+    for i, model in enumerate(models):
+        with contextlib.ExitStack() as stack:
+            for other in models[:i] + models[i + 1:]:
+                stack.enter_context(dmq.full_precision(other))  # the rest run on the full-precision trajectory
+            dmq.calibrate(model, lambda _m: loop(), steps=steps)
+
+
+def _multi_pass(cfg: dmq.QuantConfig) -> bool:
+    return (cfg.rounding != "rtn" or cfg.format_search or cfg.smooth is not None or cfg.rotation is not None
+            or cfg.lowrank > 0)
 
 
 def _check_finite(pipe: Any, output: object) -> None:

@@ -67,4 +67,7 @@ def load_quantized(directory: str | os.PathLike, pipeline_class: type | None = N
     saved class, ``kwargs`` go to ``from_pretrained``."""
     root = Path(directory)
     cls = pipeline_class or resolve_pipeline_class(root)
-    return cls.from_pretrained(root, local_files_only=True, **kwargs)
+    index = json.loads((root / "model_index.json").read_text())
+    # components saved as absent (a pipeline driven by prompt_embeds, without text encoders) stay absent
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
+    return cls.from_pretrained(root, local_files_only=True, **{**absent, **kwargs})

@@ -412,6 +412,32 @@ def quant_keep_fp_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def families_table(data: dict) -> str:
+    """One row per family and denoiser of ``benchmarks/families.json`` (``scripts/bench_families.py``)."""
+    lines = [
+        f"`{data['command']}` (diffusers {data['diffusers']}, {data['steps']} steps, {data['machine']}): ε SQNR of "
+        "each denoiser on the tiny random-weight replica against full precision, on the inputs of a full-precision "
+        "sampling run; the Linear/Conv2d layers left in full precision (block indices folded to `*`); attention "
+        "matmuls quantized (modules, processor).",
+        "",
+        "| family | denoiser | W8A8 ε SQNR | W4A8 ε SQNR | quantized layers | full precision | attention "
+        "| bins over |",
+        "|---|---|---:|---:|---:|---|---|---|",
+    ]
+    for row in data["families"]:
+        for name, d in row["denoisers"].items():
+            fp = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in d["full_precision_layers"]})
+            fp_text = ", ".join(f"`{n}`" for n in fp[:6]) + (f" (+{len(fp) - 6} more)" if len(fp) > 6 else "")
+            attn = (f"yes ({d['attention_modules']}, {', '.join(d['attention_processors'])})"
+                    if d["attention_modules"] else "no")
+            lo, hi = d["timestep_range"]
+            lines.append(f"| {row['family']} ({row['pipeline']}) | `{name}` {d['class']} | "
+                         f"{d['w8a8_eps_sqnr_db']:.1f} dB | {d['w4a8_eps_sqnr_db']:.1f} dB | "
+                         f"{d['quantized_layers']} | "
+                         f"{fp_text or '—'} | {attn} | [{lo:g}, {hi:g}] |")
+    return "\n".join(lines)
+
+
 HEADLINE_PRESETS = ("w8a8", "w4a8", "w4a16", "fp8", "w4a8-fp", "nvfp4")
 
 
@@ -527,6 +553,7 @@ def lora_table(data: dict) -> str:
 
 
 RENDERERS = {
+    "families": families_table,
     "demo": demo_table, "quant": quant_table, "quant_methods": quant_methods_table,
     "quant_keep_fp": quant_keep_fp_table,
     "formats": formats_table, "samplers_gmm": samplers_gmm_table, "samplers_deis_grids": samplers_deis_grids_table,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dmq.calibration import CONTEXT
+from dmq.calibration import CONTEXT, call_scope
 from dmq.rounding.adaround import GAMMA, ZETA, _h
 from dmq.rounding.grid import weight_grid
 from dmq.rounding.layer import set_weight_fq, split_of, target_weight
@@ -79,13 +79,8 @@ def reconstruct_block(block: nn.Module, layers: list[nn.Module], calls: list[tup
                       ) -> tuple[float, float]:
     """Joint AdaRound of ``layers`` on the output of ``block`` over ``calls``; returns (error, RTN error) of the
     block output (mean squared error over the calls), the kept result's first."""
-    prev = CONTEXT.calibrating
-    CONTEXT.calibrating = True  # full-precision targets
-    try:
-        with torch.no_grad():
-            targets = [_output(block(*a, **k)).detach() for a, k in calls]
-    finally:
-        CONTEXT.calibrating = prev
+    with call_scope(calibrating=True, observe=False), torch.no_grad():  # full-precision targets
+        targets = [_output(block(*a, **k)).detach() for a, k in calls]
     state = []
     for m in layers:
         w = target_weight(m).reshape(m.weight.shape)

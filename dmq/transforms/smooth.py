@@ -90,8 +90,8 @@ class ChannelStats:
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.detach().float().reshape(-1, x.shape[-1])
-        t = CONTEXT.timestep
-        b = 0 if t is None else int(timestep_bins(t.float().mean().reshape(1), STAT_BINS, self.lo, self.hi)[0])
+        t, lo, hi = CONTEXT.timestep, *(CONTEXT.range or (self.lo, self.hi))  # the model's convention
+        b = 0 if t is None else int(timestep_bins(t.float().mean().reshape(1), STAT_BINS, lo, hi)[0])
         m = flat.abs().amax(0)
         self.amax[b] = m if b not in self.amax else torch.maximum(self.amax[b], m)
         self.rows.add(flat[torch.randperm(flat.shape[0], generator=self.rows.gen)[:256]])

@@ -10,7 +10,8 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 U = 2.0**-24  # float32 unit roundoff
 
 
-@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 40, 24), (70, 33, 17)])
+# K = 1: torch's CPU _int_mm returns wrong sums there
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 40, 24), (70, 33, 17), (5, 1, 16)])
 def test_int_mm_is_exact(shape):
     m, k, n = shape
     g = torch.Generator().manual_seed(m)

@@ -86,7 +86,7 @@ def test_low_bit_and_every_sampler(family, config, one_thread):
         assert images.shape == fp.shape and torch.isfinite(images).all(), name
 
 
-def test_unsupported_pipelines_name_the_families():
+def test_unsupported_denoisers_are_refused_with_the_reason():
     from diffusers import DDPMScheduler, DiffusionPipeline
 
     class Odd(DiffusionPipeline):
@@ -94,7 +94,7 @@ def test_unsupported_pipelines_name_the_families():
             super().__init__()
             self.register_modules(unet=unet, scheduler=scheduler)
 
-    with pytest.raises(ValueError, match="supported families: .*UNet2DConditionModel.*SD3Transformer2DModel"):
+    with pytest.raises(ValueError, match="Odd.unet is a Linear, not a diffusers ModelMixin"):
         quantize_pipeline(Odd(torch.nn.Linear(2, 2), DDPMScheduler()), call_kwargs=[{}])
 
     class NoBackbone(DiffusionPipeline):
@@ -102,8 +102,13 @@ def test_unsupported_pipelines_name_the_families():
             super().__init__()
             self.register_modules(scheduler=scheduler)
 
-    with pytest.raises(ValueError, match="no `unet` or `transformer`.*PixArt"):
+    with pytest.raises(ValueError, match="no `unet`, `transformer` or `transformer_2` denoiser; name the denoiser"):
         quantize_pipeline(NoBackbone(DDPMScheduler()), call_kwargs=[{}])
+    rep = tp.build("ddpm")
+    with pytest.raises(ValueError, match="DDPMPipeline.controlnet does not exist"):
+        quantize_pipeline(rep.pipe, call_kwargs=[{}], denoisers=["controlnet"])
+    with pytest.raises(ValueError, match="same module as another"):
+        quantize_pipeline(rep.pipe, call_kwargs=[{}], denoisers=["unet", "unet"])
     rep = tp.build("ddpm")
     with pytest.raises(ValueError, match="exactly one of prompts= .* or call_kwargs="):
         quantize_pipeline(rep.pipe)

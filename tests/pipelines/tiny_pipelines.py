@@ -17,6 +17,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = ("ddpm", "ddim", "sd", "sdxl", "dit", "pixart-alpha", "pixart-sigma", "sd3", "digits-unet", "digits-dit")
+# the newer families: flow models with attention_dispatch processors, several denoisers, video latents
+NEW_FAMILIES = ("flux", "wan2.2")
 TEXT_FAMILIES = ("sd", "sdxl", "pixart-alpha", "pixart-sigma", "sd3")
 
 
@@ -149,10 +151,55 @@ def build(name: str) -> Replica:
         pipe = DigitsPipeline.from_pretrained(str(ROOT / "assets" / name))
         rep = Replica(pipe, [{"class_labels": [3]}, {"class_labels": [7]}],
                       {"class_labels": [1, 8], "output_type": "np"}, guidance_scale=2.0)
+    elif name == "flux":
+        rep = _flux()
+    elif name == "wan2.2":
+        rep = _wan22()
     else:
-        raise ValueError(f"unknown family {name!r}; valid: {FAMILIES}")
+        raise ValueError(f"unknown family {name!r}; valid: {FAMILIES + NEW_FAMILIES}")
     rep.pipe.set_progress_bar_config(disable=True)
     return rep
+
+
+def _flux() -> Replica:
+    """Flux.1: a flow transformer fed ``t / 1000``, dynamic shifting (``mu``), guidance embedding off."""
+    import diffusers as d
+
+    torch.manual_seed(0)
+    tr = d.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=16, axes_dims_rope=(2, 2, 4)).eval()
+    sched = d.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                              base_image_seq_len=16, max_image_seq_len=64)
+    pipe = d.FluxPipeline(scheduler=sched, vae=tiny_vae(shift_factor=0.1), text_encoder=None, tokenizer=None,
+                          text_encoder_2=None, tokenizer_2=None, transformer=tr)
+    calls = [{"prompt_embeds": _randn(1, 6, 32, seed=100 + i), "pooled_prompt_embeds": _randn(1, 16, seed=300 + i),
+              "height": 8, "width": 8} for i in range(2)]
+    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=None)
+
+
+def _wan22() -> Replica:
+    """Wan 2.2 text-to-video: two experts (``transformer`` above the boundary timestep, ``transformer_2`` below),
+    a flow schedule with shift, 5-frame video latents through a tiny Wan VAE."""
+    import diffusers as d
+
+    def expert(seed: int):
+        torch.manual_seed(seed)
+        return d.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                       in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=32,
+                                       num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                       rope_max_seq_len=32).eval()
+
+    torch.manual_seed(1)
+    vae = d.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                             temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                             latents_std=[1.0] * 4).eval()
+    pipe = d.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=expert(0), transformer_2=expert(5),
+                         scheduler=d.FlowMatchEulerDiscreteScheduler(shift=3.0), boundary_ratio=0.6)
+    calls = [{"prompt_embeds": _randn(1, 6, 32, seed=100 + i),
+              "negative_prompt_embeds": _randn(1, 6, 32, seed=200 + i), "height": 16, "width": 16, "num_frames": 5}
+             for i in range(2)]
+    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=3.0)
 
 
 def generate(rep: Replica, steps: int, seed: int = 0) -> torch.Tensor:

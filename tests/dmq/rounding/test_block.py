@@ -1,7 +1,7 @@
 import torch
 
 import dmq
-from dmq.calibration import CONTEXT
+from dmq.calibration import call_scope
 from dmq.rounding.block import find_blocks, reconstruct_block
 from tests.dmq.helpers import tiny_dit, tiny_unet
 
@@ -21,11 +21,8 @@ def test_brecq_block_output_error_not_above_rtn(one_thread):
     g = torch.Generator().manual_seed(0)
     calls = [((torch.randn(2, 16, 16, generator=g),), {"timestep": torch.full((2,), t), "class_labels":
                                                          torch.tensor([1, 5])}) for t in (900.0, 400.0, 50.0)]
-    CONTEXT.calibrating = True
-    try:
+    with call_scope(calibrating=True, observe=False):
         targets = [block(*a, **k).detach() for a, k in calls]
-    finally:
-        CONTEXT.calibrating = False
     rtn_err = _block_err(block, calls, targets)
     grads_before = [p.grad for p in block.parameters()]
     err, rtn = reconstruct_block(block, [q.get_submodule(n) for n in blocks[0][1]], calls, iters=60)

@@ -27,7 +27,6 @@ def test_capture_groups_fit_the_budget():
 
 
 def test_layer_inputs_stream_within_the_budget_whatever_the_depth():
-    from dmq.calibration import CONTEXT
     from dmq.rounding.cache import CacheStats, iter_layer_inputs
 
     for depth in (4, 16):
@@ -38,7 +37,6 @@ def test_layer_inputs_stream_within_the_budget_whatever_the_depth():
         x = torch.randn(64, 32)
 
         def run_loop():
-            CONTEXT.observe = True
             for _ in range(5):
                 model(x)
 

@@ -1,0 +1,134 @@
+"""Quantized attention matmuls for every diffusers attention processor.
+
+Two kinds of processors exist. The classic ones (``AttnProcessor2_0``, SD3's ``JointAttnProcessor2_0``) call
+``scaled_dot_product_attention`` themselves: dmq swaps them for processors with explicit matmuls
+(:class:`dmq.modules.QuantAttnProcessor`, :class:`dmq.joint_attention.QuantJointAttnProcessor`). The newer ones
+(Flux, Flux 2, Wan, Qwen-Image, HunyuanVideo, LTX, Sana, Lumina 2, HiDream, Z-Image, ...) compute attention through
+``diffusers.models.attention_dispatch.dispatch_attention_fn``. For those the processor stays untouched: a pre-hook
+on the attention module makes its :class:`~dmq.modules.AttentionQuantizers` the thread's active set, and the
+``dispatch_attention_fn`` name in the processor's module is wrapped, once, by a function that computes
+``softmax(Q(q) Q(k)^T * scale + mask) -> Q(P) Q(v)`` while a set is active and calls the original dispatch (fused
+SDPA or whatever backend is selected) otherwise. Attention that is not quantized therefore keeps its fused kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from contextvars import ContextVar
+
+import torch
+from torch import nn
+
+from dmq.joint_attention import QuantJointAttnProcessor
+from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, _maybe
+
+logger = logging.getLogger(__name__)
+
+_ACTIVE: ContextVar[AttentionQuantizers | None] = ContextVar("dmq_active_attention", default=None)
+_WRAPPED = "_dmq_dispatch_original"
+
+
+def dispatches(processor: object) -> bool:
+    """Whether the processor computes attention through ``attention_dispatch.dispatch_attention_fn``."""
+    call = getattr(type(processor), "__call__", None)
+    code = getattr(call, "__code__", None)
+    module = sys.modules.get(type(processor).__module__)
+    return (code is not None and "dispatch_attention_fn" in code.co_names and module is not None
+            and callable(getattr(module, "dispatch_attention_fn", None)))
+
+
+def kind(processor: object) -> str | None:
+    """``"classic"``, ``"joint"``, ``"dispatch"`` or None (a processor dmq cannot quantize)."""
+    name = type(processor).__name__
+    if name == "JointAttnProcessor2_0":
+        return "joint"
+    if name in QUANTIZABLE_PROCESSORS:
+        return "classic"
+    return "dispatch" if dispatches(processor) else None
+
+
+def attach(mod: nn.Module, quants: AttentionQuantizers) -> str | None:
+    """Quantize the matmuls of attention module ``mod`` with ``quants`` (kept as ``mod.matmul_quantizers``);
+    returns the processor kind, or None (nothing changed) when the processor is not quantizable."""
+    proc = getattr(mod, "processor", None)
+    k = kind(proc)
+    if k is None:
+        return None
+    quants.original_processor = proc
+    mod.matmul_quantizers = quants
+    if k == "dispatch":
+        _wrap_dispatch(sys.modules[type(proc).__module__])
+        quants._dmq_handles = [mod.register_forward_pre_hook(_enter), mod.register_forward_hook(_leave,
+                                                                                                  always_call=True)]
+    else:
+        mod.set_processor(QuantJointAttnProcessor() if k == "joint" else QuantAttnProcessor())
+    return k
+
+
+def detach(mod: nn.Module) -> None:
+    """Undo :func:`attach`: the original processor, no hooks, no quantizers."""
+    quants = mod.matmul_quantizers
+    for h in getattr(quants, "_dmq_handles", ()):
+        h.remove()
+    if mod.processor is not quants.original_processor:
+        mod.set_processor(quants.original_processor)
+    del mod.matmul_quantizers
+
+
+def _enter(mod: nn.Module, args: tuple) -> None:
+    mod._dmq_attention_token = _ACTIVE.set(mod.matmul_quantizers)
+
+
+def _leave(mod: nn.Module, args: tuple, output: object) -> None:
+    token = mod.__dict__.pop("_dmq_attention_token", None)
+    if token is not None:
+        _ACTIVE.reset(token)
+
+
+def _wrap_dispatch(module) -> None:
+    fn = module.dispatch_attention_fn
+    if getattr(fn, _WRAPPED, None) is not None:
+        return
+
+    def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                              enable_gqa=False, attention_kwargs=None, **kwargs):
+        quants = _ACTIVE.get()
+        if (quants is None or kwargs.get("parallel_config") is not None or attention_kwargs
+                or not (attn_mask is None or isinstance(attn_mask, torch.Tensor))):
+            # not quantized, or a call only the backend understands (context parallel, backend arguments, a flex
+            # BlockMask): the original dispatch, fused
+            return fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs,
+                      **kwargs)
+        return quantized_attention(quants, query, key, value, attn_mask, is_causal, scale, enable_gqa)
+
+    setattr(dispatch_attention_fn, _WRAPPED, fn)
+    module.dispatch_attention_fn = dispatch_attention_fn
+    logger.debug("dmq: wrapped dispatch_attention_fn of %s", module.__name__)
+
+
+def quantized_attention(quants: AttentionQuantizers, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attn_mask: torch.Tensor | None = None, is_causal: bool = False, scale: float | None = None,
+                        enable_gqa: bool = False) -> torch.Tensor:
+    """Attention on dispatch's ``(batch, seq, heads, dim)`` layout with fake-quantized Q·Kᵀ and P·V operands,
+    the same result as ``scaled_dot_product_attention`` up to the quantization (mask: boolean keep-mask or additive
+    bias, broadcast to ``(batch, heads, q, k)``; grouped-query heads repeated)."""
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, H, S, D)
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    q, k, v = _maybe(quants.q, q), _maybe(quants.k, k), _maybe(quants.v, v)
+    s = (1.0 / math.sqrt(q.shape[-1])) if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)).float() * s
+    if is_causal:
+        lq, lk = scores.shape[-2:]
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).tril(lk - lq)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.float()
+    probs = _maybe(quants.probs, scores.softmax(dim=-1).to(v.dtype))
+    return (probs @ v).transpose(1, 2)
