@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dmq.calibration import CONTEXT, StepPolicy, TimestepHook, get_policy
+from dmq import structure
 from dmq.config import QuantConfig, get_config
 from dmq.joint_attention import QuantJointAttnProcessor
 from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, QuantConv2d, QuantLinear
@@ -34,6 +35,7 @@ class QuantState:
     calibration_seconds: float = 0.0
     frozen: bool = False
     packed: bool = False
+    per_sample: list[str] = field(default_factory=list)  # layers quantized weight-only as one token per sample
     originals: dict = field(default_factory=dict)  # parameters a folded transform changed: name -> original
     learned_overrides: dict = field(default_factory=dict)  # module -> weight QuantSpec chosen by format search
     transformed: bool = False
@@ -111,12 +113,20 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, include: Sequence[s
         raise ValueError("model is already quantized; dmq.restore(model) first")
     if not inplace:
         model = copy.deepcopy(model)
-    excl = tuple(cfg.keep_fp) + tuple(exclude or ())
+    roles = structure.classify(model)
+    excl = structure.expand_patterns(model, tuple(cfg.keep_fp) + tuple(exclude or ()), roles)
     splits = unet_skip_splits(model) if cfg.shortcut_split and cfg.act is not None else {}
     state = QuantState(cfg, None)
     targets = [(n, m) for n, m in model.named_modules() if n and _selected(n, include, excl)]
+    ps_spec = cfg.per_sample_spec
     for name, mod in targets:
-        mcfg = cfg.replace(weight=cfg.weight_for(name)) if cfg.overrides else cfg  # per-module overrides
+        if ps_spec is not None and roles.get(name) in structure.PER_SAMPLE:  # one token per sample: weight-only
+            over = cfg.weight_for(name) if any(fnmatch.fnmatchcase(name, g) for g, _ in cfg.overrides) else ps_spec
+            mcfg = cfg.replace(weight=over, act=None)
+            if type(mod) in (nn.Linear, nn.Conv2d):
+                state.per_sample.append(name)
+        else:
+            mcfg = cfg.replace(weight=cfg.weight_for(name)) if cfg.overrides else cfg  # per-module overrides
         if type(mod) is nn.Linear and (cfg.weight is not None or cfg.act is not None):
             _set_child(model, name, QuantLinear.from_float(mod, mcfg))
         elif type(mod) is nn.Conv2d and (cfg.weight is not None or cfg.act is not None):
@@ -182,7 +192,7 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], object], *,
         st.report.update(apply_transforms(model, st, lambda: _run(model, forward_loop, policy, observe=False)))
         st.transformed = True
     points = _run(model, forward_loop, policy, observe=True)
-    if cfg.rounding != "rtn" or cfg.format_search:
+    if cfg.rounding != "rtn" or cfg.format_search or (st.per_sample and cfg.per_sample_rounding != "rtn"):
         from dmq.rounding import reconstruct
 
         st.report.update(reconstruct(model, st, lambda: _run(model, forward_loop, policy, observe=False)))
