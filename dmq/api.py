@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dmq.calibration import CONTEXT, StepPolicy, TimestepHook, get_policy
 from dmq import structure
+from dmq.calibration import CONTEXT, StepPolicy, TimestepHook, get_policy
 from dmq.config import QuantConfig, get_config
 from dmq.joint_attention import QuantJointAttnProcessor
 from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, QuantConv2d, QuantLinear

@@ -142,7 +142,7 @@ def run(case, cfg: dmq.QuantConfig, psnr: bool) -> dict:
 def group_shares(model: torch.nn.Module) -> dict[str, float]:
     roles = structure.classify(model)
     total = sum(p.numel() for p in model.parameters())
-    out = {r: 0 for r in structure.ROLES}
+    out = dict.fromkeys(structure.ROLES, 0)
     for n, r in roles.items():
         out[r] += model.get_submodule(n).weight.numel()
     return {r: v / total for r, v in out.items()}
