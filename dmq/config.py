@@ -110,6 +110,9 @@ class QuantConfig:
             format, group-wise; block formats as they are), a :class:`QuantSpec`, or None (quantized like any other
             layer, activations included).
         per_sample_rounding: the weight rounding of those layers (``"rtn"``, ``"adaround"``, ``"gptq"``).
+        memory_budget: size of the whole quantized backbone (every parameter and buffer): bits per parameter (a
+            number up to 32, or ``"4.5bits"``) or bytes (a larger number, or ``"7GB"``, ``"512MiB"``). Calibration
+            then picks each layer's weight format (:mod:`dmq.budget`); None: the config's formats as they are.
         shortcut_split: Q-Diffusion's split quantizers for the layer after a U-Net skip concatenation.
         timestep_range: the range the timestep bins cover (``[0, num_train_timesteps)``).
         steps: which backbone calls count as calibration points (:class:`dmq.calibration.StepPolicy`).
@@ -152,6 +155,7 @@ class QuantConfig:
     cache_mb: float = 64.0
     per_sample: QuantSpec | str | None = "auto"
     per_sample_rounding: str = "gptq"
+    memory_budget: float | str | None = None
 
     def __post_init__(self) -> None:
         self._check_methods()
@@ -160,6 +164,12 @@ class QuantConfig:
         if isinstance(self.per_sample, QuantSpec) and (self.per_sample.dynamic or
                                                        self.per_sample.granularity == "token"):
             raise ValueError("per_sample is a weight spec: static, per tensor, channel, group or block")
+        if self.memory_budget is not None:
+            from dmq.budget import budget_bytes
+
+            budget_bytes(self.memory_budget, 1)  # TypeError / ValueError on a malformed budget
+            if self.weight is None:
+                raise ValueError("memory_budget allocates weight formats: set config.weight")
         if self.per_sample_rounding not in ROUNDINGS:
             raise ValueError(f"per_sample_rounding must be one of {ROUNDINGS}, got {self.per_sample_rounding!r}")
         if isinstance(self.keep_fp, str) or not all(isinstance(k, str) for k in self.keep_fp):
