@@ -6,7 +6,8 @@ Backbones in BF16: the bundled U-Net and DiT (inputs and calibration from their 
 PSNR of final samples against the BF16 model's, same seeds) and tiny random-weight Flux, Wan, Qwen-Image, SD3 and Sana
 replicas (random inputs across timesteps). Per preset:
 
-- ``legacy``: the 16-bit list of earlier releases (``dmq.config.LEGACY_KEEP_FP``), every other layer quantized alike;
+- ``legacy``: the preset as it was: the 16-bit list of earlier releases (``dmq.config.LEGACY_KEEP_FP``), every other
+  layer quantized alike, round-to-nearest;
 - ``default``: the structure-derived default (``@first``/``@last`` in 16 bits; embedders and modulation, one token per
   sample, weight-only group-wise with GPTQ);
 - one change of the default at a time: per-sample rounding by round-to-nearest or AdaRound, per-sample layers
@@ -44,7 +45,8 @@ REPLICAS = ("flux", "wan", "qwen-image", "sd3", "sana")
 def variants(preset: str) -> dict[str, dmq.QuantConfig]:
     base = dmq.get_config(preset)
     return {
-        "legacy": base.replace(keep_fp=LEGACY_KEEP_FP, per_sample=None),
+        # the preset as it was before: legacy 16-bit list, per-sample layers like the rest, round-to-nearest
+        "legacy": base.replace(keep_fp=LEGACY_KEEP_FP, per_sample=None, rounding="rtn"),
         "default": base,
         "per-sample rtn": base.replace(per_sample_rounding="rtn"),
         "per-sample adaround": base.replace(per_sample_rounding="adaround", rounding_iters=200),
@@ -128,11 +130,12 @@ class Replica:
 
 def run(case, cfg: dmq.QuantConfig, psnr: bool) -> dict:
     model = dmq.quantize(case.fp_model, cfg, inplace=False)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     dmq.calibrate(model, case.calib_loop)
-    calib_s = time.perf_counter() - t0
+    calib_s, calib_cpu = time.perf_counter() - t0, time.process_time() - c0
     dmq.freeze(model)
     res = {"sqnr_db": sqnr(case.ref, case.eps(model)), "calibrate_s": round(calib_s, 2),
+           "calibrate_cpu_s": round(calib_cpu, 2),
            "bytes_vs_bf16": weight_bytes(model)["total_bytes"] / bf16_bytes(case.fp_model)}
     if psnr:
         res["sample_psnr_db"] = case.psnr(model)

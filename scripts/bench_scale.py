@@ -3,8 +3,9 @@
     nice .venv/bin/python scripts/bench_scale.py --out benchmarks/scale.json
 
 Architectures at full width (no weights can be downloaded here, so they are random, seeded): DiT-XL/2 (28 blocks),
-PixArt-Σ (28 blocks), the SD 1.5 U-Net, and Flux-dev at full width with 2 double + 4 single blocks (reported per
-block and extrapolated to 19 + 38). Each (model, preset) runs in its own subprocess, so that its peak RSS is its own:
+PixArt-Σ (28 blocks), the SD 1.5 U-Net and Flux-dev (19 double + 38 single blocks). ``--depth`` builds a fraction of
+each repeated block list (at least one block) and extrapolates the whole-model bytes from the measured per-block
+bytes. Each (model, preset) runs in its own subprocess, so that its peak RSS is its own:
 
 - whole-backbone resident bytes (every parameter and buffer after ``dmq.freeze``) and checkpoint bytes
   (``dmq.save``) against the BF16 model;
@@ -35,26 +36,33 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODELS = ("dit-xl-2", "pixart-sigma", "sd15-unet", "flux-dev-2+4")
-FLUX_FULL = (19, 38)
+MODELS = ("dit-xl-2", "pixart-sigma", "sd15-unet", "flux-dev")
+# the repeated block lists of each model and their full-size lengths (the run may build fewer, --depth)
+FULL_DEPTH = {"dit-xl-2": {"transformer_blocks": 28}, "pixart-sigma": {"transformer_blocks": 28},
+              "flux-dev": {"transformer_blocks": 19, "single_transformer_blocks": 38}}
 
 
-def build(name: str) -> torch.nn.Module:
+def build(name: str, depth: float = 1.0) -> torch.nn.Module:
+    """The model at full width; with ``depth < 1`` each repeated block list is cut to that fraction (at least 1)."""
     import diffusers as d
 
     torch.manual_seed(0)
+    n = {k: max(1, round(v * depth)) for k, v in FULL_DEPTH.get(name, {}).items()}
     if name == "dit-xl-2":
         m = d.DiTTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
-                                    num_layers=28, sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+                                    num_layers=n["transformer_blocks"], sample_size=32, patch_size=2,
+                                    num_embeds_ada_norm=1000)
     elif name == "pixart-sigma":
         m = d.PixArtTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
-                                       num_layers=28, sample_size=128, patch_size=2, cross_attention_dim=1152,
+                                       num_layers=n["transformer_blocks"], sample_size=128, patch_size=2,
+                                       cross_attention_dim=1152,
                                        caption_channels=4096, use_additional_conditions=False,
                                        interpolation_scale=2)
     elif name == "sd15-unet":
         m = d.UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-    elif name == "flux-dev-2+4":
-        m = d.FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
+    elif name == "flux-dev":
+        m = d.FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=n["transformer_blocks"],
+                                     num_single_layers=n["single_transformer_blocks"],
                                      attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
                                      pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
     else:
@@ -80,7 +88,7 @@ def inputs(name: str, seed: int, tokens_side: int) -> dict:
     if name == "sd15-unet":
         return {"sample": r(1, 4, 4 * tokens_side, 4 * tokens_side), "timestep": t,
                 "encoder_hidden_states": r(1, 16, 768)}
-    n = tokens_side * tokens_side
+    n = tokens_side * tokens_side  # flux-dev
     return {"hidden_states": r(1, n, 64), "encoder_hidden_states": r(1, 16, 4096), "pooled_projections": r(1, 768),
             "img_ids": torch.zeros(n, 3), "txt_ids": torch.zeros(16, 3), "timestep": t.to(bf) / 1000,
             "guidance": torch.full((1,), 3.5, dtype=bf)}
@@ -122,8 +130,10 @@ def one_case(name: str, preset: str, args) -> dict:
 
     torch.set_num_threads(args.threads)
     libs_rss = _status("VmRSS")
-    fp = build(name)
+    fp = build(name, args.depth)
     bf16 = model_bytes(fp)
+    lists = FULL_DEPTH.get(name, {})
+    block_bf16 = {k: model_bytes(getattr(fp, k)[0]) for k in lists}
     calib = [inputs(name, 100 + i, args.tokens) for i in range(args.calib_calls)]
     evals = [inputs(name, 200 + i, args.tokens) for i in range(args.eval_calls)]
     size_only = preset in args.size_only
@@ -159,20 +169,25 @@ def one_case(name: str, preset: str, args) -> dict:
         res["checkpoint_bytes"] = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
     res["resident_vs_bf16"] = res["resident_bytes"] / bf16
     res["checkpoint_vs_bf16"] = res["checkpoint_bytes"] / bf16
-    if name.startswith("flux"):
-        res.update(flux_extrapolation(fp, bf16, res["resident_bytes"]))
+    if lists:
+        res.update(extrapolate(fp, lists, bf16, block_bf16, res["resident_bytes"], res["checkpoint_bytes"]))
     return res
 
 
-def flux_extrapolation(model: torch.nn.Module, bf16: int, resident: int) -> dict:
-    """Bytes per double / single block (BF16 and quantized) and the whole-model ratio at 19 + 38 blocks."""
-    def nbytes(mod):
-        return model_bytes(mod)
-
-    d_q, s_q = nbytes(model.transformer_blocks[0]), nbytes(model.single_transformer_blocks[0])
-    n_d, n_s = len(model.transformer_blocks), len(model.single_transformer_blocks)
-    shared_q = resident - n_d * d_q - n_s * s_q
-    return {"double_block_bytes": d_q, "single_block_bytes": s_q, "shared_bytes": shared_q}
+def extrapolate(model: torch.nn.Module, lists: dict[str, int], bf16: int, block_bf16: dict[str, int],
+                resident: int, checkpoint: int) -> dict:
+    """Per-block bytes (quantized and BF16) of each repeated block list, and the whole model at full depth: the
+    shared part (embedders, first / last layers) plus the full number of blocks at the measured per-block bytes.
+    The checkpoint is extrapolated by the resident bytes of the blocks (both store the same packed tensors)."""
+    built = {k: len(getattr(model, k)) for k in lists}
+    block_q = {k: model_bytes(getattr(model, k)[0]) for k in lists}
+    grow_q = sum((lists[k] - built[k]) * block_q[k] for k in lists)
+    grow_bf = sum((lists[k] - built[k]) * block_bf16[k] for k in lists)
+    full_bf = bf16 + grow_bf
+    return {"built_blocks": built, "full_blocks": dict(lists),
+            "block_vs_bf16": {k: block_q[k] / block_bf16[k] for k in lists}, "full_bf16_bytes": full_bf,
+            "full_resident_vs_bf16": (resident + grow_q) / full_bf,
+            "full_checkpoint_vs_bf16": (checkpoint + grow_q) / full_bf}
 
 
 def main() -> None:
@@ -180,12 +195,15 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--presets", nargs="+", default=["w4a16", "nvfp4", "w8a8"])
     ap.add_argument("--size-only", nargs="*", default=["w4a8", "mxfp4"])
+    ap.add_argument("--depth", type=float, default=1.0,
+                    help="fraction of the repeated blocks to build (full width); sizes are extrapolated per block")
     ap.add_argument("--tokens", type=int, default=8, help="latent side in patches (8: 64 tokens per call)")
     ap.add_argument("--calib-calls", type=int, default=2)
     ap.add_argument("--eval-calls", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cases", nargs="+", default=None,
-                    help="explicit MODEL:PRESET list, run in this order (default: every model x preset)")
+                    help="explicit MODEL:PRESET[:size] list, run in this order (default: every model x preset); "
+                         "':size' makes that case size-only")
     ap.add_argument("--case", nargs=2, metavar=("MODEL", "PRESET"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "scale.json"))
     args = ap.parse_args()
@@ -196,52 +214,25 @@ def main() -> None:
               "machine": f"{os.cpu_count()} CPU cores shared with other jobs", "cases": []}
     out = Path(args.out)
     t0 = time.perf_counter()
-    cases = [tuple(c.split(":")) for c in args.cases] if args.cases else [
-        (m, p) for m in args.models for p in list(args.presets) + list(args.size_only)]
-    bf16_ref = None
-    for name, preset in cases:
-        if True:
-            cmd = [sys.executable, __file__, "--case", name, preset, "--tokens", str(args.tokens),
-                   "--calib-calls", str(args.calib_calls), "--eval-calls", str(args.eval_calls),
-                   "--threads", str(args.threads), "--size-only", *args.size_only]
-            p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-            if p.returncode != 0:
-                print(f"[{name}] {preset} failed:\n{p.stderr[-3000:]}", flush=True)
-                report["cases"].append({"model": name, "preset": preset, "error": p.stderr[-1000:]})
-                continue
-            res = json.loads(p.stdout.strip().splitlines()[-1])
-            if name.startswith("flux"):
-                bf16_ref = bf16_ref or flux_bf16_blocks()
-                res.update(extrapolate(res, bf16_ref))
-            report["cases"].append(res)
-            print(f"[{name}] {preset}: " + ", ".join(
-                f"{k} {v:.3g}" for k, v in res.items() if isinstance(v, float)), flush=True)
-            report["seconds"] = round(time.perf_counter() - t0, 1)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=2))
-
-
-def flux_bf16_blocks() -> dict:
-    """BF16 bytes of one double block, one single block and the rest, from a BF16 Flux with 1 + 1 blocks on meta."""
-    import diffusers as d
-
-    with torch.device("meta"):
-        m = d.FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
-                                     attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                                     pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-    dbl, sgl = (sum(p.numel() * 2 for p in b.parameters()) for b in (m.transformer_blocks[0],
-                                                                     m.single_transformer_blocks[0]))
-    return {"double": dbl, "single": sgl, "shared": sum(p.numel() * 2 for p in m.parameters()) - dbl - sgl}
-
-
-def extrapolate(res: dict, bf: dict) -> dict:
-    n_d, n_s = FLUX_FULL
-    q = res["shared_bytes"] + n_d * res["double_block_bytes"] + n_s * res["single_block_bytes"]
-    b = bf["shared"] + n_d * bf["double"] + n_s * bf["single"]
-    return {"double_block_vs_bf16": res["double_block_bytes"] / bf["double"],
-            "single_block_vs_bf16": res["single_block_bytes"] / bf["single"],
-            "flux_dev_19+38_bf16_bytes": b, "flux_dev_19+38_resident_bytes": q,
-            "flux_dev_19+38_resident_vs_bf16": q / b}
+    cases = [(c.split(":") + [""])[:3] for c in args.cases] if args.cases else [
+        (m, p, "size" if p in args.size_only else "") for m in args.models
+        for p in list(args.presets) + list(args.size_only)]
+    for name, preset, size in cases:
+        cmd = [sys.executable, __file__, "--case", name, preset, "--tokens", str(args.tokens),
+               "--calib-calls", str(args.calib_calls), "--eval-calls", str(args.eval_calls),
+               "--threads", str(args.threads), "--depth", str(args.depth), "--size-only", *([preset] if size else [])]
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if p.returncode != 0:
+            print(f"[{name}] {preset} failed:\n{p.stderr[-3000:]}", flush=True)
+            report["cases"].append({"model": name, "preset": preset, "error": p.stderr[-1000:]})
+            continue
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        report["cases"].append(res)
+        print(f"[{name}] {preset}: " + ", ".join(
+            f"{k} {v:.3g}" for k, v in res.items() if isinstance(v, float)), flush=True)
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

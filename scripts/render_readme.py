@@ -371,12 +371,12 @@ def demo_table(data: dict) -> str:
 
 def quant_keep_fp_table(data: dict) -> str:
     lines = [
-        f"`{data['command']}` (BF16 backbones): ε SQNR against the BF16 model and whole-backbone size (every "
-        "parameter and buffer, packed) against BF16, for the 16-bit list of earlier releases (`legacy`) and the "
-        "structure-derived default; then the change of ε SQNR (dB) when one thing about the default changes. "
+        f"`{data['command']}` (BF16 backbones; machine shared): ε SQNR against the BF16 model and whole-backbone size "
+        "(every parameter and buffer, packed) against BF16, for the preset as it was (`legacy`: the 16-bit list of "
+        "earlier releases, round-to-nearest) and the new structure-derived default; then the change of ε SQNR (dB) when one thing about the default changes. "
         "Final-sample PSNR (bundled models, 8 samples, same seeds) in brackets.",
         "",
-        "| model | preset | legacy: SQNR [PSNR], size | default: SQNR [PSNR], size | calib. s |",
+        "| model | preset | legacy: SQNR [PSNR], size | default: SQNR [PSNR], size | calibration s (CPU s) |",
         "|---|---|---|---|---:|",
     ]
     variants: list[str] = []
@@ -387,7 +387,8 @@ def quant_keep_fp_table(data: dict) -> str:
             def cell(r):
                 ps = f" [{r['sample_psnr_db']:.1f}]" if "sample_psnr_db" in r else ""
                 return f"{r['sqnr_db']:.1f} dB{ps}, {r['bytes_vs_bf16']:.3f}×"
-            lines.append(f"| {model} | {preset} | {cell(leg)} | {cell(dft)} | {dft['calibrate_s']:.1f} |")
+            cpu = f" ({dft['calibrate_cpu_s']:.1f})" if "calibrate_cpu_s" in dft else ""
+            lines.append(f"| {model} | {preset} | {cell(leg)} | {cell(dft)} | {dft['calibrate_s']:.1f}{cpu} |")
             variants += [v for v in rows if v not in ("legacy", "default") and v not in variants]
     lines += ["", "| model | preset | " + " | ".join(variants) + " |", "|---|---|" + "---:|" * len(variants)]
     for model, m in data["models"].items():
@@ -422,15 +423,16 @@ def scale_table(data: dict) -> str:
         lines.append(f"| {c['model']} | {c['preset']} | {c['params'] / 1e6:.0f}M | {c['resident_vs_bf16']:.3f}× | "
                      f"{c['checkpoint_vs_bf16']:.3f}× | {c['quantize_s']:.0f} | {c['calibrate_s']:.0f} | "
                      f"{c['freeze_s']:.0f} | {c['peak_rss_vs_bf16']:.2f}× | {sq} |")
-    flux = [c for c in data["cases"] if "flux_dev_19+38_resident_vs_bf16" in c]
-    if flux:
-        lines += ["", "Flux-dev extrapolated from the per-block bytes to 19 double + 38 single blocks:", "",
-                  "| preset | double block | single block | whole model (19 + 38) | BF16 bytes |",
-                  "|---|---:|---:|---:|---:|"]
-        for c in flux:
-            lines.append(f"| {c['preset']} | {c['double_block_vs_bf16']:.3f}× | {c['single_block_vs_bf16']:.3f}× | "
-                         f"{c['flux_dev_19+38_resident_vs_bf16']:.3f}× | "
-                         f"{c['flux_dev_19+38_bf16_bytes'] / 1e9:.1f} GB |")
+    ext = [c for c in data["cases"] if "full_resident_vs_bf16" in c]
+    if ext:
+        lines += ["", "Built with fewer blocks (full width), extrapolated from the measured per-block bytes to the full "
+                  "depth:", "", "| model | preset | blocks built → full | per block | whole model | checkpoint | "
+                  "BF16 size |", "|---|---|---|---|---:|---:|---:|"]
+        for c in ext:
+            blocks = ", ".join(f"{c['built_blocks'][k]} → {c['full_blocks'][k]}" for k in c["full_blocks"])
+            per = ", ".join(f"{v:.3f}×" for v in c["block_vs_bf16"].values())
+            lines.append(f"| {c['model']} | {c['preset']} | {blocks} | {per} | {c['full_resident_vs_bf16']:.3f}× | "
+                         f"{c['full_checkpoint_vs_bf16']:.3f}× | {c['full_bf16_bytes'] / 1e9:.2f} GB |")
     return "\n".join(lines)
 
 

@@ -91,3 +91,16 @@ def test_bf16_model_stays_bf16():
               if t.is_floating_point() and not n.endswith(("weight_scale", "weight_scale2"))}
     assert set(floats.values()) == {torch.bfloat16}
     assert q.pos_embed.proj.weight.dtype == q.proj_out.bias.dtype == torch.bfloat16
+
+
+def test_new_fields_round_trip_through_json():
+    from dmq.config import config_from_json, config_to_json
+
+    cfg = dmq.get_config("w4a8").replace(per_sample=dmq.QuantSpec("int8", "group", group_size=16),
+                                         per_sample_rounding="adaround", memory_budget="6bits",
+                                         keep_fp=("@first", "@last", "*norm_out*"))
+    assert config_from_json(config_to_json(cfg)) == cfg
+    assert cfg.per_sample_spec == dmq.QuantSpec("int8", "group", group_size=16)
+    assert dmq.get_config("w8a8").per_sample_spec == dmq.QuantSpec("int8", "group", group_size=32, estimator="mse")
+    assert dmq.get_config("nvfp4").per_sample_spec == dmq.get_config("nvfp4").weight
+    assert dmq.get_config("w4a16").replace(per_sample=None).per_sample_spec is None
