@@ -373,7 +373,8 @@ def quant_keep_fp_table(data: dict) -> str:
     lines = [
         f"`{data['command']}` (BF16 backbones; machine shared): ε SQNR against the BF16 model and whole-backbone size "
         "(every parameter and buffer, packed) against BF16, for the preset as it was (`legacy`: the 16-bit list of "
-        "earlier releases, round-to-nearest) and the new structure-derived default; then the change of ε SQNR (dB) when one thing about the default changes. "
+        "earlier releases, round-to-nearest) and the new structure-derived default; then the change of ε SQNR (dB) "
+        "when one thing about the default changes. "
         "Final-sample PSNR (bundled models, 8 samples, same seeds) in brackets.",
         "",
         "| model | preset | legacy: SQNR [PSNR], size | default: SQNR [PSNR], size | calibration s (CPU s) |",
@@ -425,8 +426,8 @@ def scale_table(data: dict) -> str:
                      f"{c['freeze_s']:.0f} | {c['peak_rss_vs_bf16']:.2f}× | {sq} |")
     ext = [c for c in data["cases"] if "full_resident_vs_bf16" in c]
     if ext:
-        lines += ["", "Built with fewer blocks (full width), extrapolated from the measured per-block bytes to the full "
-                  "depth:", "", "| model | preset | blocks built → full | per block | whole model | checkpoint | "
+        lines += ["", "Built with fewer blocks (full width), extrapolated from the measured per-block bytes to the "
+                  "full depth:", "", "| model | preset | blocks built → full | per block | whole model | checkpoint | "
                   "BF16 size |", "|---|---|---|---|---:|---:|---:|"]
         for c in ext:
             blocks = ", ".join(f"{c['built_blocks'][k]} → {c['full_blocks'][k]}" for k in c["full_blocks"])
