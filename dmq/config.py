@@ -25,11 +25,13 @@ ESTIMATORS = ("minmax", "percentile", "mse", "fp_bias")
 
 # Layers that stay in 16 bits unless ``keep_fp`` is overridden. Entries are globs on qualified module names or
 # ``@role`` structural groups (:mod:`dmq.structure`: ``@first``, ``@last``, ``@embedder``, ``@modulation``,
-# ``@context``, ``@per_sample``), found from module types and graph position on any backbone. Only the first and last
-# layers stay: quantizing them costs 4-9 dB of ε SQNR for < 0.1% of the weights (``benchmarks/quant_keep_fp.json``).
-# Embedders and adaLN modulation (one token per sample: all weight, no compute) are quantized weight-only, group-wise,
-# with GPTQ rounding (``QuantConfig.per_sample``), which measures better than keeping the old 16-bit list.
-DEFAULT_KEEP_FP = ("@first", "@last")
+# ``@context``, ``@per_sample``; ``@role<N%``: only while the role holds under N% of the parameters), found from module
+# types and graph position on any backbone. The first and last layers stay: quantizing them costs 5-10 dB of ε SQNR
+# for < 0.1% of the weights (``benchmarks/quant_keep_fp.json``). The timestep / class / pooled embedders stay while
+# they are under 2% of the model (a U-Net's or Flux's single embedder: +2 dB on the bundled U-Net for 1.2% more
+# bytes); a DiT's per-block embedders (16% of the bundled DiT) are quantized. adaLN modulation and the rest of the
+# one-token-per-sample layers are quantized weight-only, group-wise, with GPTQ rounding (``QuantConfig.per_sample``).
+DEFAULT_KEEP_FP = ("@first", "@last", "@embedder<2%")
 # The 16-bit list of earlier releases (by name), for comparison and for users who want it.
 LEGACY_KEEP_FP = (
     "conv_in", "conv_out", "*time_embedding*", "*time_proj*", "*time_emb_proj", "*timestep_embedder*",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import math
+import re
 import warnings
 from collections.abc import Callable
 
@@ -187,19 +188,28 @@ def observe_rows(model: nn.Module, run: Callable[[nn.Module], object], batch: in
 
 def expand_patterns(model: nn.Module, patterns: tuple[str, ...], roles: dict[str, str] | None = None
                     ) -> tuple[str, ...]:
-    """``patterns`` with every ``@role`` replaced by the exact names of the layers in that role; a glob that matches
-    no module name, or an unknown role, is reported with a warning (a typo would otherwise silently quantize)."""
+    """``patterns`` with every ``@role`` replaced by the exact names of the layers in that role. ``@role<N%`` takes
+    the role only while its weights are under N% of the model's parameters (cheap enough to keep in 16 bits).
+    A glob that matches no module name is reported with a warning (a typo would otherwise silently quantize); an
+    unknown role raises ``ValueError``."""
     roles = classify(model) if roles is None else roles
     names = [n for n, _ in model.named_modules() if n]
     out: list[str] = []
     for p in patterns:
         if p.startswith("@"):
-            role = p[1:]
+            m = re.fullmatch(r"@(\w+)(?:<([0-9]*\.?[0-9]+)%)?", p)
+            role = m.group(1) if m else p
             if role != "per_sample" and role not in ROLES:
                 raise ValueError(f"unknown structural role {p!r} in keep_fp; valid: "
-                                 f"{', '.join('@' + r for r in ROLES + ('per_sample',))}")
+                                 f"{', '.join('@' + r for r in ROLES + ('per_sample',))}, optionally '<N%'")
             want = PER_SAMPLE if role == "per_sample" else (role,)
-            out.extend(n for n, r in roles.items() if r in want)
+            layers = [n for n, r in roles.items() if r in want]
+            if m.group(2) is not None:
+                share = sum(model.get_submodule(n).weight.numel() for n in layers) / max(
+                    sum(t.numel() for t in model.parameters()), 1)
+                if share >= float(m.group(2)) / 100:
+                    continue
+            out.extend(layers)
         else:
             if not any(fnmatch.fnmatchcase(n, p) for n in names):
                 warnings.warn(f"keep_fp / exclude pattern {p!r} matches no module of {type(model).__name__}",

@@ -40,6 +40,8 @@ def reconstruct(model: nn.Module, state: QuantState, run_loop: Callable[[], None
     per_sample = set(state.per_sample)
 
     def rounding_of(name: str) -> str:
+        if getattr(mods[name], "groups", 1) != 1:
+            return "rtn"  # grouped / depthwise convolutions: the layer cache holds dense im2col rows
         return cfg.per_sample_rounding if name in per_sample else cfg.rounding
 
     if not cfg.format_search:  # layers left at round-to-nearest need no cache

@@ -42,17 +42,20 @@ def test_plain_modules_have_no_first_or_last():
 def test_default_config_quantizes_per_sample_layers_weight_only_and_keeps_first_last():
     model = tb.build("flux")
     roles = structure.classify(model)
+    kept = set(structure.expand_patterns(model, dmq.get_config("w4a8").keep_fp))
+    assert {n for n, r in roles.items() if r in ("first", "last")} <= kept
     q = dmq.quantize(model, "w4a8", inplace=False)
     for name, role in roles.items():
         mod = q.get_submodule(name)
-        if role in ("first", "last"):
+        if name in kept:
             assert type(mod) is nn.Linear, name
         elif role in structure.PER_SAMPLE:
             assert isinstance(mod, QuantLinear) and mod.input_quantizer is None, name
             assert (mod.weight_spec.granularity, mod.weight_spec.format) == ("group", "int4"), name
         else:
             assert isinstance(mod, (QuantLinear, QuantConv2d)) and mod.input_quantizer is not None, name
-    assert sorted(q._dmq.per_sample) == sorted(n for n, r in roles.items() if r in structure.PER_SAMPLE)
+    assert sorted(q._dmq.per_sample) == sorted(n for n, r in roles.items()
+                                               if r in structure.PER_SAMPLE and n not in kept)
 
 
 def test_gptq_on_per_sample_layers_lowers_their_error():
@@ -70,6 +73,9 @@ def test_role_patterns_expand_and_bad_patterns_are_reported():
     q = dmq.quantize(model, dmq.get_config("w4a16").replace(keep_fp=("@first", "@last", "@context")),
                      inplace=False)
     assert type(q.caption_projection.linear_1) is nn.Linear and type(q.proj_out) is nn.Linear
+    embedders = [n for n, r in structure.classify(model).items() if r == "embedder"]
+    assert embedders and list(structure.expand_patterns(model, ("@embedder<100%",))) == embedders
+    assert structure.expand_patterns(model, ("@embedder<0.01%",)) == ()  # over 0.01% of the parameters
     with pytest.warns(UserWarning, match=r"'\*no_such_layer\*'"):
         dmq.quantize(model, dmq.get_config("w4a16").replace(keep_fp=("@first", "*no_such_layer*")), inplace=False)
     with pytest.raises(ValueError, match="@nonsense"):
