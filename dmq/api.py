@@ -115,7 +115,9 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, include: Sequence[s
     if not inplace:
         model = copy.deepcopy(model)
     roles = structure.classify(model)
-    excl = structure.expand_patterns(model, tuple(cfg.keep_fp) + tuple(exclude or ()), roles)
+    # diffusers models name modules that must stay float32 (substrings of module names, as diffusers matches them)
+    fp32 = tuple(f"*{m}*" for m in getattr(model, "_keep_in_fp32_modules", None) or ())
+    excl = structure.expand_patterns(model, tuple(cfg.keep_fp) + tuple(exclude or ()), roles) + fp32
     splits = unet_skip_splits(model) if cfg.shortcut_split and cfg.act is not None else {}
     state = QuantState(cfg, None)
     targets = [(n, m) for n, m in model.named_modules() if n and _selected(n, include, excl)]
@@ -293,6 +295,10 @@ def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
         st.packed = True
         logger.info("dmq: packed %d layers", len(st.modules))
     st.frozen = True
+    if st.packed:
+        from dmq.backend import attach  # a diffusers model becomes a dmq-quantized diffusers model
+
+        attach(model)
     return model
 
 
@@ -336,6 +342,9 @@ def restore(model: nn.Module, *, allow_dequantized: bool = False) -> nn.Module:
     if st.hook is not None:
         st.hook.remove()
     del model._dmq
+    from dmq.backend import detach
+
+    detach(model)
     return model
 
 

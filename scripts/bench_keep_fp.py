@@ -160,11 +160,17 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=8, help="backbone calls whose ε is compared")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "quant_keep_fp.json"))
+    ap.add_argument("--append", action="store_true", help="keep the other models already in --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="keep_fp / exclude pattern")  # the legacy list names every family
-    report = {"command": " ".join(["python scripts/bench_keep_fp.py", *sys.argv[1:]]), "protocol": vars(args),
-              "models": {}}
+    out = Path(args.out)
+    command = " ".join(["python scripts/bench_keep_fp.py", *sys.argv[1:]])
+    report = {"command": command, "protocol": vars(args), "models": {}}
+    if args.append and out.exists():
+        old = json.loads(out.read_text())
+        report["models"] = old["models"]
+        report["command"] = old["command"] + "; " + command
     t0 = time.perf_counter()
     for kind in args.models:
         bundled = kind in ("unet", "dit")
@@ -183,10 +189,9 @@ def main() -> None:
                       flush=True)
             entry["presets"][preset] = rows
         report["models"][kind] = entry
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))  # after every model
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Regenerate the README's benchmark tables from the JSON files in benchmarks/.
+"""Regenerate the benchmark tables in README.md and docs/*.md from the JSON files in benchmarks/.
 
     python scripts/render_readme.py
 
 Each table sits between ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->`` markers and is rebuilt from
-``benchmarks/NAME.json``; text outside the markers is left alone.
+``benchmarks/NAME.json`` (or, for the tables in SOURCES, from the files their loader reads); text outside the
+markers is left alone. A table may appear in several pages; every copy is rebuilt.
 """
 
 from __future__ import annotations
@@ -437,38 +438,155 @@ def scale_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+HEADLINE_PRESETS = ("w8a8", "w4a8", "w4a16", "fp8", "w4a8-fp", "nvfp4")
+
+
+def load_headline() -> dict | None:
+    paths = {k: ROOT / "benchmarks" / f"{k}.json" for k in ("quant", "runtime")}
+    if not all(p.exists() for p in paths.values()):
+        return None
+    return {k: json.loads(p.read_text()) for k, p in paths.items()}
+
+
+def headline_table(data: dict) -> str:
+    """The README's one table: per preset, accuracy on both bundled models (``benchmarks/quant.json``) beside
+    memory and speed on the largest backbone of ``benchmarks/runtime.json``."""
+    quant, runtime = data["quant"]["models"], data["runtime"]["rows"]
+    large = max((r for r in runtime if "error" not in r), key=lambda r: r.get("params", 0))["model"]
+    rt = {r["variant"]: r for r in runtime if r["model"] == large and "error" not in r}
+    bf = rt["bf16"]
+
+    def pair(preset: str, fmt) -> str:
+        vals = [quant[m].get(preset) for m in ("unet", "dit")]
+        return " / ".join("" if v is None or "skipped" in v else fmt(v, quant[m]["fp"])
+                          for v, m in zip(vals, ("unet", "dit")))
+
+    lines = [
+        f"Bundled digit U-Net / DiT, from [the quantization benchmark](docs/benchmarks.md#quantization-presets-and-"
+        f"peers) (`python {data['quant']['command']}`): ε SQNR of the backbone's output against full precision on "
+        "the full-precision trajectory, and the same format with naive round-to-nearest (min-max per tensor); FID "
+        "change against full precision on the same seeds (digit features), class accuracy. Memory and speed on "
+        f"`{large}` (DiT-XL/2 width, {data['runtime']['large_layers']} of its 28 blocks, {bf['params'] / 1e6:.0f}M "
+        "parameters), from "
+        f"[memory and speed](docs/benchmarks.md#memory-and-speed): resident weights and latency per denoiser call "
+        "at batch 16 relative to BF16 in the same run (CPU).",
+        "",
+        "| preset | ε SQNR dB | naive rounding dB | ΔFID vs FP | class acc. | weights x BF16 | latency x BF16 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in HEADLINE_PRESETS:
+        r = rt.get(p)
+        cells = [
+            p,
+            pair(p, lambda v, fp: f"{v['eps_sqnr_db']['all']:.1f}"),
+            pair(f"naive-{p}", lambda v, fp: f"{v['eps_sqnr_db']['all']:.1f}"),
+            pair(p, lambda v, fp: f"{(v['fid'] / fp['fid'] - 1) * 100:+.1f}%"),
+            pair(p, lambda v, fp: f"{v['class_accuracy'] * 100:.0f}%"),
+            "" if r is None else f"{r['weight_bytes'] / bf['weight_bytes']:.2f}",
+            "" if r is None or "latency_b16_s" not in r else f"{r['latency_b16_s'] / bf['latency_b16_s']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def samplers_fit_table(data: dict) -> str:
+    """Searched schedules (issue 17): best dmq option / best diffusers scheduler-and-grid, per cell, misses marked."""
+    def mark(r: float) -> str:
+        return f"{r:.2f}" + ("" if r <= 0.7 else " ✗")
+
+    lines = [f"`{data['command']}` ({data['machine']}). Ratio = RMSE of the best dmq option (searched schedule with "
+             "DEIS, UniPC or DC-Solver) / RMSE of the best of 19 diffusers scheduler-and-grid pairs, on latents no "
+             "search saw; goal ≤ 0.70, ✗ marks a miss."]
+    if "gmm" in data:
+        cells = data["gmm"]["cells"]
+        nfes = sorted({c["nfe"] for c in cells})
+        lines += ["", "Gaussian mixtures (exact PF-ODE reference):", "",
+                  "| mixture | guidance | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+                  "|---|---:|" + "---:|" * len(nfes)]
+        for mix in dict.fromkeys(c["mixture"] for c in cells):
+            for g in dict.fromkeys(c["guidance"] for c in cells if c["mixture"] == mix):
+                row = {c["nfe"]: c for c in cells if c["mixture"] == mix and c["guidance"] == g}
+                lines.append(f"| {mix.replace('GaussianMixture.random', '')} | {g:g} | "
+                             + " | ".join(mark(row[n]["ratio"]) if n in row else "–" for n in nfes) + " |")
+        met = sum(c["ratio"] <= 0.7 for c in cells)
+        halved = [c for c in cells if c["nfe"] == 5]
+        half = sum(min(c["searched_vs_default"].values()) <= 0.5 for c in halved)
+        lines += ["", f"Goal met in {met} of {len(cells)} cells. At NFE 5 the searched schedule at least halves the "
+                  f"RMSE of the same solver on its default grid in {half} of {len(halved)} cells (best of DEIS and "
+                  "UniPC)."]
+    rows = [c for part in ("models", "quant") if part in data for c in data[part]["cells"]]
+    if rows:
+        lines += ["", "Bundled models (1000-step DDIM reference of the full-precision model, guidance 2):", "",
+                  "| model | NFE | best dmq | RMSE | best diffusers | RMSE | ratio | searched / default (DEIS, UniPC) "
+                  "|",
+                  "|---|---:|---|---:|---|---:|---:|---|"]
+        for c in rows:
+            sv = c["searched_vs_default"]
+            lines.append(f"| {c['model']} | {c['nfe']} | {c['best_dmq']} | {c['dmq'][c['best_dmq']]:.4f} | "
+                         f"{c['best_peer'].replace('|', ', ')} | {c['best_peer_rmse']:.4f} | {mark(c['ratio'])} | "
+                         f"{sv['DEIS']:.2f}, {sv['UniPC']:.2f} |")
+        for c in rows:
+            if "goal" in c:
+                gl = c["goal"]
+                lines.append(f"\nW4A8 DiT, NFE {c['nfe']}: quantized + searched {gl['quantized_searched_rmse']:.4f} "
+                             f"vs full precision on its default grid {gl['fp_default_rmse']:.4f}: "
+                             + ("goal met." if gl["met"] else "goal missed."))
+    return "\n".join(lines)
+
+
 RENDERERS = {
     "demo": demo_table, "quant": quant_table, "quant_methods": quant_methods_table,
     "quant_keep_fp": quant_keep_fp_table, "scale": scale_table,
     "formats": formats_table, "samplers_gmm": samplers_gmm_table, "samplers_deis_grids": samplers_deis_grids_table,
     "samplers_digits": samplers_digits_table, "samplers_dc": samplers_dc_table,
     "samplers_dc_digits": samplers_dc_digits_table, "runtime": runtime_table,
+    "samplers_fit": samplers_fit_table,
 }
-SOURCES = {"digits": (load_digits_quality, digits_table)}
+SOURCES = {"digits": (load_digits_quality, digits_table), "headline": (load_headline, headline_table)}
 
 
 def replace_block(text: str, name: str, body: str) -> str:
-    """``text`` with the part between the ``bench:NAME`` markers replaced by ``body`` (unchanged without markers)."""
+    """``text`` with every part between the ``bench:NAME`` markers replaced by ``body`` (unchanged without
+    markers)."""
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
-    if start not in text:
-        return text
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{start}\n{body}\n{end}{tail}"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
+    return pattern.sub(lambda _: f"{start}\n{body}\n{end}", text)
 
 
-def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+def pages(root: Path = ROOT) -> list[Path]:
+    """The Markdown pages whose tables are generated: README.md and every page under docs/."""
+    return [root / "README.md"] + sorted((root / "docs").glob("**/*.md"))
+
+
+def tables(root: Path = ROOT) -> dict[str, str]:
+    """Every table that can be rendered from the files present, by block name."""
+    out = {}
     for name, render in RENDERERS.items():
-        path = ROOT / "benchmarks" / f"{name}.json"
+        path = root / "benchmarks" / f"{name}.json"
         if path.exists():
-            text = replace_block(text, name, render(json.loads(path.read_text())))
+            out[name] = render(json.loads(path.read_text()))
     for name, (load, render) in SOURCES.items():
         data = load()
         if data is not None:
-            text = replace_block(text, name, render(data))
-    readme.write_text(text)
+            out[name] = render(data)
+    return out
+
+
+def render(text: str, bodies: dict[str, str]) -> str:
+    for name, body in bodies.items():
+        text = replace_block(text, name, body)
+    return text
+
+
+def main() -> None:
+    bodies = tables()
+    for page in pages():
+        text = page.read_text()
+        new = render(text, bodies)
+        if new != text:
+            page.write_text(new)
+            print(f"updated {page.relative_to(ROOT)}")
+
 
 if __name__ == "__main__":
     main()
