@@ -58,9 +58,18 @@ def needs_calibration(cfg: QuantConfig) -> list[str]:
     return why
 
 
+def on_load_config(config: str | QuantConfig) -> QuantConfig:
+    """The config a model quantizes with on load, without data: a preset named without an explicit rounding variant
+    (``"w4a16"``, not ``"w4a16+gptq"``) rounds to nearest, since GPTQ / AdaRound need calibration inputs."""
+    cfg = get_config(config)
+    if isinstance(config, str) and not ({"gptq", "adaround", "brecq"} & set(config.lower().split("+")[1:])):
+        cfg = cfg.replace(rounding="rtn", per_sample_rounding="rtn")
+    return cfg
+
+
 def load_time_presets() -> list[str]:
     """The presets that quantize on load (no calibration data)."""
-    return [p for p in PRESETS if not needs_calibration(get_config(p))]
+    return [p for p in PRESETS if not needs_calibration(on_load_config(p))]
 
 
 class DmqConfig(QuantizationConfigMixin):
@@ -109,6 +118,11 @@ class DmqConfig(QuantizationConfigMixin):
     def quant_config(self) -> QuantConfig:
         return get_config(self.config) if isinstance(self.config, str) else config_from_dict(self.config)
 
+    @property
+    def on_load_config(self) -> QuantConfig:
+        """The config of quantization on load (:func:`on_load_config`)."""
+        return on_load_config(self.config) if isinstance(self.config, str) else self.quant_config
+
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, "config": self.config,
                 "modules_to_not_convert": self.modules_to_not_convert,
@@ -154,7 +168,7 @@ class DmqQuantizer(DiffusersQuantizer):
                 raise ValueError("dmq-quantized models cannot be offloaded to disk (device_map value 'disk')")
             self.device_map = device_map
         if not self.pre_quantized:
-            cfg = self.quantization_config.quant_config
+            cfg = self.quantization_config.on_load_config
             why = needs_calibration(cfg)
             if why:
                 raise ValueError(
@@ -287,7 +301,7 @@ class DmqQuantizer(DiffusersQuantizer):
         else:
             import dmq
 
-            cfg = self.quantization_config.quant_config
+            cfg = self.quantization_config.on_load_config
             dmq.quantize(model, cfg, exclude=_globs(self.modules_to_not_convert))
             dmq.freeze(model)
         self._model, self._layers, self._qmap = None, {}, None

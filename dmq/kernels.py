@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from dmq import formats, kernels_cpu
-from dmq.calibration import CONTEXT, timestep_bins
+from dmq.calibration import CONTEXT, sample_timesteps, timestep_bins
 from dmq.packed import _dequant_rows, int_codes
 
 logger = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ def _single_bin(q) -> int | None:
     key = (q.num_bins, *q.timestep_range)
     b = memo[1].get(key)
     if b is None:
-        bins = timestep_bins(t, q.num_bins, *q.timestep_range)
+        bins = timestep_bins(sample_timesteps(t), q.num_bins, *q.timestep_range)  # as TensorQuantizer does
         b = memo[1][key] = int(bins[0]) if bool((bins == bins[0]).all()) else -1
     return None if b < 0 else b
 

@@ -16,7 +16,6 @@ round), so that load from other processes on a shared machine slows all of them 
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import gc
 import io
 import json
@@ -36,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dmq  # noqa: E402
+from dmq import structure  # noqa: E402
 from dmq.config import DEFAULT_KEEP_FP  # noqa: E402
 
 PEERS = ("torchao-int8dyn", "torchao-int4wo", "quanto-w8a8", "quanto-w4")
@@ -73,8 +73,9 @@ def call(model: nn.Module, x, t, labels) -> torch.Tensor:
         return model(x, t, class_labels=labels).sample
 
 
-def keep_fp(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in DEFAULT_KEEP_FP)
+def kept_layers(model: nn.Module) -> list[str]:
+    """The layers dmq keeps in 16 bits by default (structural roles resolved on this model), for the peers too."""
+    return list(structure.expand_patterns(model, DEFAULT_KEEP_FP))
 
 
 # ------------------------------------------------------------------------------------------------ variants
@@ -108,18 +109,19 @@ def make_variant(model: nn.Module, variant: str, shape, ckpt_dir: str, estimator
         from torchao.quantization import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, quantize_
 
         cfg = Int8DynamicActivationInt8WeightConfig() if variant == "torchao-int8dyn" else Int4WeightOnlyConfig()
-        quantize_(bf16, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and not keep_fp(fqn))
+        kept = set(kept_layers(bf16))
+        quantize_(bf16, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn not in kept)
         call(bf16, *inputs(shape, 1, torch.bfloat16))  # fail here, not in the timing loop
         return bf16, _torch_save_bytes(bf16)
     if variant.startswith("quanto"):
         from optimum.quanto import Calibration, freeze, qint4, qint8, quantize
 
         if variant == "quanto-w8a8":
-            quantize(bf16, weights=qint8, activations=qint8, exclude=list(DEFAULT_KEEP_FP))
+            quantize(bf16, weights=qint8, activations=qint8, exclude=kept_layers(bf16))
             with Calibration():
                 call(bf16, *inputs(shape, 2, torch.bfloat16, seed=1))
         else:
-            quantize(bf16, weights=qint4, exclude=list(DEFAULT_KEEP_FP))
+            quantize(bf16, weights=qint4, exclude=kept_layers(bf16))
         freeze(bf16)
         return bf16, _torch_save_bytes(bf16)
     raise ValueError(f"unknown variant {variant!r}")

@@ -395,20 +395,70 @@ def demo_table(data: dict) -> str:
 
 
 def quant_keep_fp_table(data: dict) -> str:
-    presets = data["protocol"]["presets"]
     lines = [
-        f"`{data['command']}`: change of ε SQNR (dB) when one group of the default full-precision list is quantized "
-        "too, with its share of the backbone's Linear/Conv2d weights (negative: quantizing the group costs accuracy).",
+        f"`{data['command']}` (BF16 backbones; machine shared): ε SQNR against the BF16 model and whole-backbone size "
+        "(every parameter and buffer, packed) against BF16, for the preset as it was (`legacy`: the 16-bit list of "
+        "earlier releases, round-to-nearest) and the new structure-derived default; then the change of ε SQNR (dB) "
+        "when one thing about the default changes. "
+        "Final-sample PSNR (bundled models, 8 samples, same seeds) in brackets.",
         "",
-        "| model | group | share of weights | " + " | ".join(f"{p} ΔSQNR" for p in presets) + " |",
-        "|---|---|---:|" + "---:|" * len(presets),
+        "| model | preset | legacy: SQNR [PSNR], size | default: SQNR [PSNR], size | calibration s (CPU s) |",
+        "|---|---|---|---|---:|",
     ]
+    variants: list[str] = []
     for model, m in data["models"].items():
-        lines.append(f"| {model} | (default list) | | " + " | ".join(
-            f"{m['default_sqnr_db'][p]:.1f} dB" for p in presets) + " |")
-        for g, r in m["groups"].items():
-            lines.append(f"| {model} | {g} | {r['param_share'] * 100:.2g}% | " + " | ".join(
-                f"{r['delta_sqnr_db'][p]:+.2f}" for p in presets) + " |")
+        for preset, rows in m["presets"].items():
+            leg, dft = rows["legacy"], rows["default"]
+
+            def cell(r):
+                ps = f" [{r['sample_psnr_db']:.1f}]" if "sample_psnr_db" in r else ""
+                return f"{r['sqnr_db']:.1f} dB{ps}, {r['bytes_vs_bf16']:.3f}×"
+            cpu = f" ({dft['calibrate_cpu_s']:.1f})" if "calibrate_cpu_s" in dft else ""
+            lines.append(f"| {model} | {preset} | {cell(leg)} | {cell(dft)} | {dft['calibrate_s']:.1f}{cpu} |")
+            variants += [v for v in rows if v not in ("legacy", "default") and v not in variants]
+    lines += ["", "| model | preset | " + " | ".join(variants) + " |", "|---|---|" + "---:|" * len(variants)]
+    for model, m in data["models"].items():
+        for preset, rows in m["presets"].items():
+            base = rows["default"]["sqnr_db"]
+            lines.append(f"| {model} | {preset} | " + " | ".join(
+                f"{rows[v]['sqnr_db'] - base:+.2f} ({rows[v]['bytes_vs_bf16']:.2f}×)" if v in rows else "–"
+                for v in variants) + " |")
+    roles = list(next(iter(data["models"].values()))["group_share"])
+    lines += ["", "Share of the parameters by structural role (`dmq.structure.classify`):", "",
+              "| model | " + " | ".join(roles) + " |", "|---|" + "---:|" * len(roles)]
+    for model, m in data["models"].items():
+        lines.append(f"| {model} | " + " | ".join(f"{m['group_share'][r] * 100:.2g}%" for r in roles) + " |")
+    return "\n".join(lines)
+
+
+def scale_table(data: dict) -> str:
+    lines = [
+        f"`{data['command']}` ({data['machine']}; random BF16 weights; size-only rows: round-to-nearest, one "
+        "calibration call, no accuracy). Sizes are the whole backbone against BF16; peak RSS is the high-water mark "
+        "while quantizing, minus the interpreter and libraries, against the BF16 model's bytes.",
+        "",
+        "| model | preset | params | resident | checkpoint | quantize s | calibrate s | freeze s | peak RSS "
+        "| ε SQNR |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in data["cases"]:
+        if "error" in c:
+            lines.append(f"| {c['model']} | {c['preset']} | failed | | | | | | | |")
+            continue
+        sq = "size only" if c["size_only"] else f"{c['eps_sqnr_db']:.1f} dB"
+        lines.append(f"| {c['model']} | {c['preset']} | {c['params'] / 1e6:.0f}M | {c['resident_vs_bf16']:.3f}× | "
+                     f"{c['checkpoint_vs_bf16']:.3f}× | {c['quantize_s']:.0f} | {c['calibrate_s']:.0f} | "
+                     f"{c['freeze_s']:.0f} | {c['peak_rss_vs_bf16']:.2f}× | {sq} |")
+    ext = [c for c in data["cases"] if "full_resident_vs_bf16" in c]
+    if ext:
+        lines += ["", "Built with fewer blocks (full width), extrapolated from the measured per-block bytes to the "
+                  "full depth:", "", "| model | preset | blocks built → full | per block | whole model | checkpoint | "
+                  "BF16 size |", "|---|---|---|---|---:|---:|---:|"]
+        for c in ext:
+            blocks = ", ".join(f"{c['built_blocks'][k]} → {c['full_blocks'][k]}" for k in c["full_blocks"])
+            per = ", ".join(f"{v:.3f}×" for v in c["block_vs_bf16"].values())
+            lines.append(f"| {c['model']} | {c['preset']} | {blocks} | {per} | {c['full_resident_vs_bf16']:.3f}× | "
+                         f"{c['full_checkpoint_vs_bf16']:.3f}× | {c['full_bf16_bytes'] / 1e9:.2f} GB |")
     return "\n".join(lines)
 
 
@@ -555,7 +605,7 @@ def lora_table(data: dict) -> str:
 RENDERERS = {
     "families": families_table,
     "demo": demo_table, "quant": quant_table, "quant_methods": quant_methods_table,
-    "quant_keep_fp": quant_keep_fp_table,
+    "quant_keep_fp": quant_keep_fp_table, "scale": scale_table,
     "formats": formats_table, "samplers_gmm": samplers_gmm_table, "samplers_deis_grids": samplers_deis_grids_table,
     "samplers_digits": samplers_digits_table, "samplers_dc": samplers_dc_table,
     "samplers_dc_digits": samplers_dc_digits_table, "runtime": runtime_table,
