@@ -8,9 +8,11 @@ calibration data, no float backbone weights and no hub.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from diffusers import DiffusionPipeline
 
@@ -51,6 +53,9 @@ def save_quantized(pipe: DiffusionPipeline, directory: str | os.PathLike) -> Pat
     cls = type(pipe)
     info = {"format_version": 1, "pipeline_class": f"{cls.__module__}:{cls.__qualname__}", "backbone": name,
             "checkpoint": f"{name}/{CHECKPOINT}"}
+    record = getattr(pipe, "dmq_calibration", None)
+    if dataclasses.is_dataclass(record):  # what calibration saw, for `dmq info`
+        info["calibration"] = dataclasses.asdict(record)
     (out / INFO).write_text(json.dumps(info, indent=2))
     return out
 
@@ -71,3 +76,18 @@ def load_quantized(directory: str | os.PathLike, pipeline_class: type | None = N
     backbone = dmq.load(root / info["checkpoint"])
     cls = pipeline_class or import_class(info["pipeline_class"], PIPELINE_PACKAGES)
     return cls.from_pretrained(root, local_files_only=True, **{name: backbone})
+
+
+def save_scheduler(scheduler: Any, directory: str | os.PathLike) -> Path:
+    """Make ``scheduler`` the saved sampler of the pipeline folder ``directory``: its config goes to
+    ``scheduler/scheduler_config.json`` and its class into ``model_index.json``, so that loading the folder builds
+    it."""
+    root = Path(directory)
+    index_file = root / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} is not a diffusers pipeline folder: no model_index.json in it")
+    scheduler.save_pretrained(root / "scheduler")
+    index = json.loads(index_file.read_text())
+    index["scheduler"] = [type(scheduler).__module__.split(".")[0], type(scheduler).__name__]
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return root / "scheduler"

@@ -6,6 +6,10 @@
 compensation, its ratio search (``samplers.dc``) and cascade polynomial regression (``samplers.cpr``).
 """
 
+# A pipeline folder names its scheduler ["samplers", "DCSolverScheduler"] in model_index.json; diffusers loads such a
+# component only if the named package also exposes the loadable base class, SchedulerMixin.
+from diffusers import SchedulerMixin  # noqa: F401
+
 from .cpr import CascadePolynomialRegression
 from .dc import ddim_reference, search_dc_ratios
 from .scheduling_dc import DCSolverScheduler

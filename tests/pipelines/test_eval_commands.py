@@ -1,4 +1,5 @@
-"""scripts/eval_fid.py and scripts/eval_clip.py: one process vs two, argument checks, the CLIP scoring path."""
+"""pipelines.eval_fid and pipelines.eval_clip (`dmq eval fid|clip`, scripts/eval_fid.py, scripts/eval_clip.py): one
+process vs two, argument checks, the CLIP scoring path."""
 
 import importlib.util
 import json
@@ -14,22 +15,13 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from PIL import Image
 
+from pipelines import eval_clip, eval_fid
 from pipelines.clip_compat import import_clip
 from pipelines.digits_classifier import DigitClassifier
 from pipelines.digits_pipeline import DigitsPipeline
 
 REPO = Path(__file__).resolve().parents[2]
 
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_fid = load_script("eval_fid")
-eval_clip = load_script("eval_clip")
 
 
 def free_port():
