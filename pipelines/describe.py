@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 import dmq
-from pipelines.serialization import INFO
+from pipelines.serialization import INFO, read_model_index
 
 # scheduler settings worth showing; the rest of a scheduler config is the noise schedule
 SAMPLER_KEYS = ("prediction_type", "timestep_spacing", "solver_order", "solver_type", "deis_method", "deis_order",
@@ -69,10 +69,7 @@ def quantization_report(model: nn.Module) -> dict[str, Any]:
 def describe_pipeline(directory: str | os.PathLike) -> dict[str, Any]:
     """A JSON-serialisable description of the pipeline folder ``directory``."""
     root = Path(directory)
-    index_file = root / "model_index.json"
-    if not index_file.is_file():
-        raise FileNotFoundError(f"{str(directory)!r} is not a diffusers pipeline folder: no model_index.json in it")
-    index = json.loads(index_file.read_text())
+    index = read_model_index(root)
     pipeline = index.get("_class_name")
     components = {}
     for name, entry in index.items():
