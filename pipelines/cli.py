@@ -28,9 +28,10 @@ from pipelines.dc_search import search_dc_ratios
 from pipelines.describe import describe_pipeline, quantization_report
 from pipelines.distributed import iter_samples, load_pipeline, set_sampler
 from pipelines.evaluation import save_grid
+from pipelines.pipeline_folder import save_scheduler
 from pipelines.quantize import quantize_pipeline
 from pipelines.sampler_swap import sampler_names, use_sampler
-from pipelines.serialization import save_quantized, save_scheduler
+from pipelines.serialization import save_quantized
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # errors that mean "fix your input": shown as one line with exit code 2

@@ -12,7 +12,8 @@ from typing import Any
 from torch import nn
 
 import dmq
-from pipelines.serialization import INFO, read_model_index
+from pipelines.pipeline_folder import read_model_index
+from pipelines.serialization import INFO
 
 # scheduler settings worth showing; the rest of a scheduler config is the noise schedule
 SAMPLER_KEYS = ("prediction_type", "timestep_spacing", "solver_order", "solver_type", "deis_method", "deis_order",
@@ -48,8 +49,10 @@ def quantization_report(model: nn.Module) -> dict[str, Any]:
             kept.append(name)
     summary = dmq.summary(model)
     sizes = dmq.weight_bytes(model)
-    # packed layers hold codes in buffers, not parameters: count their weights from the layouts
-    params = int(sizes["quantized_params"]) + sum(p.numel() for p in model.parameters())
+    # a packed layer's weight is counted from its layouts (its codes are not float parameters)
+    params = int(sizes["quantized_params"]) + sum(
+        p.numel() for mod in model.modules() for name, p in mod.named_parameters(recurse=False)
+        if not (name == "weight" and getattr(mod, "weight_layouts", None)))
     return {
         "preset": summary["config"],
         "layers": len(quantized),
