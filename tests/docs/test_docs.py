@@ -150,7 +150,7 @@ def test_runnable_blocks_execute_offline(tmp_path):
     blocks = tmp_path / "blocks.json"
     blocks.write_text(json.dumps(runnable_blocks()))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+           "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf-modules")}
     proc = subprocess.run([sys.executable, "-c", RUNNER, str(blocks), str(ROOT / "assets")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
