@@ -135,16 +135,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     sampler = set_sampler(pipe, args.sampler)
     try:
         quantize_pipeline(pipe, args.preset, num_inference_steps=args.calib_steps, guidance_scale=args.guidance,
-                 timestep_selection=args.timestep_selection, seed=args.seed, text_encoders=args.text_encoders,
-                 progress=_progress(args), **calib)
+                          timestep_selection=args.timestep_selection, seed=args.seed,
+                          text_encoders=args.text_encoders, progress=_progress(args), **calib)
         save(pipe, staging)
         _commit_out(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     rec = pipe.dmq_calibration
-    name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
-    r = report(getattr(pipe, name))
-    print(f"wrote {out}: {r['preset']} on {name} ({type(getattr(pipe, name)).__name__}), {r['layers']} layers "
+    name = next(n for n in ("transformer", "unet") if getattr(pipe, n, None) is not None)
+    backbone = getattr(pipe, name)
+    r = report(backbone)
+    print(f"wrote {out}: {r['preset']} on {name} ({type(backbone).__name__}), {r['layers']} layers "
           f"quantized, {len(r['full_precision_layers'])} kept in full precision; weights "
           f"{_mib(r['bytes']['total_bytes'])} (float32 {_mib(r['float32_bytes'])}); calibration {rec.calls} calls, "
           f"{rec.points} points at {len(rec.timesteps)} timesteps in {rec.seconds:.1f} s; sampler {sampler}")
