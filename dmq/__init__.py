@@ -4,7 +4,9 @@
 >>> model = dmq.quantize(unet, "w8a8")                      # doctest: +SKIP
 >>> dmq.calibrate(model, lambda m: pipe(labels, num_inference_steps=20))  # doctest: +SKIP
 >>> dmq.freeze(model)                                       # doctest: +SKIP
->>> dmq.save(model, "unet-w8a8.safetensors"); dmq.load("unet-w8a8.safetensors")  # doctest: +SKIP
+>>> model.save_pretrained("unet-w8a8")                    # doctest: +SKIP
+>>> UNet2DModel.from_pretrained("unet-w8a8")               # doctest: +SKIP  (after import dmq)
+>>> UNet2DModel.from_pretrained(path, quantization_config=dmq.DmqConfig("w4a16"))  # doctest: +SKIP
 """
 
 from dmq import formats, kernels
@@ -36,9 +38,17 @@ from dmq.quantizer import NotCalibratedError, TensorQuantizer
 from dmq.serialization import load, quantization_map, save
 from dmq.sync import sync_statistics
 
+try:  # the diffusers quantization backend: quant_method="dmq"
+    from dmq.backend import DmqConfig, register
+except ImportError:  # diffusers without a quantizer registry
+    DmqConfig = None
+else:
+    register()
+
 __version__ = "0.1.0"
 __all__ = [
-    "PRESETS", "VARIANTS", "AllSteps", "NormalSteps", "NotCalibratedError", "QuantAttnProcessor", "QuantConfig",
+    "PRESETS", "VARIANTS", "AllSteps", "DmqConfig", "NormalSteps", "NotCalibratedError", "QuantAttnProcessor",
+    "QuantConfig",
     "QuantConv2d", "QuantLinear", "QuantSpec", "StepPolicy", "TensorQuantizer", "UniformSteps", "calibrate",
     "config_from_json", "config_to_json", "dequantize", "formats", "freeze", "get_config", "kernels",
     "learned_config", "load", "preset_names", "quantization_map", "quantize", "quantizers", "restore", "save",

@@ -111,7 +111,9 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, include: Sequence[s
         raise ValueError("model is already quantized; dmq.restore(model) first")
     if not inplace:
         model = copy.deepcopy(model)
-    excl = tuple(cfg.keep_fp) + tuple(exclude or ())
+    # diffusers models name modules that must stay float32 (substrings of module names, as diffusers matches them)
+    fp32 = tuple(f"*{m}*" for m in getattr(model, "_keep_in_fp32_modules", None) or ())
+    excl = tuple(cfg.keep_fp) + tuple(exclude or ()) + fp32
     splits = unet_skip_splits(model) if cfg.shortcut_split and cfg.act is not None else {}
     state = QuantState(cfg, None)
     targets = [(n, m) for n, m in model.named_modules() if n and _selected(n, include, excl)]
@@ -248,6 +250,10 @@ def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
         st.packed = True
         logger.info("dmq: packed %d layers", len(st.modules))
     st.frozen = True
+    if st.packed:
+        from dmq.backend import attach  # a diffusers model becomes a dmq-quantized diffusers model
+
+        attach(model)
     return model
 
 
@@ -291,6 +297,9 @@ def restore(model: nn.Module, *, allow_dequantized: bool = False) -> nn.Module:
     if st.hook is not None:
         st.hook.remove()
     del model._dmq
+    from dmq.backend import detach
+
+    detach(model)
     return model
 
 

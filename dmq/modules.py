@@ -5,8 +5,9 @@ The modules subclass ``nn.Linear`` / ``nn.Conv2d`` and keep the original ``weigh
 ``weight_fq``. During calibration (``CONTEXT.calibrating``) they run the float weight and pass activations through,
 so a calibration loop follows the full-precision trajectory.
 
-:meth:`QuantLinear.pack` (called by ``dmq.freeze``) replaces both by packed persistent buffers (:mod:`dmq.packed`):
-the layer then runs :meth:`QuantLinear.frozen_forward`, an integer or FP8 GEMM where the formats allow
+:meth:`PackedMixin.pack` (called by ``dmq.freeze``) replaces both by a :class:`~dmq.packed_weight.PackedWeight`
+``weight``: the layer is still an ``nn.Linear`` / ``nn.Conv2d`` with a ``.weight`` (peft, accelerate and model code
+keep working), and runs :meth:`QuantLinear.frozen_forward`, an integer or FP8 GEMM where the formats allow
 (:mod:`dmq.kernels`), else its weight dequantized on the fly, layer by layer, bit-identical to ``weight_fq``.
 """
 
@@ -23,7 +24,8 @@ from dmq import formats, kernels
 from dmq.calibration import CONTEXT
 from dmq.config import QuantConfig, QuantSpec
 from dmq.fake_quant import quantize_weight
-from dmq.packed import WeightLayout, int_codes, pack_weight, unpack_weight
+from dmq.packed import WeightLayout, int_codes, pack_weight
+from dmq.packed_weight import PackedWeight, dequantize, weight_part
 from dmq.quantizer import TensorQuantizer
 
 logger = logging.getLogger(__name__)
@@ -66,31 +68,71 @@ def _register_empty_method_state(q: nn.Module) -> None:
 
 
 class PackedMixin:
-    """The packed state of a frozen quantized layer: buffers named in ``_packed_names`` (``qweight``,
-    ``weight_scale``, ..., with a ``_1`` suffix for the second half of a split convolution) described by
-    ``weight_layouts``. Their dtypes are the storage format, so ``model.to(dtype)`` / ``.half()`` move them across
-    devices but never convert them."""
+    """The packed state of a frozen quantized layer: its ``weight`` parameter becomes a
+    :class:`~dmq.packed_weight.PackedWeight` (codes and scales described by ``weight_layouts``), so the layer stays
+    an ``nn.Linear`` / ``nn.Conv2d`` with a ``.weight`` whose shape, dtype and device are the float weight's. The
+    state dict holds the packed tensors under their own names (``qweight``, ``weight_scale``, ..., ``_1`` for the
+    second half of a split convolution) and dtypes. ``model.to(dtype)`` / ``.half()`` / ``.float()`` raise
+    ``ValueError`` before changing anything; moves across devices work."""
 
-    weight_layouts: tuple[WeightLayout, ...] | None = None
     weight_spec: QuantSpec | None = None
     exec_path = "dequant"
-
-    def _apply(self, fn, recurse=True):
-        keep = {n: self._buffers[n] for n in getattr(self, "_packed_names", ()) if self._buffers.get(n) is not None}
-        out = super()._apply(fn, recurse)
-        for n, t in keep.items():
-            if self._buffers[n].dtype != t.dtype:
-                self._buffers[n] = t.to(self._buffers[n].device)
-        return out
+    _act_only_frozen = False  # activation-only layer, frozen: its float weight is the weight
 
     @property
     def packed(self) -> bool:
-        return self.weight_layouts is not None
+        return self._act_only_frozen or isinstance(self._parameters.get("weight"), PackedWeight)
+
+    @property
+    def weight_layouts(self) -> tuple[WeightLayout, ...] | None:
+        w = self._parameters.get("weight")
+        if isinstance(w, PackedWeight):
+            return w.layouts
+        return () if self._act_only_frozen else None
+
+    def _apply(self, fn, recurse=True):
+        w = self._parameters.get("weight")
+        if isinstance(w, PackedWeight):
+            try:
+                probe = fn(torch.empty(0, dtype=w.dtype))
+            except Exception:  # noqa: BLE001 -- the real call reports it
+                probe = None
+            if isinstance(probe, torch.Tensor) and probe.dtype != w.dtype:
+                raise ValueError(f"{type(self).__name__} holds a dmq-quantized weight stored packed ({w!r}): it "
+                                 f"cannot be cast to {probe.dtype}; move it with .to(device), or dequantize the "
+                                 "model first (model.dequantize() / dmq.dequantize)")
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        w = self._parameters.get("weight")
+        if isinstance(w, PackedWeight):
+            destination.pop(prefix + "weight", None)
+            for n, t in w.tensors().items():
+                destination[prefix + n] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        w = self._parameters.get("weight")
+        if isinstance(w, PackedWeight):
+            state_dict = dict(state_dict)
+            have = {n: state_dict.pop(prefix + n) for n in w._names if prefix + n in state_dict}
+            if len(have) == len(w._names):
+                for n, t in w.tensors().items():
+                    got = have[n]
+                    if tuple(got.shape) != tuple(t.shape) or got.dtype != t.dtype:
+                        error_msgs.append(f"packed tensor {prefix + n}: {got.dtype} {tuple(got.shape)} in the state "
+                                          f"dict, the layout needs {t.dtype} {tuple(t.shape)}")
+                        return
+                state_dict[prefix + "weight"] = PackedWeight(have, w.layouts, w.dtype)
+            else:
+                missing_keys.extend(prefix + n for n in w._names if n not in have)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _part(self, i: int) -> dict[str, torch.Tensor]:
-        """The buffers of packed part ``i`` by their base names (``qweight``, ``weight_scale``, ...)."""
-        sfx = "" if i == 0 else f"_{i}"
-        return {k: self._buffers[k + sfx] for k in self.weight_layouts[i].expected()}
+        """The packed tensors of part ``i`` by their base names (``qweight``, ``weight_scale``, ...)."""
+        return weight_part(self.weight, i)
 
     def _weight_parts(self) -> list[torch.Tensor]:
         w = self.weight_fq
@@ -99,48 +141,42 @@ class PackedMixin:
         return [w[:, : self.split], w[:, self.split:]]
 
     def pack(self) -> None:
-        """Replace the float ``weight`` and ``weight_fq`` by packed codes and scales (exactly ``weight_fq``)."""
+        """Replace the float ``weight`` and ``weight_fq`` by a packed weight (exactly ``weight_fq``)."""
         if self.packed:
             return
-        names = []
         if self.weight_spec is not None:
             from dmq.rounding.layer import target_weight  # the float weight the scales were searched on
 
             parts = self._weight_parts()
             w = target_weight(self).reshape(self.weight.shape)  # after rotation, minus the low-rank branch
             src = [w] if len(parts) == 1 else [w[:, : self.split], w[:, self.split:]]
-            layouts = []
+            layouts, tensors = [], {}
             for i, (w, target) in enumerate(zip(src, parts)):
-                tensors, layout = pack_weight(w, self.weight_spec, target)
+                t, layout = pack_weight(w, self.weight_spec, target)
                 layouts.append(layout)
-                for k, t in tensors.items():
-                    name = k if i == 0 else f"{k}_{i}"
-                    self.register_buffer(name, t)
-                    names.append(name)
-            self._packed_names = tuple(names)
-            del self.weight
-            self.weight_layouts = tuple(layouts)
+                tensors.update({k if i == 0 else f"{k}_{i}": v for k, v in t.items()})
+            self.weight = nn.Parameter(PackedWeight(tensors, tuple(layouts), self.weight_fq.dtype),
+                                       requires_grad=False)
         else:  # activation-only: the float weight is the weight
-            self._packed_names = ()
-            self.weight_layouts = ()
+            self._act_only_frozen = True
         del self.weight_fq
         self._setup_exec()
 
-    def set_packed(self, layouts: list[WeightLayout], tensors: dict[str, torch.Tensor] | None = None) -> None:
-        """Turn an unpacked skeleton into a packed layer with empty (or given) buffers of ``layouts`` (loading)."""
-        names = []
-        for i, layout in enumerate(layouts):
-            for k, (shape, dtype) in layout.expected().items():
-                name = k if i == 0 else f"{k}_{i}"
-                t = tensors[name] if tensors is not None else torch.empty(shape, dtype=dtype)
-                self.register_buffer(name, t)
-                names.append(name)
-        self._packed_names = tuple(names)
-        if layouts and "weight" in self._parameters:
-            del self.weight
+    def set_packed(self, layouts: list[WeightLayout], tensors: dict[str, torch.Tensor] | None = None,
+                   device: torch.device | str | None = None) -> None:
+        """Turn an unpacked skeleton into a packed layer with empty (on ``device``) or given tensors (loading)."""
         if "weight_fq" in self._buffers:
             del self.weight_fq
-        self.weight_layouts = tuple(layouts)
+        if not layouts:
+            self._act_only_frozen = True
+            return
+        layouts = tuple(layouts)
+        if tensors is None:
+            tensors = {}
+            for i, lay in enumerate(layouts):
+                for k, (shape, dtype) in lay.expected().items():
+                    tensors[k if i == 0 else f"{k}_{i}"] = torch.empty(shape, dtype=dtype, device=device)
+        self.weight = nn.Parameter(PackedWeight(tensors, layouts), requires_grad=False)
 
     def _setup_exec(self) -> None:
         """Pick the execution path of the frozen layer; called after packing and after loading."""
@@ -161,12 +197,12 @@ class PackedMixin:
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight the layer computes with: ``weight_fq`` bit for bit (its dtype unless ``dtype`` is given)."""
+        w = self._parameters.get("weight")
+        if isinstance(w, PackedWeight):
+            return dequantize(w, dtype)
         if not self.packed:
             return self.weight_fq if dtype is None else self.weight_fq.to(dtype)
-        if not self.weight_layouts:
-            return self.weight if dtype is None else self.weight.to(dtype)
-        ws = [unpack_weight(self._part(i), lay, dtype) for i, lay in enumerate(self.weight_layouts)]
-        return ws[0] if len(ws) == 1 else torch.cat(ws, dim=1)
+        return self.weight if dtype is None else self.weight.to(dtype)
 
 
 class QuantLinear(PackedMixin, nn.Linear):
@@ -186,8 +222,9 @@ class QuantLinear(PackedMixin, nn.Linear):
 
     @classmethod
     def from_packed(cls, mod: nn.Linear, weight_spec: QuantSpec | None, act: TensorQuantizer | None,
-                    layouts: list[WeightLayout]) -> QuantLinear:
-        """A packed layer with empty buffers shaped by ``layouts``, to load a saved state into (:func:`dmq.load`)."""
+                    layouts: list[WeightLayout], device: torch.device | str | None = None) -> QuantLinear:
+        """A packed layer with empty tensors shaped by ``layouts`` (on ``device``, default: the float weight's), to
+        load a saved state into (:func:`dmq.load`, ``from_pretrained``)."""
         q = cls.__new__(cls)
         nn.Module.__init__(q)
         q.in_features, q.out_features = mod.in_features, mod.out_features
@@ -195,7 +232,7 @@ class QuantLinear(PackedMixin, nn.Linear):
         q.weight_spec = weight_spec
         q.input_quantizer = act
         _register_empty_method_state(q)
-        q.set_packed(layouts)
+        q.set_packed(layouts, device=mod.weight.device if device is None else device)
         return q
 
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,13 +251,13 @@ class QuantLinear(PackedMixin, nn.Linear):
             scale, zp = q.static_params(x)
             lay = self.weight_layouts[0]
             codes = int_codes(self._part(0), lay)
-            w_scale = self.weight_scale.to(torch.float32).reshape(-1).expand(lay.rows)
+            w_scale = self.weight.weight_scale.to(torch.float32).reshape(-1).expand(lay.rows)
             y = kernels.int_linear(x, scale, zp, q.fmt.bits, q.fmt.signed, codes, w_scale, self.weight_rowsum,
                                    self.bias)
         elif self.exec_path == "fp8_gemm" and ready and x.is_cuda:
             scale, _ = q.static_params(x)
-            w_scale = self.weight_scale.to(torch.float32).reshape(-1).expand(self.weight_layouts[0].rows)
-            y = kernels.fp8_linear(x, scale, self.qweight, w_scale, self.bias)
+            w_scale = self.weight.weight_scale.to(torch.float32).reshape(-1).expand(self.weight_layouts[0].rows)
+            y = kernels.fp8_linear(x, scale, self.weight.qweight, w_scale, self.bias)
         if y is None:
             xq = q(x) if q is not None else x
             y = F.linear(xq, self.dequantized_weight(x.dtype), self.bias)
@@ -296,7 +333,8 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
 
     @classmethod
     def from_packed(cls, mod: nn.Conv2d, weight_spec: QuantSpec | None, acts: list[TensorQuantizer | None],
-                    layouts: list[WeightLayout], split: int | None) -> QuantConv2d:
+                    layouts: list[WeightLayout], split: int | None,
+                    device: torch.device | str | None = None) -> QuantConv2d:
         """A packed convolution with empty buffers shaped by ``layouts`` (:func:`dmq.load`); ``acts`` are the input
         quantizer and the skip-half quantizer."""
         q = cls.__new__(cls)
@@ -308,7 +346,7 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
         q.weight_spec, q.split = weight_spec, split
         q.input_quantizer, q.input_quantizer_skip = acts
         _register_empty_method_state(q)
-        q.set_packed(layouts)
+        q.set_packed(layouts, device=mod.weight.device if device is None else device)
         return q
 
     def effective_weight(self) -> torch.Tensor:

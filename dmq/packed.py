@@ -321,6 +321,8 @@ def _row_values(q: torch.Tensor, layout: WeightLayout) -> torch.Tensor:
         else:  # one lookup per byte gives both of its codes' values
             vals = _byte_lut(fmt.name, str(q.device)).index_select(0, q.reshape(-1).int())
         return vals.reshape(q.shape[0], -1)[:, : layout.padded_cols]
+    if layout.storage.startswith("float8"):  # FP8 codes are their own values (and convert traceably)
+        return q.to(torch.float32)
     return code_values(unpack_codes(q, layout), layout)
 
 
@@ -333,9 +335,9 @@ def _dequant_rows(tensors: dict[str, torch.Tensor], layout: WeightLayout, r0: in
         sc = tensors["weight_scale"][r0:r1]
         if isinstance(fmt, formats.NVFP4Format):
             s_t = tensors["weight_scale2"].to(torch.float32)
-            if s_t == 0:
-                return (blocks * 0.0).reshape(n, -1)
-            return (blocks * (sc.to(torch.float32).unsqueeze(-1) * s_t)).reshape(n, -1)
+            # s_t = 0 (an all-zero weight) gives zeros whatever the block scales hold; branch-free for torch.compile
+            out = torch.where(s_t == 0, blocks * 0.0, blocks * (sc.to(torch.float32).unsqueeze(-1) * s_t))
+            return out.reshape(n, -1)
         work = torch.float64 if layout.dtype == "float64" else torch.float32
         e = sc.to(torch.int32).unsqueeze(-1) - 127
         return (blocks.to(work) * torch.ldexp(torch.ones(e.shape, dtype=work, device=e.device), e)).reshape(n, -1)
@@ -376,17 +378,15 @@ def weight_bytes(model: nn.Module) -> dict[str, float]:
     """
     qparams, qbytes, total = 0, 0, 0
     for mod in model.modules():
-        for lay in getattr(mod, "weight_layouts", None) or ():
-            qparams += lay.rows * lay.cols
-        for name in getattr(mod, "_packed_names", ()):
-            t = mod._buffers.get(name)
-            if t is not None:
-                qbytes += t.numel() * t.element_size()
+        w = mod._parameters.get("weight")
+        if hasattr(w, "packed_nbytes"):  # a dmq.packed_weight.PackedWeight
+            qparams += w.numel()
+            qbytes += w.packed_nbytes
     seen: set[int] = set()
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
+            total += getattr(t, "packed_nbytes", t.numel() * t.element_size())
     return {"quantized_params": qparams, "quantized_bytes": qbytes,
             "bytes_per_param": qbytes / qparams if qparams else float("nan"), "other_bytes": total - qbytes,
             "total_bytes": total}

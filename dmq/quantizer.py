@@ -36,6 +36,8 @@ class TensorQuantizer(nn.Module):
     def __init__(self, spec: QuantSpec, channel_dim: int = -1, timestep_range: tuple[float, float] = (0.0, 1000.0)):
         super().__init__()
         self.spec, self.fmt, self.channel_dim = spec, spec.fmt, channel_dim
+        for attr in ("max", "min"):  # fill the format's cached properties now: torch.compile cannot take their lock
+            getattr(self.fmt, attr, None)
         self.timestep_range = timestep_range
         self.num_bins = 1 if spec.dynamic else spec.timestep_bins
         self.enabled = True
@@ -58,18 +60,22 @@ class TensorQuantizer(nn.Module):
             logger.warning(msg)
 
     def current_bins(self, batch: int) -> torch.Tensor | None:
-        """Bin per sample (``(batch,)``), one bin (``(1,)``), or None for a single-bin quantizer."""
+        """Bin per sample (``(batch,)``) or one bin (``(1,)``, one timestep for the batch); None for a single-bin
+        quantizer or without a usable timestep. No branch on tensor values, so ``torch.compile`` traces it whole."""
         if self.num_bins == 1:
             return None
         t = CONTEXT.timestep
-        if t is None:
+        if t is None or t.numel() not in (1, batch):
             return None
-        bins = timestep_bins(t, self.num_bins, *self.timestep_range)
-        if bins.numel() == 1 or bool((bins == bins[0]).all()):
+        return timestep_bins(t, self.num_bins, *self.timestep_range)
+
+    def _observed_bins(self, batch: int) -> torch.Tensor | None:
+        """:meth:`current_bins` for the observer, a batch at one timestep collapsed to one bin (calibration only:
+        this reads tensor values, which eager calibration can afford)."""
+        bins = self.current_bins(batch)
+        if bins is not None and bins.numel() > 1 and bool((bins == bins[0]).all()):
             return bins[:1]
-        if bins.numel() == batch:
-            return bins
-        return None
+        return bins
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -78,7 +84,7 @@ class TensorQuantizer(nn.Module):
             if self.spec.dynamic:
                 return x
             if CONTEXT.observe and self.observer is not None:
-                self.observer.observe(x, self.current_bins(x.shape[0]))
+                self.observer.observe(x, self._observed_bins(x.shape[0]))
             return x
         if self.spec.dynamic:
             return self._dynamic(x)
@@ -102,13 +108,14 @@ class TensorQuantizer(nn.Module):
         """The frozen ``scale`` and ``zero_point`` (None if symmetric) that apply to ``x``, shaped ``(B or 1, 1, ..)``
         to broadcast against it: one set per sample's timestep bin."""
         bins = self.current_bins(x.shape[0])
-        if bins is None and self.num_bins > 1:
-            # no usable timestep: the widest bin never clips
-            if not bool((self.scale == self.scale[0]).all()):
+        if bins is not None:
+            idx = bins.to(self.scale.device)
+        elif self.num_bins > 1:  # no usable timestep: the widest bin never clips
+            if not torch.compiler.is_compiling():
                 self._warn_once("nobin", "no usable timestep for a timestep-binned quantizer: using the widest bin")
-            bins = torch.argmax(self.scale).reshape(1)
-        idx = bins.to(self.scale.device) if bins is not None else torch.zeros(1, dtype=torch.long,
-                                                                             device=self.scale.device)
+            idx = torch.argmax(self.scale).reshape(1)
+        else:
+            idx = torch.zeros(1, dtype=torch.long, device=self.scale.device)
         shape = (-1,) + (1,) * (x.ndim - 1)
         scale = self.scale[idx].reshape(shape)
         zp = None if self.spec.symmetric else self.zero_point[idx].reshape(shape)

@@ -1,20 +1,23 @@
-"""``dmq.save`` / ``dmq.load``: a frozen quantized model as one safetensors file plus a JSON quantization map.
+"""The dmq on-disk format, and ``dmq.save`` / ``dmq.load`` over it.
 
-The file holds the model's whole state dict (packed codes and scales of the quantized layers, the float layers kept
-in full precision, every quantizer's frozen scales) under the tensors' own dtypes. Its metadata entry ``"dmq"`` is a
-JSON map written from the modules themselves, not from the global config alone:
+One format, written by ``model.save_pretrained(dir)`` of a frozen diffusers model (:mod:`dmq.backend`) and by
+:func:`save`: safetensors files holding the model's whole state dict (packed codes and scales of the quantized
+layers under ``<layer>.qweight``, ``<layer>.weight_scale``, ...; the float layers kept in full precision; every
+quantizer's frozen scales) under the tensors' own dtypes, each with a JSON quantization map under the metadata key
+``"dmq"``, written from the modules themselves:
 
 - ``modules``: per quantized layer, its type, weight spec, packed layouts (format, granularity, group size, storage,
   scale dtype), shortcut split, its activation quantizers (spec, timestep bins, timestep range, enabled), and the
   module's ``dmq_extra_config()`` if it has one;
 - ``attention``: per quantized attention module, its matmul-operand quantizers;
 - ``config``: the global :class:`~dmq.config.QuantConfig` (a report: per-module entries are what load uses);
-- ``model``: the class and ``config`` of a diffusers backbone, so that ``dmq.load(path)`` can rebuild it;
-- ``sha256``: a digest of every tensor, so a damaged file fails loudly and names the tensor.
+- ``model``: the class and ``config`` of a diffusers backbone, so that a single file can rebuild it;
+- ``sha256``: a digest of every tensor (of all shards), so a damaged file fails loudly and names the tensor.
 
-Tensors a module carries beyond what dmq itself knows (a low-rank branch, a smoothing or rotation vector, registered
-as persistent buffers of a quantized layer or of its quantizers) are saved with the rest and registered again as
-persistent buffers of the same module on load.
+A diffusers model is a folder (``config.json`` with ``quantization_config``, shards, index) that plain
+``from_pretrained`` reads after ``import dmq``; :func:`save` also writes a lone ``.safetensors`` file (any module).
+Tensors a module carries beyond what dmq itself knows (a low-rank branch, a rotation, registered as persistent
+buffers of a quantized layer or of its quantizers) are saved with the rest and registered again on load.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 import logging
 import os
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,6 +48,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = "dmq"
 # dmq.load(path) rebuilds a backbone only from classes of these packages (a file never names arbitrary code to run)
 BUILDABLE_PACKAGES = ("diffusers.",)
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------ the JSON map
@@ -82,6 +87,11 @@ def _quantizer_from(d: dict | None, where: str) -> TensorQuantizer | None:
     return q
 
 
+def config_entry(cfg: QuantConfig) -> dict:
+    """The JSON form of ``cfg`` (a custom step policy, irrelevant once frozen, becomes ``AllSteps``)."""
+    return _config(cfg)
+
+
 def _config(cfg: QuantConfig) -> dict:
     try:
         return config_to_dict(cfg)
@@ -101,7 +111,11 @@ def _model_entry(model: nn.Module) -> dict | None:
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cls, "from_config") or not cls.__module__.startswith(BUILDABLE_PACKAGES):
         return None
-    return {"class": f"{cls.__module__}:{cls.__qualname__}", "config": json.loads(json.dumps(dict(cfg), default=list))}
+    plain = {k: v for k, v in dict(cfg).items()
+             if k not in ("quantization_config", "_pre_quantization_dtype", "_name_or_path")}
+    return {"class": f"{cls.__module__}:{cls.__qualname__}",
+            "config": json.loads(json.dumps(plain, default=lambda v: list(v) if isinstance(v, (set, frozenset)) else
+                                            str(v)))}
 
 
 def quantization_map(model: nn.Module) -> dict:
@@ -140,11 +154,7 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(b.numpy()) if b.numel() else b"").hexdigest()
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write a frozen (packed) quantized model to ``path`` (a ``.safetensors`` file with the map as metadata)."""
-    from safetensors.torch import save_file
-
-    qmap = quantization_map(model)
+def _cpu_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
     for k, v in model.state_dict().items():
@@ -154,24 +164,64 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             v = v.clone()
         seen.add(key)
         tensors[k] = v
-    qmap["sha256"] = {k: _digest(v) for k, v in tensors.items()}
-    save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(qmap)})
+    return tensors
+
+
+def map_metadata(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The safetensors metadata of every file of ``model``'s checkpoint: the quantization map with the digest of
+    every tensor of ``state_dict``."""
+    qmap = quantization_map(model)
+    qmap["sha256"] = {k: _digest(v) for k, v in state_dict.items()}
+    return {METADATA_KEY: json.dumps(qmap)}
+
+
+def write_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike) -> None:
+    """Write one safetensors file of the format (the single place dmq itself writes one)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, os.fspath(path), metadata={"format": "pt", **metadata})
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str | None = None) -> None:
+    """Write a frozen (packed) quantized model.
+
+    ``path`` ending in ``.safetensors``: one file (any module). Otherwise a folder: a diffusers model is written by
+    its own ``save_pretrained`` (``config.json`` with ``quantization_config``, sharded by ``max_shard_size``), which
+    plain ``from_pretrained`` loads after ``import dmq``; another module gets ``diffusion_pytorch_model.safetensors``
+    in the folder. Same tensors and map either way.
+    """
+    path = Path(path)
+    _frozen_state(model)
+    if path.suffix != ".safetensors" and hasattr(model, "save_pretrained") and hasattr(model, "register_to_config"):
+        from dmq.backend import attach
+
+        attach(model)
+        kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        model.save_pretrained(path, safe_serialization=True, **kwargs)
+        logger.info("dmq.save: %s written with save_pretrained", path)
+        return
+    if max_shard_size is not None:
+        raise ValueError("max_shard_size shards a diffusers model's folder; this writes one file")
+    if path.suffix != ".safetensors":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / WEIGHTS_NAME
+    tensors = _cpu_tensors(model)
+    write_file(tensors, map_metadata(model, tensors), path)
     logger.info("dmq.save: %d tensors, %d bytes, to %s", len(tensors), os.path.getsize(path), path)
 
 
 # --------------------------------------------------------------------------------------------------- load
-def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The quantization map and the tensors of a file written by :func:`save`, checked against their digests."""
+def read_map(path: str | os.PathLike) -> dict:
+    """The quantization map of one file of the format (its header only)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     if METADATA_KEY not in meta:
-        raise ValueError(f"{path}: no '{METADATA_KEY}' quantization map in the metadata: not written by dmq.save")
+        raise ValueError(f"{path}: no '{METADATA_KEY}' quantization map in the metadata: not written by dmq")
     try:
         qmap = json.loads(meta[METADATA_KEY])
     except json.JSONDecodeError as e:
@@ -179,12 +229,59 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     if qmap.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: quantization map version {qmap.get('format_version')!r}, this dmq reads "
                          f"{FORMAT_VERSION}")
+    return qmap
+
+
+def check_digests(qmap: dict, tensors: dict[str, torch.Tensor], where: object = "checkpoint", *,
+                  complete: bool = False) -> None:
+    """Every tensor against its digest in the map; ``complete``: the tensors are the whole checkpoint."""
     digests = qmap.get("sha256", {})
-    for k in sorted(set(digests) ^ set(tensors)):
-        raise ValueError(f"{path}: tensor {k!r} is {'missing from the file' if k in digests else 'not in the map'}")
+    extra = sorted(set(tensors) - set(digests))
+    if extra:
+        raise ValueError(f"{where}: tensor {extra[0]!r} is not in the map")
+    if complete:
+        for k in sorted(set(digests) - set(tensors)):
+            raise ValueError(f"{where}: tensor {k!r} is missing from the file")
     for k, t in tensors.items():
         if _digest(t) != digests[k]:
-            raise ValueError(f"{path}: tensor {k!r} does not match its sha256 digest: the file is damaged")
+            raise ValueError(f"{where}: tensor {k!r} does not match its sha256 digest: the file is damaged")
+
+
+def check_packed(name: str, tensors: dict[str, torch.Tensor], layouts) -> None:
+    """The packed tensors of layer ``name`` have the shapes and dtypes of their layouts."""
+    for i, lay in enumerate(layouts):
+        for base, (shape, dtype) in lay.expected().items():
+            k = base if i == 0 else f"{base}_{i}"
+            t = tensors[k]
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"tensor {name}.{k!r} is {t.dtype} {tuple(t.shape)}, its layout needs {dtype} "
+                                 f"{tuple(shape)}")
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{path}: no .safetensors files in the folder")
+        return files
+    return [path]
+
+
+def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The quantization map and the tensors of a file (or a folder of shards) of the format, checked against their
+    digests."""
+    from safetensors import SafetensorError, safe_open
+
+    files = _files(Path(path))
+    qmap = read_map(files[0])
+    tensors = {}
+    for f in files:
+        try:
+            with safe_open(os.fspath(f), framework="pt") as h:
+                tensors.update({k: h.get_tensor(k) for k in h.keys()})
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
+    check_digests(qmap, tensors, path, complete=True)
     return qmap, tensors
 
 
@@ -202,6 +299,19 @@ def import_class(ref: str, packages: tuple[str, ...]) -> type:
     return obj
 
 
+def _from_pretrained(folder: Path) -> nn.Module:
+    cfg = json.loads((folder / "config.json").read_text())
+    qcfg = cfg.get("quantization_config") or {}
+    if qcfg.get("quant_method") != "dmq":
+        raise ValueError(f"{folder}: config.json has no dmq quantization_config: not a dmq-quantized model folder")
+    import diffusers
+
+    cls = getattr(diffusers, str(cfg.get("_class_name")), None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ValueError(f"{folder}: _class_name {cfg.get('_class_name')!r} is not a diffusers model class")
+    return cls.from_pretrained(folder)
+
+
 def _build(entry: dict | None, path) -> nn.Module:
     if entry is None:
         raise ValueError(f"{path}: the saved model is not a diffusers backbone that can be rebuilt from its config; "
@@ -217,7 +327,9 @@ def _build(entry: dict | None, path) -> nn.Module:
     return model.eval()
 
 
-def _swap_modules(model: nn.Module, qmap: dict) -> QuantState:
+def swap_modules(model: nn.Module, qmap: dict, device: torch.device | str | None = None) -> QuantState:
+    """Swap the layers and attention modules the map names for packed skeletons (their tensors empty, on
+    ``device``, default: where each float weight is)."""
     cfg = _config_from(qmap["config"])
     st = QuantState(cfg, None, frozen=True, packed=True, splits={k: int(v) for k, v in qmap.get("splits", {}).items()})
     for name, e in qmap["modules"].items():
@@ -235,12 +347,13 @@ def _swap_modules(model: nn.Module, qmap: dict) -> QuantState:
         kind = e.get("type")
         if kind == "QuantLinear" and type(mod) is nn.Linear:
             shape = (mod.out_features, mod.in_features)
-            new = QuantLinear.from_packed(mod, wspec, _quantizer_from(qs.get("input_quantizer"), where), layouts)
+            new = QuantLinear.from_packed(mod, wspec, _quantizer_from(qs.get("input_quantizer"), where), layouts,
+                                          device)
         elif kind == "QuantConv2d" and type(mod) is nn.Conv2d:
             shape = tuple(mod.weight.shape)
             split = e.get("split")
             acts = [_quantizer_from(qs.get(n), where) for n in ("input_quantizer", "input_quantizer_skip")]
-            new = QuantConv2d.from_packed(mod, wspec, acts, layouts, split)
+            new = QuantConv2d.from_packed(mod, wspec, acts, layouts, split, device)
         else:
             raise ValueError(f"{where}: the checkpoint has a {kind}, the model a {type(mod).__name__}")
         got = _joined_shape(layouts, getattr(new, "split", None))
@@ -324,13 +437,16 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], st: QuantS
 
 
 def load(model_or_path: nn.Module | str | os.PathLike, path: str | os.PathLike | None = None) -> nn.Module:
-    """Load a model written by :func:`save`.
+    """Load a model written by :func:`save` or by ``save_pretrained`` of a dmq-quantized diffusers model.
 
-    ``dmq.load(path)`` rebuilds a diffusers backbone from the class and config in the map (no float weights, no
-    hub); ``dmq.load(model, path)`` quantizes the structure of ``model`` (an unquantized model of the same
-    architecture, weights irrelevant) in place and fills it. Outputs are bit-identical to the saved model's. A
-    damaged, truncated or mismatched file raises ``ValueError`` naming the tensor or key.
+    ``dmq.load(path)`` rebuilds a diffusers backbone (a folder: its ``from_pretrained``; a file: the class and
+    config in the map; no float weights, no hub); ``dmq.load(model, path)`` quantizes the structure of ``model`` (an
+    unquantized model of the same architecture, weights irrelevant) in place and fills it. Outputs are
+    bit-identical to the saved model's. A damaged, truncated or mismatched file raises ``ValueError`` naming the
+    tensor or key.
     """
+    if path is None and Path(model_or_path).is_dir() and (Path(model_or_path) / "config.json").exists():
+        return _from_pretrained(Path(model_or_path))
     model = None if path is None else model_or_path
     path = model_or_path if path is None else path
     if model is not None and getattr(model, "_dmq", None) is not None:
@@ -338,11 +454,19 @@ def load(model_or_path: nn.Module | str | os.PathLike, path: str | os.PathLike |
     qmap, tensors = read(path)
     if model is None:
         model = _build(qmap.get("model"), path)
-    st = _swap_modules(model, qmap)
+    st = swap_modules(model, qmap)
     _load_tensors(model, tensors, st, path)
+    finish_load(model, st)
+    return model
+
+
+def finish_load(model: nn.Module, st: QuantState) -> None:
+    """After the tensors are in: execution paths, the timestep hook, the model's quantization state."""
     for name in st.modules:
-        model.get_submodule(name)._setup_exec()
+        mod = model.get_submodule(name)
+        if any(t.is_meta for t in getattr(mod.weight, "tensors", dict)().values()):
+            raise ValueError(f"the checkpoint lacks the packed weight of {name!r}")
+        mod._setup_exec()
     if any(q.num_bins > 1 for q in model.modules() if isinstance(q, TensorQuantizer)):
         st.hook = TimestepHook(model, *st.config.timestep_range)
     model._dmq = st
-    return model

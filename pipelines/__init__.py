@@ -8,10 +8,11 @@ from pipelines.digits_pipeline import DigitsPipeline
 from pipelines.gmm import GaussianMixture, GMMDenoiser, reference_sample
 from pipelines.quantize import quantize_pipeline
 from pipelines.sampler_swap import use_sampler
+from pipelines.schedule_search import fit_sampler, search_schedule
 from pipelines.serialization import load_quantized, save_quantized
 
 __all__ = [
     "DigitClassifier", "DigitsPipeline", "GMMDenoiser", "GaussianMixture", "import_clip", "load_digits",
-    "load_quantized", "quantize_pipeline", "reference_sample", "save_quantized", "search_dc_ratios",
-    "use_sampler",
+    "fit_sampler", "load_quantized", "quantize_pipeline", "reference_sample", "save_quantized",
+    "search_dc_ratios", "search_schedule", "use_sampler",
 ]

@@ -24,13 +24,13 @@ import torch
 
 import dmq
 from pipelines import eval_clip, eval_fid
-from pipelines.dc_search import search_dc_ratios
 from pipelines.describe import describe_pipeline, quantization_report
 from pipelines.distributed import iter_samples, load_pipeline, set_sampler
 from pipelines.evaluation import save_grid
 from pipelines.pipeline_folder import save_scheduler
 from pipelines.quantize import quantize_pipeline
-from pipelines.sampler_swap import sampler_names, use_sampler
+from pipelines.sampler_swap import sampler_names
+from pipelines.schedule_search import fit_sampler
 from pipelines.serialization import save_quantized
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -59,10 +59,11 @@ def load(source: str, *, allow_hub: bool = False, **kwargs: Any) -> Any:
 
 
 def search(pipe: Any, labels: list[int], steps: int, guidance: float, **options: Any) -> dict[str, Any]:
-    """Search the sampler for ``pipe`` and install it on ``pipe``; returns what was found."""
-    ratios, losses = search_dc_ratios(pipe, labels, steps, guidance, **options)
-    use_sampler(pipe, "dc-solver", ratios=ratios)
-    return {"sampler": "dc-solver", "steps": steps, "guidance": guidance, "dc_ratios": ratios, "losses": losses}
+    """Search the sampler's schedule, then DC-Solver's ratios on it, for ``pipe``, and install the result on it."""
+    found = fit_sampler(pipe, labels, steps, guidance, **{k: v for k, v in options.items() if v is not None})
+    schedule = found["schedule"]
+    return {"timesteps": schedule.timesteps, "schedule_accepted": schedule.accepted, "reason": schedule.reason,
+            "dc_ratios": found["ratios"], "losses": found["losses"]}
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -193,7 +194,10 @@ def cmd_search(args: argparse.Namespace) -> int:
                    fine_steps=args.reference_steps, iters=args.iterations, seed=args.seed, progress=_progress(args))
     where = save_scheduler(pipe.scheduler, folder)
     ratios = ", ".join(f"{r:.4f}" for r in found["dc_ratios"])
-    print(f"DC-Solver ratios for {args.steps} steps at guidance {args.guidance:g}: [{ratios}]")
+    steps = ", ".join(f"{s:g}" for s in found["timesteps"])
+    print(f"schedule for {args.steps} steps at guidance {args.guidance:g}: [{steps}] "
+          f"({'searched' if found['schedule_accepted'] else 'default kept'}: {found['reason']})")
+    print(f"DC-Solver ratios on it: [{ratios}]")
     print(f"wrote {where / 'scheduler_config.json'}: {folder} now samples with {type(pipe.scheduler).__name__}")
     return EXIT_OK
 

@@ -82,12 +82,14 @@ def search_dc_ratios(
     lr: float = 0.1,
     seed: int = 0,
     scheduler: DCSolverScheduler | None = None,
+    held_out: float | int | None = 0.5,
     progress: bool = True,
 ) -> tuple[list[float], list[float]]:
     """Search DC ratios for a class-conditional pipeline (``pipe.unet``/``pipe.transformer``, null class
     ``pipe.null_class`` or ``num_classes``). The reference is a ``fine_steps``-step DDIM run of
     ``reference_backbone`` (or ``reference_pipe``'s backbone; default: the same backbone), so a quantized ``pipe``
-    is fitted to the full-precision trajectory. Returns ``(ratios, losses)``; ``pipe.scheduler`` is not changed.
+    is fitted to the full-precision trajectory. ``held_out`` of the latents check the ratios (all 1 when they do
+    worse there than plain UniPC). Returns ``(ratios, losses)``; ``pipe.scheduler`` is not changed.
     """
     if isinstance(labels_or_prompts, str) or (
         isinstance(labels_or_prompts, Sequence) and labels_or_prompts and isinstance(labels_or_prompts[0], str)
@@ -112,7 +114,7 @@ def search_dc_ratios(
     # function (see dmq.kernels).
     with dmq.kernels.disable("int_gemm", "fp8_gemm"):
         return _search(guided_denoise(backbone, labels, null, guidance_scale), sched, x_T, num_inference_steps,
-                       reference=ref, iters=iters, lr=lr, progress=progress)
+                       reference=ref, iters=iters, lr=lr, held_out=held_out, progress=progress)
 
 
 def _backbone(pipe: Any) -> torch.nn.Module:

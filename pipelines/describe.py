@@ -13,7 +13,7 @@ from torch import nn
 
 import dmq
 from pipelines.pipeline_folder import read_model_index
-from pipelines.serialization import INFO
+from pipelines.serialization import CALIBRATION
 
 # scheduler settings worth showing; the rest of a scheduler config is the noise schedule
 SAMPLER_KEYS = ("prediction_type", "timestep_spacing", "solver_order", "solver_type", "deis_method", "deis_order",
@@ -91,9 +91,14 @@ def describe_pipeline(directory: str | os.PathLike) -> dict[str, Any]:
     if sched_file.is_file():
         sched = json.loads(sched_file.read_text())
         out["sampler"] = {"class": sched.get("_class_name"), **{k: sched[k] for k in SAMPLER_KEYS if k in sched}}
-    if (root / INFO).is_file():
-        info = json.loads((root / INFO).read_text())
-        backbone = dmq.load(root / info["checkpoint"])
-        out["quantized"] = {"backbone": info["backbone"], "backbone_class": type(backbone).__name__,
-                            **quantization_report(backbone), "calibration": info.get("calibration")}
+    for name in components:
+        config_file = root / name / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        if config.get("quantization_config", {}).get("quant_method") == "dmq":
+            backbone = dmq.load(root / name)
+            record = root / CALIBRATION
+            out["quantized"] = {"backbone": name, "backbone_class": type(backbone).__name__,
+                                **quantization_report(backbone),
+                                "calibration": json.loads(record.read_text()) if record.is_file() else None}
+            break
     return out

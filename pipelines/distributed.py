@@ -30,8 +30,6 @@ from tqdm.auto import tqdm
 import dmq
 from pipelines.quantize import quantize_pipeline
 from pipelines.sampler_swap import PASS_THROUGH, PLANNED, SAMPLERS, use_sampler
-from pipelines.serialization import INFO as QUANTIZED_INFO
-from pipelines.serialization import load_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +128,11 @@ def generate_samples(
 
 
 def load_pipeline(path: str | os.PathLike, *, allow_hub: bool = False, **kwargs: Any) -> Any:
-    """A pipeline from a ``save_pretrained`` folder: a quantized one (written by :func:`pipelines.save_quantized`)
-    through :func:`pipelines.load_quantized`, ``DigitsPipeline`` for the bundled models, else diffusers' own.
+    """A pipeline from a ``save_pretrained`` folder, quantized ones included (``import dmq`` registers the backend):
+    ``DigitsPipeline`` for the bundled models, else diffusers' own.
 
     With ``allow_hub=False`` a path that is not a local folder raises ``FileNotFoundError`` (nothing is downloaded).
-    ``kwargs`` go to ``from_pretrained`` (``torch_dtype=...``); a quantized folder takes none.
+    ``kwargs`` go to ``from_pretrained`` (``torch_dtype=...``).
     """
     from diffusers import DiffusionPipeline
 
@@ -150,10 +148,6 @@ def load_pipeline(path: str | os.PathLike, *, allow_hub: bool = False, **kwargs:
     index = folder / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"{index} not found: {str(path)!r} is not a diffusers pipeline folder")
-    if (folder / QUANTIZED_INFO).is_file():
-        if kwargs:
-            raise ValueError(f"{str(path)!r} is a quantized folder: it loads as saved, without {sorted(kwargs)}")
-        return load_quantized(folder)
     class_name = json.loads(index.read_text()).get("_class_name")
     if isinstance(class_name, list):  # [code file, class]: a folder that carries its own pipeline code
         class_name = class_name[-1]

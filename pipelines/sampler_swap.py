@@ -82,6 +82,55 @@ def _pass_through(pipe: Any, key: str, options: dict) -> Any:
     return pipe
 
 
+# fit=True candidates for DEIS: (deis_method, deis_order, time_grid, time_grid_power)
+DEIS_FIT_CANDIDATES = (
+    ("tab", 3, "time", 1.5), ("tab", 3, "time", 2.0), ("tab", 2, "time", 1.5), ("tab", 3, "log_rho", None),
+    ("tab", 3, "rho", 7.0), ("rhoab", 3, "time", 1.5), ("rhoab", 3, "log_rho", None), ("ipndm", 3, "time", 1.5),
+    ("ipndm", 3, "log_rho", None), ("tab", 1, "log_rho", None),
+)
+FIT_OPTIONS = ("fit_steps", "fit_labels", "fit_guidance_scale", "fit_latents", "fit_seed")
+
+
+def _fit_deis(pipe: Any, fit: dict) -> dict:
+    """DEIS variant and grid with the lowest final-sample error against a fine reference (256 DDIM steps) on a
+    few latents of ``pipe``'s backbone, at ``fit_steps`` steps and ``fit_guidance_scale``."""
+    import numpy as np
+    import torch
+
+    from samplers.schedule_search import _fine_grid, fine_trajectory, run_sampler
+
+    from .dc_search import _backbone, _null_label, guided_denoise
+
+    steps = fit.get("fit_steps", 10)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"fit_steps must be an int >= 1, got {steps!r}")
+    guidance = fit.get("fit_guidance_scale", 1.0)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0:
+        raise ValueError(f"fit_guidance_scale must be a number >= 0, got {guidance!r}")
+    count = fit.get("fit_latents", 8)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"fit_latents must be an int >= 1, got {count!r}")
+    labels = torch.as_tensor(list(fit.get("fit_labels", range(10))), dtype=torch.long)
+    labels = labels.repeat((count + len(labels) - 1) // len(labels))[:count]
+    backbone = _backbone(pipe)
+    cfg = backbone.config
+    x = torch.randn((count, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                    generator=torch.Generator().manual_seed(int(fit.get("fit_seed", 0))))
+    x = x.to(next(backbone.parameters()).device)
+    den = guided_denoise(backbone, labels.to(x.device), _null_label(pipe), float(guidance))
+    base = DEISScheduler.from_config(dict(pipe.scheduler.config))
+    grid = _fine_grid(base.schedule, float(base.schedule.t_max), 64, False)
+    ref = fine_trajectory(den, base.schedule, base.config.prediction_type, x, np.asarray(grid), 4)[2]
+    best: tuple[float, dict] = (float("inf"), {})
+    for method, order, grid_name, power in DEIS_FIT_CANDIDATES:
+        opts = {"deis_method": method, "deis_order": order, "time_grid": grid_name, "time_grid_power": power}
+        sched = DEISScheduler.from_config(dict(pipe.scheduler.config), **opts)
+        err = float((run_sampler(den, sched, x, steps).double() - ref).pow(2).mean())
+        if err < best[0]:
+            best = (err, opts)
+    return best[1]
+
+
 def use_sampler(pipe: Any, name: str, **options: Any) -> Any:
     """Replace ``pipe.scheduler`` with sampler ``name``, built ``from_config`` of the current scheduler.
 
@@ -93,8 +142,29 @@ def use_sampler(pipe: Any, name: str, **options: Any) -> Any:
     with ``guidance_scale=`` (the pipeline's CFG scale), ``solver_order=2``, ...; diffusers: their constructor
     arguments). Unknown names or options raise ``ValueError`` listing the valid ones; the pipeline is left
     unchanged then. Returns the pipeline.
+
+    ``use_sampler(pipe, "deis", fit=True)`` picks the DEIS variant and grid (:data:`DEIS_FIT_CANDIDATES`) with the
+    lowest final-sample error against a fine reference on a few latents of the pipeline's own class-conditional
+    backbone (options ``fit_steps=10``, ``fit_guidance_scale=1.0``, ``fit_labels=range(10)``, ``fit_latents=8``,
+    ``fit_seed=0``); about 10 x ``fit_steps`` + 256 guided model evaluations.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a sampler name (str), got {type(name).__name__}; available: {sampler_names()}")
     key = name.lower()
+    fit = options.pop("fit", False)
+    fit_opts = {k: options.pop(k) for k in FIT_OPTIONS if k in options}
+    if not isinstance(fit, bool):
+        raise TypeError(f"fit must be True or False, got {fit!r}")
+    if (fit or fit_opts) and key != "deis":
+        raise ValueError(f"fit=True (and {list(FIT_OPTIONS)}) apply to 'deis' only, got sampler {name!r}; "
+                         "for DC-Solver use pipelines.fit_sampler")
+    if fit_opts and not fit:
+        raise ValueError(f"{sorted(fit_opts)} need fit=True")
+    if fit:
+        clash = sorted({"deis_method", "deis_order", "time_grid", "time_grid_power"} & set(options))
+        if clash:
+            raise ValueError(f"fit=True chooses {clash} itself; pass them without fit, or drop them")
+        options.update(_fit_deis(pipe, fit_opts))
     if key in PLANNED:
         raise ValueError(f"sampler {name!r} is not available yet; available: {sampler_names()}")
     if key in PASS_THROUGH:

@@ -1,9 +1,10 @@
-"""Save and load a diffusers pipeline whose backbone dmq quantized and froze.
+"""Save and load a diffusers pipeline whose backbone dmq quantized and froze: thin conveniences over diffusers.
 
-The folder is an ordinary diffusers pipeline folder (``model_index.json``, one subfolder per component) except for
-the backbone's subfolder, which holds ``config.json`` and ``dmq_model.safetensors`` (:func:`dmq.save`) instead of
-float weights, and a ``dmq_pipeline.json`` that names the pipeline class and the backbone. Loading needs no
-calibration data, no float backbone weights and no hub.
+A frozen diffusers backbone is a dmq-quantized diffusers model (:mod:`dmq.backend`), so the pipeline folder is an
+ordinary diffusers pipeline folder: ``pipe.save_pretrained(dir)`` writes it (the backbone's ``config.json`` carries
+``quantization_config``, its safetensors the packed weights and the quantization map) and
+``DiffusionPipeline.from_pretrained(dir)`` reads it after ``import dmq``. These two functions add only the checks,
+and the lookup of this package's own pipeline classes (``DigitsPipeline``), which diffusers cannot resolve by name.
 """
 
 from __future__ import annotations
@@ -13,15 +14,13 @@ import json
 import os
 from pathlib import Path
 
+import diffusers
 from diffusers import DiffusionPipeline
 
-import dmq
-from dmq.serialization import import_class
+import dmq  # noqa: F401 -- registers quant_method="dmq" with diffusers
 
 BACKBONES = ("transformer", "unet")
-CHECKPOINT = "dmq_model.safetensors"
-INFO = "dmq_pipeline.json"
-PIPELINE_PACKAGES = ("diffusers.", "pipelines.")
+CALIBRATION = "dmq_calibration.json"  # the calibration record of pipe.dmq_calibration, beside model_index.json
 
 
 def backbone_name(pipe: DiffusionPipeline) -> str:
@@ -32,47 +31,44 @@ def backbone_name(pipe: DiffusionPipeline) -> str:
     raise ValueError(f"{type(pipe).__name__} has no backbone component; expected one of {BACKBONES}")
 
 
-def save_quantized(pipe: DiffusionPipeline, directory: str | os.PathLike) -> Path:
-    """Write ``pipe`` (its backbone frozen by :func:`dmq.freeze`) to ``directory``; returns the folder."""
+def save_quantized(pipe: DiffusionPipeline, directory: str | os.PathLike, **save_kwargs) -> Path:
+    """Write ``pipe`` (its backbone frozen by :func:`dmq.freeze`) with ``pipe.save_pretrained``; returns the folder.
+    ``save_kwargs`` go to ``save_pretrained`` (``max_shard_size``, ...)."""
+    backbone = getattr(pipe, backbone_name(pipe))
+    st = getattr(backbone, "_dmq", None)
+    if st is None or not st.packed:
+        raise ValueError("the pipeline's backbone is not a frozen dmq model: dmq.quantize, dmq.calibrate and "
+                         "dmq.freeze it (or load it with a DmqConfig) before save_quantized")
     out = Path(directory)
-    name = backbone_name(pipe)
-    backbone = getattr(pipe, name)
-    out.mkdir(parents=True, exist_ok=True)
-    for comp_name, comp in pipe.components.items():
-        if comp_name == name or comp is None:
-            continue
-        if not hasattr(comp, "save_pretrained"):
-            raise ValueError(f"component {comp_name!r} ({type(comp).__name__}) has no save_pretrained")
-        comp.save_pretrained(out / comp_name)
-    pipe.save_config(out)
-    (out / name).mkdir(exist_ok=True)
-    if hasattr(backbone, "save_config"):
-        backbone.save_config(out / name)
-    dmq.save(backbone, out / name / CHECKPOINT)
-    cls = type(pipe)
-    info = {"format_version": 1, "pipeline_class": f"{cls.__module__}:{cls.__qualname__}", "backbone": name,
-            "checkpoint": f"{name}/{CHECKPOINT}"}
+    pipe.save_pretrained(out, safe_serialization=True, **save_kwargs)
     record = getattr(pipe, "dmq_calibration", None)
     if dataclasses.is_dataclass(record):  # what calibration saw, for `dmq info`
-        info["calibration"] = dataclasses.asdict(record)
-    (out / INFO).write_text(json.dumps(info, indent=2))
+        (out / CALIBRATION).write_text(json.dumps(dataclasses.asdict(record), indent=2) + "\n")
     return out
 
 
-def load_quantized(directory: str | os.PathLike, pipeline_class: type | None = None) -> DiffusionPipeline:
-    """Load a folder written by :func:`save_quantized`: the quantized backbone from its checkpoint, the other
-    components with ``from_pretrained`` (local files only). ``pipeline_class`` overrides the saved class."""
+def resolve_pipeline_class(directory: str | os.PathLike) -> type:
+    """The pipeline class named in ``model_index.json``: a diffusers class or one of this package's."""
+    import pipelines
+
     root = Path(directory)
     try:
-        info = json.loads((root / INFO).read_text())
+        name = json.loads((root / "model_index.json").read_text())["_class_name"]
     except FileNotFoundError:
-        raise ValueError(f"{root}: no {INFO}: not a folder written by pipelines.save_quantized") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{root / INFO}: not valid JSON ({e})") from None
-    name = info.get("backbone")
-    if name not in BACKBONES:
-        raise ValueError(f"{root / INFO}: backbone must be one of {BACKBONES}, got {name!r}")
-    backbone = dmq.load(root / info["checkpoint"])
-    cls = pipeline_class or import_class(info["pipeline_class"], PIPELINE_PACKAGES)
-    return cls.from_pretrained(root, local_files_only=True, **{name: backbone})
+        raise ValueError(f"{root}: no model_index.json: not a diffusers pipeline folder") from None
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{root / 'model_index.json'}: not a pipeline index ({e})") from None
+    if isinstance(name, list):  # [code file, class]: a folder that carries its pipeline code (DigitsPipeline)
+        name = name[-1]
+    cls = getattr(diffusers, name, None) or getattr(pipelines, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, DiffusionPipeline)):
+        raise ValueError(f"{root}: pipeline class {name!r} is neither a diffusers nor a dmq pipeline")
+    return cls
 
+
+def load_quantized(directory: str | os.PathLike, pipeline_class: type | None = None, **kwargs) -> DiffusionPipeline:
+    """Load a pipeline folder with a dmq-quantized backbone (local files only); ``pipeline_class`` overrides the
+    saved class, ``kwargs`` go to ``from_pretrained``."""
+    root = Path(directory)
+    cls = pipeline_class or resolve_pipeline_class(root)
+    return cls.from_pretrained(root, local_files_only=True, **kwargs)

@@ -4,6 +4,7 @@
 ``samplers.deis`` (update plans), ``samplers.quadrature``, ``samplers.grids`` and ``samplers.schedules``.
 ``DCSolverScheduler`` implements DC-Solver (Zhao et al., ECCV 2024): UniPC (``samplers.unipc``) with dynamic
 compensation, its ratio search (``samplers.dc``) and cascade polynomial regression (``samplers.cpr``).
+``search_schedule`` (``samplers.schedule_search``) fits the timesteps of a schedule to a model (GITS + LD3-style).
 """
 
 # A pipeline folder names its scheduler ["samplers", "DCSolverScheduler"] in model_index.json; diffusers loads such a
@@ -12,6 +13,7 @@ from diffusers import SchedulerMixin  # noqa: F401
 
 from .cpr import CascadePolynomialRegression
 from .dc import ddim_reference, search_dc_ratios
+from .schedule_search import ScheduleSearchResult, run_sampler, search_schedule, searched_timesteps_kwargs
 from .scheduling_dc import DCSolverScheduler
 from .scheduling_deis import DEISScheduler, DEISSchedulerOutput
 
@@ -20,6 +22,10 @@ __all__ = [
     "DCSolverScheduler",
     "DEISScheduler",
     "DEISSchedulerOutput",
+    "ScheduleSearchResult",
     "ddim_reference",
+    "run_sampler",
     "search_dc_ratios",
+    "search_schedule",
+    "searched_timesteps_kwargs",
 ]

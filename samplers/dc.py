@@ -74,10 +74,12 @@ def search_dc_ratios(
     latents: torch.Tensor,
     num_inference_steps: int,
     *,
-    reference: Sequence[torch.Tensor] | Callable[[int, float], torch.Tensor],
+    reference: Sequence[torch.Tensor] | Callable[[int, float], torch.Tensor] | None = None,
     iters: int = 20,
     lr: float = 0.1,
     bound: str = "tanh",
+    held_out: float | int | None = 0.5,
+    fine_steps: int = 250,
     progress: bool = True,
 ) -> tuple[list[float], list[float]]:
     """Greedy DC ratio search (DC-Solver Sec. 3.3). Returns ``(ratios, losses)``, one per step.
@@ -88,7 +90,11 @@ def search_dc_ratios(
             ``set_timesteps(num_inference_steps)`` here and left with the found ratios in its config.
         latents: ``x_T`` at ``scheduler.timesteps[0]`` (about 10 samples, as in the paper).
         reference: the exact state after each step: ``reference[i]`` (or ``reference(i, t_{i+1})``) at
-            ``t_{i+1}`` (the last one at ``σ = 0``). See :func:`ddim_reference` and ``pipelines.dc_search``.
+            ``t_{i+1}`` (the last one at ``σ = 0``), for all rows of ``latents``. Default: :func:`ddim_reference`
+            with ``fine_steps`` steps of ``denoise`` (the package's fine reference). See ``pipelines.dc_search``.
+        held_out: the last rows of ``latents`` (a fraction or a count) that the search does not see. If the found
+            ratios are worse on them than plain UniPC (all ratios 1), all ratios are reset to 1 and the reason is
+            logged. ``None``: no check.
         iters, lr: AdamW iterations and learning rate per step (paper: 20-40, 0.1).
         bound: ``"tanh"`` (``ρ = 1 + ½ tanh(p)``) or ``"none"`` (``ρ = 1 + p``).
 
@@ -100,8 +106,19 @@ def search_dc_ratios(
         raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+    if isinstance(fine_steps, bool) or not isinstance(fine_steps, int) or fine_steps < 1:
+        raise ValueError(f"fine_steps must be an integer >= 1, got {fine_steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr must be a number > 0, got {lr!r}")
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a tensor, got {type(latents).__name__}")
+    from .schedule_search import held_out_rows  # local: schedule_search imports nothing of this module
+
+    rows = latents.shape[0] - held_out_rows(latents.shape[0], held_out)
     sched = scheduler
     sched.register_to_config(dc_ratios=None, cpr=None)
+    if reference is None:
+        reference = ddim_reference(denoise, sched, latents.detach(), num_inference_steps, fine_steps)
     sched.set_timesteps(num_inference_steps, device=latents.device)
     n = len(sched.timesteps)
     ts = sched.timesteps
@@ -119,7 +136,7 @@ def search_dc_ratios(
             xp = sched.step(out, ts[i], x, dc_ratio=ratio).prev_sample
             if i + 1 < n:
                 xp = sched.correct(denoise(xp, ts[i + 1]), xp)
-            return (xp.to(target.dtype) - target).pow(2).mean()
+            return (xp[:rows].to(target.dtype) - target[:rows]).pow(2).mean()
 
         snap = sched.state()
         if sched.compensates(i) and iters > 0:
@@ -147,15 +164,35 @@ def search_dc_ratios(
             snap2 = sched.state()
             if i + 1 < n:
                 out = denoise(x_new, ts[i + 1])
-                losses.append((sched.correct(out, x_new).to(target.dtype) - target).pow(2).mean().item())
+                losses.append((sched.correct(out, x_new)[:rows].to(target.dtype) - target[:rows]).pow(2).mean().item())
             else:
-                losses.append((x_new.to(target.dtype) - target).pow(2).mean().item())
+                losses.append((x_new[:rows].to(target.dtype) - target[:rows]).pow(2).mean().item())
             sched.load_state(snap2)
         x = x_new
         logger.debug("DC step %d: ratio %.4f, loss %.3e", i, ratios[i], losses[-1])
+    if rows < latents.shape[0]:
+        final = _reference_at(reference, n - 1, -1.0).to(latents.device)
+        held_err = _final_error(denoise, sched, latents, num_inference_steps, ratios, final, rows)
+        plain_err = _final_error(denoise, sched, latents, num_inference_steps, [1.0] * n, final, rows)
+        if held_err >= plain_err:
+            logger.warning("search_dc_ratios: keeping ratios 1 (plain UniPC): the searched ratios are worse on %d "
+                           "held-out latents (%.3e >= %.3e), they overfitted the search latents",
+                           latents.shape[0] - rows, held_err, plain_err)
+            ratios = [1.0] * n
     sched.register_to_config(dc_ratios=[float(r) for r in ratios])
     sched.set_timesteps(num_inference_steps, device=latents.device)
     return ratios, losses
+
+
+@torch.no_grad()
+def _final_error(denoise: Denoise, sched: Any, latents: torch.Tensor, n: int, ratios: list[float],
+                 final: torch.Tensor, rows: int) -> float:
+    """MSE of the final sample against ``final`` on the held-out rows ``rows:``, with ``ratios``."""
+    sched.set_timesteps(n, device=latents.device)
+    x = latents.detach()
+    for i, t in enumerate(sched.timesteps):
+        x = sched.step(denoise(x, t), t, x, dc_ratio=ratios[i]).prev_sample
+    return float((x[rows:].to(final.dtype) - final[rows:]).pow(2).mean())
 
 
 @torch.no_grad()

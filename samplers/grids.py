@@ -12,6 +12,7 @@ import numpy as np
 __all__ = [
     "TIMESTEP_SPACINGS",
     "TIME_GRIDS",
+    "beta_grid",
     "flow_shift",
     "log_rho_grid",
     "power_grid",
@@ -19,7 +20,7 @@ __all__ = [
     "spacing_timesteps",
 ]
 
-TIME_GRIDS = ("time", "rho", "log_rho", "spacing")
+TIME_GRIDS = ("time", "rho", "log_rho", "beta", "spacing")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 
 
@@ -44,18 +45,39 @@ def log_rho_grid(rho_max: float, rho_min: float, n: int) -> np.ndarray:
     return np.exp(np.linspace(np.log(rho_max), np.log(rho_min), n))
 
 
+def beta_grid(rho_max: float, rho_min: float, n: int, a: float = 0.6, b: float = 0.6) -> np.ndarray:
+    """``n`` values from ``ρ_max`` to ``ρ_min`` at the quantiles of a Beta(a, b) law: dense at both ends of the
+    noise range (Lee et al. 2024, "Beta Sampling is All You Need", Sec. 4; a = b = 0.6 as in diffusers)."""
+    from scipy.stats import beta  # scipy is a dependency; imported here to keep `import samplers` light
+
+    if n == 1:
+        return np.array([rho_max])
+    q = beta.ppf(1 - np.arange(n) / (n - 1), a, b)
+    return rho_min + q * (rho_max - rho_min)
+
+
 def spacing_timesteps(n: int, num_train_timesteps: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
-    """diffusers' multistep ``timestep_spacing`` (DPMSolverMultistep / DEIS / UniPC), as integer-valued floats."""
+    """diffusers' multistep ``timestep_spacing`` (DPMSolverMultistep / DEIS / UniPC), as integer-valued floats.
+
+    Where rounding would repeat a timestep (``n`` close to or above ``num_train_timesteps``) the same spacing is
+    returned unrounded, so that every one of the ``n`` evaluations is at a distinct noise level.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
     T = num_train_timesteps
     if spacing == "linspace":
-        ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+        exact = np.linspace(0, T - 1, n + 1)[::-1][:-1]
     elif spacing == "leading":
-        ts = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1] + steps_offset
+        step = T // (n + 1)
+        exact = (np.arange(0, n + 1) * (step if step >= 1 else T / (n + 1)))[::-1][:-1] + steps_offset
     elif spacing == "trailing":
-        ts = np.arange(T, 0, -T / n).round() - 1
+        exact = np.arange(T, 0, -T / n)[:n] - 1
     else:
         raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
-    return ts.astype(np.float64)
+    rounded = exact.round()
+    if np.all(np.diff(rounded) < 0):
+        return rounded.astype(np.float64)
+    return np.clip(exact, 0, T - 1).astype(np.float64)
 
 
 def flow_shift(sigmas: np.ndarray, scale: float) -> np.ndarray:

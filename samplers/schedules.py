@@ -20,23 +20,29 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["BETA_SCHEDULES", "FlowSchedule", "NoiseSchedule", "VPSchedule", "alphas_cumprod_from_config"]
+__all__ = [
+    "BETA_SCHEDULES",
+    "FlowSchedule",
+    "NoiseSchedule",
+    "VPSchedule",
+    "alphas_cumprod_from_config",
+    "betas_from_config",
+]
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
-def alphas_cumprod_from_config(
+def betas_from_config(
     num_train_timesteps: int = 1000,
     beta_start: float = 0.0001,
     beta_end: float = 0.02,
     beta_schedule: str = "linear",
     trained_betas: list[float] | np.ndarray | None = None,
     rescale_betas_zero_snr: bool = False,
-) -> np.ndarray:
-    """``ᾱ`` as float64, bit-identical to diffusers' float32 ``alphas_cumprod`` for the same config.
+) -> torch.Tensor:
+    """diffusers' float32 ``betas`` for a scheduler config (``trained_betas`` wins and sets their number).
 
-    With ``rescale_betas_zero_snr`` the last ``ᾱ`` is 0 (Lin et al. 2024, Alg. 1). It is then clamped to ``2⁻²⁴``,
-    as diffusers' Euler scheduler does, so that ``ρ`` stays finite.
+    With ``rescale_betas_zero_snr`` the last beta is 1 (Lin et al. 2024, Alg. 1: zero terminal SNR).
     """
     if trained_betas is not None:
         betas = torch.tensor(np.asarray(trained_betas, dtype=np.float64), dtype=torch.float32)
@@ -55,12 +61,30 @@ def alphas_cumprod_from_config(
         raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES} (or trained_betas), got {beta_schedule!r}")
     if betas.ndim != 1 or betas.numel() < 2 or not bool(((betas > 0) & (betas < 1)).all()):
         raise ValueError("betas must be a 1-D sequence of at least 2 values in (0, 1)")
+    return _rescale_zero_terminal_snr(betas) if rescale_betas_zero_snr else betas
+
+
+def alphas_cumprod_from_config(
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.0001,
+    beta_end: float = 0.02,
+    beta_schedule: str = "linear",
+    trained_betas: list[float] | np.ndarray | None = None,
+    rescale_betas_zero_snr: bool = False,
+) -> np.ndarray:
+    """``ᾱ`` as float64, bit-identical to diffusers' float32 ``alphas_cumprod`` for the same config.
+
+    With ``rescale_betas_zero_snr`` the last ``ᾱ`` is 0 (Lin et al. 2024, Alg. 1). diffusers then clamps it to
+    ``2⁻²⁴`` so that ``ρ`` stays finite. With many train steps the one before it is already below ``2⁻²⁴``, so the
+    clamp is ``min(2⁻²⁴, ᾱ_{T-2}² / ᾱ_{T-3})`` (log-linear extrapolation): ``ρ`` stays finite and strictly increasing.
+    The model sees ``x_T`` at ``α ≈ 0`` either way; the sampler's first ``x̂0`` is that of a ``v``-model at SNR 0.
+    """
+    betas = betas_from_config(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                              rescale_betas_zero_snr)
+    ac = torch.cumprod(1.0 - betas, dim=0).double().numpy()
     if rescale_betas_zero_snr:
-        betas = _rescale_zero_terminal_snr(betas)
-    ac = torch.cumprod(1.0 - betas, dim=0)
-    if rescale_betas_zero_snr:
-        ac[-1] = 2**-24
-    return ac.double().numpy()
+        ac[-1] = min(2.0**-24, ac[-2] ** 2 / ac[-3]) if ac.size >= 3 else 2.0**-24
+    return ac
 
 
 def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ The diffusers contract (``from_config`` of VP and flow configs, custom ``timeste
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,16 +16,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import register_to_config
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .cpr import CascadePolynomialRegression
 from .dc import compensation_weights
-from .scheduling_deis import PREDICTION_TYPES, DEISScheduler, DEISSchedulerOutput
+from .scheduling_deis import DEISScheduler, DEISSchedulerOutput
 from .unipc import SOLVER_TYPES, unic_coefficients, unip_coefficients
 
 __all__ = ["DCSolverScheduler"]
 
+# diffusers' pipeline loader looks the loadable base classes up in the module that defines a component's class:
+# without these names here, a pipeline saved with a DCSolverScheduler cannot be loaded again.
+_LOADABLE_BASES = (ConfigMixin, SchedulerMixin)
+logger = logging.getLogger(__name__)
 DC_VARIABLES = ("t", "lambda")
+# solver_type values of DPM-Solver / DEIS configs; diffusers' UniPC reads them as bh2, and so does DC-Solver
+FOREIGN_SOLVER_TYPES = ("midpoint", "heun", "logrho")
 
 
 @dataclass
@@ -90,6 +98,15 @@ class DCSolverScheduler(DEISScheduler):
         time_shift_type: str = "exponential",
         use_flow_sigmas: bool = False,
         flow_shift: float = 1.0,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        searched_timesteps: list[float] | None = None,
         time_grid: str = "time",
         time_grid_power: float | None = 1.0,
         solver_order: int = 2,
@@ -104,12 +121,20 @@ class DCSolverScheduler(DEISScheduler):
         cpr_guidance_scale: float | None = None,
         cpr_extrapolate: bool = False,
     ) -> None:
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order must be one of [1, 2, 3], got {solver_order!r}")
-        if solver_type not in SOLVER_TYPES:
-            raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+        if solver_type in FOREIGN_SOLVER_TYPES:
+            logger.info("solver_type=%r is a DPM-Solver/DEIS option; DC-Solver uses 'bh2' instead", solver_type)
+            self.register_to_config(solver_type="bh2")
+        elif solver_type not in SOLVER_TYPES:
+            raise ValueError(f"solver_type must be one of {SOLVER_TYPES} (or {FOREIGN_SOLVER_TYPES}, read as 'bh2'), "
+                             f"got {solver_type!r}")
+        if isinstance(disable_corrector, (str, bytes)) or not isinstance(disable_corrector, Sequence | np.ndarray):
+            raise TypeError(f"disable_corrector must be a list of step indices, got {disable_corrector!r}")
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in disable_corrector):
+            raise ValueError(f"disable_corrector must hold integers >= 0, got {list(disable_corrector)!r}")
+        if not isinstance(disable_corrector, list):  # a tuple would come back from JSON as a list
+            self.register_to_config(disable_corrector=[int(i) for i in disable_corrector])
         if isinstance(dc_order, bool) or dc_order not in (1, 2, 3):
             raise ValueError(f"dc_order must be one of [1, 2, 3], got {dc_order!r}")
         if dc_variable not in DC_VARIABLES:
@@ -117,8 +142,7 @@ class DCSolverScheduler(DEISScheduler):
         _check_ratios(dc_ratios, None)
         if cpr is not None:
             CascadePolynomialRegression.from_dict(cpr)  # validates
-        self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
-                            timestep_spacing, rescale_betas_zero_snr, time_shift_type, time_grid, time_grid_power)
+        self._init_schedule()
         self.order = 1
         self._plan: _DCPlan | None = None
         self._ratios: list[float] = []
@@ -187,6 +211,7 @@ class DCSolverScheduler(DEISScheduler):
                 orders.append(0)
                 continue
             p = min(cfg.solver_order, k - start + 1, n - k if cfg.lower_order_final else cfg.solver_order)
+            p = _finite_order(lams[k::-1], p)
             orders.append(p)
             hist = [float(v) for v in lams[k::-1][:p]]
             plan.predictor.append(
@@ -221,19 +246,6 @@ class DCSolverScheduler(DEISScheduler):
         return self._plan is not None and self._plan.dc_nodes[index] is not None
 
     # ----------------------------------------------------------------------------------------------------------------
-    def convert_output(
-        self, out: torch.Tensor, x: torch.Tensor, alpha: float, sigma: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ε, x̂0)`` from a model output at noise level ``(α, σ)`` for this ``prediction_type``."""
-        pred = self.config.prediction_type
-        if pred == "epsilon":
-            return out, (x - sigma * out) / alpha
-        if pred == "sample":
-            return (x - alpha * out) / sigma, out
-        if pred == "v_prediction":
-            return sigma * x + alpha * out, alpha * x - sigma * out
-        return x + alpha * out, x - sigma * out  # flow: v = ε - x0
-
     def _x0(self, model_output: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
         out = model_output.to(device=x.device, dtype=x.dtype)
         return self.convert_output(out, x, self._plan.alphas[k], self._plan.sigmas_f[k])[1]
@@ -305,6 +317,14 @@ class DCSolverScheduler(DEISScheduler):
         if not return_dict:
             return (prev,)
         return DEISSchedulerOutput(prev_sample=prev, pred_original_sample=history[0].to(sample.dtype))
+
+
+def _finite_order(lams_newest_first: np.ndarray, order: int) -> int:
+    """The order capped at the number of history points with finite ``λ``: a flow model's first point (``σ = 1``,
+    ``λ = -∞``) cannot enter a polynomial in ``λ``; at order 2 its term vanishes on its own,
+    at order 3 it gives NaN."""
+    finite = np.isfinite(lams_newest_first[:order])
+    return max(1, int(np.argmin(finite)) if not finite.all() else order)
 
 
 def _solver(solver_type: str, lam_s0: float) -> str:

@@ -21,19 +21,23 @@ from .deis import RK_TABLEAUX, Plan, multistep_plan, order_range, rk_plan
 from .grids import (
     TIME_GRIDS,
     TIMESTEP_SPACINGS,
+    beta_grid,
     flow_shift,
     log_rho_grid,
     power_grid,
     rho_power_grid,
     spacing_timesteps,
 )
-from .schedules import FlowSchedule, NoiseSchedule, VPSchedule, alphas_cumprod_from_config
+from .schedules import FlowSchedule, NoiseSchedule, VPSchedule, alphas_cumprod_from_config, betas_from_config
+from .thresholding import dynamic_threshold
 
 __all__ = ["DEISScheduler", "DEISSchedulerOutput"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 TIME_SHIFT_TYPES = ("exponential", "linear")
 DEFAULT_GRID_POWER = {"time": 1.5, "rho": 7.0}
+SIGMA_GRID_FLAGS = {"use_karras_sigmas": "rho", "use_exponential_sigmas": "log_rho", "use_beta_sigmas": "beta"}
+OWN_CLASSES = ("DEISScheduler", "DCSolverScheduler")
 
 
 @dataclass
@@ -44,7 +48,10 @@ class DEISSchedulerOutput(SchedulerOutput):
 
 
 def _is_flow_config(config: Mapping[str, Any]) -> bool:
+    """Whether a *foreign* config (another scheduler's) describes a rectified-flow model."""
     name = str(config.get("_class_name") or "")
+    if name in OWN_CLASSES:
+        return config.get("prediction_type") == "flow_prediction"
     return (
         name.startswith("FlowMatch")
         or bool(config.get("use_flow_sigmas"))
@@ -108,54 +115,107 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
         time_shift_type: str = "exponential",
         use_flow_sigmas: bool = False,
         flow_shift: float = 1.0,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        searched_timesteps: list[float] | None = None,
         deis_method: str = "tab",
         deis_order: int = 3,
         time_grid: str = "time",
         time_grid_power: float | None = None,
         deis_lower_order: bool = True,
     ) -> None:
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         allowed = order_range(deis_method)  # validates deis_method
         if isinstance(deis_order, bool) or deis_order not in allowed:
             raise ValueError(
                 f"deis_order for deis_method={deis_method!r} must be one of {list(allowed)}, got {deis_order!r}"
             )
-        self._init_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
-                            timestep_spacing, rescale_betas_zero_snr, time_shift_type, time_grid, time_grid_power)
+        self._init_schedule()
         self.order = len(RK_TABLEAUX[deis_order].c) if deis_method == "rhork" else 1
         self._plan: Plan | None = None
         self._reset_state()
 
-    def _init_schedule(self, num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
-                       trained_betas, prediction_type: str, timestep_spacing: str, rescale_betas_zero_snr: bool,
-                       time_shift_type: str, time_grid: str, time_grid_power: float | None) -> None:
-        """Validate the schedule and grid options shared with :class:`~samplers.DCSolverScheduler`, and build the
-        noise schedule and the state before the first ``set_timesteps``."""
-        if time_grid not in TIME_GRIDS:
-            raise ValueError(f"time_grid must be one of {TIME_GRIDS}, got {time_grid!r}")
-        if time_grid_power is not None and not (
-            isinstance(time_grid_power, (int, float)) and math.isfinite(time_grid_power) and time_grid_power > 0
-        ):
-            raise ValueError(f"time_grid_power must be None or a finite number > 0, got {time_grid_power!r}")
-        if timestep_spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
-        if time_shift_type not in TIME_SHIFT_TYPES:
-            raise ValueError(f"time_shift_type must be one of {TIME_SHIFT_TYPES}, got {time_shift_type!r}")
-        if prediction_type == "flow_prediction":
-            self.schedule: NoiseSchedule = FlowSchedule(num_train_timesteps)
+    def _init_schedule(self) -> None:
+        """Validate the schedule, grid and output options shared with :class:`~samplers.DCSolverScheduler` (read
+        from ``self.config``), and build the noise schedule and the state before the first ``set_timesteps``."""
+        cfg = self.config
+        if cfg.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {cfg.prediction_type!r}")
+        if cfg.use_flow_sigmas and cfg.prediction_type != "flow_prediction":
+            # diffusers' DPM-Solver reads such configs as flow; stored here they would change meaning on reload
+            raise ValueError(f"use_flow_sigmas=True needs prediction_type='flow_prediction', got "
+                             f"{cfg.prediction_type!r} (a VP model takes use_flow_sigmas=False)")
+        if cfg.time_grid not in TIME_GRIDS:
+            raise ValueError(f"time_grid must be one of {TIME_GRIDS}, got {cfg.time_grid!r}")
+        power = cfg.time_grid_power
+        if power is not None and (isinstance(power, bool) or not isinstance(power, (int, float))
+                                  or not math.isfinite(power) or power <= 0):
+            raise ValueError(f"time_grid_power must be None or a finite number > 0, got {power!r}")
+        if cfg.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {cfg.timestep_spacing!r}")
+        if cfg.time_shift_type not in TIME_SHIFT_TYPES:
+            raise ValueError(f"time_shift_type must be one of {TIME_SHIFT_TYPES}, got {cfg.time_shift_type!r}")
+        flags = [k for k in SIGMA_GRID_FLAGS if cfg.get(k)]
+        if len(flags) > 1:
+            raise ValueError(f"at most one of {list(SIGMA_GRID_FLAGS)} may be True, got {flags}")
+        if not 0 < cfg.dynamic_thresholding_ratio < 1:
+            raise ValueError(f"dynamic_thresholding_ratio must lie in (0, 1), got {cfg.dynamic_thresholding_ratio!r}")
+        if not cfg.sample_max_value >= 1:
+            raise ValueError(f"sample_max_value must be >= 1, got {cfg.sample_max_value!r}")
+        if cfg.prediction_type == "flow_prediction":
+            if cfg.trained_betas is not None or cfg.rescale_betas_zero_snr:
+                raise ValueError("trained_betas and rescale_betas_zero_snr describe a VP schedule; "
+                                 "prediction_type='flow_prediction' uses σ = t/T (leave them unset)")
+            self.schedule: NoiseSchedule = FlowSchedule(cfg.num_train_timesteps)
+            self.betas = None
             self.alphas_cumprod = None
         else:
-            ac = alphas_cumprod_from_config(
-                num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
-            )
+            args = (cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.trained_betas,
+                    cfg.rescale_betas_zero_snr)
+            self.betas = betas_from_config(*args)
+            ac = alphas_cumprod_from_config(*args)
             self.schedule = VPSchedule(ac)
             self.alphas_cumprod = torch.from_numpy(ac).float()
+        self._check_sigma_bounds()
+        if cfg.searched_timesteps is not None:
+            self._user_timesteps(cfg.searched_timesteps)  # validates
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
-        self.timesteps = torch.from_numpy(np.arange(num_train_timesteps)[::-1].astype(np.float32))
+        T = self.schedule.num_train_timesteps
+        self.timesteps = torch.from_numpy(np.arange(T)[::-1].astype(np.float32))
         self.sigmas = torch.from_numpy(self.schedule.rho(self.timesteps.double().numpy()).astype(np.float32))
         self._begin_index: int | None = None
+
+    def _grid_kind(self) -> tuple[str, float]:
+        """The grid in use and its power: ``use_karras_sigmas`` etc. (diffusers' flags) override ``time_grid``."""
+        cfg = self.config
+        for flag, grid in SIGMA_GRID_FLAGS.items():
+            if cfg.get(flag):
+                return grid, 7.0
+        return cfg.time_grid, float(cfg.time_grid_power or DEFAULT_GRID_POWER.get(cfg.time_grid, 1.0))
+
+    def _check_sigma_bounds(self) -> None:
+        cfg = self.config
+        if cfg.sigma_min is None and cfg.sigma_max is None:
+            return
+        if self._grid_kind()[0] not in ("rho", "log_rho", "beta"):
+            raise ValueError("sigma_min/sigma_max bound the 'rho', 'log_rho' and 'beta' grids (or use_karras_sigmas, "
+                             f"use_exponential_sigmas, use_beta_sigmas); time_grid={cfg.time_grid!r} has no σ range")
+        sch = self.schedule
+        lo, hi = (0.0, 1.0) if self.is_flow else (float(sch.rho(0.0)), float(sch.rho(sch.t_max)))
+        for name in ("sigma_min", "sigma_max"):
+            v = cfg.get(name)
+            if v is not None and not (isinstance(v, (int, float)) and lo * (1 - 1e-6) <= v <= hi * (1 + 1e-6)
+                                      and (not self.is_flow or 0 < v < 1)):
+                unit = "flow σ in (0, 1)" if self.is_flow else f"ρ = σ/α in [{lo:.6g}, {hi:.6g}]"
+                raise ValueError(f"{name} must be None or a {unit}, got {v!r}")
+        if cfg.sigma_min is not None and cfg.sigma_max is not None and not cfg.sigma_min < cfg.sigma_max:
+            raise ValueError(f"sigma_min must be < sigma_max, got {cfg.sigma_min!r} >= {cfg.sigma_max!r}")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any):
@@ -192,7 +252,7 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
         self._anchor: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return self.config.num_train_timesteps
+        return self.schedule.num_train_timesteps
 
     # ----------------------------------------------------------------------------------------------------------------
     def _flow_scale(self, mu: float | None) -> float:
@@ -212,9 +272,9 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
 
     def _grid_timesteps(self, n: int, mu: float | None) -> np.ndarray:
         cfg, sch = self.config, self.schedule
-        grid, T = cfg.time_grid, cfg.num_train_timesteps
-        kappa = float(cfg.time_grid_power or DEFAULT_GRID_POWER.get(grid, 1.0))
+        grid, kappa = self._grid_kind()
         if self.is_flow:
+            T = cfg.num_train_timesteps
             m = self._flow_scale(mu)
             if grid == "time":
                 return self._flow_sigmas_to_t(flow_shift(power_grid(1.0, 0.0, n, kappa), m))
@@ -222,13 +282,23 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
                 sigma_min = 1 / T if cfg.use_dynamic_shifting else float(flow_shift(1 / T, m))
                 return self._flow_sigmas_to_t(flow_shift(np.linspace(1.0, sigma_min, n), m))
             rho_max, rho_min = m * (T - 1), m / (T - 1)  # ρ at σ = (T-1)/T and 1/T, shifted
+            if cfg.sigma_max is not None:
+                rho_max = cfg.sigma_max / (1 - cfg.sigma_max)
+            if cfg.sigma_min is not None:
+                rho_min = cfg.sigma_min / (1 - cfg.sigma_min)
         else:
             if grid == "time":
                 return power_grid(sch.t_max, 0.0, n, kappa)
             if grid == "spacing":
-                return spacing_timesteps(n, T, cfg.timestep_spacing, cfg.steps_offset)
-            rho_max, rho_min = float(sch.rho(sch.t_max)), float(sch.rho(0.0))
-        rhos = rho_power_grid(rho_max, rho_min, n, kappa) if grid == "rho" else log_rho_grid(rho_max, rho_min, n)
+                return spacing_timesteps(n, sch.num_train_timesteps, cfg.timestep_spacing, cfg.steps_offset)
+            rho_max = float(sch.rho(sch.t_max)) if cfg.sigma_max is None else float(cfg.sigma_max)
+            rho_min = float(sch.rho(0.0)) if cfg.sigma_min is None else float(cfg.sigma_min)
+        if grid == "rho":
+            rhos = rho_power_grid(rho_max, rho_min, n, kappa)
+        elif grid == "beta":
+            rhos = beta_grid(rho_max, rho_min, n)
+        else:
+            rhos = log_rho_grid(rho_max, rho_min, n)
         return sch.t_of_rho(rhos)
 
     def _user_timesteps(self, timesteps: Any) -> np.ndarray:
@@ -286,7 +356,9 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
             if num_inference_steps < 1:
                 raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-            nodes = self._grid_timesteps(int(num_inference_steps), mu)
+            nodes = self._searched(int(num_inference_steps))
+            if nodes is None:
+                nodes = self._grid_timesteps(int(num_inference_steps), mu)
         if num_inference_steps is not None and len(nodes) != num_inference_steps:
             raise ValueError(f"num_inference_steps={num_inference_steps} but {len(nodes)} timesteps/sigmas were given")
         nodes = nodes.astype(np.float32).astype(np.float64)  # what the model receives, so that ρ matches it exactly
@@ -303,6 +375,22 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
             self.timesteps = torch.from_numpy(ts.astype(np.float32)).to(device)
         level = self._plan.sigmas if self.is_flow else self._plan.rhos
         self.sigmas = torch.from_numpy(np.append(level, 0.0).astype(np.float32))
+
+    def _searched(self, n: int) -> np.ndarray | None:
+        """The searched schedule of the config (:func:`samplers.search_schedule`) when it has ``n`` steps."""
+        ts = self.config.searched_timesteps
+        if ts is None or len(ts) != n:
+            return None
+        return self._user_timesteps(ts)
+
+    def set_searched_timesteps(self, timesteps: list[float] | None) -> None:
+        """Store a searched schedule in the config (saved by ``save_pretrained``); ``set_timesteps(len(timesteps))``
+        uses it from then on, other step counts keep the default grid. ``None`` removes it."""
+        if timesteps is not None:
+            timesteps = [float(t) for t in self._user_timesteps(timesteps)]
+            if np.any(np.diff(timesteps) >= 0):
+                raise ValueError(f"searched timesteps must be strictly decreasing, got {timesteps}")
+        self.register_to_config(searched_timesteps=timesteps)
 
     def _build_plan(self, start: int) -> None:
         cfg = self.config
@@ -341,15 +429,27 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
     # ----------------------------------------------------------------------------------------------------------------
     def _convert(self, out: torch.Tensor, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ε, x̂0)`` from the model output at evaluation ``k``."""
-        a, s = self._alphas[k], self._sigmas_f[k]
+        return self.convert_output(out, x, self._alphas[k], self._sigmas_f[k])
+
+    def convert_output(
+        self, out: torch.Tensor, x: torch.Tensor, alpha: float, sigma: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ε, x̂0)`` from a model output at noise level ``(α, σ)`` for this ``prediction_type``; with
+        ``thresholding`` the ``x̂0`` is dynamically thresholded and ``ε`` made consistent with it."""
+        a, s = alpha, sigma
         pred = self.config.prediction_type
         if pred == "epsilon":
-            return out, (x - s * out) / a
-        if pred == "sample":
-            return (x - a * out) / s, out
-        if pred == "v_prediction":  # v = α ε - σ x0, α² + σ² = 1
-            return s * x + a * out, a * x - s * out
-        return x + a * out, x - s * out  # flow: v = ε - x0, x = α x0 + σ ε, α = 1 - σ
+            eps, x0 = out, (x - s * out) / a
+        elif pred == "sample":
+            eps, x0 = (x - a * out) / s, out
+        elif pred == "v_prediction":  # v = α ε - σ x0, α² + σ² = 1
+            eps, x0 = s * x + a * out, a * x - s * out
+        else:  # flow: v = ε - x0, x = α x0 + σ ε, α = 1 - σ
+            eps, x0 = x + a * out, x - s * out
+        if self.config.thresholding:
+            x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+            eps = (x - a * x0) / s
+        return eps, x0
 
     def step(
         self,

@@ -130,22 +130,22 @@ class NVFP4Format:
         elem_max, scale_max = self.element.max, _E4M3.max
         amax = _finite_amax(w.reshape(-1)).squeeze() if tensor_amax is None else torch.as_tensor(tensor_amax)
         s_t = (amax.to(w.dtype) / (scale_max * elem_max)).reshape(())
-        if not torch.isfinite(s_t) or s_t < 0:
+        if not torch.compiler.is_compiling() and (not torch.isfinite(s_t) or s_t < 0):
             raise ValueError(f"tensor amax must be finite and non-negative, got {float(amax)}")
-        if s_t == 0:
-            return torch.zeros_like(s_t), torch.zeros_like(w[..., :1])
-        s_b = _E4M3.quantize((_finite_amax(w) / elem_max / s_t).clamp_(_E4M3.min_subnormal, scale_max))
-        return s_t, s_b
+        # an all-zero tensor (s_t = 0) gets zero scales; no branch on s_t, so torch.compile traces it whole
+        zero = s_t == 0
+        safe = torch.where(zero, torch.ones_like(s_t), s_t)
+        s_b = _E4M3.quantize((_finite_amax(w) / elem_max / safe).clamp_(_E4M3.min_subnormal, scale_max))
+        return s_t, torch.where(zero, torch.zeros_like(s_b), s_b)
 
     def quantize(
         self, x: torch.Tensor, dim: int = -1, tensor_amax: float | torch.Tensor | None = None
     ) -> torch.Tensor:
         w, n = _to_blocks(x, dim, self.block_size)
         s_t, s_b = self._scales(w, tensor_amax)
-        if s_t == 0:  # an all-zero tensor: keep NaN, zero the rest
-            return _from_blocks(w * 0.0, n, dim, x.dtype)
-        denom = s_b * s_t
-        q = self.element.quantize(w / denom) * denom
+        zero = s_t == 0  # an all-zero tensor: keep NaN, zero the rest (branch-free, see _scales)
+        denom = torch.where(zero, torch.ones_like(s_t), s_b * s_t)
+        q = torch.where(zero, w * 0.0, self.element.quantize(w / denom) * denom)
         return _from_blocks(q, n, dim, x.dtype)
 
     def encode(

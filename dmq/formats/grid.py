@@ -55,6 +55,8 @@ def round_to_grid(x: torch.Tensor, spec: GridSpec, out_dtype: torch.dtype | None
     top = max(spec.emin, math.frexp(max(abs(spec.lo), abs(spec.hi)))[1] - 1)
     if spec.emin + exp_bias < 1 or top + width - spec.man_bits > exp_bias or not 0 <= spec.man_bits <= width:
         raise ValueError(f"grid with emin={spec.emin}, man_bits={spec.man_bits} does not fit the {wd} kernel")
+    if torch.compiler.is_compiling():  # traced strides can disagree with eager ones: flatten a fresh copy
+        x = x.clone(memory_format=torch.contiguous_format)
     flat = x.reshape(-1)
     out_dtype = out_dtype or x.dtype
     out = torch.empty(flat.shape, dtype=out_dtype, device=x.device)

@@ -11,6 +11,7 @@ from dmq import formats
 from dmq.config import QuantSpec
 from dmq.fake_quant import quantize_weight, weight_qparams
 from dmq.packed import pack_weight, unpack_codes, unpack_weight
+from dmq.packed_weight import PackedWeight
 from tests.dmq.helpers import backbone_loop, tiny_dit, tiny_unet
 
 WEIGHT_SPECS = [
@@ -108,8 +109,11 @@ def _frozen_pair(preset, build, steps=(900, 100)):
 @pytest.mark.parametrize("build", [tiny_unet, tiny_dit], ids=["unet", "dit"])
 def test_frozen_matches_fake_quant_for_every_preset(preset, build, one_thread):
     fake, packed, loop = _frozen_pair(preset, build)
-    assert not any(isinstance(p, nn.Parameter) and n.endswith("weight") and n.rpartition(".")[0] in packed._dmq.modules
-                   for n, p in packed.named_parameters())
+    # every quantized layer keeps a .weight, now a packed tensor: no float copy of a quantized weight remains
+    for n in packed._dmq.modules:
+        w = packed.get_submodule(n).weight
+        assert isinstance(w, PackedWeight) == bool(packed.get_submodule(n).weight_layouts)
+        assert w.shape == fake.get_submodule(n).weight.shape and w.dtype == fake.get_submodule(n).weight.dtype
     with torch.no_grad():
         ref = loop(fake)
         with dmq.kernels.disable("int_gemm"):  # the dequantize-on-the-fly path: bit for bit
@@ -157,19 +161,22 @@ def test_restore_after_packing_is_refused_unless_dequantized_weights_are_asked_f
         assert all(torch.equal(a, b) for a, b in zip(expect, loop(q)))
 
 
-def test_dtype_casts_move_packed_buffers_but_never_convert_them():
+def test_dtype_casts_of_a_packed_model_raise_before_changing_anything():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 32))
-    q = dmq.freeze(dmq.quantize(model, dmq.get_config("fp8").replace(keep_fp=(), act=None, attn=None)))
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8))
+    q = dmq.freeze(dmq.quantize(model, dmq.get_config("fp8").replace(keep_fp=("1",), act=None, attn=None)))
     lin = q[0]
-    before = {n: lin._buffers[n].clone() for n in lin._packed_names}
-    q.to(torch.bfloat16)
-    assert lin.bias.dtype == torch.bfloat16
-    for n, t in before.items():
-        assert lin._buffers[n].dtype == t.dtype and torch.equal(lin._buffers[n].view(torch.uint8),
-                                                                t.view(torch.uint8))
-    x = torch.randn(3, 64)
-    assert q(x.bfloat16()).dtype == torch.bfloat16
+    before = {n: t.clone() for n, t in lin.weight.tensors().items()}
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()):
+        with pytest.raises(ValueError, match="cannot be cast"):
+            cast(q)
+    assert lin.bias.dtype == torch.float32 and isinstance(lin.weight, PackedWeight)
+    for n, t in lin.weight.tensors().items():
+        assert t.dtype == before[n].dtype and torch.equal(t.view(torch.uint8), before[n].view(torch.uint8))
+    q.to("cpu")  # moves are fine
+    assert isinstance(lin.weight, PackedWeight)
+    # a cast of the bare weight is a new float tensor: the dequantized weight in that dtype
+    assert torch.equal(lin.weight.to(torch.bfloat16), lin.weight.dequantize(torch.bfloat16))
 
 
 def test_activation_only_config_packs_nothing_and_runs():

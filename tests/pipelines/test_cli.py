@@ -16,7 +16,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from pipelines import cli, load_quantized, quantize_pipeline, search_dc_ratios, use_sampler
+from pipelines import cli, fit_sampler, load_quantized, quantize_pipeline, use_sampler
 from pipelines.digits_pipeline import DigitsPipeline
 from pipelines.evaluation import save_grid
 
@@ -98,19 +98,20 @@ def test_sample_writes_the_grid_of_the_library_samples(folders, tmp_path, one_th
         assert np.array_equal(np.asarray(got), np.asarray(expected))
 
 
-def test_search_writes_the_searched_ratios_into_the_folder(folders, tmp_path, one_thread):
+def test_search_writes_the_searched_sampler_into_the_folder(folders, tmp_path, one_thread):
     folder = Path(shutil.copytree(folders / "q", tmp_path / "q"))
-    proc = dmq("search", folder, "--steps", "3", "--labels", "1,2", "--iterations", "2", "--reference-steps", "8",
-               "--no-progress")
+    proc = dmq("search", folder, "--steps", "3", "--labels", "1,2", "--num-latents", "4", "--iterations", "2",
+               "--reference-steps", "8", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     pipe = load_quantized(folders / "q")
-    ratios, _ = search_dc_ratios(pipe, [1, 2], 3, 2.0, fine_steps=8, iters=2, progress=False)
+    found = fit_sampler(pipe, [1, 2], 3, 2.0, num_latents=4, fine_steps=8, iters=2, progress=False)
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    assert config["_class_name"] == "DCSolverScheduler" and config["dc_ratios"] == pytest.approx(ratios, abs=1e-12)
+    assert config["_class_name"] == "DCSolverScheduler" and config["dc_ratios"] == pytest.approx(found["ratios"])
     assert json.loads((folder / "model_index.json").read_text())["scheduler"] == ["samplers", "DCSolverScheduler"]
-    reloaded = load_quantized(folder)  # the folder now loads with the searched sampler
-    assert type(reloaded.scheduler).__name__ == "DCSolverScheduler"
-    assert list(reloaded.scheduler.config.dc_ratios) == pytest.approx(ratios, abs=1e-12)
+    reloaded = load_quantized(folder)  # the folder now loads with the searched sampler, schedule and ratios
+    assert type(reloaded.scheduler) is type(pipe.scheduler)
+    assert {k: v for k, v in reloaded.scheduler.config.items() if not k.startswith("_")} == pytest.approx(
+        {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")})
 
 
 def test_a_bad_preset_exits_2_with_one_line(folders, tmp_path):

@@ -30,12 +30,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # schedules and grids
 
 
-@pytest.mark.parametrize("cfg", VP_CONFIGS + [{"beta_schedule": "linear", "rescale_betas_zero_snr": True}])
+@pytest.mark.parametrize("cfg", VP_CONFIGS)
 def test_alphas_cumprod_bit_identical_to_diffusers(cfg):
     from diffusers import EulerDiscreteScheduler
 
     ref = EulerDiscreteScheduler(**cfg).alphas_cumprod.double().numpy()
     assert np.array_equal(alphas_cumprod_from_config(**cfg), ref)
+
+
+@pytest.mark.parametrize("cfg", VP_CONFIGS)
+def test_zero_terminal_snr_schedule(cfg):
+    """Lin et al. 2024: identical to diffusers up to the clamped last ᾱ, which stays below its predecessor (diffusers'
+    fixed 2⁻²⁴ does not for linear betas), so the schedule is valid and ρ(T-1) is the largest finite level."""
+    from diffusers import EulerDiscreteScheduler
+
+    cfg = {**cfg, "rescale_betas_zero_snr": True}
+    ref = EulerDiscreteScheduler(**cfg).alphas_cumprod.double().numpy()
+    ac = alphas_cumprod_from_config(**cfg)
+    assert np.array_equal(ac[:-1], ref[:-1])
+    assert ac[-1] == min(2.0**-24, ac[-2] ** 2 / ac[-3]) and 0 < ac[-1] < ac[-2]
+    sch = VPSchedule(ac)  # raises unless strictly decreasing
+    assert np.isfinite(sch.rho(999.0)) and sch.rho(999.0) > 1e3
 
 
 @pytest.mark.parametrize("cfg", VP_CONFIGS)

@@ -1,0 +1,233 @@
+"""Searched schedules (and DC ratios on them) against every diffusers scheduler-and-grid pair (issue 17 goals).
+
+Three parts, all errors measured on latents that no search saw:
+
+* ``gmm``: 4 Gaussian mixtures (dimension, component count and seed vary) x guidance {1, 2, 4, 7.5} x NFE {5, 6, 8,
+  10}. Reference: the exact PF-ODE solution (``pipelines.gmm.reference_sample``, DOP853 1e-10). dmq options, each
+  searched on 24 latents (16 search + 8 held out for the rejection check): DEIS, UniPC (``DCSolverScheduler`` with
+  ratios 1) and DC-Solver (ratios searched on the searched UniPC schedule). Peers: the 19 diffusers scheduler/grid
+  pairs of ``scripts/bench_samplers.py``. Evaluation: 32 other latents.
+* ``models``: the bundled DiT and U-Net at NFE 5 and 10, guidance 2, against a 1000-step DDIM reference of the same
+  model; searches on 16 latents (8 held out), evaluation on 32 others.
+* ``quant``: the bundled DiT quantized W4A8 (``quantize_pipeline``), schedule and ratios searched on the quantized
+  backbone against the full-precision teacher; compared with the full-precision model on its default grid, both
+  against the full-precision 50-step... (here: 1000-step) reference.
+
+``nice python scripts/bench_schedules.py [--parts gmm,models,quant]`` writes ``benchmarks/samplers_fit.json``.
+The machine is shared (2 cores, 8 agents): wall times are indicative only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_samplers as bs  # noqa: E402
+
+from pipelines.dc_search import gmm_denoise, gmm_reference, guided_denoise  # noqa: E402
+from pipelines.gmm import GaussianMixture, GMMDenoiser, reference_sample  # noqa: E402
+from samplers import DCSolverScheduler, DEISScheduler, search_dc_ratios, search_schedule  # noqa: E402
+from samplers.dc import ddim_reference  # noqa: E402
+from samplers.schedule_search import fine_trajectory  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "samplers_fit.json"
+MIXTURES = [  # (classes, components per class, sample shape, seed)
+    (3, 2, (2, 4, 4), 0),
+    (4, 3, (1, 4, 4), 1),
+    (2, 4, (3, 4, 4), 2),
+    (5, 2, (16,), 3),
+]
+GUIDANCES = (1.0, 2.0, 4.0, 7.5)
+NFES = (5, 6, 8, 10)
+VP = bs.VP_CONFIG
+log = logging.getLogger("bench_schedules")
+
+
+def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    v = float((a.double() - b.double()).pow(2).mean().sqrt())
+    return v if math.isfinite(v) else float("inf")
+
+
+def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw) -> dict:
+    """Search DEIS, UniPC and DC(UniPC schedule + ratios); return {name: scheduler with its config set}."""
+    out, info = {}, {}
+    deis = DEISScheduler.from_config(VP)
+    r = search_schedule(den, deis, x_s, n, reference=exact_final, held_out=8, progress=False, **search_kw)
+    out["DEIS searched"], info["DEIS searched"] = deis, {"accepted": r.accepted, "reason": r.reason}
+    uni = DCSolverScheduler.from_config(VP)
+    r = search_schedule(den, uni, x_s, n, reference=exact_final, held_out=8, progress=False, **search_kw)
+    out["UniPC searched"], info["UniPC searched"] = uni, {"accepted": r.accepted, "reason": r.reason}
+    dc = DCSolverScheduler.from_config(uni.config)
+    ref = ref_states_fn(dc)
+    with torch.enable_grad():
+        ratios, _ = search_dc_ratios(den, dc, x_s, n, reference=ref, iters=20, held_out=8, progress=False)
+    out["DC-Solver searched"] = dc
+    info["DC-Solver searched"] = {"ratios": ratios, "schedule_accepted": r.accepted}
+    return out, info
+
+
+def gmm_part(progress: bool = True) -> dict:
+    cells = []
+    peers = bs.diffusers_candidates()
+    t_start = time.perf_counter()
+    for C, K, shape, seed in MIXTURES:
+        mix = GaussianMixture.random(C, K, shape, seed=seed)
+        model = GMMDenoiser(mix)
+        gen = torch.Generator().manual_seed(100 + seed)
+        x_s = torch.randn(24, *shape, generator=gen, dtype=torch.float64)
+        x_e = torch.randn(32, *shape, generator=gen, dtype=torch.float64)
+        lab_s, lab_e = torch.arange(24) % C, torch.arange(32) % C
+        for g in GUIDANCES:
+            den = gmm_denoise(model, lab_s, g)
+            final_s = reference_sample(model, x_s, lab_s, g)
+            final_e = reference_sample(model, x_e, lab_e, g)
+            for n in NFES:
+                t0 = time.perf_counter()
+                peer = {}
+                for cand in peers:
+                    sched, steps = cand.make(n)
+                    x, used = bs.sample(sched, steps, model, x_e, lab_e, g)
+                    if used == n:
+                        peer[f"{cand.name}|{cand.grid}"] = _rmse(x, final_e)
+                best_peer = min(peer, key=peer.get)
+                opts, info = _dmq_options(den, x_s, n, final_s,
+                                          lambda s: gmm_reference(model, s, x_s, lab_s, g, n), {})
+                dmq = {}
+                for name, sched in opts.items():
+                    x, _ = bs.sample(sched, n, model, x_e, lab_e, g)
+                    dmq[name] = _rmse(x, final_e)
+                default = {}
+                for name, sched in (("DEIS default", DEISScheduler.from_config(VP)),
+                                    ("UniPC default", DCSolverScheduler.from_config(VP))):
+                    default[name] = _rmse(bs.sample(sched, n, model, x_e, lab_e, g)[0], final_e)
+                best_dmq = min(dmq, key=dmq.get)
+                cell = {"mixture": f"GaussianMixture.random({C}, {K}, {shape}, seed={seed})", "guidance": g,
+                        "nfe": n, "best_peer": best_peer, "best_peer_rmse": peer[best_peer], "dmq": dmq,
+                        "default": default, "best_dmq": best_dmq, "ratio": dmq[best_dmq] / peer[best_peer],
+                        "searched_vs_default": {"DEIS": dmq["DEIS searched"] / default["DEIS default"],
+                                                "UniPC": dmq["UniPC searched"] / default["UniPC default"]},
+                        "search_info": info, "seconds": round(time.perf_counter() - t0, 1)}
+                cells.append(cell)
+                if progress:
+                    print(f"gmm {C},{K},{shape},{seed} g={g} n={n}: best dmq {best_dmq} {dmq[best_dmq]:.4f} vs "
+                          f"{best_peer} {peer[best_peer]:.4f} -> {cell['ratio']:.2f}x ({cell['seconds']}s)",
+                          flush=True)
+    return {"cells": cells, "seconds": round(time.perf_counter() - t_start, 1)}
+
+
+def _model_cells(name: str, backbone, null: int, backbone_ref=None, nfes=(5, 10), guidance: float = 2.0,
+                 progress: bool = True, label: str = "") -> list[dict]:
+    """One bundled model (optionally quantized, with its FP reference backbone)."""
+    ref_backbone = backbone_ref or backbone
+    gen = torch.Generator().manual_seed(7)
+    x_s = torch.randn(16, 1, 16, 16, generator=gen)
+    x_e = torch.randn(32, 1, 16, 16, generator=gen)
+    lab_s, lab_e = torch.arange(16) % 10, torch.arange(32) % 10
+    den = guided_denoise(backbone, lab_s, null, guidance)
+    ref_den_s = guided_denoise(ref_backbone, lab_s, null, guidance)
+    ref_den_e = guided_denoise(ref_backbone, lab_e, null, guidance)
+    sch = DEISScheduler.from_config(VP).schedule
+    grid = [999.0] + list(sch.t_of_rho(torch.logspace(math.log10(float(sch.rho(998.0))),
+                                                      math.log10(float(sch.rho(0.0))), 249).double().numpy()))
+    import numpy as np
+
+    final_e = fine_trajectory(ref_den_e, sch, "epsilon", x_e, np.array(grid), 4)[2].float()  # 1000 DDIM steps
+    cells = []
+    peers = bs.diffusers_candidates()
+    for n in nfes:
+        t0 = time.perf_counter()
+        peer = {}
+        for cand in peers:
+            sched, steps = cand.make(n)
+            x, used = bs.sample(sched, steps, backbone, x_e, lab_e, guidance, null_label=null)
+            if used == n:
+                peer[f"{cand.name}|{cand.grid}"] = _rmse(x, final_e)
+        best_peer = min(peer, key=peer.get)
+        kw = {"grid_points": 48, "substeps": 3, "reference_denoise": None if backbone_ref is None else ref_den_s}
+        opts, info = _dmq_options(den, x_s, n, None,
+                                  lambda s: ddim_reference(ref_den_s, s, x_s, n, 250), kw)
+        dmq = {k: _rmse(bs.sample(s, n, backbone, x_e, lab_e, guidance, null_label=null)[0], final_e)
+               for k, s in opts.items()}
+        default = {k: _rmse(bs.sample(s, n, backbone, x_e, lab_e, guidance, null_label=null)[0], final_e)
+                   for k, s in (("DEIS default", DEISScheduler.from_config(VP)),
+                                ("UniPC default", DCSolverScheduler.from_config(VP)))}
+        if backbone_ref is not None:  # the full-precision model on the default grids, same reference
+            default.update({f"FP {k}": _rmse(bs.sample(s, n, ref_backbone, x_e, lab_e, guidance,
+                                                       null_label=null)[0], final_e)
+                            for k, s in (("DEIS default", DEISScheduler.from_config(VP)),
+                                         ("UniPC default", DCSolverScheduler.from_config(VP)))})
+        best_dmq = min(dmq, key=dmq.get)
+        cell = {"model": name + label, "guidance": guidance, "nfe": n, "best_peer": best_peer,
+                "best_peer_rmse": peer[best_peer], "dmq": dmq, "default": default, "best_dmq": best_dmq,
+                "ratio": dmq[best_dmq] / peer[best_peer],
+                "searched_vs_default": {"DEIS": dmq["DEIS searched"] / default["DEIS default"],
+                                        "UniPC": dmq["UniPC searched"] / default["UniPC default"]},
+                "search_info": info, "seconds": round(time.perf_counter() - t0, 1)}
+        cells.append(cell)
+        if progress:
+            print(f"{name}{label} n={n}: best dmq {best_dmq} {dmq[best_dmq]:.4f} vs {best_peer} "
+                  f"{peer[best_peer]:.4f} -> {cell['ratio']:.2f}x ({cell['seconds']}s)", flush=True)
+    return cells
+
+
+def models_part(progress: bool = True) -> dict:
+    from pipelines import DigitsPipeline
+
+    cells = []
+    for name in ("digits-dit", "digits-unet"):
+        pipe = DigitsPipeline.from_pretrained(ROOT / "assets" / name)
+        cells += _model_cells(name, pipe.backbone.eval(), 10, progress=progress)
+    return {"cells": cells}
+
+
+def quant_part(progress: bool = True) -> dict:
+    import copy
+
+    from pipelines import DigitsPipeline, quantize_pipeline
+
+    fp = DigitsPipeline.from_pretrained(ROOT / "assets" / "digits-dit")
+    fp.set_progress_bar_config(disable=True)
+    q = copy.deepcopy(fp)
+    quantize_pipeline(q, "w4a8", call_kwargs=[{"class_labels": list(range(10))}], num_inference_steps=20,
+                      guidance_scale=2.0, progress=False)
+    cells = _model_cells("digits-dit", q.backbone.eval(), 10, backbone_ref=fp.backbone.eval(), progress=progress,
+                         label=" W4A8")
+    for c in cells:
+        best_fp_default = min(v for k, v in c["default"].items() if k.startswith("FP "))
+        c["goal"] = {"quantized_searched_rmse": c["dmq"][c["best_dmq"]], "fp_default_rmse": best_fp_default,
+                     "met": c["dmq"][c["best_dmq"]] < best_fp_default}
+    return {"cells": cells}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default="gmm,models,quant")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    report = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    report["command"] = "nice python scripts/bench_schedules.py"
+    report["machine"] = "shared CPU (2 cores, 8 agents), one torch thread"
+    for part, fn in (("gmm", gmm_part), ("models", models_part), ("quant", quant_part)):
+        if part in args.parts.split(","):
+            t0 = time.perf_counter()
+            report[part] = fn()
+            report[part]["wall_seconds"] = round(time.perf_counter() - t0, 1)
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

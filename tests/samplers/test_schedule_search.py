@@ -1,0 +1,156 @@
+"""samplers.search_schedule (GITS DP + pattern search), its held-out rejection and storage; DC search robustness."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+from pipelines.dc_search import gmm_denoise, gmm_reference
+from pipelines.gmm import GaussianMixture, GMMDenoiser, reference_sample
+from samplers import DCSolverScheduler, DEISScheduler, run_sampler, search_dc_ratios, search_schedule
+from samplers.schedule_search import _dp_path, held_out_rows, searched_timesteps_kwargs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+VP = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+
+
+@pytest.fixture(scope="module")
+def problem():
+    model = GMMDenoiser(GaussianMixture.random(3, 2, (2, 4, 4), seed=0))
+    x = torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    labels = torch.arange(16) % 3
+    return model, x, labels, gmm_denoise(model, labels, 1.0), reference_sample(model, x, labels, 1.0)
+
+
+def _rmse(a, b, rows=slice(None)):
+    return float((a[rows].double() - b[rows].double()).pow(2).mean().sqrt())
+
+
+def test_dp_path_is_the_brute_force_optimum():
+    rng = np.random.default_rng(0)
+    m = 7
+    cost = np.triu(rng.uniform(0.1, 1.0, (m, m)), 1)
+    cost[cost == 0] = np.inf
+    for steps in (1, 2, 3, 4):
+        best = min(
+            (sum(cost[a, b] for a, b in itertools.pairwise((0, *mid, m - 1))), (0, *mid, m - 1))
+            for mid in itertools.combinations(range(1, m - 1), steps - 1)
+        )
+        path = _dp_path(cost, steps)
+        assert tuple(path) == best[1]
+
+
+def test_searched_unipc_schedule_beats_its_default_on_held_out_latents(problem, tmp_path):
+    """At NFE 5 the searched schedule more than halves UniPC's error on latents the search never saw (exact
+    reference), is stored in the config, survives save_pretrained, and is used only for 5 steps."""
+    model, x, labels, den, ref = problem
+    sched = DCSolverScheduler.from_config(VP)
+    res = search_schedule(den, sched, x, 5, reference=ref, held_out=0.5, progress=False)
+    assert res.accepted and res.reason == ""
+    assert res.held_out_error < 0.25 * res.default_held_out_error  # RMSE below half
+    assert sched.config.searched_timesteps == res.timesteps and res.timesteps[0] == 999.0
+    # held-out rows, recomputed independently of the search's bookkeeping
+    got = run_sampler(den, sched, x, 5)
+    default = run_sampler(den, DCSolverScheduler.from_config(VP), x, 5)
+    assert _rmse(got, ref, slice(8, None)) == pytest.approx(res.held_out_error**0.5, rel=1e-9)
+    assert _rmse(got, ref, slice(8, None)) < 0.5 * _rmse(default, ref, slice(8, None))
+    sched.save_pretrained(tmp_path)
+    again = DCSolverScheduler.from_pretrained(tmp_path)
+    again.set_timesteps(5)
+    assert again.timesteps.double().tolist() == pytest.approx(res.timesteps, abs=1e-3)
+    again.set_timesteps(6)
+    plain = DCSolverScheduler.from_config(VP)
+    plain.set_timesteps(6)
+    assert torch.equal(again.timesteps, plain.timesteps)
+
+
+def test_rejects_a_schedule_that_is_worse_on_held_out_latents(problem, caplog):
+    """Held-out targets equal to the default grid's own output: every other schedule is worse there, so the search
+    must keep the default, say why, and leave the config alone."""
+    model, x, labels, den, ref = problem
+    sched = DEISScheduler.from_config(VP)
+    rigged = ref.clone()
+    rigged[8:] = run_sampler(den, DEISScheduler.from_config(VP), x, 5)[8:]
+    with caplog.at_level(logging.WARNING, logger="samplers.schedule_search"):
+        res = search_schedule(den, sched, x, 5, reference=rigged, held_out=8, progress=False)
+    assert not res.accepted and "worse than the default on 8 held-out latents" in res.reason
+    assert res.default_held_out_error == pytest.approx(0.0, abs=1e-24)
+    assert sched.config.searched_timesteps is None
+    assert "keeping the default grid" in caplog.text
+
+
+def test_diffusers_scheduler_with_timesteps(problem, tmp_path):
+    model, x, labels, den, ref = problem
+    dpm = diffusers.DPMSolverMultistepScheduler.from_config(VP, timestep_spacing="trailing", final_sigmas_type="zero")
+    res = search_schedule(den, dpm, x, 5, reference=ref, progress=False, refine_rounds=1)
+    assert res.accepted and all(t == int(t) for t in dpm.config.searched_timesteps)
+    assert res.held_out_error < res.default_held_out_error
+    dpm.save_pretrained(tmp_path)
+    again = diffusers.DPMSolverMultistepScheduler.from_pretrained(tmp_path)
+    kw = searched_timesteps_kwargs(again, 5)
+    assert kw == {"timesteps": dpm.config.searched_timesteps} and searched_timesteps_kwargs(again, 6) == {}
+    with pytest.raises(TypeError, match=r"UniPCMultistepScheduler.set_timesteps takes no `timesteps=`"):
+        search_schedule(den, diffusers.UniPCMultistepScheduler.from_config(VP), x, 5, progress=False)
+
+
+def test_quantization_aware_search_uses_the_reference_model(problem):
+    """A 'quantized' model (outputs off by 3 %) searched against the exact model's trajectory ends closer to the exact
+    model's samples than the same model on its default grid."""
+    model, x, labels, den, ref = problem
+
+    def noisy(xx, t):
+        return 1.03 * den(xx, t)
+
+    sched = DCSolverScheduler.from_config(VP)
+    res = search_schedule(noisy, sched, x, 6, reference_denoise=den, progress=False)
+    assert res.accepted
+    exact = reference_sample(model, x, labels, 1.0)
+    ours = run_sampler(noisy, sched, x, 6)
+    default = run_sampler(noisy, DCSolverScheduler.from_config(VP), x, 6)
+    assert _rmse(ours, exact, slice(8, None)) < 0.8 * _rmse(default, exact, slice(8, None))
+
+
+def test_search_arguments_are_validated(problem):
+    model, x, labels, den, ref = problem
+    s = DEISScheduler.from_config(VP)
+    with pytest.raises(ValueError, match=r"method must be one of \('dp', 'dp\+refine', 'refine'\), got 'adam'"):
+        search_schedule(den, s, x, 5, method="adam")
+    with pytest.raises(ValueError, match="num_inference_steps must be >= 2"):
+        search_schedule(den, s, x, 1)
+    with pytest.raises(TypeError, match="num_inference_steps must be an int"):
+        search_schedule(den, s, x, 5.0)
+    with pytest.raises(ValueError, match="reference has shape"):
+        search_schedule(den, s, x, 5, reference=ref[:3])
+    with pytest.raises(ValueError, match="grid_points must be an int >= 2"):
+        search_schedule(den, s, x, 5, grid_points=1)
+    assert held_out_rows(16, 0.25) == 4 and held_out_rows(16, 3) == 3 and held_out_rows(16, None) == 0
+    for bad in (0.0, 1.0, 16, 0):
+        with pytest.raises(ValueError, match="must leave at least one search and one held-out row"):
+            held_out_rows(16, bad)
+    with pytest.raises(TypeError, match="held_out must be None"):
+        held_out_rows(16, "half")
+    flow = diffusers.FlowMatchEulerDiscreteScheduler()
+    with pytest.raises(ValueError, match="supports diffusers' VP schedulers"):
+        search_schedule(den, flow, x, 5)
+
+
+def test_dc_ratios_default_reference_and_held_out_rejection(problem, caplog):
+    """Without `reference` the package's fine DDIM reference is used; held-out targets rigged to plain UniPC's own
+    output make any non-trivial ratios worse there, so they are reset to 1 with a logged reason."""
+    model, x, labels, den, ref = problem
+    sched = DCSolverScheduler.from_config(VP)
+    ratios, losses = search_dc_ratios(den, sched, x, 6, iters=5, progress=False)
+    assert len(ratios) == 6 and len(losses) == 6 and sched.config.dc_ratios == ratios
+    states = gmm_reference(model, DCSolverScheduler.from_config(VP), x, labels, 1.0, 6)
+    states[-1] = states[-1].clone()
+    states[-1][8:] = run_sampler(den, DCSolverScheduler.from_config(VP), x, 6)[8:]
+    sched = DCSolverScheduler.from_config(VP)
+    with caplog.at_level(logging.WARNING, logger="samplers.dc"):
+        ratios, _ = search_dc_ratios(den, sched, x, 6, reference=states, iters=10, held_out=8, progress=False)
+    assert ratios == [1.0] * 6 and sched.config.dc_ratios == [1.0] * 6
+    assert "worse on 8 held-out latents" in caplog.text
