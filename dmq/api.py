@@ -12,11 +12,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dmq import validation as check
 from dmq.calibration import CONTEXT, StepPolicy, TimestepHook, get_policy
 from dmq.config import QuantConfig, get_config
 from dmq.joint_attention import QuantJointAttnProcessor
 from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, QuantConv2d, QuantLinear
-from dmq.quantizer import TensorQuantizer
+from dmq.nonfinite import nonfinite_report, warn_nonfinite
+from dmq.quantizer import NotCalibratedError, TensorQuantizer
+from dmq.transaction import transaction
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class QuantState:
 
 
 def _state(model: nn.Module) -> QuantState:
+    check.module("model", model)
     st = getattr(model, "_dmq", None)
     if st is None:
         raise ValueError("model is not quantized: call dmq.quantize(model, config) first")
@@ -105,12 +109,22 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, include: Sequence[s
         inplace: ``False`` quantizes a deep copy and leaves ``model`` untouched.
 
     Weights are fake-quantized now; static activation quantizers need :func:`calibrate` then :func:`freeze`.
+    If anything fails, the model is left exactly as it was.
     """
+    check.module("model", model)
     cfg = get_config(config)
+    include, exclude = check.globs("include", include), check.globs("exclude", exclude)
+    check.boolean("inplace", inplace)
     if getattr(model, "_dmq", None) is not None:
         raise ValueError("model is already quantized; dmq.restore(model) first")
     if not inplace:
-        model = copy.deepcopy(model)
+        return _quantize(copy.deepcopy(model), cfg, include, exclude)
+    with transaction(model):
+        return _quantize(model, cfg, include, exclude)
+
+
+def _quantize(model: nn.Module, cfg: QuantConfig, include: tuple[str, ...] | None,
+              exclude: tuple[str, ...] | None) -> nn.Module:
     # diffusers models name modules that must stay float32 (substrings of module names, as diffusers matches them)
     fp32 = tuple(f"*{m}*" for m in getattr(model, "_keep_in_fp32_modules", None) or ())
     excl = tuple(cfg.keep_fp) + tuple(exclude or ()) + fp32
@@ -154,6 +168,7 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, include: Sequence[s
 
 def quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
     """Every activation quantizer of the model, by name."""
+    check.module("model", model)
     return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
 
 
@@ -171,11 +186,28 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], object], *,
     off (:func:`dmq.transforms.apply_transforms`); the observer run; then runs that stream each layer's inputs
     into a bounded cache for format search and AdaRound / GPTQ (:func:`dmq.rounding.reconstruct`). What they did
     is in ``dmq.summary(model)["methods"]``.
+
+    Non-finite activation values (NaN, inf) are skipped and counted per quantizer and timestep bin
+    (``dmq.summary(model)["nonfinite"]``), with one warning naming the worst layers. If ``forward_loop`` (or
+    anything else) raises, the model is left exactly as it was before the call, statistics included.
     """
     st = _state(model)
+    check.function("forward_loop", forward_loop)
     if st.frozen:
         raise ValueError("model is frozen; calibrate before dmq.freeze")
     policy = get_policy(steps if steps is not None else st.config.steps)
+    cfg = st.config
+    methods = cfg.smooth is not None or cfg.rotation is not None or bool(cfg.lowrank) or cfg.rounding != "rtn" \
+        or bool(cfg.format_search)
+    before = nonfinite_report(model)
+    with transaction(model, clone_all=methods):  # PTQ methods change the float weights in place
+        _calibrate(model, st, forward_loop, policy)
+    warn_nonfinite(model, before)
+    return model
+
+
+def _calibrate(model: nn.Module, st: QuantState, forward_loop: Callable[[nn.Module], object],
+               policy: StepPolicy) -> None:
     cfg = st.config
     t0 = time.perf_counter()
     if (cfg.smooth is not None or cfg.rotation is not None or cfg.lowrank) and not st.transformed:
@@ -191,7 +223,6 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], object], *,
     st.calibration_points += points
     st.calibration_seconds += time.perf_counter() - t0
     logger.info("dmq: calibrated on %d backbone calls in %.1f s", points, time.perf_counter() - t0)
-    return model
 
 
 def _run(model: nn.Module, forward_loop: Callable[[nn.Module], object], policy: StepPolicy, observe: bool) -> int:
@@ -231,10 +262,31 @@ def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
     (:mod:`dmq.kernels`), outputs match the fake-quant model, and :func:`dmq.save` can write the model. The original
     float weights are gone: keep them with ``pack=False`` or ``quantize(..., inplace=False)``. A model whose
     layers are offloaded one by one (accelerate hooks, weights on the meta device) is not packed.
+
+    All or nothing: a static quantizer without finite calibration data raises :class:`NotCalibratedError` naming
+    it and what it saw, before anything changes; any other failure rolls the model back to where it was.
     """
     st = _state(model)
-    for q in quantizers(model).values():
-        q.freeze()
+    check.boolean("pack", pack)
+    params = {}
+    problems = []
+    for name, q in quantizers(model).items():
+        try:
+            params[name] = q.frozen_params()
+        except NotCalibratedError as e:
+            problems.append(f"{name}: {e}")
+    if problems:
+        raise NotCalibratedError(
+            f"{len(problems)} static activation quantizer(s) cannot be frozen: {'; '.join(problems[:5])}"
+            f"{'; ...' if len(problems) > 5 else ''}. Run dmq.calibrate(model, forward_loop) with finite inputs "
+            "before dmq.freeze (or use a dynamic / weight-only config); nothing was frozen")
+    with transaction(model):
+        return _freeze(model, st, params, pack)
+
+
+def _freeze(model: nn.Module, st: QuantState, params: dict, pack: bool) -> nn.Module:
+    for name, q in quantizers(model).items():
+        q.freeze(params[name])
     if st.hook is not None and not any(q.num_bins > 1 for q in quantizers(model).values()):
         st.hook.remove()
         st.hook = None
@@ -272,6 +324,7 @@ def restore(model: nn.Module, *, allow_dequantized: bool = False) -> nn.Module:
     logged warning.
     """
     st = _state(model)
+    check.boolean("allow_dequantized", allow_dequantized)
     if st.packed and any(model.get_submodule(n).weight_layouts for n in st.modules):
         if not allow_dequantized:
             raise ValueError(
@@ -285,21 +338,22 @@ def restore(model: nn.Module, *, allow_dequantized: bool = False) -> nn.Module:
             raise ValueError("this packed model carries learned transforms (smoothing, rotation or a low-rank "
                              "branch) that plain float modules cannot hold: it cannot be restored")
         logger.warning("dmq.restore: the model was packed; restoring float modules with dequantized weights")
-    with torch.no_grad():  # undo folded transforms (smoothing scales live in the float parameters)
-        for pname, value in st.originals.items():
-            model.get_parameter(pname).copy_(value)
-    for name in st.modules:
-        _set_child(model, name, model.get_submodule(name).to_float())
-    for name in st.attention:
-        mod = model.get_submodule(name)
-        mod.set_processor(mod.matmul_quantizers.original_processor)
-        del mod.matmul_quantizers
-    if st.hook is not None:
-        st.hook.remove()
-    del model._dmq
-    from dmq.backend import detach
+    with transaction(model):
+        for name in st.modules:
+            _set_child(model, name, model.get_submodule(name).to_float())
+        for name in st.attention:
+            mod = model.get_submodule(name)
+            mod.set_processor(mod.matmul_quantizers.original_processor)
+            del mod.matmul_quantizers
+        with torch.no_grad():  # undo folded transforms (smoothing scales live in the float parameters); last, as
+            for pname, value in st.originals.items():  # in-place changes of large weights cannot be rolled back
+                model.get_parameter(pname).copy_(value)
+        if st.hook is not None:
+            st.hook.remove()
+        del model._dmq
+        from dmq.backend import detach
 
-    detach(model)
+        detach(model)
     return model
 
 
@@ -314,5 +368,5 @@ def summary(model: nn.Module) -> dict:
         "shortcut_splits": len(st.splits), "calibration_points": st.calibration_points,
         "calibration_seconds": st.calibration_seconds, "frozen": st.frozen, "packed": st.packed,
         "observer_bytes": sum(q.observer.nbytes for q in quantizers(model).values() if q.observer is not None),
-        "methods": dict(st.report),
+        "methods": dict(st.report), "nonfinite": nonfinite_report(model),
     }

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dmq import validation as check
+
 TIMESTEP_ARGS = ("timestep", "timesteps", "t")
 
 
@@ -68,8 +70,7 @@ class UniformSteps(StepPolicy):
     _state: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"UniformSteps needs n >= 1, got {self.n}")
+        check.integer("UniformSteps n", self.n, minimum=1)
 
     def reset(self) -> None:
         self._state.clear()
@@ -104,8 +105,10 @@ class NormalSteps(StepPolicy):
     _state: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.sigma > 0:
-            raise ValueError(f"NormalSteps needs sigma > 0, got {self.sigma}")
+        check.real("NormalSteps mu", self.mu)
+        if not check.real("NormalSteps sigma", self.sigma) > 0:
+            raise ValueError(f"NormalSteps sigma must be > 0, got {self.sigma}")
+        check.integer("NormalSteps seed", self.seed, minimum=0)
 
     def reset(self) -> None:
         self._state["gen"] = torch.Generator().manual_seed(self.seed)
@@ -119,13 +122,18 @@ class NormalSteps(StepPolicy):
         return bool(torch.rand((), generator=gen) < p)
 
 
-def get_policy(policy: str | StepPolicy) -> StepPolicy:
-    """``"all"``, ``"uniform"`` (10 windows), ``"normal"`` (PTQ4DM μ=σ=0.4) or a policy object."""
+def get_policy(policy: str | StepPolicy, name: str = "steps") -> StepPolicy:
+    """``"all"``, ``"uniform"`` (10 windows), ``"normal"`` (PTQ4DM μ=σ=0.4) or a policy object; ``name`` is the
+    argument named in errors."""
     if isinstance(policy, StepPolicy):
         return policy
     table = {"all": AllSteps, "uniform": UniformSteps, "normal": NormalSteps}
+    if not isinstance(policy, str):
+        raise TypeError(f"{name} must be one of {', '.join(table)} or a StepPolicy object, got "
+                        f"{type(policy).__name__}")
     if policy not in table:
-        raise ValueError(f"unknown step policy {policy!r}; valid: {', '.join(table)} or a StepPolicy object")
+        raise ValueError(f"unknown step policy {policy!r} for {name}; valid: {', '.join(table)} or a StepPolicy "
+                         "object")
     return table[policy]()
 
 

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from dmq import formats
+from dmq import validation as check
 from dmq.calibration import AllSteps, NormalSteps, StepPolicy, UniformSteps
 
 GRANULARITIES = ("tensor", "channel", "group", "block", "token")
@@ -64,6 +65,14 @@ class QuantSpec:
     timestep_bins: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("format", "granularity", "estimator"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"QuantSpec {name} must be a string, got {type(getattr(self, name)).__name__}")
+        check.integer("QuantSpec group_size", self.group_size, minimum=1)
+        check.integer("QuantSpec timestep_bins", self.timestep_bins, minimum=1)
+        check.boolean("QuantSpec symmetric", self.symmetric)
+        check.boolean("QuantSpec dynamic", self.dynamic)
+        check.real("QuantSpec percentile", self.percentile)
         fmt = formats.get(self.format)  # ValueError listing the valid formats
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
@@ -142,6 +151,7 @@ class QuantConfig:
     cache_mb: float = 64.0
 
     def __post_init__(self) -> None:
+        self._check_types()
         self._check_methods()
         if self.weight is None and self.act is None and self.attn is None:
             raise ValueError("a QuantConfig needs at least one of weight, act, attn")
@@ -158,6 +168,26 @@ class QuantConfig:
         lo, hi = self.timestep_range
         if not hi > lo:
             raise ValueError(f"timestep_range must be (lo, hi) with hi > lo, got {self.timestep_range}")
+
+    def _check_types(self) -> None:
+        for name in ("weight", "act", "attn", "attn_probs"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), QuantSpec):
+                raise TypeError(f"QuantConfig {name} must be a QuantSpec or None, got "
+                                f"{type(getattr(self, name)).__name__}")
+        object.__setattr__(self, "keep_fp", check.globs("QuantConfig keep_fp", self.keep_fp) or ())
+        tr = self.timestep_range
+        if not isinstance(tr, (tuple, list)) or len(tr) != 2:
+            raise TypeError(f"QuantConfig timestep_range must be a pair (lo, hi), got {tr!r}")
+        object.__setattr__(self, "timestep_range", tuple(check.real("QuantConfig timestep_range", v) for v in tr))
+        if not isinstance(self.steps, StepPolicy):
+            raise TypeError(f"QuantConfig steps must be a StepPolicy, got {type(self.steps).__name__}")
+        for name in ("shortcut_split", "format_search"):
+            check.boolean(f"QuantConfig {name}", getattr(self, name))
+        for name in ("rounding_iters", "lowrank", "calib_rows"):
+            check.integer(f"QuantConfig {name}", getattr(self, name))
+        check.real("QuantConfig cache_mb", self.cache_mb)
+        if not isinstance(self.name, str):
+            raise TypeError(f"QuantConfig name must be a string, got {type(self.name).__name__}")
 
     def _check_methods(self) -> None:
         if self.rounding not in ROUNDINGS:
@@ -338,7 +368,8 @@ def get_config(config: str | QuantConfig) -> QuantConfig:
     if isinstance(config, QuantConfig):
         return config
     if not isinstance(config, str):
-        raise TypeError(f"expected a QuantConfig or a preset name, got {type(config).__name__}")
+        raise TypeError(f"config must be a QuantConfig or a preset name ({', '.join(PRESETS)}), got "
+                        f"{type(config).__name__}")
     base, *variants = config.lower().split("+")
     try:
         cfg = PRESETS[base]()

@@ -179,18 +179,23 @@ class PackedMixin:
         self.weight = nn.Parameter(PackedWeight(tensors, layouts), requires_grad=False)
 
     def _setup_exec(self) -> None:
-        """Pick the execution path of the frozen layer; called after packing and after loading."""
+        """Pick the execution path of the frozen layer and build its kernel state (:func:`dmq.kernels.prepare`);
+        called after packing and after loading."""
         self.exec_path = "dequant"
         lays = self.weight_layouts or ()
         q = getattr(self, "input_quantizer", None)
-        if not isinstance(self, nn.Linear) or len(lays) != 1 or q is None or q.spec.dynamic:
-            return
-        lay, af = lays[0], q.fmt
+        if isinstance(self, nn.Linear) and len(lays) == 1 and q is not None and not q.spec.dynamic:
+            self._pick_int_path(lays[0], q)
+        if isinstance(self, nn.Linear):
+            kernels.prepare(self)
+
+    def _pick_int_path(self, lay: WeightLayout, q: TensorQuantizer) -> None:
+        af = q.fmt
         wf = lay.fmt
         if (isinstance(wf, formats.IntFormat) and wf.signed and lay.granularity in ("channel", "tensor")
                 and isinstance(af, formats.IntFormat) and af.bits <= 8 and q.spec.granularity == "tensor"):
             self.exec_path = "int_gemm"
-            codes = int_codes(self._part(0), lay)
+            codes = int_codes(self._part(0), lay)  # the traceable path under torch.compile reads it
             self.register_buffer("weight_rowsum", codes.to(torch.int32).sum(1), persistent=False)
         elif lay.storage == "float8_e4m3fn" and lay.granularity in ("channel", "tensor") and af.name == "e4m3":
             self.exec_path = "fp8_gemm"
@@ -236,31 +241,12 @@ class QuantLinear(PackedMixin, nn.Linear):
         return q
 
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The execution of a packed layer, in one place: an input transform or a low-rank branch goes here.
-
-        ``int_gemm``: INT codes of the input times the INT weight codes on ``torch._int_mm``, scales and zero point
-        fused (:func:`dmq.kernels.int_linear`); ``fp8_gemm``: ``torch._scaled_mm`` on CUDA devices that have it;
-        otherwise (and as the fallback of both) the fake-quantized input times the weight dequantized on the fly.
-        """
+        """The execution of a packed layer, in one place: an input transform or a low-rank branch goes here; the
+        quantized matmul is :func:`dmq.kernels.frozen_linear` (integer / FP8 / fused weight-only GEMMs, with the
+        fake-quant computation as the fallback of every path)."""
         x = self.transform_input(x)  # online rotation (identity without one)
         branch = self.lowrank_branch(x)  # 16-bit low-rank branch on the unquantized input (0.0 without one)
-        q = self.input_quantizer
-        ready = q is not None and q.enabled and q.frozen
-        y = None
-        if self.exec_path == "int_gemm" and ready and kernels.enabled("int_gemm"):
-            scale, zp = q.static_params(x)
-            lay = self.weight_layouts[0]
-            codes = int_codes(self._part(0), lay)
-            w_scale = self.weight.weight_scale.to(torch.float32).reshape(-1).expand(lay.rows)
-            y = kernels.int_linear(x, scale, zp, q.fmt.bits, q.fmt.signed, codes, w_scale, self.weight_rowsum,
-                                   self.bias)
-        elif self.exec_path == "fp8_gemm" and ready and x.is_cuda:
-            scale, _ = q.static_params(x)
-            w_scale = self.weight.weight_scale.to(torch.float32).reshape(-1).expand(self.weight_layouts[0].rows)
-            y = kernels.fp8_linear(x, scale, self.weight.qweight, w_scale, self.bias)
-        if y is None:
-            xq = q(x) if q is not None else x
-            y = F.linear(xq, self.dequantized_weight(x.dtype), self.bias)
+        y = kernels.frozen_linear(self, x)
         return y + branch
 
     def effective_weight(self) -> torch.Tensor:

@@ -30,11 +30,17 @@ class StreamingObserver:
         self.count = torch.zeros(num_bins, dtype=torch.int64)
         self.hist = torch.zeros(num_bins, nbins, dtype=torch.float64) if histogram else None
         self.radius = torch.zeros(num_bins, dtype=torch.float64)
-        self.nonfinite = 0
+        self.nonfinite_bins = torch.zeros(num_bins, dtype=torch.int64)  # skipped NaN / inf values per bin
+
+    @property
+    def nonfinite(self) -> int:
+        """Non-finite values skipped, over all bins."""
+        return int(self.nonfinite_bins.sum())
 
     @property
     def nbytes(self) -> int:
-        n = sum(t.numel() * t.element_size() for t in (self.min, self.max, self.count, self.radius))
+        n = sum(t.numel() * t.element_size() for t in (self.min, self.max, self.count, self.radius,
+                                                       self.nonfinite_bins))
         return n + (self.hist.numel() * 8 if self.hist is not None else 0)
 
     def observe(self, x: torch.Tensor, sample_bins: torch.Tensor | None = None) -> None:
@@ -50,7 +56,7 @@ class StreamingObserver:
         flat = flat.float()
         finite = torch.isfinite(flat)
         if not bool(finite.all()):
-            self.nonfinite += int((~finite).sum())
+            self.nonfinite_bins[k] += int((~finite).sum())
             flat = flat[finite]
         if flat.numel() == 0:
             return

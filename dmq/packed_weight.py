@@ -9,7 +9,8 @@ with the quantized weight; the layer itself picks an integer or FP8 GEMM where o
 - ``w.to(device)`` / ``.cuda()`` move the packed tensors; ``w.to(dtype)`` gives a plain dequantized tensor (as a
   cast of any weight gives a new tensor); a quantized layer refuses ``module.half()`` / ``.to(dtype)`` before
   touching anything (:class:`dmq.modules.PackedMixin`).
-- In-place writes (``w.add_``, ``w.data += ...``) raise ``TypeError``: a packed weight has no float storage.
+- In-place writes (``w.add_``, ``w.data += ...``, so peft's ``merge`` / ``fuse_lora``) raise
+  :class:`PackedWeightWriteError` before anything changes: a packed weight has no float storage.
 - ``element_size()`` is the packed bytes per logical element (fractional below 8 bits), so
   ``numel() * element_size()`` is the resident size and ``get_memory_footprint()`` counts what is stored.
 - ``__tensor_flatten__`` / ``__tensor_unflatten__`` make it traceable: ``torch.compile(fullgraph=True)`` sees through
@@ -24,6 +25,11 @@ from torch.utils._pytree import tree_map
 from dmq.packed import WeightLayout, dtype_from_name, unpack_weight
 
 aten = torch.ops.aten
+
+
+class PackedWeightWriteError(RuntimeError):
+    """An in-place write into a packed weight (a ``RuntimeError``: torch turns a ``TypeError`` from ``w += d`` into
+    a silent out-of-place ``w = w + d``)."""
 
 
 def part_names(layouts: tuple[WeightLayout, ...]) -> list[str]:
@@ -125,14 +131,20 @@ class PackedWeight(torch.Tensor):
         handler = _HANDLERS.get(func)
         if handler is not None:
             return handler(*args, **kwargs)
-        if func._schema.is_mutable and isinstance(args[0], PackedWeight):
-            raise TypeError(f"{func.__name__} would write into a dmq packed weight, which has no float storage: "
-                            "dequantize the layer (model.dequantize() / dmq.dequantize) to edit its weight")
+        if _writes(func) and any(isinstance(a, PackedWeight) for a in args):
+            raise PackedWeightWriteError(
+                f"{func.__name__} would write into a dmq packed weight, which has no float storage: dequantize the "
+                "layer (model.dequantize() / dmq.dequantize) to edit its weight")
 
         def unwrap(t):
             return t.dequantize() if isinstance(t, PackedWeight) else t
 
         return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+
+
+def _writes(func) -> bool:
+    """Whether the ATen op writes into one of its arguments (``add_``, ``copy_``, ``out=``...)."""
+    return any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
 
 
 def _rebuild(tensors, layouts, dtype):

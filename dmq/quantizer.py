@@ -122,20 +122,28 @@ class TensorQuantizer(nn.Module):
         return scale, zp
 
     # --------------------------------------------------------------------------------------- freezing
-    def freeze(self) -> None:
-        """Fix the per-bin parameters from the observed statistics and drop the observer."""
+    def value_counts(self) -> tuple[list[int], list[int]]:
+        """``(finite, nonfinite)``: activation values seen during calibration per timestep bin (kept after
+        :meth:`freeze`; zeros for a dynamic or loaded quantizer)."""
+        obs = self.observer
+        if obs is not None:
+            return obs.count.tolist(), obs.nonfinite_bins.tolist()
+        return getattr(self, "_counts", ([0] * self.num_bins, [0] * self.num_bins))
+
+    def frozen_params(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The per-bin ``(scale, zero_point)`` that :meth:`freeze` would set (``None`` if already frozen), computed
+        without changing anything; :class:`NotCalibratedError` saying what the quantizer saw if it has no finite
+        calibration data."""
         if self.frozen:
-            self.observer = None
-            return
+            return None
         obs = self.observer
         seen = obs.observed_bins() if obs is not None else []
         if not seen:
-            raise NotCalibratedError(
-                "static activation quantizer has no calibration data: run dmq.calibrate(model, forward_loop) "
-                "before dmq.freeze (or use a dynamic/weight-only config)"
-            )
-        if obs.nonfinite:
-            logger.warning("observer skipped %d non-finite (NaN/inf) activation values", obs.nonfinite)
+            nonfinite = obs.nonfinite if obs is not None else 0
+            if nonfinite:
+                raise NotCalibratedError(f"saw only non-finite activation values during calibration ({nonfinite} "
+                                         "NaN/inf, no finite value)")
+            raise NotCalibratedError("no calibration data: it saw no activation during dmq.calibrate")
         s = self.spec
         scales, zps = [], []
         for k in range(self.num_bins):
@@ -144,7 +152,17 @@ class TensorQuantizer(nn.Module):
             scale, zp = params_from_range(torch.tensor(lo), torch.tensor(hi), self.fmt, s.symmetric)
             scales.append(float(scale))
             zps.append(0.0 if zp is None else float(zp))
-        self.scale.copy_(torch.tensor(scales))
-        self.zero_point.copy_(torch.tensor(zps))
+        kw = {"dtype": self.scale.dtype, "device": self.scale.device}
+        return torch.tensor(scales, **kw), torch.tensor(zps, **kw)
+
+    def freeze(self, params: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Fix the per-bin parameters (``params`` from :meth:`frozen_params`, computed if not given) and drop the
+        observer."""
+        if params is None:
+            params = self.frozen_params()
+        if self.observer is not None:
+            self._counts = self.value_counts()
+        if params is not None:
+            self.scale, self.zero_point = params  # new buffers, not copies into the old (rollback keeps those)
         self.observer = None
         self.frozen = True

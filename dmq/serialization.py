@@ -14,6 +14,9 @@ quantizer's frozen scales) under the tensors' own dtypes, each with a JSON quant
 - ``model``: the class and ``config`` of a diffusers backbone, so that a single file can rebuild it;
 - ``sha256``: a digest of every tensor (of all shards), so a damaged file fails loudly and names the tensor.
 
+A file written by :func:`write_file` also carries the integrity seal of :mod:`dmq.integrity` (a digest over the map
+and every tensor, so an edited header fails too) and is written atomically (temporary file, ``fsync``, rename).
+
 A diffusers model is a folder (``config.json`` with ``quantization_config``, shards, index) that plain
 ``from_pretrained`` reads after ``import dmq``; :func:`save` also writes a lone ``.safetensors`` file (any module).
 Tensors a module carries beyond what dmq itself knows (a low-rank branch, a rotation, registered as persistent
@@ -34,6 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dmq import integrity
+from dmq import validation as check
 from dmq.api import QuantState, _set_child
 from dmq.calibration import AllSteps, TimestepHook
 from dmq.config import QuantConfig, QuantSpec, config_from_dict, config_to_dict
@@ -41,6 +46,7 @@ from dmq.joint_attention import QuantJointAttnProcessor
 from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, QuantConv2d, QuantLinear
 from dmq.packed import WeightLayout
 from dmq.quantizer import TensorQuantizer
+from dmq.transaction import transaction
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +185,8 @@ def write_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path:
     """Write one safetensors file of the format (the single place dmq itself writes one)."""
     from safetensors.torch import save_file
 
-    save_file(tensors, os.fspath(path), metadata={"format": "pt", **metadata})
+    sealed = integrity.seal({"format": "pt", **metadata}, tensors)
+    integrity.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=sealed))
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str | None = None) -> None:
@@ -190,8 +197,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str
     plain ``from_pretrained`` loads after ``import dmq``; another module gets ``diffusion_pytorch_model.safetensors``
     in the folder. Same tensors and map either way.
     """
-    path = Path(path)
+    path = Path(check.path("path", path))
     _frozen_state(model)
+    if path.suffix == ".safetensors":
+        integrity.check_target(path)
     if path.suffix != ".safetensors" and hasattr(model, "save_pretrained") and hasattr(model, "register_to_config"):
         from dmq.backend import attach
 
@@ -272,15 +281,25 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     digests."""
     from safetensors import SafetensorError, safe_open
 
-    files = _files(Path(path))
+    source = Path(path)
+    if not source.exists():
+        raise ValueError(f"{str(source)!r} does not exist")
+    files = _files(source)
     qmap = read_map(files[0])
     tensors = {}
     for f in files:
         try:
             with safe_open(os.fspath(f), framework="pt") as h:
-                tensors.update({k: h.get_tensor(k) for k in h.keys()})
+                meta = h.metadata() or {}
+                # a lone file must carry the seal (it covers the map); shards written by save_pretrained may not
+                table = integrity.verify_metadata(meta, h.keys(), f) \
+                    if integrity.SEAL_KEY in meta or not source.is_dir() else None
+                part = {k: h.get_tensor(k) for k in h.keys()}
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
+        if table is not None:
+            integrity.verify_tensors(table, part, f)
+        tensors.update(part)
     check_digests(qmap, tensors, path, complete=True)
     return qmap, tensors
 
@@ -445,16 +464,32 @@ def load(model_or_path: nn.Module | str | os.PathLike, path: str | os.PathLike |
     bit-identical to the saved model's. A damaged, truncated or mismatched file raises ``ValueError`` naming the
     tensor or key.
     """
-    if path is None and Path(model_or_path).is_dir() and (Path(model_or_path) / "config.json").exists():
-        return _from_pretrained(Path(model_or_path))
-    model = None if path is None else model_or_path
-    path = model_or_path if path is None else path
-    if model is not None and getattr(model, "_dmq", None) is not None:
-        raise ValueError("dmq.load(model, path) needs an unquantized model; dmq.restore it or build a fresh one")
+    if isinstance(model_or_path, nn.Module):
+        model = model_or_path
+        if path is None:
+            raise TypeError("dmq.load(model, path): path is missing; give the checkpoint written by dmq.save")
+        check.path("path", path)
+        if getattr(model, "_dmq", None) is not None:
+            raise ValueError("dmq.load(model, path) needs an unquantized model; dmq.restore it or build a fresh one")
+    else:
+        if path is not None:
+            raise TypeError(f"dmq.load(model, path): model must be a torch.nn.Module, got "
+                            f"{type(model_or_path).__name__}")
+        model, path = None, check.path("model_or_path", model_or_path)
+        if Path(path).is_dir() and (Path(path) / "config.json").exists():
+            return _from_pretrained(Path(path))
     qmap, tensors = read(path)
     if model is None:
-        model = _build(qmap.get("model"), path)
-    st = swap_modules(model, qmap)
+        return _fill(_build(qmap.get("model"), path), qmap, tensors, path)
+    with transaction(model):
+        return _fill(model, qmap, tensors, path)
+
+
+def _fill(model: nn.Module, qmap: dict, tensors: dict[str, torch.Tensor], path) -> nn.Module:
+    try:
+        st = swap_modules(model, qmap)
+    except (KeyError, TypeError, AttributeError) as e:  # a map of an unexpected shape
+        raise ValueError(f"{path}: the quantization map is malformed ({type(e).__name__}: {e})") from None
     _load_tensors(model, tensors, st, path)
     finish_load(model, st)
     return model

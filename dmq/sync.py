@@ -74,7 +74,7 @@ def sync_statistics(model: nn.Module, group: object | None = None) -> int:
     mins = reduce([o.min for o in obs], Op.MIN)
     maxs = reduce([o.max for o in obs], Op.MAX)
     # counts are int64 on the observers; the float64 sum is exact below 2**53
-    counts = reduce([o.count for o in obs] + [torch.tensor([float(o.nonfinite)]) for o in obs], Op.SUM)
+    counts = reduce([o.count for o in obs] + [o.nonfinite_bins for o in obs], Op.SUM)
     with_hist = [o for o in obs if o.hist is not None]
     radii = reduce([o.radius for o in with_hist], Op.MAX)
     pos = 0
@@ -83,14 +83,15 @@ def sync_statistics(model: nn.Module, group: object | None = None) -> int:
         pos += o.num_bins
     hists = reduce([o.hist for o in with_hist], Op.SUM)
 
-    pos = cpos = hpos = 0
+    pos = cpos = hpos = npos = 0
     n_obs, first_nonfinite = len(obs), sum(o.num_bins for o in obs)
-    for i, o in enumerate(obs):
+    for o in obs:
         b = o.num_bins
         o.min.copy_(mins[pos:pos + b])
         o.max.copy_(maxs[pos:pos + b])
         o.count.copy_(counts[pos:pos + b].round().long())
-        o.nonfinite = int(counts[first_nonfinite + i])
+        o.nonfinite_bins.copy_(counts[first_nonfinite + npos:first_nonfinite + npos + b].round().long())
+        npos += b
         pos += b
         if o.hist is not None:
             o.radius.copy_(radii[cpos:cpos + b])

@@ -89,6 +89,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     apply_quant_preset(None, args.quant)
     if args.calib_samples < 1:
         raise ValueError(f"--calib-samples must be >= 1, got {args.calib_samples}")
+    if args.calib_nfe is not None and args.calib_nfe < 1:
+        raise ValueError(f"--calib-nfe must be >= 1 (or left out for --nfe), got {args.calib_nfe}")
     if args.calib_prompts is not None:
         read_prompts(args.calib_prompts)
     check_clip_name(args.clip)
@@ -122,7 +124,8 @@ def run(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any] | None:
     if args.quant != "none":
         calib = read_prompts(args.calib_prompts) if args.calib_prompts else prompts
         apply_quant_preset(pipe, args.quant, prompts=calib[:args.calib_samples],
-                           num_inference_steps=args.calib_nfe or args.nfe, guidance_scale=args.guidance,
+                           num_inference_steps=args.nfe if args.calib_nfe is None else args.calib_nfe,
+                           guidance_scale=args.guidance,
                            progress=not args.no_progress)
     model, preprocess = load_clip(args.clip, state.device)
 

@@ -107,6 +107,8 @@ def check_args(args: argparse.Namespace) -> None:
     apply_quant_preset(None, args.quant)  # raises for unknown presets
     if args.calib_samples < 1:
         raise ValueError(f"--calib-samples must be >= 1, got {args.calib_samples}")
+    if args.calib_nfe is not None and args.calib_nfe < 1:
+        raise ValueError(f"--calib-nfe must be >= 1 (or left out for --nfe), got {args.calib_nfe}")
     if args.inception_weights is not None:
         if args.features != "inception":
             raise ValueError("--inception-weights needs --features inception")
@@ -132,7 +134,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     calib = [i % args.num_classes for i in range(args.calib_samples)]
     apply_quant_preset(pipe, args.quant, call_kwargs=[{"class_labels": calib[k:k + args.batch_size]}
                                                       for k in range(0, len(calib), args.batch_size)],
-                       num_inference_steps=args.calib_nfe or args.nfe, guidance_scale=args.guidance,
+                       num_inference_steps=args.nfe if args.calib_nfe is None else args.calib_nfe,
+                       guidance_scale=args.guidance,
                        progress=not args.no_progress)
     digits = isinstance(pipe, DigitsPipeline)
 

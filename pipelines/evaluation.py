@@ -282,11 +282,42 @@ def check_clip_name(name_or_path: str) -> str:
 
 def load_clip(name_or_path: str, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
     """``(model, preprocess)`` from clip-anytorch: a name in ``clip.available_models()`` (downloaded to
-    ``~/.cache/clip`` if needed) or a local checkpoint (a JIT archive or a plain state dict)."""
-    with warnings.catch_warnings():  # clip.load probes every file with the deprecated torch.jit.load first
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*", category=FutureWarning)
-        model, preprocess = import_clip().load(check_clip_name(name_or_path), device=device, jit=False)
-    return model.eval(), preprocess
+    ``~/.cache/clip`` if needed) or a local checkpoint (a TorchScript archive or a plain state dict).
+
+    A local state dict is read with ``torch.load(weights_only=True)`` on every torch version (clip-anytorch's own
+    loader unpickles arbitrary objects on torch < 2.6); a TorchScript archive is read by ``torch.jit.load``, which
+    runs no pickled Python."""
+    clip = import_clip()
+    name_or_path = check_clip_name(name_or_path)
+    if name_or_path in clip.available_models():
+        with warnings.catch_warnings():  # clip.load probes every file with the deprecated torch.jit.load first
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*", category=FutureWarning)
+            model, preprocess = clip.load(name_or_path, device=device, jit=False)
+        return model.eval(), preprocess
+    model = clip.model.build_model(_clip_state_dict(name_or_path)).to(device)
+    if str(device) == "cpu":
+        model.float()  # as clip.load: build_model stores fp16 weights
+    return model.eval(), clip.clip._transform(model.visual.input_resolution)
+
+
+def _clip_state_dict(path: str) -> dict[str, torch.Tensor]:
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            torchscript = any(n.endswith("constants.pkl") for n in z.namelist())
+        if torchscript:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*", category=FutureWarning)
+                return torch.jit.load(path, map_location="cpu").state_dict()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torch raises UnpicklingError, RuntimeError, EOFError, ...)
+        raise ValueError(f"CLIP checkpoint {path!r} is not a state dict that torch.load(weights_only=True) "
+                         f"accepts ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"CLIP checkpoint {path!r} holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def _to_pil(images: torch.Tensor | Sequence[Image.Image]) -> list[Image.Image]:

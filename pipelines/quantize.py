@@ -21,7 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import dmq
-from dmq.calibration import CONTEXT
+from dmq import validation as check
+from dmq.calibration import CONTEXT, get_policy
+from dmq.transaction import transaction
 from pipelines import offload
 
 logger = logging.getLogger(__name__)
@@ -105,14 +107,13 @@ def _calls(prompts: Sequence[str] | None, call_kwargs: Sequence[dict] | None, ba
         raise ValueError("pass exactly one of prompts= (text-to-image) or call_kwargs= (a list of keyword dicts "
                          "for pipe(...), e.g. [{'class_labels': [1, 2]}], [{'prompt_embeds': e}], [{'batch_size': 2}]")
     if prompts is not None:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        prompts = check.strings("prompts", prompts, "prompt string")
         calls = [{"prompt": list(prompts[i:i + batch_size])} for i in range(0, len(prompts), batch_size)]
     else:
-        if isinstance(call_kwargs, dict) or not all(isinstance(kw, dict) for kw in call_kwargs):
-            raise ValueError("call_kwargs must be a list of dicts of keyword arguments for pipe(...)")
+        if isinstance(call_kwargs, (dict, str, bytes)) or not isinstance(call_kwargs, Sequence) \
+                or not all(isinstance(kw, dict) for kw in call_kwargs):
+            raise TypeError(f"call_kwargs must be a list of dicts of keyword arguments for pipe(...), got "
+                            f"{type(call_kwargs).__name__}")
         calls = [dict(kw) for kw in call_kwargs]
     if not calls:
         raise ValueError("no calibration data: prompts / call_kwargs is empty")
@@ -172,18 +173,30 @@ def quantize_pipeline(
     Under an initialised ``torch.distributed`` process group (``accelerate launch``, ``torchrun``) the calls are
     split between processes and the statistics all-reduced, which gives the same scales as one process running
     them all. The VAE stays in full precision. Offloaded backbones (accelerate hooks, ``meta`` weights) work.
-    On any failure or interruption the pipeline is restored to full precision and the exception re-raised.
+    Every argument is checked before anything changes (``TypeError`` / ``ValueError`` naming it). If the first
+    calibration call makes the backbone return non-finite values (NaN, inf), calibration stops there with a
+    ``ValueError``. On any failure or interruption (``KeyboardInterrupt`` included) the pipeline is left exactly as
+    it was (modules, weights, hooks, text encoders) and the original exception re-raised.
     Returns ``pipe``, with ``pipe.dmq_calibration`` (:class:`CalibrationRecord`).
     """
     attr, backbone = find_backbone(pipe)
     if getattr(backbone, "_dmq", None) is not None:
         raise ValueError(f"pipe.{attr} is already quantized; dmq.restore(pipe.{attr}) first")
     cfg = dmq.get_config(config)
+    num_inference_steps = check.integer("num_inference_steps", num_inference_steps, minimum=1)
+    batch_size = check.integer("batch_size", batch_size, minimum=1)
+    if guidance_scale is not None:
+        guidance_scale = check.real("guidance_scale", guidance_scale)
+    if timestep_selection is not None:
+        get_policy(timestep_selection, "timestep_selection")  # TypeError / ValueError before anything changes
+    include, exclude = check.globs("include", include), check.globs("exclude", exclude)
+    pack, progress = check.boolean("pack", pack), check.boolean("progress", progress)
     n_train = getattr(getattr(pipe, "scheduler", None), "config", {}).get("num_train_timesteps")
     if n_train and cfg.timestep_range == (0.0, 1000.0) and float(n_train) != 1000.0:
         cfg = cfg.replace(timestep_range=(0.0, float(n_train)))
     te_cfg = text_encoder_config(text_encoders) if text_encoders is not None else None
     calls = _calls(prompts, call_kwargs, batch_size)
+    seed = check.integer("seed", seed, minimum=0, maximum=2**63 - 1 - len(calls))
     defaults = _call_defaults(pipe, num_inference_steps, guidance_scale)
     rank, world = _rank_world()
     mine = shard(list(enumerate(calls)), rank, world)
@@ -191,39 +204,14 @@ def quantize_pipeline(
     done: list[tuple[nn.Module, offload.OffloadRecord]] = []
     t0 = time.perf_counter()
     bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    roots = [pipe] + [s for s in (getattr(pipe, "scheduler", None),) if s is not None]
     try:
-        te_names = []
-        if te_cfg is not None:
-            for te_attr in TEXT_ENCODER_ATTRS:
-                te = getattr(pipe, te_attr, None)
-                if isinstance(te, nn.Module):
-                    done.append((te, _quantize_module(te, te_cfg, None, None)))
-                    dmq.freeze(te, pack=pack)  # weight-only: nothing to calibrate, and no timestep hook needed
-                    te_names.append(te_attr)
-        done.append((backbone, _quantize_module(backbone, cfg, include, exclude)))
-        seen: set[float] = set()
-
-        def record(module, args, kwargs):
-            if CONTEXT.timestep is not None and CONTEXT.observe:
-                seen.update(float(v) for v in CONTEXT.timestep.unique())
-
-        handle = backbone.register_forward_pre_hook(record, with_kwargs=True)
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
-
-        def loop(_model: nn.Module) -> None:
-            for i, kw in tqdm(mine, desc=f"calibrating {cfg.name}", disable=not progress or rank != 0):
-                pipe(**{**defaults, "generator": torch.Generator().manual_seed(seed + i), **kw})
-
-        try:
-            dmq.calibrate(backbone, loop, steps=timestep_selection)
-        finally:
-            handle.remove()
-        processes = dmq.sync_statistics(backbone)
-        dmq.freeze(backbone, pack=pack)
+        with transaction(*roots, covers_nested=True):  # nothing inside catches: one snapshot for all
+            te_names, processes, seen = _quantize_pipeline(pipe, backbone, cfg, te_cfg, include, exclude, pack,
+                                                           progress, mine, defaults, seed, timestep_selection, rank,
+                                                           done)
     except BaseException:
-        _restore(done)
-        logger.warning("quantize_pipeline failed: %s restored to full precision", type(pipe).__name__)
+        logger.warning("quantize_pipeline failed: %s left as it was", type(pipe).__name__)
         raise
     finally:
         if hasattr(pipe, "_progress_bar_config"):
@@ -235,6 +223,62 @@ def quantize_pipeline(
     logger.info("quantize_pipeline: %s backbone %s, %d calibration points over %d process(es)", cfg.name,
                 type(backbone).__name__, pipe.dmq_calibration.points, processes)
     return pipe
+
+
+def _quantize_pipeline(pipe, backbone, cfg, te_cfg, include, exclude, pack, progress, mine, defaults, seed,
+                       timestep_selection, rank, done) -> tuple[list[str], int, set[float]]:
+    """The body of :func:`quantize_pipeline`, inside its transaction."""
+    te_names = []
+    if te_cfg is not None:
+        for te_attr in TEXT_ENCODER_ATTRS:
+            te = getattr(pipe, te_attr, None)
+            if isinstance(te, nn.Module):
+                done.append((te, _quantize_module(te, te_cfg, None, None)))
+                dmq.freeze(te, pack=pack)  # weight-only: nothing to calibrate, and no timestep hook needed
+                te_names.append(te_attr)
+    done.append((backbone, _quantize_module(backbone, cfg, include, exclude)))
+    seen: set[float] = set()
+    first = {"call": True}
+
+    def record(module, args, kwargs):
+        if CONTEXT.timestep is not None and CONTEXT.observe:
+            seen.update(float(v) for v in CONTEXT.timestep.unique())
+
+    def finite_outputs(module, args, kwargs, output):
+        if first["call"]:
+            _check_finite(pipe, output)
+
+    handles = [backbone.register_forward_pre_hook(record, with_kwargs=True),
+               backbone.register_forward_hook(finite_outputs, with_kwargs=True)]
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+
+    def loop(_model: nn.Module) -> None:
+        for i, kw in tqdm(mine, desc=f"calibrating {cfg.name}", disable=not progress or rank != 0):
+            pipe(**{**defaults, "generator": torch.Generator().manual_seed(seed + i), **kw})
+            first["call"] = False
+
+    try:
+        dmq.calibrate(backbone, loop, steps=timestep_selection)
+    finally:
+        for h in handles:
+            h.remove()
+    processes = dmq.sync_statistics(backbone)
+    dmq.freeze(backbone, pack=pack)
+    return te_names, processes, seen
+
+
+def _check_finite(pipe: Any, output: object) -> None:
+    """Fail fast: ``ValueError`` if a backbone output of the first calibration call holds NaN or inf (calibrating on
+    it would give scales from the finite remainder only, or none)."""
+    parts = output.to_tuple() if hasattr(output, "to_tuple") else output if isinstance(output, tuple) else (output,)
+    t = next((p for p in parts if isinstance(p, torch.Tensor)), None)
+    if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(
+            f"the first calibration call of {type(pipe).__name__} made the backbone return {bad} non-finite "
+            f"(NaN/inf) values of {t.numel()}: check the calibration inputs (prompt embeddings, call_kwargs, "
+            "guidance_scale); nothing was quantized")
 
 
 def _restore(done: list[tuple[nn.Module, offload.OffloadRecord]]) -> None:

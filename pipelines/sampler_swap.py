@@ -150,6 +150,8 @@ def use_sampler(pipe: Any, name: str, **options: Any) -> Any:
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a sampler name (str), got {type(name).__name__}; available: {sampler_names()}")
+    if not hasattr(getattr(pipe, "scheduler", None), "config"):
+        raise TypeError(f"pipe must be a diffusers pipeline with a scheduler, got {type(pipe).__name__}")
     key = name.lower()
     fit = options.pop("fit", False)
     fit_opts = {k: options.pop(k) for k in FIT_OPTIONS if k in options}

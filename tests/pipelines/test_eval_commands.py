@@ -107,6 +107,7 @@ def test_eval_fid_gives_the_same_numbers_on_one_and_two_processes(assets, tmp_pa
     (["--num-samples", "1"], "N=1"),
     (["--quant", "w3a3"], "unknown quantization preset 'w3a3'"),
     (["--quant", "w8a8", "--calib-samples", "0"], "--calib-samples must be >= 1"),
+    (["--quant", "w8a8", "--calib-nfe", "0"], "--calib-nfe must be >= 1"),  # was silently replaced by --nfe
     (["--features", "inception", "--inception-weights", "/nonexistent/inception.pth"], "/nonexistent/inception.pth"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--scheduler", "Nope"], "unknown scheduler 'Nope'"),
@@ -162,7 +163,9 @@ def test_eval_clip_rejects_bad_arguments(tmp_path, tiny_clip, capsys):
     prompts.write_text("a cat\n")
     for extra, message in [(["--prompts", str(empty), "--clip", tiny_clip], "has no prompts"),
                            (["--prompts", str(prompts), "--clip", str(tmp_path / "nope.pt")], "nope.pt"),
-                           (["--prompts", str(prompts), "--clip", tiny_clip, "--nfe", "0"], "--nfe must be >= 1")]:
+                           (["--prompts", str(prompts), "--clip", tiny_clip, "--nfe", "0"], "--nfe must be >= 1"),
+                           (["--prompts", str(prompts), "--clip", tiny_clip, "--calib-nfe", "0"],
+                            "--calib-nfe must be >= 1")]:
         with pytest.raises(SystemExit) as exit_info:
             eval_clip.main(["--pipeline", str(tmp_path), *extra])
         assert exit_info.value.code == 2

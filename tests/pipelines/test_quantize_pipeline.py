@@ -107,7 +107,7 @@ def test_unsupported_pipelines_name_the_families():
     rep = tp.build("ddpm")
     with pytest.raises(ValueError, match="exactly one of prompts= .* or call_kwargs="):
         quantize_pipeline(rep.pipe)
-    with pytest.raises(ValueError, match="list of dicts"):
+    with pytest.raises(TypeError, match="list of dicts"):
         quantize_pipeline(rep.pipe, call_kwargs={"batch_size": 1})
     with pytest.raises(ValueError, match="unknown preset 'w3a3'"):
         quantize_pipeline(rep.pipe, "w3a3", call_kwargs=rep.calls)
