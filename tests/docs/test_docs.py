@@ -18,10 +18,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("**/*.md"))
 
-# Pages that other work in flight creates (runtime, memory, samplers, families, guarantees, diffusers backend):
-# links to them are allowed to dangle until those branches are merged. Delete this list at the merge; from then
-# on a missing page fails like any other.
-PENDING_PAGES = {"runtime.md", "memory.md", "families.md", "guarantees.md", "diffusers-backend.md"}
 
 FENCE = re.compile(r"^(```|~~~)")
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
@@ -93,8 +89,6 @@ def test_relative_links_and_anchors_resolve(page):
             broken.append(f"{line}: {target} points outside the repository")
             continue
         if not dest.exists():
-            if dest.parent == ROOT / "docs" and dest.name in PENDING_PAGES:
-                continue
             broken.append(f"{line}: {target}: no such file")
             continue
         if anchor:
