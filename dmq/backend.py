@@ -59,10 +59,11 @@ def needs_calibration(cfg: QuantConfig) -> list[str]:
 
 
 def on_load_config(config: str | QuantConfig) -> QuantConfig:
-    """The config a model quantizes with on load, without data: a preset named without an explicit rounding variant
-    (``"w4a16"``, not ``"w4a16+gptq"``) rounds to nearest, since GPTQ / AdaRound need calibration inputs."""
+    """The config a model quantizes with on load, without data: learned rounding (GPTQ / AdaRound, part of the W4
+    presets) falls back to round-to-nearest, unless asked for by name (``"w4a16+gptq"``), which needs data."""
     cfg = get_config(config)
-    if isinstance(config, str) and not ({"gptq", "adaround", "brecq"} & set(config.lower().split("+")[1:])):
+    asked = isinstance(config, str) and {"gptq", "adaround", "brecq"} & set(config.lower().split("+")[1:])
+    if not asked and (cfg.rounding != "rtn" or cfg.per_sample_rounding != "rtn"):
         cfg = cfg.replace(rounding="rtn", per_sample_rounding="rtn")
     return cfg
 
@@ -121,7 +122,7 @@ class DmqConfig(QuantizationConfigMixin):
     @property
     def on_load_config(self) -> QuantConfig:
         """The config of quantization on load (:func:`on_load_config`)."""
-        return on_load_config(self.config) if isinstance(self.config, str) else self.quant_config
+        return on_load_config(self.config if isinstance(self.config, str) else self.quant_config)
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, "config": self.config,

@@ -51,7 +51,9 @@ def _is_time_embedding(m: nn.Module) -> bool:
 
 def _cfg(model: nn.Module) -> dict:
     cfg = getattr(model, "config", None)
-    return dict(cfg) if cfg is not None else {}
+    if isinstance(cfg, dict):  # diffusers' FrozenDict
+        return dict(cfg)
+    return {}  # no config, or another library's (transformers): not a denoiser with a latent width
 
 
 def _block_containers(model: nn.Module) -> set[str]:

@@ -42,6 +42,9 @@ def reconstruct(model: nn.Module, state: QuantState, run_loop: Callable[[], None
     def rounding_of(name: str) -> str:
         if getattr(mods[name], "groups", 1) != 1:
             return "rtn"  # grouped / depthwise convolutions: the layer cache holds dense im2col rows
+        if mods[name].weight.device.type == "meta":  # offloaded: hooks bring its weight by name at each call
+            logger.warning("%s is offloaded (weight on the meta device): round-to-nearest, no learned rounding", name)
+            return "rtn"
         return cfg.per_sample_rounding if name in per_sample else cfg.rounding
 
     if not cfg.format_search:  # layers left at round-to-nearest need no cache
