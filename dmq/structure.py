@@ -121,8 +121,11 @@ def classify(model: nn.Module) -> dict[str, str]:
     c_out = cfg.get("out_channels") or c_in
     patch = cfg.get("patch_size") or 1
     vol = math.prod(patch) if isinstance(patch, (tuple, list)) else patch * patch
-    text_widths = {cfg.get(k) for k in ("joint_attention_dim", "caption_channels", "text_dim",
-                                        "pooled_projection_dim", "encoder_hid_dim")} - {None}
+    text_widths = set()
+    for k in ("joint_attention_dim", "caption_channels", "text_dim", "pooled_projection_dim", "encoder_hid_dim"):
+        v = cfg.get(k)  # HiDream lists one width per text encoder
+        text_widths.update(v if isinstance(v, (list, tuple)) else [v])
+    text_widths = {w for w in text_widths if isinstance(w, int)}
     lay = dict(layers)
 
     def prefer_latent(names: list[str]) -> list[str]:
