@@ -9,7 +9,7 @@
 >>> UNet2DModel.from_pretrained(path, quantization_config=dmq.DmqConfig("w4a16"))  # doctest: +SKIP
 """
 
-from dmq import formats, kernels
+from dmq import budget, formats, kernels, structure
 from dmq.api import (
     calibrate,
     dequantize,
@@ -51,7 +51,8 @@ __all__ = [
     "PRESETS", "VARIANTS", "AllSteps", "DmqConfig", "NormalSteps", "NotCalibratedError", "QuantAttnProcessor",
     "QuantConfig",
     "QuantConv2d", "QuantLinear", "QuantSpec", "StepPolicy", "TensorQuantizer", "UniformSteps", "calibrate",
-    "config_from_json", "config_to_json", "dequantize", "formats", "freeze", "full_precision", "get_config", "kernels",
+    "budget", "config_from_json", "config_to_json", "dequantize", "formats", "freeze", "full_precision",
+    "get_config", "kernels",
     "learned_config", "load", "preset_names", "quantization_map", "quantize", "quantizers", "restore", "save",
-    "summary", "sync_statistics", "unet_skip_splits", "weight_bytes",
+    "structure", "summary", "sync_statistics", "unet_skip_splits", "weight_bytes",
 ]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dmq import attention
+from dmq import attention, structure
 from dmq import validation as check
 from dmq.calibration import ModelClock, StepPolicy, TimestepHook, call_scope, get_policy
 from dmq.config import QuantConfig, get_config
@@ -38,6 +38,8 @@ class QuantState:
     calibration_seconds: float = 0.0
     frozen: bool = False
     packed: bool = False
+    budget: dict = field(default_factory=dict)  # memory_budget: total and fixed bytes, from the float model
+    per_sample: list[str] = field(default_factory=list)  # layers quantized weight-only as one token per sample
     originals: dict = field(default_factory=dict)  # parameters a folded transform changed: name -> original
     learned_overrides: dict = field(default_factory=dict)  # module -> weight QuantSpec chosen by format search
     transformed: bool = False
@@ -145,14 +147,28 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, include: Sequence[s
 
 def _quantize(model: nn.Module, cfg: QuantConfig, include: tuple[str, ...] | None,
               exclude: tuple[str, ...] | None) -> nn.Module:
+    roles = structure.classify(model)
     # diffusers models name modules that must stay float32 (substrings of module names, as diffusers matches them)
     fp32 = tuple(f"*{m}*" for m in getattr(model, "_keep_in_fp32_modules", None) or ())
-    excl = tuple(cfg.keep_fp) + tuple(exclude or ()) + fp32
+    excl = structure.expand_patterns(model, tuple(cfg.keep_fp) + tuple(exclude or ()), roles) + fp32
     splits = unet_skip_splits(model) if cfg.shortcut_split and cfg.act is not None else {}
     state = QuantState(cfg, None)
     targets = [(n, m) for n, m in model.named_modules() if n and _selected(n, include, excl)]
+    ps_spec = cfg.per_sample_spec
+    if cfg.memory_budget is not None:  # fail before any work when the budget is out of reach
+        from dmq import budget
+
+        names = [n for n, m in targets if type(m) in (nn.Linear, nn.Conv2d)]
+        state.budget = {"total": budget.check_reachable(model, names, cfg),
+                        "fixed": budget.fixed_bytes(model, names)}
     for name, mod in targets:
-        mcfg = cfg.replace(weight=cfg.weight_for(name)) if cfg.overrides else cfg  # per-module overrides
+        if ps_spec is not None and roles.get(name) in structure.PER_SAMPLE:  # one token per sample: weight-only
+            over = cfg.weight_for(name) if any(fnmatch.fnmatchcase(name, g) for g, _ in cfg.overrides) else ps_spec
+            mcfg = cfg.replace(weight=over, act=None)
+            if type(mod) in (nn.Linear, nn.Conv2d):
+                state.per_sample.append(name)
+        else:
+            mcfg = cfg.replace(weight=cfg.weight_for(name)) if cfg.overrides else cfg  # per-module overrides
         if type(mod) is nn.Linear and (cfg.weight is not None or cfg.act is not None):
             _set_child(model, name, QuantLinear.from_float(mod, mcfg))
         elif type(mod) is nn.Conv2d and (cfg.weight is not None or cfg.act is not None):
@@ -232,14 +248,42 @@ def _calibrate(model: nn.Module, st: QuantState, forward_loop: Callable[[nn.Modu
 
         st.report.update(apply_transforms(model, st, lambda: _run(model, forward_loop, policy, observe=False)))
         st.transformed = True
-    points = _run(model, forward_loop, policy, observe=True)
-    if cfg.rounding != "rtn" or cfg.format_search:
+    moments = None
+    if cfg.memory_budget is not None and not st.report.get("budget"):
+        from dmq.budget import SecondMoments
+
+        moments = SecondMoments(model, [n for n in st.modules if model.get_submodule(n).weight_spec is not None])
+    try:
+        points = _run(model, forward_loop, policy, observe=True)
+    finally:
+        stats = moments.remove() if moments is not None else None
+    if stats is not None:
+        _apply_budget(model, st, stats)
+    if cfg.rounding != "rtn" or cfg.format_search or (st.per_sample and cfg.per_sample_rounding != "rtn"):
         from dmq.rounding import reconstruct
 
         st.report.update(reconstruct(model, st, lambda: _run(model, forward_loop, policy, observe=False)))
     st.calibration_points += points
     st.calibration_seconds += time.perf_counter() - t0
     logger.info("dmq: calibrated on %d backbone calls in %.1f s", points, time.perf_counter() - t0)
+
+
+def _apply_budget(model: nn.Module, st: QuantState, moments: dict) -> None:
+    """Per-layer weight formats within ``config.memory_budget`` (:mod:`dmq.budget`), kept as learned overrides."""
+    from dmq.budget import allocate_budget
+    from dmq.rounding.layer import requantize_rtn
+
+    names = [n for n in st.modules if model.get_submodule(n).weight_spec is not None]
+    specs, report = allocate_budget(model, names, st.config, moments, st.budget["total"], st.budget["fixed"])
+    for name, spec in specs.items():
+        mod = model.get_submodule(name)
+        if spec != mod.weight_spec:
+            mod.weight_spec = spec
+            requantize_rtn(mod)
+            st.learned_overrides[name] = spec
+    st.report["budget"] = report
+    logger.info("dmq: memory budget %.2f MiB: planned %.2f MiB, formats %s", report["budget_bytes"] / 2 ** 20,
+                report["planned_bytes"] / 2 ** 20, report["formats"])
 
 
 def _run(model: nn.Module, forward_loop: Callable[[nn.Module], object], policy: StepPolicy, observe: bool) -> int:

@@ -58,9 +58,19 @@ def needs_calibration(cfg: QuantConfig) -> list[str]:
     return why
 
 
+def on_load_config(config: str | QuantConfig) -> QuantConfig:
+    """The config a model quantizes with on load, without data: learned rounding (GPTQ / AdaRound, part of the W4
+    presets) falls back to round-to-nearest, unless asked for by name (``"w4a16+gptq"``), which needs data."""
+    cfg = get_config(config)
+    asked = isinstance(config, str) and {"gptq", "adaround", "brecq"} & set(config.lower().split("+")[1:])
+    if not asked and (cfg.rounding != "rtn" or cfg.per_sample_rounding != "rtn"):
+        cfg = cfg.replace(rounding="rtn", per_sample_rounding="rtn")
+    return cfg
+
+
 def load_time_presets() -> list[str]:
     """The presets that quantize on load (no calibration data)."""
-    return [p for p in PRESETS if not needs_calibration(get_config(p))]
+    return [p for p in PRESETS if not needs_calibration(on_load_config(p))]
 
 
 class DmqConfig(QuantizationConfigMixin):
@@ -109,6 +119,11 @@ class DmqConfig(QuantizationConfigMixin):
     def quant_config(self) -> QuantConfig:
         return get_config(self.config) if isinstance(self.config, str) else config_from_dict(self.config)
 
+    @property
+    def on_load_config(self) -> QuantConfig:
+        """The config of quantization on load (:func:`on_load_config`)."""
+        return on_load_config(self.config if isinstance(self.config, str) else self.quant_config)
+
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, "config": self.config,
                 "modules_to_not_convert": self.modules_to_not_convert,
@@ -154,7 +169,7 @@ class DmqQuantizer(DiffusersQuantizer):
                 raise ValueError("dmq-quantized models cannot be offloaded to disk (device_map value 'disk')")
             self.device_map = device_map
         if not self.pre_quantized:
-            cfg = self.quantization_config.quant_config
+            cfg = self.quantization_config.on_load_config
             why = needs_calibration(cfg)
             if why:
                 raise ValueError(
@@ -188,8 +203,12 @@ class DmqQuantizer(DiffusersQuantizer):
     # ------------------------------------------------------------------------------------- pre-quantized load
     def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
         if self.pre_quantized:
+            from dmq.integrity import verify_sealed_parent
             from dmq.serialization import read_map
 
+            # a folder sealed by dmq.save / save_quantized (the model's, or its pipeline's): checked whole, so an
+            # edited quantization_config in config.json fails here
+            verify_sealed_parent(checkpoint_files[0])
             self._qmap = read_map(checkpoint_files[0])
             self._loaded_keys = list(loaded_keys)
         return loaded_keys
@@ -283,7 +302,7 @@ class DmqQuantizer(DiffusersQuantizer):
         else:
             import dmq
 
-            cfg = self.quantization_config.quant_config
+            cfg = self.quantization_config.on_load_config
             dmq.quantize(model, cfg, exclude=_globs(self.modules_to_not_convert))
             dmq.freeze(model)
         self._model, self._layers, self._qmap = None, {}, None

@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +32,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
+
+_logger = logging.getLogger(__name__)
 
 SEAL_KEY = "dmq_integrity"
 SEAL_FILE = "dmq_integrity.json"
@@ -170,6 +173,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return target
 
 
+def canonical_header(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors file's header with its metadata entries in sorted order, in place and at the same
+    length. safetensors keeps the metadata in a hash map whose order changes from one process and call to the next,
+    so without this two saves of the same model differ in their bytes (and "the old file or the new one" could not
+    be told by content)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n), object_pairs_hook=dict)
+        meta = header.pop("__metadata__", None)
+        ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # a serializer escaping differently than json: leave the (valid) header as written
+            _logger.debug("%s: header not canonicalized (%d > %d bytes)", path, len(text), n)
+            return
+        f.seek(8)
+        f.write(text.ljust(n, b" "))
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is unavailable."""
     try:
@@ -187,9 +208,14 @@ def _exchange(a: Path, b: Path) -> bool:
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Fill the yielded temporary folder; on success it is sealed (:func:`seal_folder`) and replaces ``path``."""
     target = check_target(path, folder=True)
+    if target.is_dir() and any(target.iterdir()) and not (target / SEAL_FILE).is_file():
+        raise ValueError(f"cannot write the folder {str(target)!r}: it exists and is not a folder written by dmq "
+                         f"(no {SEAL_FILE}); replacing it would delete its files. Give a new or empty folder")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        for f in tmp.rglob("*.safetensors"):  # diffusers' shards too: the same model gives the same bytes
+            canonical_header(f)
         seal_folder(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
@@ -253,3 +279,14 @@ def verify_folder(folder: str | os.PathLike) -> None:
     for name, want in files.items():
         if file_digest(root / name) != want:
             raise ValueError(f"{str(root)!r}: file {name!r} does not match its sha256 digest: it is damaged")
+
+
+def verify_sealed_parent(file: str | os.PathLike) -> Path | None:
+    """:func:`verify_folder` on the sealed folder ``file`` belongs to: its own folder (a model) or, for a
+    component of a pipeline (``model_index.json`` one level up), the pipeline's; returns it, or None if unsealed."""
+    folder = Path(file).resolve().parent
+    for root in (folder, folder.parent):
+        if (root / SEAL_FILE).is_file() and (root == folder or (root / "model_index.json").is_file()):
+            verify_folder(root)
+            return root
+    return None

@@ -1,4 +1,4 @@
-"""Real low-bit GEMMs of frozen layers: integer matmul with fused scales (CPU and CUDA), FP8 scaled matmul (CUDA).
+"""Real low-bit GEMMs of frozen layers, and the one seam a frozen Linear calls: :func:`frozen_linear`.
 
 INT activations x INT weights (Jacob et al. 2018, eq. 7): with activation codes ``q_a`` (scale ``s_a``, zero point
 ``z``) and weight codes ``q_w`` (per-output-channel scale ``s_w``, symmetric),
@@ -6,31 +6,57 @@ INT activations x INT weights (Jacob et al. 2018, eq. 7): with activation codes 
     y[m, n] = s_a s_w[n] * sum_k (q_a[m, k] - z) q_w[n, k] + b[n]
             = s_a s_w[n] * ( (q_a - c) @ q_w^T [m, n]  +  (c - z) * rowsum(q_w)[n] ) + b[n].
 
-The offset ``c = 2^(bits-1)`` maps unsigned codes into int8, so the GEMM runs on ``torch._int_mm`` (int8 x int8 ->
-int32, exact), and the zero point folds into one integer term per output channel: the sum is exact in integers, and
-the only roundings are the final float32 conversion, the scale product and the bias.
+The sum is exact in int32 on every path; the only roundings are the float32 epilogue (int32 -> float32, the scale
+product, the bias) and the final cast. ``s_a`` is the activation scale *in the input's dtype*, exactly the scale the
+fake quantizer divides and multiplies by (:func:`dmq.fake_quant.fake_quant` uses ``scale.to(x.dtype)``).
 
-``disable("int_gemm")`` / ``disable("fp8_gemm")`` turn a path off (the layers then dequantize their weight and run
-the float matmul of the fake-quant path, bit for bit).
+Execution paths of a frozen ``QuantLinear``, tried in this order (each can be turned off with :func:`disable`, and
+each falls back to the next when its kernel is missing or declines the shape):
+
+- ``onednn_int8``: INT weights (8 or 4 bit, per channel) x static per-tensor INT activations (<= 8 bit) on oneDNN's
+  u8 x s8 VNNI GEMM with the scales and bias fused (:mod:`dmq.kernels_cpu`); CPU, one timestep bin per call.
+- ``int_gemm``: the same on ``torch._int_mm`` with the epilogue below (CPU and CUDA; per-sample timestep bins).
+- ``fp8_gemm``: FP8 E4M3 on ``torch._scaled_mm`` (CUDA, compute capability 8.9+).
+- ``int4_weight``: weight-only INT4 group-wise (W4A16) dequantized inside the GEMM (``_weight_int4pack_mm_for_cpu``).
+- ``weight_cache``: a dequantized copy of the weight in the compute dtype, only after :func:`cache_weights`
+  (a memory trade-off the user sets; off by default; bit-identical to the reference).
+- ``tiled_dequant``: any other packed weight, dequantized one cache-sized tile of rows at a time into the GEMM.
+- otherwise the reference: the fake-quantized input times the whole weight dequantized (bit for bit the fake-quant
+  model).
+
+Per-layer kernel state (prepacked oneDNN / int4pack weights, the weight row sums, float32 scales, the per-bin
+activation scales) is built once at freeze or load (:func:`prepare`) and kept in a plain attribute that is neither
+a parameter nor a buffer: the state_dict and the checkpoint format do not change, and a moved or reloaded layer
+rebuilds it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 
 import torch
+import torch.nn.functional as F
+
+from dmq import formats, kernels_cpu
+from dmq.calibration import CONTEXT, sample_timesteps, timestep_bins
+from dmq.packed import _dequant_rows, int_codes
 
 logger = logging.getLogger(__name__)
 
-PATHS = ("int_gemm", "fp8_gemm")
+PATHS = ("onednn_int8", "int_gemm", "fp8_gemm", "int4_weight", "weight_cache", "tiled_dequant")
 _DISABLED: set[str] = set()
 _WARNED: set[str] = set()
 
 
 @contextlib.contextmanager
 def disable(*paths: str):
-    """Run the enclosed code with the named execution paths off (``"int_gemm"``, ``"fp8_gemm"``)."""
+    """Run the enclosed code with the named execution paths off (see :data:`PATHS`; ``"all"`` names every one);
+    layers fall back to the next path, and with every path off to the reference (the fake-quant computation, bit
+    for bit)."""
+    if "all" in paths:
+        paths = PATHS
     bad = [p for p in paths if p not in PATHS]
     if bad:
         raise ValueError(f"unknown execution path(s) {bad}; valid: {PATHS}")
@@ -96,7 +122,7 @@ def int_linear(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None
         w_codes: int8 ``(N, K)`` weight codes; ``w_scale``: float32 ``(N,)``; ``w_rowsum``: int32 ``(N,)``.
 
     Per row: ``acc = int_mm(q_a - c, q_w)`` (exact int32), ``acc += (c - z) * rowsum`` (exact), then
-    ``y = float32(acc) * (s_a * s_w) + b``, rounded once to ``x``'s dtype. Rows go in chunks of ``INT_ROWS``.
+    ``y = float32(acc) * (float32(s_a) * s_w) + b``, rounded once to ``x``'s dtype. Rows go in chunks of ``INT_ROWS``.
     """
     k, n = x.shape[-1], w_codes.shape[0]
     lead = x.shape[:-1]
@@ -106,10 +132,12 @@ def int_linear(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None
     a = q.sub_(off).to(torch.int8).reshape(-1, k)
     m = a.shape[0]
     z = torch.zeros_like(a_scale) if a_zp is None else a_zp.reshape(a_scale.shape)
-    # per-row activation scale and zero-point offset (one value per sample, repeated over its tokens)
+    # per-row activation scale and zero-point offset (one value per sample, repeated over its tokens); the scale is
+    # the one the fake quantizer uses, rounded to x's dtype (a float32 scale here was a systematic mismatch of up to
+    # 2^-9 relative per layer in bfloat16)
     per_sample = a_scale.numel() > 1
     rows_per_sample = m // a_scale.shape[0]
-    s_rows = a_scale.to(torch.float32).reshape(-1, 1).repeat_interleave(rows_per_sample, 0)
+    s_rows = a_scale.to(x.dtype).to(torch.float32).reshape(-1, 1).repeat_interleave(rows_per_sample, 0)
     c_rows = (off - z.to(torch.int32)).reshape(-1, 1).repeat_interleave(rows_per_sample, 0)
     if not per_sample:
         sw = s_rows[:1] * w_scale  # (1, N)
@@ -163,3 +191,268 @@ def fp8_linear(x: torch.Tensor, a_scale: torch.Tensor, w_fp8: torch.Tensor, w_sc
         return None
     y = y.to(x.dtype).reshape(*lead, n)
     return y if bias is None else y + bias
+
+
+# ------------------------------------------------------------------------------------------------ layer seam
+class _Plans:
+    """Per-layer kernel state by (device, dtype); never copied, pickled or saved (a copy rebuilds its own)."""
+
+    def __init__(self) -> None:
+        self.by_key: dict = {}
+        self.cache_weights = False
+        self.lock = threading.Lock()
+
+    def __deepcopy__(self, memo) -> _Plans:
+        out = _Plans()
+        out.cache_weights = self.cache_weights
+        return out
+
+    def __getstate__(self) -> dict:
+        return {"cache_weights": self.cache_weights}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        self.cache_weights = state.get("cache_weights", False)
+
+
+class _Plan:
+    """What one packed Linear needs per call, computed once: see :func:`prepare`."""
+
+    int_act = False  # INT weight x static per-tensor INT activation
+    onednn = None  # prepacked oneDNN weight
+    int4 = None  # (int4pack weight, scales-and-zeros, group size)
+    cache = None  # dequantized weight (weight_cache)
+
+
+def _plans(layer) -> _Plans:
+    p = layer.__dict__.get("_dmq_kernel_plans")
+    if p is None:
+        p = layer.__dict__["_dmq_kernel_plans"] = _Plans()
+    return p
+
+
+def _state_key(layer, device: torch.device, dtype: torch.dtype) -> tuple:
+    """Identity of the tensors a plan is derived from: a reload (``copy_`` bumps ``_version``) or a move rebuilds."""
+    key = [device, dtype]
+    w = layer._parameters.get("weight")
+    tensors = list(w.tensors().values()) if hasattr(w, "tensors") else []
+    q = getattr(layer, "input_quantizer", None)
+    if q is not None:
+        tensors += [q.scale, q.zero_point]
+    for t in tensors:
+        try:
+            key += [t.data_ptr(), t._version]
+        except RuntimeError:  # an inference tensor has no version counter
+            key += [t.data_ptr(), -1]
+    return tuple(key)
+
+
+def _plan(layer, device: torch.device, dtype: torch.dtype) -> _Plan:
+    plans = _plans(layer)
+    key = _state_key(layer, device, dtype)
+    plan = plans.by_key.get(key)
+    if plan is None:
+        with plans.lock:
+            plan = plans.by_key.get(key)
+            if plan is None:
+                plan = _build_plan(layer, device, dtype, plans.cache_weights)
+                plans.by_key = {key: plan}  # one device and dtype at a time: a move frees the old state
+    return plan
+
+
+def _build_plan(layer, device: torch.device, dtype: torch.dtype, cache: bool) -> _Plan:
+    plan = _Plan()
+    lays = layer.weight_layouts or ()
+    plan.n, plan.k = layer.out_features, layer.in_features
+    q = getattr(layer, "input_quantizer", None)
+    if getattr(layer, "exec_path", "dequant") == "int_gemm" and len(lays) == 1:
+        lay = lays[0]
+        plan.int_act = True
+        af = q.fmt
+        plan.a_bits, plan.a_signed = af.bits, af.signed
+        plan.off = 2 ** (af.bits - 1) if af.signed else 0  # signed codes + off = unsigned codes for oneDNN
+        plan.qmin, plan.qmax = (af.qmin, af.qmax)
+        codes = int_codes(layer._part(0), lay)
+        plan.codes = codes if lay.storage == "int8" else None  # 4-bit codes are unpacked again only on fallback
+        plan.rowsum = codes.to(torch.int32).sum(1)
+        plan.w_scale = layer._part(0)["weight_scale"].to(torch.float32).reshape(-1).expand(lay.rows).contiguous()
+        # per timestep bin: the scale in the compute dtype (what the fake quantizer uses) and the zero point
+        plan.s_t = [s.to(dtype).reshape(1, 1) for s in q.scale]
+        plan.s_f = [float(s) for s in plan.s_t]
+        sym = q.spec.symmetric
+        plan.z_t = [None if sym else z.to(dtype).reshape(1, 1) for z in q.zero_point]
+        plan.z_i = [0 if sym else int(z) for z in q.zero_point]
+        if (device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and enabled("onednn_int8")
+                and kernels_cpu.onednn_int8_ok()):
+            plan.onednn = kernels_cpu.prepack_int8(codes)
+        return plan
+    if len(lays) == 1 and q is None and device.type == "cpu":
+        lay = lays[0]
+        fmt = lay.fmt
+        if (isinstance(fmt, formats.IntFormat) and fmt.bits == 4 and fmt.signed and lay.symmetric
+                and lay.granularity == "group" and lay.padded_cols == lay.cols and kernels_cpu.int4_weight_ok()):
+            part = layer._part(0)
+            packed = kernels_cpu.prepack_int4(int_codes(part, lay), part["weight_scale"], lay.group_size, dtype)
+            if packed is not None:
+                plan.int4 = (*packed, lay.group_size)
+    if cache and lays:
+        plan.cache = layer.dequantized_weight(dtype).to(device)
+    return plan
+
+
+def forget(layer) -> None:
+    """Drop a layer's kernel state, keeping its ``cache_weights`` choice: its packed tensors were overwritten in
+    place (``load_state_dict`` copies without bumping the version counters the state is keyed on)."""
+    plans = layer.__dict__.get("_dmq_kernel_plans")
+    if plans is not None:
+        with plans.lock:
+            plans.by_key = {}
+
+
+def prepare(layer) -> None:
+    """Build a frozen layer's kernel state for its current device and dtype (called at freeze and load; a call in
+    another dtype or after a move builds its own on first use)."""
+    lays = layer.weight_layouts
+    if lays is None:
+        return
+    w = layer._parameters.get("weight")
+    if w is None:
+        return
+    _plan(layer, w.device, w.dtype)
+
+
+def cache_weights(model: torch.nn.Module, enabled: bool = True) -> int:
+    """Keep (or drop) a dequantized copy of every packed weight that has no fused low-bit kernel, in the compute
+    dtype: the ``weight_cache`` path, bit-identical to the reference and as fast as the float model, at the memory
+    cost of that copy. Off by default. Returns the bytes the caches hold after the first call per layer is made
+    (0 right after turning it on; see :func:`cached_bytes`)."""
+    for mod in model.modules():
+        if getattr(mod, "weight_layouts", None) is not None and isinstance(mod, torch.nn.Linear):
+            plans = _plans(mod)
+            plans.cache_weights = enabled
+            plans.by_key.clear()
+    return cached_bytes(model)
+
+
+def cached_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by :func:`cache_weights` copies right now."""
+    total = 0
+    for mod in model.modules():
+        plans = mod.__dict__.get("_dmq_kernel_plans")
+        for plan in (plans.by_key.values() if plans else ()):
+            if plan.cache is not None:
+                total += plan.cache.numel() * plan.cache.element_size()
+    return total
+
+
+# one memo of the running call's timestep bins: keyed by the timestep tensor object itself (held, so its id is not
+# reused) and the bin layout; every layer of a call reads the same tensor, so the lookup runs once per call. The
+# (tensor, bins) pair is replaced as a whole, so a thread never reads another call's bins.
+_BIN_MEMO: list = [(None, {})]
+
+
+def _single_bin(q) -> int | None:
+    """The timestep bin of the whole call, or None when the samples differ or no timestep is known."""
+    if q.num_bins == 1:
+        return 0
+    t = CONTEXT.timestep
+    if t is None:
+        return None
+    memo = _BIN_MEMO[0]
+    if memo[0] is not t:
+        memo = (t, {})
+        _BIN_MEMO[0] = memo
+    key = (q.num_bins, *q.timestep_range)
+    b = memo[1].get(key)
+    if b is None:
+        bins = timestep_bins(sample_timesteps(t), q.num_bins, *q.timestep_range)  # as TensorQuantizer does
+        b = memo[1][key] = int(bins[0]) if bool((bins == bins[0]).all()) else -1
+    return None if b < 0 else b
+
+
+def frozen_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """``Q_a(x) Q_w(W)^T + b`` of a packed Linear (``x`` after its input transform; the low-rank branch is the
+    layer's), on the first execution path that applies (see the module docstring)."""
+    q = layer.input_quantizer
+    ready = q is not None and q.enabled and q.frozen
+    if torch.compiler.is_compiling():  # no Python-side state under tracing: the traceable integer path
+        return _traceable(layer, x, q, ready)
+    plan = _plan(layer, x.device, x.dtype)
+    if plan.int_act and ready:
+        y = _int_path(layer, plan, q, x)
+        if y is not None:
+            return y
+    elif layer.exec_path == "fp8_gemm" and ready and x.is_cuda:
+        scale, _ = q.static_params(x)
+        part = layer._part(0)
+        w_scale = part["weight_scale"].to(torch.float32).reshape(-1).expand(layer.weight_layouts[0].rows)
+        y = fp8_linear(x, scale, part["qweight"], w_scale, layer.bias)
+        if y is not None:
+            return y
+    xq = q(x) if q is not None else x
+    if plan.cache is not None and enabled("weight_cache"):
+        return F.linear(xq, plan.cache, layer.bias)
+    lays = layer.weight_layouts
+    if plan.int4 is not None and enabled("int4_weight") and xq.dtype == plan.int4[1].dtype:
+        packed, sz, g = plan.int4
+        y = kernels_cpu.int4_weight_linear(xq.reshape(-1, plan.k), packed, sz, g, layer.bias)
+        return y.reshape(*x.shape[:-1], plan.n)
+    if len(lays) == 1 and enabled("tiled_dequant"):
+        part, lay = layer._part(0), lays[0]
+
+        def rows(r0: int, r1: int) -> torch.Tensor:
+            return _dequant_rows(part, lay, r0, r1)[:, : lay.cols].to(xq.dtype)
+
+        y = kernels_cpu.tiled_linear(xq.reshape(-1, plan.k), plan.n, rows, layer.bias)
+        return y.reshape(*x.shape[:-1], plan.n)
+    return F.linear(xq, layer.dequantized_weight(x.dtype), layer.bias)
+
+
+def _int_path(layer, plan: _Plan, q, x: torch.Tensor) -> torch.Tensor | None:
+    b = _single_bin(q)
+    if b is not None and plan.onednn is not None and enabled("onednn_int8"):
+        x2d = x.reshape(-1, plan.k)
+        if x.dtype.itemsize == 2:  # one table lookup per element (see _code_table)
+            idx = x2d.view(torch.int16).to(torch.int32).add_(32768)
+            u8 = _code_table(plan, b).index_select(0, idx.reshape(-1)).reshape(x2d.shape)
+        else:
+            u8 = act_codes(x2d, plan.s_t[b], plan.z_t[b], plan.qmin, plan.qmax).add_(plan.off).to(torch.uint8)
+        y = kernels_cpu.onednn_int8_linear(u8, plan.s_f[b], plan.z_i[b] + plan.off, plan.onednn, plan.w_scale,
+                                           layer.bias, x.dtype)
+        return y.reshape(*x.shape[:-1], plan.n)
+    if not enabled("int_gemm"):
+        return None
+    if b is not None:
+        scale, zp = plan.s_t[b], plan.z_t[b]
+    else:
+        scale, zp = q.static_params(x)
+    codes = plan.codes if plan.codes is not None else int_codes(layer._part(0), layer.weight_layouts[0])
+    return int_linear(x, scale, zp, plan.a_bits, plan.a_signed, codes, plan.w_scale, plan.rowsum, layer.bias)
+
+
+def _code_table(plan: _Plan, b: int) -> torch.Tensor:
+    """The uint8 activation code (plus the signed offset) of every one of the 65536 bfloat16 / float16 values, for
+    timestep bin ``b``: :func:`act_codes` itself applied to every bit pattern, so a lookup is bit-identical to the
+    fake quantizer's codes and replaces its five elementwise passes (NaN, which has no code, maps to the zero point).
+    Built on first use of the bin: 64 KiB."""
+    tables = plan.__dict__.setdefault("tables", {})
+    t = tables.get(b)
+    if t is None:
+        dtype = plan.s_t[b].dtype
+        every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 1)
+        codes = act_codes(every, plan.s_t[b], plan.z_t[b], plan.qmin, plan.qmax)
+        codes = torch.where(codes.isnan(), float(plan.z_i[b] - plan.off), codes)
+        t = tables[b] = codes.add_(plan.off).to(torch.uint8).reshape(-1)
+    return t
+
+
+def _traceable(layer, x: torch.Tensor, q, ready: bool) -> torch.Tensor:
+    if layer.exec_path == "int_gemm" and ready and enabled("int_gemm"):
+        scale, zp = q.static_params(x)
+        lay = layer.weight_layouts[0]
+        part = layer._part(0)
+        codes = int_codes(part, lay)
+        w_scale = part["weight_scale"].to(torch.float32).reshape(-1).expand(lay.rows)
+        return int_linear(x, scale, zp, q.fmt.bits, q.fmt.signed, codes, w_scale, layer.weight_rowsum, layer.bias)
+    xq = q(x) if q is not None else x
+    return F.linear(xq, layer.dequantized_weight(x.dtype), layer.bias)

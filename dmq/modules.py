@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,61 @@ class PackedMixin:
                                  "model first (model.dequantize() / dmq.dequantize)")
         return super()._apply(fn, recurse)
 
+    def register_parameter(self, name, param):
+        super().register_parameter(name, param)
+        if name == "weight" and isinstance(param, PackedWeight):
+            param._owner = weakref.ref(self)  # in-place adds into it (peft's merge) come to fuse_weight_delta
+
+    # ------------------------------------------------------------------------------- fused LoRA deltas
+    def fuse_weight_delta(self, delta: torch.Tensor) -> None:
+        """``W += delta`` for a packed layer: the packed codes stay as they are and ``delta`` joins the 16-bit
+        ``lora_fused`` side branch (``y = Q(W) x + lora_fused x``). Each delta is kept apart, so that
+        :meth:`unfuse_weight_delta` of the same delta removes it exactly."""
+        w = self.weight
+        if tuple(delta.shape) != tuple(w.shape):
+            raise ValueError(f"fused delta: shape {tuple(delta.shape)} does not match the weight {tuple(w.shape)}")
+        if not torch.isfinite(delta).all():
+            raise ValueError("fused delta: it holds NaN or inf values; the layer is left unchanged")
+        self._fused_parts().append(delta.detach().to(device=w.device, dtype=w.dtype))
+        self._refresh_fused()
+
+    def unfuse_weight_delta(self, delta: torch.Tensor) -> None:
+        """``W -= delta``: drops a fused delta equal to ``delta`` (bit-exact restore once all are gone); a delta that
+        was never fused here (a fused model loaded from disk) is subtracted from the branch."""
+        w = self.weight
+        delta = delta.detach().to(device=w.device, dtype=w.dtype)
+        parts = self._fused_parts()
+        for i in reversed(range(len(parts))):
+            if torch.equal(parts[i], delta):
+                del parts[i]
+                break
+        else:
+            if tuple(delta.shape) != tuple(w.shape):
+                raise ValueError(f"fused delta: shape {tuple(delta.shape)} does not match the weight "
+                                 f"{tuple(w.shape)}")
+            parts.append(-delta)
+        self._refresh_fused()
+
+    def _fused_parts(self) -> list[torch.Tensor]:
+        return self.__dict__.setdefault("_lora_fused_parts", [])
+
+    def _refresh_fused(self) -> None:
+        parts = self._fused_parts()
+        self._buffers.pop("lora_fused", None)  # no branch, no key: the state of a never-fused layer
+        if parts:
+            total = parts[0].clone()
+            for p in parts[1:]:
+                total += p
+            self.register_buffer("lora_fused", total)
+
+    def fused_branch(self, x: torch.Tensor) -> torch.Tensor | float:
+        """``delta x`` of the fused LoRA deltas on the layer's own input, or 0."""
+        d = self._buffers.get("lora_fused")
+        if d is None:
+            return 0.0
+        d = d.to(x.dtype)
+        return F.linear(x, d) if isinstance(self, nn.Linear) else self._conv_forward(x, d, None)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         w = self._parameters.get("weight")
@@ -114,6 +170,9 @@ class PackedMixin:
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         w = self._parameters.get("weight")
+        if isinstance(w, PackedWeight) and prefix + "lora_fused" in state_dict and "lora_fused" not in self._buffers:
+            self.register_buffer("lora_fused", torch.empty(w.shape, dtype=w.dtype, device=w.device))  # saved fused
+            self.__dict__["_lora_fused_parts"] = [self.lora_fused]
         if isinstance(w, PackedWeight):
             state_dict = dict(state_dict)
             have = {n: state_dict.pop(prefix + n) for n in w._names if prefix + n in state_dict}
@@ -129,13 +188,7 @@ class PackedMixin:
                 missing_keys.extend(prefix + n for n in w._names if n not in have)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-
-    def __getattr__(self, name: str):
-        # model code reads ``layer.weight`` (its dtype, device, shape): a packed layer answers with the dequantized
-        # weight, computed on demand (nothing is stored)
-        if name == "weight" and self.__dict__.get("weight_layouts"):
-            return self.dequantized_weight()
-        return super().__getattr__(name)
+        kernels.forget(self)
 
     def _part(self, i: int) -> dict[str, torch.Tensor]:
         """The packed tensors of part ``i`` by their base names (``qweight``, ``weight_scale``, ...)."""
@@ -186,18 +239,23 @@ class PackedMixin:
         self.weight = nn.Parameter(PackedWeight(tensors, layouts), requires_grad=False)
 
     def _setup_exec(self) -> None:
-        """Pick the execution path of the frozen layer; called after packing and after loading."""
+        """Pick the execution path of the frozen layer and build its kernel state (:func:`dmq.kernels.prepare`);
+        called after packing and after loading."""
         self.exec_path = "dequant"
         lays = self.weight_layouts or ()
         q = getattr(self, "input_quantizer", None)
-        if not isinstance(self, nn.Linear) or len(lays) != 1 or q is None or q.spec.dynamic:
-            return
-        lay, af = lays[0], q.fmt
+        if isinstance(self, nn.Linear) and len(lays) == 1 and q is not None and not q.spec.dynamic:
+            self._pick_int_path(lays[0], q)
+        if isinstance(self, nn.Linear):
+            kernels.prepare(self)
+
+    def _pick_int_path(self, lay: WeightLayout, q: TensorQuantizer) -> None:
+        af = q.fmt
         wf = lay.fmt
         if (isinstance(wf, formats.IntFormat) and wf.signed and lay.granularity in ("channel", "tensor")
                 and isinstance(af, formats.IntFormat) and af.bits <= 8 and q.spec.granularity == "tensor"):
             self.exec_path = "int_gemm"
-            codes = int_codes(self._part(0), lay)
+            codes = int_codes(self._part(0), lay)  # the traceable path under torch.compile reads it
             self.register_buffer("weight_rowsum", codes.to(torch.int32).sum(1), persistent=False)
         elif lay.storage == "float8_e4m3fn" and lay.granularity in ("channel", "tensor") and af.name == "e4m3":
             self.exec_path = "fp8_gemm"
@@ -243,32 +301,15 @@ class QuantLinear(PackedMixin, nn.Linear):
         return q
 
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The execution of a packed layer, in one place: an input transform or a low-rank branch goes here.
-
-        ``int_gemm``: INT codes of the input times the INT weight codes on ``torch._int_mm``, scales and zero point
-        fused (:func:`dmq.kernels.int_linear`); ``fp8_gemm``: ``torch._scaled_mm`` on CUDA devices that have it;
-        otherwise (and as the fallback of both) the fake-quantized input times the weight dequantized on the fly.
-        """
+        """The execution of a packed layer, in one place: an input transform, a low-rank branch or fused LoRA
+        deltas (:meth:`fuse_weight_delta`, on the untransformed input, as the LoRA sees it) go here; the quantized
+        matmul is :func:`dmq.kernels.frozen_linear` (integer / FP8 / fused weight-only GEMMs, with the fake-quant
+        computation as the fallback of every path)."""
+        fused = self.fused_branch(x)
         x = self.transform_input(x)  # online rotation (identity without one)
         branch = self.lowrank_branch(x)  # 16-bit low-rank branch on the unquantized input (0.0 without one)
-        q = self.input_quantizer
-        ready = q is not None and q.enabled and q.frozen
-        y = None
-        if self.exec_path == "int_gemm" and ready and kernels.enabled("int_gemm"):
-            scale, zp = q.static_params(x)
-            lay = self.weight_layouts[0]
-            codes = int_codes(self._part(0), lay)
-            w_scale = self.weight.weight_scale.to(torch.float32).reshape(-1).expand(lay.rows)
-            y = kernels.int_linear(x, scale, zp, q.fmt.bits, q.fmt.signed, codes, w_scale, self.weight_rowsum,
-                                   self.bias)
-        elif self.exec_path == "fp8_gemm" and ready and x.is_cuda:
-            scale, _ = q.static_params(x)
-            w_scale = self.weight.weight_scale.to(torch.float32).reshape(-1).expand(self.weight_layouts[0].rows)
-            y = kernels.fp8_linear(x, scale, self.weight.qweight, w_scale, self.bias)
-        if y is None:
-            xq = q(x) if q is not None else x
-            y = F.linear(xq, self.dequantized_weight(x.dtype), self.bias)
-        return y + branch
+        y = kernels.frozen_linear(self, x)
+        return y + branch + fused
 
     def effective_weight(self) -> torch.Tensor:
         """The float weight the quantized path approximates: ``W R`` under an input rotation ``R``."""
@@ -317,6 +358,14 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
     """``y = conv(Q_a(x), Q_w(W))``; with ``split = s`` the input channels ``[:s]`` and ``[s:]`` (the two halves of a
     U-Net skip concatenation) have their own activation quantizers and weight scales (Q-Diffusion):
     ``y = conv(Q_a1(x[:, :s]), Q_w1(W[:, :s])) + conv(Q_a2(x[:, s:]), Q_w2(W[:, s:])) + b``."""
+
+    def __init__(self, *args, **kwargs):
+        """A plain float ``nn.Conv2d``: peft builds the LoRA convolutions of a wrapped layer as
+        ``type(base_layer)(...)``. Quantized layers come from :meth:`from_float` / :meth:`from_packed`."""
+        super().__init__(*args, **kwargs)
+        self._plain = True
+
+    _plain = False
 
     @classmethod
     def from_float(cls, mod: nn.Conv2d, config: QuantConfig, split: int | None = None) -> QuantConv2d:
@@ -381,10 +430,12 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
         """A packed convolution: the fake-quantized input and the weight dequantized on the fly (bit-identical to
         the fake-quant path; no integer convolution kernel on CPU), plus the low-rank branch if there is one."""
         return self._conv_forward(self._quant_input(x), self.dequantized_weight(x.dtype), self.bias) + \
-            self.lowrank_branch(x)
+            self.lowrank_branch(x) + self.fused_branch(x)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Linear's argument name: model code passes input=
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Conv2d's argument name: model code passes input=
         x = input
+        if self._plain:
+            return nn.Conv2d.forward(self, x)
         if self.packed:
             if CONTEXT.calibrating:
                 raise RuntimeError("a packed (frozen) layer cannot be calibrated")

@@ -9,7 +9,11 @@ with the quantized weight; the layer itself picks an integer or FP8 GEMM where o
 - ``w.to(device)`` / ``.cuda()`` move the packed tensors; ``w.to(dtype)`` gives a plain dequantized tensor (as a
   cast of any weight gives a new tensor); a quantized layer refuses ``module.half()`` / ``.to(dtype)`` before
   touching anything (:class:`dmq.modules.PackedMixin`).
-- In-place writes (``w.add_``, ``w.data += ...``) raise ``TypeError``: a packed weight has no float storage.
+- In-place writes raise :class:`PackedWeightWriteError` before anything changes: a packed weight has no float
+  storage. The one exception is a dense add / subtract (``w.data += d``, ``w.data -= d``: peft's ``merge`` /
+  ``unmerge``, diffusers' ``fuse_lora`` / ``unfuse_lora``) on the weight of a quantized layer (``_owner``): it is
+  handed to the layer, which keeps the delta in a 16-bit side branch beside the packed codes
+  (:meth:`dmq.modules.PackedMixin.fuse_weight_delta`); the codes never change.
 - ``element_size()`` is the packed bytes per logical element (fractional below 8 bits), so
   ``numel() * element_size()`` is the resident size and ``get_memory_footprint()`` counts what is stored.
 - ``__tensor_flatten__`` / ``__tensor_unflatten__`` make it traceable: ``torch.compile(fullgraph=True)`` sees through
@@ -24,6 +28,11 @@ from torch.utils._pytree import tree_map
 from dmq.packed import WeightLayout, dtype_from_name, unpack_weight
 
 aten = torch.ops.aten
+
+
+class PackedWeightWriteError(RuntimeError):
+    """An in-place write into a packed weight (a ``RuntimeError``: torch turns a ``TypeError`` from ``w += d`` into
+    a silent out-of-place ``w = w + d``)."""
 
 
 def part_names(layouts: tuple[WeightLayout, ...]) -> list[str]:
@@ -74,6 +83,7 @@ class PackedWeight(torch.Tensor):
             raise ValueError(f"packed weight: tensors {missing} missing for layouts {[lay.format for lay in layouts]}")
         for n in self._names:
             setattr(self, n, tensors[n])
+        self._owner = None  # weakref to the quantized layer that takes fused deltas (set by that layer)
 
     # ------------------------------------------------------------------------------------------- contents
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -114,7 +124,9 @@ class PackedWeight(torch.Tensor):
         return PackedWeight(inner, layouts, dtype)
 
     def _with(self, fn) -> PackedWeight:
-        return PackedWeight({n: fn(t) for n, t in self.tensors().items()}, self.layouts, self.dtype)
+        out = PackedWeight({n: fn(t) for n, t in self.tensors().items()}, self.layouts, self.dtype)
+        out._owner = self._owner  # an alias (``w.data``) or a moved copy still belongs to the layer
+        return out
 
     # ----------------------------------------------------------------------------------------- dispatch
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -125,14 +137,20 @@ class PackedWeight(torch.Tensor):
         handler = _HANDLERS.get(func)
         if handler is not None:
             return handler(*args, **kwargs)
-        if func._schema.is_mutable and isinstance(args[0], PackedWeight):
-            raise TypeError(f"{func.__name__} would write into a dmq packed weight, which has no float storage: "
-                            "dequantize the layer (model.dequantize() / dmq.dequantize) to edit its weight")
+        if _writes(func) and any(isinstance(a, PackedWeight) for a in args):
+            raise PackedWeightWriteError(
+                f"{func.__name__} would write into a dmq packed weight, which has no float storage: dequantize the "
+                "layer (model.dequantize() / dmq.dequantize) to edit its weight")
 
         def unwrap(t):
             return t.dequantize() if isinstance(t, PackedWeight) else t
 
         return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+
+
+def _writes(func) -> bool:
+    """Whether the ATen op writes into one of its arguments (``add_``, ``copy_``, ``out=``...)."""
+    return any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
 
 
 def _rebuild(tensors, layouts, dtype):
@@ -166,6 +184,19 @@ def _copy_(dst: PackedWeight, src, non_blocking=False):
     return dst
 
 
+def _fused_write(sign: int):
+    def handler(w, other, alpha=1):
+        owner = w._owner() if isinstance(w, PackedWeight) and w._owner is not None else None
+        if owner is None or not isinstance(other, torch.Tensor) or isinstance(other, PackedWeight):
+            raise PackedWeightWriteError(
+                "an in-place add into a dmq packed weight that belongs to no quantized layer (or of a packed "
+                "operand): dequantize the layer (model.dequantize() / dmq.dequantize) to edit its weight")
+        delta = other if alpha == 1 else other * alpha
+        (owner.fuse_weight_delta if sign > 0 else owner.unfuse_weight_delta)(delta)
+        return w
+    return handler
+
+
 def _is_same_size(a, b):
     return tuple(a.shape) == tuple(b.shape)
 
@@ -177,4 +208,6 @@ _HANDLERS = {
     aten._to_copy.default: _to_copy,
     aten.copy_.default: _copy_,
     aten.is_same_size.default: _is_same_size,
+    aten.add_.Tensor: _fused_write(1),
+    aten.sub_.Tensor: _fused_write(-1),
 }

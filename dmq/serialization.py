@@ -185,7 +185,12 @@ def write_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path:
     from safetensors.torch import save_file
 
     sealed = integrity.seal({"format": "pt", **metadata}, tensors)
-    integrity.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=sealed))
+
+    def write(tmp: str) -> None:
+        save_file(tensors, tmp, metadata=sealed)
+        integrity.canonical_header(tmp)
+
+    integrity.atomic_write(path, write)
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str | None = None) -> None:
@@ -200,19 +205,25 @@ def save(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str
     _frozen_state(model)
     if path.suffix == ".safetensors":
         integrity.check_target(path)
-    if path.suffix != ".safetensors" and hasattr(model, "save_pretrained") and hasattr(model, "register_to_config"):
-        from dmq.backend import attach
-
-        attach(model)
-        kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-        model.save_pretrained(path, safe_serialization=True, **kwargs)
-        logger.info("dmq.save: %s written with save_pretrained", path)
+        _write_model_file(model, path)
         return
-    if max_shard_size is not None:
+    diffusers_model = hasattr(model, "save_pretrained") and hasattr(model, "register_to_config")
+    if max_shard_size is not None and not diffusers_model:
         raise ValueError("max_shard_size shards a diffusers model's folder; this writes one file")
-    if path.suffix != ".safetensors":
-        path.mkdir(parents=True, exist_ok=True)
-        path = path / WEIGHTS_NAME
+    # a folder is filled under a temporary name, sealed (a digest of every file, config.json included) and swapped in
+    with integrity.atomic_directory(path) as tmp:
+        if diffusers_model:
+            from dmq.backend import attach
+
+            attach(model)
+            kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+            model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+        else:
+            _write_model_file(model, tmp / WEIGHTS_NAME)
+    logger.info("dmq.save: sealed folder %s written", path)
+
+
+def _write_model_file(model: nn.Module, path: Path) -> None:
     tensors = _cpu_tensors(model)
     write_file(tensors, map_metadata(model, tensors), path)
     logger.info("dmq.save: %d tensors, %d bytes, to %s", len(tensors), os.path.getsize(path), path)
@@ -318,7 +329,7 @@ def import_class(ref: str, packages: tuple[str, ...]) -> type:
 
 
 def _from_pretrained(folder: Path) -> nn.Module:
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg = json.loads((folder / "config.json").read_text())  # verified by the caller
     qcfg = cfg.get("quantization_config") or {}
     if qcfg.get("quant_method") != "dmq":
         raise ValueError(f"{folder}: config.json has no dmq quantization_config: not a dmq-quantized model folder")
@@ -472,7 +483,10 @@ def load(model_or_path: nn.Module | str | os.PathLike, path: str | os.PathLike |
             raise TypeError(f"dmq.load(model, path): model must be a torch.nn.Module, got "
                             f"{type(model_or_path).__name__}")
         model, path = None, check.path("model_or_path", model_or_path)
-        if Path(path).is_dir() and (Path(path) / "config.json").exists():
+    if Path(path).is_dir():
+        # a folder must carry the seal dmq.save writes: it covers config.json (quantization_config) and every file
+        integrity.verify_folder(path)
+        if model is None and (Path(path) / "config.json").exists():
             return _from_pretrained(Path(path))
     qmap, tensors = read(path)
     if model is None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+import dmq
 from samplers import DCSolverScheduler, ddim_reference
 from samplers import search_dc_ratios as _search
 
@@ -108,8 +109,12 @@ def search_dc_ratios(
     labels = labels.to(device)
     ref = ddim_reference(guided_denoise(ref_backbone, labels, null, guidance_scale), sched, x_T, num_inference_steps,
                          fine_steps)
-    return _search(guided_denoise(backbone, labels, null, guidance_scale), sched, x_T, num_inference_steps,
-                   reference=ref, iters=iters, lr=lr, held_out=held_out, progress=progress)
+    # The search back-propagates through the model. A packed backbone's integer / FP8 GEMMs take their input as
+    # codes and have no gradient, so the search runs the dequantizing path, which computes the same fake-quant
+    # function (see dmq.kernels).
+    with dmq.kernels.disable("int_gemm", "fp8_gemm"):
+        return _search(guided_denoise(backbone, labels, null, guidance_scale), sched, x_T, num_inference_steps,
+                       reference=ref, iters=iters, lr=lr, held_out=held_out, progress=progress)
 
 
 def _backbone(pipe: Any) -> torch.nn.Module:

@@ -1,8 +1,17 @@
-"""A diffusers pipeline for the bundled class-conditional digit models (U-Net or DiT backbone, pixel space)."""
+"""A diffusers pipeline for the bundled class-conditional digit models (U-Net or DiT backbone, pixel space).
+
+This file is self-contained (torch, numpy, PIL and diffusers only): saving a pipeline copies it into the folder and
+names it in ``model_index.json`` as the folder's custom pipeline code, so that plain diffusers loads the folder with
+``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` and no import of dmq.
+"""
 
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,8 +19,6 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-
-from pipelines.digits_data import NULL_CLASS, NUM_CLASSES
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -36,12 +43,50 @@ class DigitsPipeline(DiffusionPipeline):
     def backbone(self) -> torch.nn.Module:
         return self.unet if self.unet is not None else self.transformer
 
+    @property
+    def num_classes(self) -> int:
+        """Conditional classes, read from the backbone: the U-Net's embedding table has one extra row for the null
+        class; the DiT's label embedder adds that row itself."""
+        cfg = self.backbone.config
+        return cfg.num_class_embeds - 1 if self.unet is not None else cfg.num_embeds_ada_norm
+
+    @property
+    def null_class(self) -> int:
+        """The label of the unconditional branch of classifier-free guidance."""
+        return self.num_classes
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        # The saved model_index names this file as custom code (for plain diffusers); loading through this class
+        # must not detour through diffusers' remote-code path, which needs trust_remote_code and returns a copy
+        # of the class, so the class name is read as a plain string here.
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        if isinstance(config.get("_class_name"), (list, tuple)):
+            config["_class_name"] = config["_class_name"][-1]
+        return out
+
+    def to_json_string(self) -> str:
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = [Path(__file__).stem, type(self).__name__]
+        config.pop("_name_or_path", None)  # where it was loaded from: a path on someone's machine
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Write ``model_index.json`` and a copy of this file, which it names as the pipeline's code."""
+        os.makedirs(save_directory, exist_ok=True)
+        target = Path(save_directory) / Path(__file__).name
+        if not (target.exists() and target.samefile(__file__)):
+            shutil.copyfile(__file__, target)
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
     def _labels(self, class_labels: Any) -> torch.Tensor:
         labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
         if labels.numel() == 0:
             raise ValueError("class_labels is empty")
-        if labels.min() < 0 or labels.max() > NULL_CLASS:
-            raise ValueError(f"class_labels must lie in 0..{NUM_CLASSES - 1} (or {NULL_CLASS} for unconditional)")
+        if labels.min() < 0 or labels.max() > self.null_class:
+            raise ValueError(f"class_labels must lie in 0..{self.num_classes - 1} (or {self.null_class} for "
+                             "unconditional)")
         return labels
 
     def _step_kwargs(self, generator, step_kwargs: dict | None) -> dict:
@@ -100,7 +145,7 @@ class DigitsPipeline(DiffusionPipeline):
             self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         guided = guidance_scale != 1.0
-        model_labels = torch.cat([labels, torch.full_like(labels, NULL_CLASS)]) if guided else labels
+        model_labels = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
         extra = self._step_kwargs(generator, step_kwargs)
 
         for t in self.progress_bar(self.scheduler.timesteps):

@@ -127,10 +127,12 @@ def generate_samples(
     return indices, (torch.cat(chunks) if chunks else torch.empty(0))
 
 
-def load_pipeline(path: str | os.PathLike, *, allow_hub: bool = False) -> Any:
-    """A pipeline from a ``save_pretrained`` folder: ``DigitsPipeline`` for the bundled models, else diffusers' own.
+def load_pipeline(path: str | os.PathLike, *, allow_hub: bool = False, **kwargs: Any) -> Any:
+    """A pipeline from a ``save_pretrained`` folder, quantized ones included (``import dmq`` registers the backend):
+    ``DigitsPipeline`` for the bundled models, else diffusers' own.
 
     With ``allow_hub=False`` a path that is not a local folder raises ``FileNotFoundError`` (nothing is downloaded).
+    ``kwargs`` go to ``from_pretrained`` (``torch_dtype=...``).
     """
     from diffusers import DiffusionPipeline
 
@@ -142,13 +144,16 @@ def load_pipeline(path: str | os.PathLike, *, allow_hub: bool = False) -> Any:
             raise FileNotFoundError(f"pipeline folder {str(path)!r} does not exist (expected a save_pretrained folder"
                                     " with model_index.json; the bundled ones are made by scripts/train_digits.py)")
         logger.info("%s is not a local folder: loading it as a Hugging Face hub id", path)
-        return DiffusionPipeline.from_pretrained(str(path))
+        return DiffusionPipeline.from_pretrained(str(path), **kwargs)
     index = folder / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"{index} not found: {str(path)!r} is not a diffusers pipeline folder")
-    if json.loads(index.read_text()).get("_class_name") == DigitsPipeline.__name__:
-        return DigitsPipeline.from_pretrained(str(folder))
-    return DiffusionPipeline.from_pretrained(str(folder))
+    class_name = json.loads(index.read_text()).get("_class_name")
+    if isinstance(class_name, list):  # [code file, class]: a folder that carries its own pipeline code
+        class_name = class_name[-1]
+    if class_name == DigitsPipeline.__name__:
+        return DigitsPipeline.from_pretrained(str(folder), **kwargs)
+    return DiffusionPipeline.from_pretrained(str(folder), **kwargs)
 
 
 def scheduler_class(name: str) -> type:

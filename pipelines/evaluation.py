@@ -398,3 +398,15 @@ def class_accuracy(images: torch.Tensor, labels: Any, classifier: nn.Module, bat
         raise ValueError(f"need one label per image and at least one image, got {len(images)} images and "
                          f"{len(labels)} labels")
     return float((class_predictions(images, classifier, batch_size) == labels).double().mean())
+
+
+def save_grid(images: Sequence[torch.Tensor], path: str | os.PathLike, nrow: int = 10) -> None:
+    """Write ``images`` (each ``(C, H, W)`` in [0, 1], all of one size) to ``path`` as one grid, ``nrow`` a row."""
+    from torchvision.utils import save_image
+
+    if not images:
+        raise ValueError("no images to write")
+    sizes = {tuple(im.shape) for im in images}
+    if len(sizes) != 1:
+        raise ValueError(f"images of different sizes {sorted(sizes)} cannot share a grid")
+    save_image(torch.stack(list(images)), path, nrow=nrow)

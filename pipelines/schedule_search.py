@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+import dmq
 from samplers import DCSolverScheduler
 from samplers import search_dc_ratios as _search_ratios
 from samplers import search_schedule as _search_schedule
@@ -114,7 +115,8 @@ def fit_sampler(
     out: dict[str, Any] = {"schedule": found, "ratios": [1.0] * num_inference_steps, "losses": []}
     if ratios:
         ref = ddim_reference(ref_den or den, sched, x_T, num_inference_steps, fine_steps)
-        with torch.enable_grad():
+        # back-propagates through the model: a packed backbone runs its dequantizing path (as search_dc_ratios does)
+        with torch.enable_grad(), dmq.kernels.disable("int_gemm", "fp8_gemm"):
             out["ratios"], out["losses"] = _search_ratios(den, sched, x_T, num_inference_steps, reference=ref,
                                                           iters=iters, held_out=held_out, progress=progress)
     pipe.scheduler = sched

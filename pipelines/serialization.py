@@ -9,6 +9,7 @@ and the lookup of this package's own pipeline classes (``DigitsPipeline``), whic
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -17,8 +18,10 @@ import diffusers
 from diffusers import DiffusionPipeline
 
 import dmq  # noqa: F401 -- registers quant_method="dmq" with diffusers
+from dmq import integrity
 
 BACKBONES = ("transformer", "unet")
+CALIBRATION = "dmq_calibration.json"  # the calibration record of pipe.dmq_calibration, beside model_index.json
 
 
 def backbone_name(pipe: DiffusionPipeline) -> str:
@@ -38,7 +41,12 @@ def save_quantized(pipe: DiffusionPipeline, directory: str | os.PathLike, **save
         raise ValueError("the pipeline's backbone is not a frozen dmq model: dmq.quantize, dmq.calibrate and "
                          "dmq.freeze it (or load it with a DmqConfig) before save_quantized")
     out = Path(directory)
-    pipe.save_pretrained(out, safe_serialization=True, **save_kwargs)
+    # filled under a temporary name, sealed (every file of every component) and swapped in whole
+    with integrity.atomic_directory(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True, **save_kwargs)
+        record = getattr(pipe, "dmq_calibration", None)
+        if dataclasses.is_dataclass(record):  # what calibration saw, for `dmq info`
+            (Path(tmp) / CALIBRATION).write_text(json.dumps(dataclasses.asdict(record), indent=2) + "\n")
     return out
 
 
@@ -53,6 +61,8 @@ def resolve_pipeline_class(directory: str | os.PathLike) -> type:
         raise ValueError(f"{root}: no model_index.json: not a diffusers pipeline folder") from None
     except (json.JSONDecodeError, KeyError) as e:
         raise ValueError(f"{root / 'model_index.json'}: not a pipeline index ({e})") from None
+    if isinstance(name, list):  # [code file, class]: a folder that carries its pipeline code (DigitsPipeline)
+        name = name[-1]
     cls = getattr(diffusers, name, None) or getattr(pipelines, name, None)
     if not (isinstance(cls, type) and issubclass(cls, DiffusionPipeline)):
         raise ValueError(f"{root}: pipeline class {name!r} is neither a diffusers nor a dmq pipeline")

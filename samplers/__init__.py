@@ -7,6 +7,10 @@ compensation, its ratio search (``samplers.dc``) and cascade polynomial regressi
 ``search_schedule`` (``samplers.schedule_search``) fits the timesteps of a schedule to a model (GITS + LD3-style).
 """
 
+# A pipeline folder names its scheduler ["samplers", "DCSolverScheduler"] in model_index.json; diffusers loads such a
+# component only if the named package also exposes the loadable base class, SchedulerMixin.
+from diffusers import SchedulerMixin  # noqa: F401
+
 from .cpr import CascadePolynomialRegression
 from .dc import ddim_reference, search_dc_ratios
 from .schedule_search import ScheduleSearchResult, run_sampler, search_schedule, searched_timesteps_kwargs

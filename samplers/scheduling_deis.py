@@ -82,6 +82,12 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
         deis_lower_order (`bool`, defaults to `True`):
             Lower degrees at few steps (≤ 1 below 8 steps, ≤ 2 below 15). Multistep methods only.
 
+    Shared with :class:`~samplers.DCSolverScheduler` (diffusers' names and meaning): ``use_karras_sigmas`` /
+    ``use_exponential_sigmas`` / ``use_beta_sigmas`` select the ``"rho"`` (κ = 7) / ``"log_rho"`` / ``"beta"`` grid,
+    bounded by ``sigma_min``/``sigma_max`` (ρ = σ/α; flow: σ); ``thresholding`` with ``dynamic_thresholding_ratio``
+    and ``sample_max_value`` is Imagen's dynamic thresholding of x̂0; ``searched_timesteps`` is a schedule from
+    :func:`samplers.search_schedule`, used by ``set_timesteps`` for its own number of steps.
+
     Every grid ends with a step to σ = 0 exactly. ``num_inference_steps`` counts steps: one model evaluation each for
     the multistep methods, ``deis_order`` stages for `"rhork"` (``self.order``; RK4's last step has 3).
 

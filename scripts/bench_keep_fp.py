@@ -1,20 +1,29 @@
-"""Measure the default full-precision list of ``dmq.config.DEFAULT_KEEP_FP`` on the bundled U-Net and DiT.
+"""What each structural group of layers costs in 16 bits, and what quantizing it costs in accuracy.
 
     .venv/bin/python scripts/bench_keep_fp.py --out benchmarks/quant_keep_fp.json
 
-For each preset, the ε SQNR against full precision (inputs captured from an FP sampling trajectory, as in
-``bench_quant.py``) with the default list, and with one group of the list quantized as well: the adaLN modulation
-linears, the U-Net's per-resnet time projections, the time/class embedders, and the first/last layers. The
-weights each group holds are counted, so the table shows what keeping it in full precision costs in memory.
+Backbones in BF16: the bundled U-Net and DiT (inputs and calibration from their own FP sampling trajectories, plus the
+PSNR of final samples against the BF16 model's, same seeds) and tiny random-weight Flux, Wan, Qwen-Image, SD3 and Sana
+replicas (random inputs across timesteps). Per preset:
+
+- ``legacy``: the preset as it was: the 16-bit list of earlier releases (``dmq.config.LEGACY_KEEP_FP``), every other
+  layer quantized alike, round-to-nearest;
+- ``default``: the structure-derived default (``@first``/``@last`` in 16 bits; embedders and modulation, one token per
+  sample, weight-only group-wise with GPTQ);
+- one change of the default at a time: per-sample rounding by round-to-nearest or AdaRound, per-sample layers
+  quantized like the rest, and each structural group kept in 16 bits (``+keep @group``) or first/last quantized.
+
+Reported: ε SQNR against the BF16 model, whole-backbone bytes (every parameter and buffer, packed) against BF16, and
+calibration time. The share of weights of each structural group is listed per model.
 """
 
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,80 +35,163 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_quant as bq  # noqa: E402
 
 import dmq  # noqa: E402
-from dmq.config import DEFAULT_KEEP_FP  # noqa: E402
+from dmq import structure  # noqa: E402
+from dmq.config import LEGACY_KEEP_FP  # noqa: E402
+from dmq.packed import weight_bytes  # noqa: E402
 
-GROUPS = {
-    "adaLN modulation": ("*norm1.linear", "*norm1_context.linear", "*norm.linear"),
-    "U-Net time projections": ("*time_emb_proj",),
-    "time / class embedders": ("*time_embedding*", "*time_proj*", "*timestep_embedder*", "*class_embedding*",
-                               "*class_embedder*", "*.emb.*"),
-    "first / last layers": ("conv_in", "conv_out", "proj_out", "proj_out_*", "*pos_embed*", "*norm_out*"),
-}
+REPLICAS = ("flux", "wan", "qwen-image", "sd3", "sana")
 
 
-class TrajectoryInputs:
-    """The FP backbone's inputs and ε outputs at evenly spaced calls of one sampling run, plus a calibration loop."""
+def variants(preset: str) -> dict[str, dmq.QuantConfig]:
+    base = dmq.get_config(preset)
+    return {
+        # the preset as it was before: legacy 16-bit list, per-sample layers like the rest, round-to-nearest
+        "legacy": base.replace(keep_fp=LEGACY_KEEP_FP, per_sample=None, rounding="rtn"),
+        "default": base,
+        "per-sample rtn": base.replace(per_sample_rounding="rtn"),
+        "per-sample adaround": base.replace(per_sample_rounding="adaround", rounding_iters=200),
+        "per-sample as body": base.replace(per_sample=None),
+        "body rtn": base.replace(rounding="rtn"),
+        "body gptq": base.replace(rounding="gptq"),
+        "+keep @embedder": base.replace(keep_fp=base.keep_fp + ("@embedder",)),
+        "+keep @modulation": base.replace(keep_fp=base.keep_fp + ("@modulation",)),
+        "+keep @context": base.replace(keep_fp=base.keep_fp + ("@context",)),
+        "first/last quantized": base.replace(keep_fp=()),
+    }
 
-    def __init__(self, pipe, calls: int, rows: int, calib_samples: int, calib_steps: int):
-        self.pipe, self.fp_model = pipe, pipe.backbone
-        self.inputs = bq.capture_inputs(pipe, torch.arange(10), 20, keep=calls, rows=rows)
-        self.fp_eps = bq.eps_outputs(self.fp_model, self.inputs)
-        self.calib_samples, self.calib_steps = calib_samples, calib_steps
 
-    def calib_loop(self, model: torch.nn.Module) -> None:
+def bf16_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * 2 for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point())
+
+
+def sqnr(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+    s = sum(float(r.double().pow(2).sum()) for r in ref)
+    e = sum(float((r.double() - o.double()).pow(2).sum()) for r, o in zip(ref, out))
+    return 10 * torch.log10(torch.tensor(s / max(e, 1e-30))).item()
+
+
+class Bundled:
+    """A bundled digits model in BF16: ε on captured trajectory inputs, calibration by sampling, final samples."""
+
+    def __init__(self, kind: str, calls: int):
+        self.pipe = bq.load_pipe(kind)
+        self.pipe.backbone.to(torch.bfloat16)
+        self.fp_model = self.pipe.backbone
+        self.inputs = bq.capture_inputs(self.pipe, torch.arange(10), 20, keep=calls, rows=20)
+        self.ref = self.eps(self.fp_model)
+        self.labels = torch.arange(8) % 10
+        self.ref_samples = bq.sample(self.pipe, self.labels, 10, seed=30_000)
+
+    def eps(self, model):
+        return bq.eps_outputs(model, self.inputs)
+
+    def calib_loop(self, model):
         bq.set_backbone(self.pipe, model)
         try:
-            bq.sample(self.pipe, torch.arange(self.calib_samples) % 10, self.calib_steps, seed=20_000)
+            bq.sample(self.pipe, torch.arange(10) % 10, 10, seed=20_000)
         finally:
             bq.set_backbone(self.pipe, self.fp_model)
 
-    def sqnr(self, config: dmq.QuantConfig) -> float:
-        model = dmq.quantize(self.fp_model, config, inplace=False)
-        dmq.calibrate(model, self.calib_loop)
-        dmq.freeze(model)
-        return bq.eps_sqnr_by_bin(self.fp_eps, bq.eps_outputs(model, self.inputs), self.inputs)["all"]
+    def psnr(self, model) -> float:
+        bq.set_backbone(self.pipe, model)
+        try:
+            out = bq.sample(self.pipe, self.labels, 10, seed=30_000)
+        finally:
+            bq.set_backbone(self.pipe, self.fp_model)
+        mse = float((out.double() - self.ref_samples.double()).pow(2).mean())
+        return 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-30))).item()  # images in [0, 1]
 
 
-def group_params(model: torch.nn.Module, globs: tuple[str, ...]) -> int:
-    """Weights of the Linear/Conv2d layers whose names match ``globs``."""
-    return sum(m.weight.numel() for n, m in model.named_modules()
-               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(fnmatch.fnmatchcase(n, g) for g in globs))
+class Replica:
+    """A tiny random-weight backbone in BF16: ε on random inputs at spread timesteps, calibration on others."""
+
+    def __init__(self, family: str, calls: int):
+        from tests.dmq import tiny_backbones as tb
+
+        self.tb, self.family = tb, family
+        self.fp_model = tb.build(family).to(torch.bfloat16)
+        self.eval_in = [self._cast(tb.inputs(family, 2, seed=i)) for i in range(calls)]
+        self.cal_in = [self._cast(tb.inputs(family, 2, seed=1000 + i)) for i in range(calls)]
+        self.ref = self.eps(self.fp_model)
+
+    @staticmethod
+    def _cast(kw: dict) -> dict:
+        return {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() and k not in
+                ("timestep", "guidance") and not k.endswith("_ids") else v for k, v in kw.items()}
+
+    @torch.no_grad()
+    def eps(self, model):
+        return [self.tb.output(model, kw) for kw in self.eval_in]
+
+    def calib_loop(self, model):
+        for kw in self.cal_in:
+            self.tb.output(model, kw)
+
+
+def run(case, cfg: dmq.QuantConfig, psnr: bool) -> dict:
+    model = dmq.quantize(case.fp_model, cfg, inplace=False)
+    t0, c0 = time.perf_counter(), time.process_time()
+    dmq.calibrate(model, case.calib_loop)
+    calib_s, calib_cpu = time.perf_counter() - t0, time.process_time() - c0
+    dmq.freeze(model)
+    res = {"sqnr_db": sqnr(case.ref, case.eps(model)), "calibrate_s": round(calib_s, 2),
+           "calibrate_cpu_s": round(calib_cpu, 2),
+           "bytes_vs_bf16": weight_bytes(model)["total_bytes"] / bf16_bytes(case.fp_model)}
+    if psnr:
+        res["sample_psnr_db"] = case.psnr(model)
+    return res
+
+
+def group_shares(model: torch.nn.Module) -> dict[str, float]:
+    roles = structure.classify(model)
+    total = sum(p.numel() for p in model.parameters())
+    out = dict.fromkeys(structure.ROLES, 0)
+    for n, r in roles.items():
+        out[r] += model.get_submodule(n).weight.numel()
+    return {r: v / total for r, v in out.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["unet", "dit"], choices=["unet", "dit"])
-    ap.add_argument("--presets", nargs="+", default=["w8a8", "w4a8", "w4a6-fp"])
-    ap.add_argument("--calls", type=int, default=12, help="FP backbone calls whose inputs measure ε SQNR")
+    ap.add_argument("--models", nargs="+", default=["unet", "dit", *REPLICAS], choices=["unet", "dit", *REPLICAS])
+    ap.add_argument("--presets", nargs="+", default=["w4a16", "w4a8", "nvfp4", "w8a8"])
+    ap.add_argument("--replica-presets", nargs="+", default=["w4a16", "nvfp4", "w8a8"])
+    ap.add_argument("--variants", nargs="+", default=None, help="subset of the variants (default: all)")
+    ap.add_argument("--calls", type=int, default=8, help="backbone calls whose ε is compared")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "quant_keep_fp.json"))
+    ap.add_argument("--append", action="store_true", help="keep the other models already in --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    report = {"command": " ".join(["python scripts/bench_keep_fp.py", *sys.argv[1:]]), "protocol": vars(args),
-              "groups": {g: list(v) for g, v in GROUPS.items()}, "models": {}}
+    warnings.filterwarnings("ignore", message="keep_fp / exclude pattern")  # the legacy list names every family
+    out = Path(args.out)
+    command = " ".join(["python scripts/bench_keep_fp.py", *sys.argv[1:]])
+    report = {"command": command, "protocol": vars(args), "models": {}}
+    if args.append and out.exists():
+        old = json.loads(out.read_text())
+        report["models"] = old["models"]
+        report["command"] = old["command"] + "; " + command
     t0 = time.perf_counter()
     for kind in args.models:
-        data = TrajectoryInputs(bq.load_pipe(kind), args.calls, rows=20, calib_samples=10, calib_steps=10)
-        total = group_params(data.fp_model, ("*",))
-        rows = {}
-        for g, globs in GROUPS.items():
-            n = group_params(data.fp_model, globs)
-            if n:
-                rows[g] = {"params": n, "param_share": n / total, "delta_sqnr_db": {}}
-        base = {}
-        for preset in args.presets:
-            cfg = dmq.get_config(preset)
-            base[preset] = data.sqnr(cfg)
-            for g in rows:
-                keep = tuple(k for k in DEFAULT_KEEP_FP if k not in GROUPS[g])
-                rows[g]["delta_sqnr_db"][preset] = data.sqnr(cfg.replace(keep_fp=keep)) - base[preset]
-            print(f"[{kind}] {preset}: {base[preset]:.2f} dB; " + ", ".join(
-                f"{g} {r['delta_sqnr_db'][preset]:+.2f}" for g, r in rows.items()), flush=True)
-        report["models"][kind] = {"default_sqnr_db": base, "groups": rows}
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+        bundled = kind in ("unet", "dit")
+        case = Bundled(kind, args.calls) if bundled else Replica(kind, args.calls)
+        entry = {"dtype": "bfloat16", "params": sum(p.numel() for p in case.fp_model.parameters()),
+                 "group_share": group_shares(case.fp_model), "presets": {}}
+        for preset in (args.presets if bundled else args.replica_presets):
+            rows = {}
+            for name, cfg in variants(preset).items():
+                if name != "default" and cfg == variants(preset)["default"]:
+                    continue  # the default already is this variant
+                if args.variants and name not in args.variants and name not in ("legacy", "default"):
+                    continue
+                rows[name] = run(case, cfg, psnr=bundled and name in ("legacy", "default"))
+                print(f"[{kind}] {preset} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items()),
+                      flush=True)
+            entry["presets"][preset] = rows
+        report["models"][kind] = entry
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))  # after every model
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ round), so that load from other processes on a shared machine slows all of them 
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import gc
 import io
 import json
@@ -36,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dmq  # noqa: E402
+from dmq import structure  # noqa: E402
 from dmq.config import DEFAULT_KEEP_FP  # noqa: E402
 
 PEERS = ("torchao-int8dyn", "torchao-int4wo", "quanto-w8a8", "quanto-w4")
@@ -73,20 +73,32 @@ def call(model: nn.Module, x, t, labels) -> torch.Tensor:
         return model(x, t, class_labels=labels).sample
 
 
-def keep_fp(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in DEFAULT_KEEP_FP)
+def kept_layers(model: nn.Module) -> list[str]:
+    """The layers dmq keeps in 16 bits by default (structural roles resolved on this model), for the peers too."""
+    return list(structure.expand_patterns(model, DEFAULT_KEEP_FP))
 
 
 # ------------------------------------------------------------------------------------------------ variants
-def make_variant(model: nn.Module, variant: str, shape, ckpt_dir: str) -> tuple[nn.Module, int | None]:
-    """The variant of ``model`` and its checkpoint size in bytes (None when it cannot be saved here)."""
+def make_variant(model: nn.Module, variant: str, shape, ckpt_dir: str, estimator: str = "minmax"
+                 ) -> tuple[nn.Module, int | None]:
+    """The variant of ``model`` and its checkpoint size in bytes (None when it cannot be saved here).
+
+    ``name+compile`` is ``torch.compile`` of variant ``name`` (compiled in the warm-up round); ``preset+cache`` keeps
+    a dequantized weight copy for the layers without a fused low-bit kernel (:func:`dmq.kernels.cache_weights`)."""
+    if variant.endswith("+compile"):
+        m, size = make_variant(model, variant.removesuffix("+compile"), shape, ckpt_dir, estimator)
+        return torch.compile(m, fullgraph=True), size  # one graph: a frozen dmq model has no graph break
+    if variant.endswith("+cache"):
+        m, size = make_variant(model, variant.removesuffix("+cache"), shape, ckpt_dir, estimator)
+        dmq.kernels.cache_weights(m)
+        return m, size
     if variant == "fp32":
         return model, _safetensors_bytes(model, ckpt_dir)
     bf16 = model.to(torch.bfloat16)
     if variant == "bf16":
         return bf16, _safetensors_bytes(bf16, ckpt_dir)
     if variant in dmq.preset_names():
-        q = dmq.quantize(bf16, variant)
+        q = dmq.quantize(bf16, _estimator(dmq.get_config(variant), estimator))
         dmq.calibrate(q, lambda m: [call(m, *inputs(shape, 2, torch.bfloat16, seed=s, t=t))
                                     for s, t in ((1, 900.0), (2, 500.0), (3, 100.0))])
         dmq.freeze(q)
@@ -97,21 +109,38 @@ def make_variant(model: nn.Module, variant: str, shape, ckpt_dir: str) -> tuple[
         from torchao.quantization import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, quantize_
 
         cfg = Int8DynamicActivationInt8WeightConfig() if variant == "torchao-int8dyn" else Int4WeightOnlyConfig()
-        quantize_(bf16, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and not keep_fp(fqn))
+        kept = set(kept_layers(bf16))
+        quantize_(bf16, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn not in kept)
         call(bf16, *inputs(shape, 1, torch.bfloat16))  # fail here, not in the timing loop
         return bf16, _torch_save_bytes(bf16)
     if variant.startswith("quanto"):
         from optimum.quanto import Calibration, freeze, qint4, qint8, quantize
 
         if variant == "quanto-w8a8":
-            quantize(bf16, weights=qint8, activations=qint8, exclude=list(DEFAULT_KEEP_FP))
+            quantize(bf16, weights=qint8, activations=qint8, exclude=kept_layers(bf16))
             with Calibration():
                 call(bf16, *inputs(shape, 2, torch.bfloat16, seed=1))
         else:
-            quantize(bf16, weights=qint4, exclude=list(DEFAULT_KEEP_FP))
+            quantize(bf16, weights=qint4, exclude=kept_layers(bf16))
         freeze(bf16)
         return bf16, _torch_save_bytes(bf16)
     raise ValueError(f"unknown variant {variant!r}")
+
+
+def _estimator(cfg, estimator: str):
+    """The preset with every static range estimator set to ``estimator`` ("preset": unchanged). The estimator moves
+    the scales, never the kernels, so latency does not depend on it; min-max calibrates in seconds."""
+    if estimator == "preset":
+        return cfg
+    from dataclasses import replace
+
+    def fix(spec):
+        return None if spec is None or spec.dynamic else replace(spec, estimator=estimator)
+
+    changes = {k: fix(getattr(cfg, k)) for k in ("act", "attn", "attn_probs") if getattr(cfg, k) is not None}
+    if cfg.weight is not None and cfg.weight.estimator == "mse":
+        changes["weight"] = replace(cfg.weight, estimator=estimator)
+    return cfg.replace(**{k: v for k, v in changes.items() if v is not None})
 
 
 def _safetensors_bytes(model: nn.Module, ckpt_dir: str) -> int:
@@ -169,7 +198,7 @@ def measure_memory(args, variant_name: str) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        variant, ckpt = make_variant(model, variant_name, shape, d)
+        variant, ckpt = make_variant(model, variant_name, shape, d, args.estimator)
         setup_s = time.perf_counter() - t0
     del model
     gc.collect()
@@ -180,39 +209,103 @@ def measure_memory(args, variant_name: str) -> dict:
         row["bytes_per_quantized_param"] = rep["bytes_per_param"]
         row["quantized_params"] = rep["quantized_params"]
         row["exec_paths"] = sorted({variant.get_submodule(n).exec_path for n in variant._dmq.modules})
+        row["weight_cache_bytes"] = dmq.kernels.cached_bytes(variant)
     _reset_peak()
     dtype = torch.float32 if variant_name == "fp32" else torch.bfloat16
     for batch in args.batches:
         call(variant, *inputs(shape, batch, dtype, seed=7))
     row["peak_rss_running"] = _status("VmHWM")
+    if hasattr(variant, "_dmq"):
+        row["weight_cache_bytes"] = dmq.kernels.cached_bytes(variant)  # built on the first call
     return row
 
 
 def measure_latency(args, names: list[str]) -> dict[str, dict[str, float]]:
     """Phase 2, all variants built again and timed in interleaved rounds, so that a busy machine slows all alike."""
     variants = {}
-    for name in names:
+    for name in list(names):
         model, shape = build(args.model, args.large_layers)
-        with tempfile.TemporaryDirectory() as d:
-            variants[name] = make_variant(model, name, shape, d)[0]
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                variants[name] = make_variant(model, name, shape, d, args.estimator)[0]
+        except Exception as e:  # noqa: BLE001 -- reported in the row, not fatal
+            print(f"variant {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
     times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in args.batches} for n in names}
     for batch in args.batches:
-        reps = args.reps if batch == 1 else args.reps_large_batch
+        reps = args.reps if batch <= 2 else args.reps_large_batch
         for r in range(reps + 1):  # round 0 warms up
-            for name, model in variants.items():
+            for name, model in list(variants.items()):
                 x = inputs(shape, batch, torch.float32 if name == "fp32" else torch.bfloat16, seed=7)
                 t0 = time.perf_counter()
-                call(model, *x)
+                try:
+                    call(model, *x)
+                except Exception as e:  # noqa: BLE001 -- e.g. a compile failure: drop the variant
+                    print(f"variant {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                    del variants[name]
+                    continue
                 if r:
                     times[name][batch].append(time.perf_counter() - t0)
-    return {n: {f"latency_b{b}_s": statistics.median(v) for b, v in t.items()} | {
+    return {n: {f"latency_b{b}_s": statistics.median(v) for b, v in t.items() if v} | {
         f"reps_b{b}": len(v) for b, v in t.items()} for n, t in times.items()}
+
+
+def gemm_candidates(m: int = 512, k: int = 1152, n: int = 4608, reps: int = 9) -> dict[str, float]:
+    """One DiT-XL MLP GEMM (batch 1 with guidance: 512 x 1152 x 4608) on every kernel a layer could use here,
+    interleaved rounds, median seconds: what the execution paths of :mod:`dmq.kernels` were chosen by."""
+    from dmq import kernels, kernels_cpu
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    xf, wf = x.float(), w.float()
+    wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    xs = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    ws = torch.rand(n, generator=g) * 0.01
+    s, z = torch.tensor(0.05).to(torch.bfloat16).reshape(1, 1), torch.tensor(128.0).to(torch.bfloat16).reshape(1, 1)
+    fns = {
+        "bf16 F.linear": lambda: torch.nn.functional.linear(x, w),
+        "fp32 F.linear": lambda: torch.nn.functional.linear(xf, wf),
+        "int8 torch._int_mm (s8 x s8 -> s32)": lambda: torch._int_mm(xs, wq.t()),
+        "activation codes (u8, eager, exact)": lambda: kernels.act_codes(x, s, z, 0, 255).to(torch.uint8),
+        "int_gemm path (codes + _int_mm + epilogue)": lambda: kernels.int_linear(
+            x, s.float(), z.float(), 8, False, wq, ws, wq.to(torch.int32).sum(1), None),
+    }
+    if kernels_cpu.onednn_int8_ok():
+        pw = kernels_cpu.prepack_int8(wq)
+        xu = (xs.to(torch.int16) + 128).to(torch.uint8)
+        fns["int8 oneDNN u8 x s8, fused epilogue -> bf16"] = lambda: kernels_cpu.onednn_int8_linear(
+            xu, 0.05, 128, pw, ws, None, torch.bfloat16)
+    if kernels_cpu.int4_weight_ok():
+        packed, sz = kernels_cpu.prepack_int4((wq >> 4), ws.reshape(-1, 1).expand(n, k // 32), 32, torch.bfloat16)
+        fns["int4 weight-only _weight_int4pack_mm_for_cpu (g32)"] = lambda: kernels_cpu.int4_weight_linear(
+            x, packed, sz, 32, None)
+    if hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        fns["int8 weight-only _weight_int8pack_mm"] = lambda: torch.ops.aten._weight_int8pack_mm(
+            x, wq, ws.to(torch.bfloat16))
+    try:
+        a8, w8, one = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn), torch.tensor(1.0)
+        torch._scaled_mm(a8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        fns["fp8 torch._scaled_mm (CPU)"] = lambda: torch._scaled_mm(a8, w8.t(), scale_a=one, scale_b=one,
+                                                                     out_dtype=torch.bfloat16)
+    except (RuntimeError, TypeError):
+        pass
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(reps + 1):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def child(args) -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.variants:
+        if args.skip_memory:
+            rows.append({"model": args.model, "variant": name})
+            continue
         try:
             rows.append(measure_memory(args, name))
         except Exception as e:  # noqa: BLE001 -- a peer that does not run here is reported, not fatal
@@ -221,7 +314,7 @@ def child(args) -> None:
     ok = [r["variant"] for r in rows if "error" not in r]
     lat = measure_latency(args, ok)
     for r in rows:
-        r.update(lat.get(r["variant"], {}))
+        r.update(lat.get(r["variant"], {}), layers=args.large_layers if args.model == "dit-1152" else None)
         print("RESULT " + json.dumps(r), flush=True)
 
 
@@ -231,11 +324,19 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["digits-unet", "digits-dit", "dit-1152"])
     ap.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS))
     ap.add_argument("--peers", nargs="*", default=list(PEERS))
+    ap.add_argument("--compile", "--compiled", dest="compile", nargs="*", default=["w4a16", "w8a8"],
+                    help="variants also timed under torch.compile(fullgraph=True)")
     ap.add_argument("--large-layers", type=int, default=4)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--reps-large-batch", type=int, default=3)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ap.add_argument("--estimator", default="minmax", help="static range estimator for calibration ('preset': the "
+                    "preset's own; the estimator moves scales, not kernels)")
+    ap.add_argument("--skip-memory", action="store_true", help="latency only (no per-variant memory phase)")
+    ap.add_argument("--append", action="store_true", help="add the rows to --out instead of replacing it")
+    ap.add_argument("--cached", nargs="*", default=[], help="presets also timed with dmq.kernels.cache_weights")
+    ap.add_argument("--gemm", action="store_true", help="also time one GEMM on every candidate kernel")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--variants", nargs="+", help=argparse.SUPPRESS)
@@ -243,13 +344,20 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    if args.gemm:
+        torch.set_num_threads(args.threads)
+        gemm = gemm_candidates()
+        for name, t in gemm.items():
+            print(f"GEMM {name:55s} {t * 1e3:8.2f} ms  {t / gemm['bf16 F.linear']:.2f}x BF16", flush=True)
     rows, t_start = [], time.perf_counter()
-    variants = ["fp32", "bf16", *args.presets, *args.peers]
+    variants = ["fp32", "bf16", *args.presets, *args.peers, *(f"{v}+compile" for v in args.compile),
+                *(f"{v}+cache" for v in args.cached)]
     for model in args.models:
-        cmd = [sys.executable, __file__, "--child", "--model", model, "--variants", *variants,
+        cmd = [sys.executable, __file__, "--child", "--model", model, "--variants", *variants, "--estimator",
+               args.estimator, *(["--skip-memory"] if args.skip_memory else []),
                "--large-layers", str(args.large_layers), "--threads", str(args.threads), "--reps", str(args.reps),
                "--reps-large-batch", str(args.reps_large_batch), "--batches", *map(str, args.batches)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, cwd=ROOT)
         done = set()
         for line in proc.stdout:
             if not line.startswith("RESULT "):
@@ -263,15 +371,37 @@ def main() -> None:
         proc.wait()
         rows += [{"model": model, "variant": v, "error": f"child exited with {proc.returncode}"}
                  for v in variants if v not in done]
+    runs, old = [], {}
+    if args.append and Path(args.out).exists():
+        old = json.loads(Path(args.out).read_text())
+        runs = old.get("runs", [{k: v for k, v in old.items() if k not in ("rows", "runs")}])
+        for r in rows:  # rows compare only within their run
+            r["run"] = len(runs)
+        rows = old["rows"] + rows
     out = {
         "command": "python scripts/bench_runtime.py " + " ".join(sys.argv[1:]),
+        "load": _load(),
         "cpu": platform.processor() or platform.machine(), "cpu_model": _cpu_model(), "threads": args.threads,
         "torch": torch.__version__, "large_layers": args.large_layers, "batches": args.batches, "reps": args.reps,
         "reps_large_batch": args.reps_large_batch, "wall_s": time.perf_counter() - t_start,
         "versions": _versions(), "rows": rows,
     }
+    if args.gemm:
+        out["gemm_512x1152x4608_s"] = gemm
+    elif args.append and "gemm_512x1152x4608_s" in old:
+        out["gemm_512x1152x4608_s"] = old["gemm_512x1152x4608_s"]
+    if runs:
+        out["runs"] = runs + [{k: v for k, v in out.items() if k != "rows"}]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+def _load() -> str:
+    """The machine's load while benchmarking (shared machines slow every variant; ratios stay comparable)."""
+    try:
+        return "loadavg " + Path("/proc/loadavg").read_text().split(" ", 3)[2] + f" on {os.cpu_count()} CPUs"
+    except OSError:
+        return "unknown"
 
 
 def _cpu_model() -> str:

@@ -133,6 +133,15 @@ space for this data (`pipelines.evaluation.DigitsFeatures`).
 """
 
 
+def drop_load_paths(folder: Path) -> None:
+    """save_pretrained records where each component was loaded from (``_name_or_path``): a path on this machine,
+    which the bundled folders must not carry."""
+    for cfg in folder.glob("*/config.json"):
+        data = json.loads(cfg.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-samples", type=int, default=1000)
@@ -164,7 +173,8 @@ def main() -> None:
         model = cls.from_pretrained(folder / attr).eval()
         log = json.loads((folder / attr / "train_log.json").read_text())
         pipe = DigitsPipeline(scheduler=make_scheduler(), **{attr: model})
-        pipe.save_pretrained(folder)
+        pipe.save_pretrained(folder)  # also writes digits_pipeline.py, so plain diffusers can load the folder
+        drop_load_paths(folder)
         save_file(reference_io(model), folder / "reference.safetensors")
 
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)

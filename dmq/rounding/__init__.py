@@ -37,9 +37,22 @@ def reconstruct(model: nn.Module, state: QuantState, run_loop: Callable[[], None
     t0 = time.perf_counter()
     mods = {n: model.get_submodule(n) for n in state.modules}
     mods = {n: m for n, m in mods.items() if m.weight_spec is not None}
+    per_sample = set(state.per_sample)
+
+    def rounding_of(name: str) -> str:
+        if getattr(mods[name], "groups", 1) != 1:
+            return "rtn"  # grouped / depthwise convolutions: the layer cache holds dense im2col rows
+        if mods[name].weight.device.type == "meta":  # offloaded: hooks bring its weight by name at each call
+            logger.warning("%s is offloaded (weight on the meta device): round-to-nearest, no learned rounding", name)
+            return "rtn"
+        return cfg.per_sample_rounding if name in per_sample else cfg.rounding
+
+    if not cfg.format_search:  # layers left at round-to-nearest need no cache
+        mods = {n: m for n, m in mods.items() if rounding_of(n) != "rtn"}
     from dmq.rounding.block import find_blocks, reconstruct_blocks
 
-    blocks = find_blocks(model, list(mods)) if cfg.rounding == "adaround" and cfg.reconstruction == "block" else []
+    blocks = find_blocks(model, [n for n in mods if n not in per_sample]) \
+        if cfg.rounding == "adaround" and cfg.reconstruction == "block" else []
     in_blocks = {n for _, inner in blocks for n in inner}
     if not cfg.format_search:  # block layers need no layer cache
         mods = {n: m for n, m in mods.items() if n not in in_blocks}
@@ -60,10 +73,11 @@ def reconstruct(model: nn.Module, state: QuantState, run_loop: Callable[[], None
                 formats[name] = spec.format
                 state.learned_overrides[name] = spec
             requantize_rtn(m)
-        if cfg.rounding == "rtn" or name in in_blocks:
+        rounding = rounding_of(name)
+        if rounding == "rtn" or name in in_blocks:
             continue
         grid = weight_grid(w, m.weight_spec, split_of(m))
-        if cfg.rounding == "adaround":
+        if rounding == "adaround":
             res = adaround(rows, x, grid, iters=cfg.rounding_iters)
         else:
             res = gptq(rows, x, grid)

@@ -144,7 +144,8 @@ def test_modules_to_not_convert_and_keep_in_fp32(float_dirs, tmp_path, one_threa
         assert isinstance(m.weight, PackedWeight) == (not fp32 and "ffn" not in name), name
         assert m.weight.dtype == (torch.float32 if fp32 else torch.bfloat16), name
     assert part.get_memory_footprint() > full.get_memory_footprint()
-    assert torch.isfinite(run(part, {k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()})).all()
+    bf16 = {k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()}
+    assert torch.isfinite(run(part, bf16)).all()
 
 
 def test_device_map_auto(float_dirs, one_thread):
@@ -164,3 +165,52 @@ def test_bad_inputs(float_dirs, tmp_path):
     d, cls, _ = float_dirs("pixart")
     with pytest.raises(ValueError, match="needs calibration data"):  # static activations cannot quantize on load
         cls.from_pretrained(d, quantization_config=dmq.DmqConfig("w8a8"))
+
+
+def test_without_import_dmq_diffusers_refuses_the_checkpoint(float_dirs, tmp_path):
+    from diffusers.quantizers import auto
+
+    from dmq.backend import register
+
+    d, cls, inputs = float_dirs("pixart")
+    cls.from_pretrained(d, quantization_config=dmq.DmqConfig("w4a16")).save_pretrained(tmp_path / "q")
+    auto.AUTO_QUANTIZER_MAPPING.pop("dmq")
+    auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop("dmq")
+    try:
+        with pytest.raises(ValueError, match="Unknown quantization type, got dmq"):
+            cls.from_pretrained(tmp_path / "q")
+    finally:
+        register()
+    assert torch.isfinite(run(cls.from_pretrained(tmp_path / "q"), inputs)).all()
+
+
+def test_a_damaged_shard_names_the_tensor(float_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d, cls, _ = float_dirs("pixart")
+    cls.from_pretrained(d, quantization_config=dmq.DmqConfig("w4a16")).save_pretrained(tmp_path / "q")
+    path = tmp_path / "q" / "diffusion_pytorch_model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("attn1.to_q.qweight"))
+    tensors[key] = tensors[key] ^ 1  # flip one bit of every code byte
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(ValueError, match="attn1.to_q.qweight"):
+        cls.from_pretrained(tmp_path / "q")
+
+
+def test_dmq_save_and_load_are_save_pretrained_and_from_pretrained(float_dirs, tmp_path, one_thread):
+    d, cls, inputs = float_dirs("digits-dit")
+    model = cls.from_pretrained(d)
+    dmq.calibrate(dmq.quantize(model, "w8a8"), lambda m: run(m, inputs))
+    dmq.freeze(model)
+    ref = run(model, inputs)
+    dmq.save(model, tmp_path / "m", max_shard_size=200_000)
+    assert len(list((tmp_path / "m").glob("*.safetensors"))) > 1
+    for loaded in (dmq.load(tmp_path / "m"), cls.from_pretrained(tmp_path / "m"), dmq.load(cls.from_pretrained(d),
+                                                                                              tmp_path / "m")):
+        assert isinstance(loaded.transformer_blocks[0].attn1.to_q.weight, PackedWeight)
+        assert torch.equal(run(loaded, inputs), ref)

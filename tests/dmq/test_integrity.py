@@ -265,3 +265,150 @@ def test_atomic_directory_swaps_whole_folders_and_verifies(tmp_path):
         integrity.verify_folder(target)
     with pytest.raises(ValueError, match="is a file; expected a folder"):
         integrity.verify_folder(target / "extra.bin")
+
+
+# ------------------------------------------------------------------------------------------- folder checkpoints
+FOLDER_MUTATIONS = 200
+
+
+@pytest.fixture(scope="module")
+def frozen_unet():
+    model = dmq.quantize(tiny_unet(), CFG)
+    dmq.calibrate(model, backbone_loop(model, [100, 700]))
+    return dmq.freeze(model)
+
+
+@pytest.fixture(scope="module")
+def folder(frozen_unet, tmp_path_factory):
+    """A sealed save_pretrained folder of the same real model, sharded (config.json, shards, their index)."""
+    path = tmp_path_factory.mktemp("fuzz-folder") / "unet"
+    dmq.save(frozen_unet, path, max_shard_size=20_000)
+    return path
+
+
+def _run(model, x, t=500):
+    with torch.no_grad():
+        return model(x, torch.tensor([t]), class_labels=torch.tensor([3])).sample
+
+
+def test_sealed_folder_loads_bit_identically_with_from_pretrained_and_dmq_load(frozen_unet, folder, tmp_path):
+    files = sorted(p.name for p in folder.iterdir())
+    assert integrity.SEAL_FILE in files and "config.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 1
+    x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = _run(frozen_unet, x)
+    for loaded in (type(frozen_unet).from_pretrained(folder), dmq.load(folder)):
+        assert torch.equal(_run(loaded, x), out)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), frozen_unet.state_dict().values()))
+    # two saves of one model are the same bytes, file for file (safetensors' metadata order is made canonical)
+    again = tmp_path / "again"
+    dmq.save(frozen_unet, again, max_shard_size=20_000)
+    assert {p.name: p.read_bytes() for p in again.iterdir()} == {p.name: p.read_bytes() for p in folder.iterdir()}
+    # an edited quantization_config fails with plain from_pretrained too, not only with dmq.load
+    cfg = json.loads((again / "config.json").read_text())
+    cfg["quantization_config"]["pre_quantization_dtype"] = "float16"
+    (again / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="file 'config.json' does not match its sha256 digest"):
+        type(frozen_unet).from_pretrained(again)
+    # a folder that is not dmq's is never replaced (its files would be lost)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a folder written by dmq"):
+        dmq.save(frozen_unet, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def mutate_folder(src: Path, dst: Path, seed: int) -> str:
+    """Copy ``src`` to ``dst`` with mutation ``seed``: a truncated or bit-flipped file (any file, the seal included),
+    an edited ``quantization_config`` value in config.json, a dropped, renamed or added file."""
+    import shutil
+
+    rng = random.Random(seed)
+    shutil.copytree(src, dst)
+    names = sorted(p.name for p in dst.iterdir())
+    kind = ["truncate", "flip", "edit-config", "drop", "rename", "add"][seed % 6]
+    target = dst / rng.choice(names)
+    data = target.read_bytes()
+    if kind == "truncate":
+        target.write_bytes(data[:rng.randrange(len(data))])
+    elif kind == "flip":
+        out = bytearray(data)
+        pos = rng.randrange(len(out))
+        out[pos] ^= 1 << rng.randrange(8)
+        target.write_bytes(bytes(out))
+    elif kind == "edit-config":
+        cfg = json.loads((dst / "config.json").read_text())
+        qc = cfg["quantization_config"]
+        path = rng.choice(list(_leaves(qc)))
+        parent = qc
+        for p in path[:-1]:
+            parent = parent[p]
+        parent[path[-1]] = _changed(parent[path[-1]], rng)
+        (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    elif kind == "drop":
+        target.unlink()
+    elif kind == "rename":
+        target.rename(target.with_name(target.name.replace(".", "_", 1) if rng.random() < 0.5 else "x" + target.name))
+    else:
+        (dst / rng.choice(["extra.safetensors", "notes.json", "unet.bin"])).write_bytes(data[:64])
+    return f"{kind}:{target.name}"
+
+
+def test_folder_corruption_fuzzer(folder, tmp_path, one_thread):
+    """200 seeded mutations of a sealed folder checkpoint: every one raises ValueError, none loads."""
+    failures, kinds = [], {}
+    for seed in range(FOLDER_MUTATIONS):
+        dst = tmp_path / f"mutant{seed}"
+        kind = mutate_folder(folder, dst, seed)
+        kinds[kind.split(":")[0]] = kinds.get(kind.split(":")[0], 0) + 1
+        try:
+            dmq.load(dst)
+        except ValueError:
+            continue
+        except Exception as e:  # noqa: BLE001 (any other type is a failure of this case)
+            failures.append(f"seed {seed} ({kind}): {type(e).__name__}: {e}")
+            continue
+        failures.append(f"seed {seed} ({kind}): loaded")
+    assert not failures, f"{len(failures)} of {FOLDER_MUTATIONS} folder mutations did not raise: {failures[:10]}"
+    assert all(v >= 30 for v in kinds.values()) and len(kinds) == 6
+
+
+KILLED_FOLDER_SAVE = """
+import os, sys, time
+import safetensors.torch
+import dmq
+from tests.dmq.helpers import tiny_unet
+path = sys.argv[1]
+model = dmq.freeze(dmq.quantize(tiny_unet(), "w4a16"))
+real = safetensors.torch.save_file
+def slow(tensors, filename, metadata=None):  # save_pretrained writes half a shard, then hangs until killed
+    real(tensors, filename, metadata=metadata)
+    with open(filename, "r+b") as f:
+        f.truncate(os.path.getsize(filename) // 2)
+    print("writing", filename, flush=True)
+    time.sleep(600)
+safetensors.torch.save_file = slow
+dmq.save(model, path)
+"""
+
+
+def test_a_folder_save_killed_midway_leaves_the_old_folder(tmp_path):
+    path = tmp_path / "unet"
+    dmq.save(dmq.freeze(dmq.quantize(tiny_unet(1), "w4a16")), path)  # the old folder: other weights
+    old = {p.name: p.read_bytes() for p in path.iterdir()}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", KILLED_FOLDER_SAVE, str(path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        line = child.stdout.readline()
+        assert line.startswith("writing"), child.stderr.read()
+        tmp = Path(line.split(maxsplit=1)[1].strip()).parent
+        assert tmp.parent == tmp_path and tmp.name.startswith(".unet.") and tmp.exists()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == old
+    assert dmq.summary(dmq.load(path))["config"] == "w4a16"
+    with pytest.raises(ValueError, match="no dmq_integrity.json"):  # the abandoned half-written folder
+        dmq.load(tmp)

@@ -13,7 +13,8 @@ def test_variants_compose_on_presets():
     cfg = dmq.get_config("w4a8+smooth0.5+gptq+hadamard")
     assert (cfg.smooth, cfg.rounding, cfg.rotation) == (0.5, "gptq", "hadamard")
     assert dmq.get_config("w4a6-fp+smooth+fsearch").smooth == "search"
-    assert not dmq.get_config("w4a8").learns_weights and cfg.learns_weights
+    assert not dmq.get_config("w4a8+rtn").learns_weights and cfg.learns_weights
+    assert dmq.get_config("w8a8").learns_weights  # GPTQ rounding of the one-token-per-sample layers
 
 
 @pytest.mark.parametrize("name, match", [("w4a8+magic", "valid variants: adaround"), ("w3a3+gptq", "valid presets"),

@@ -5,7 +5,7 @@ from torch import nn
 
 import dmq
 from dmq.fake_quant import fake_quant, quantize_weight
-from dmq.modules import QuantAttnProcessor, QuantConv2d
+from dmq.modules import QuantAttnProcessor, QuantConv2d, QuantLinear
 from tests.dmq.helpers import backbone_loop, sqnr, tiny_dit, tiny_unet
 
 W8A8 = dmq.get_config("w8a8")
@@ -99,11 +99,12 @@ def test_attention_processor_matches_diffusers_in_full_precision():
 def test_default_full_precision_list():
     q = dmq.quantize(tiny_unet(), "w8a8")
     assert type(q.conv_in) is nn.Conv2d and type(q.conv_out) is nn.Conv2d
-    assert type(q.time_embedding.linear_1) is nn.Linear
-    assert type(q.down_blocks[0].resnets[0].time_emb_proj) is nn.Linear
+    # one token per sample: quantized weight-only (group-wise), not kept
+    for lin in (q.time_embedding.linear_1, q.down_blocks[0].resnets[0].time_emb_proj):
+        assert isinstance(lin, QuantLinear) and lin.input_quantizer is None and lin.weight_spec.granularity == "group"
     d = dmq.quantize(tiny_dit(), "w8a8")
     blk = d.transformer_blocks[0]
-    assert type(blk.norm1.linear) is nn.Linear and type(d.proj_out_2) is nn.Linear
+    assert blk.norm1.linear.input_quantizer is None and type(d.proj_out_2) is nn.Linear
     assert type(blk.ff.net[2]) is not nn.Linear
     # overridable
     full = dmq.quantize(tiny_unet(), dmq.get_config("w8a8").replace(keep_fp=()))

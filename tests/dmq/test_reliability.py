@@ -159,7 +159,7 @@ def test_bad_paths_are_clear_errors(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="the folder '.*missing' does not exist"):
         dmq.save(model, tmp_path / "missing" / "m.safetensors")
     assert not (tmp_path / "missing").exists()
-    with pytest.raises(ValueError, match="no .safetensors files in the folder"):
+    with pytest.raises(ValueError, match="no dmq_integrity.json: not a folder written by dmq"):
         dmq.load(tmp_path)
     with pytest.raises(TypeError, match=r"dmq.load\(model, path\): path is missing"):
         dmq.load(tiny_dit())

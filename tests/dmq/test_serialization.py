@@ -138,7 +138,7 @@ def test_wrong_shape_names_the_tensor(saved, tmp_path):
     t[key] = t[key][:, :-1].contiguous()
     with pytest.raises(ValueError, match=f"tensor '{key}' is torch.uint8"):
         dmq.load(_rewrite(tmp_path / "shape.safetensors", qmap, t))
-    key = next(k for k in tensors if k.endswith("norm1.linear.weight"))
+    key = next(k for k in tensors if k.endswith("proj_out_2.weight"))  # the last layer stays a float tensor
     t = dict(tensors)
     t[key] = t[key][:-1].contiguous()
     with pytest.raises(ValueError, match=f"tensor '{key}' has shape"):
@@ -183,7 +183,7 @@ def test_learned_methods_pack_exactly_and_round_trip(make, name, tmp_path, one_t
     q = dmq.calibrate(dmq.quantize(fp, dmq.get_config(name).replace(rounding_iters=20), inplace=False), loop)
     fake = dmq.freeze(copy.deepcopy(q), pack=False)
     packed = dmq.freeze(q)
-    with dmq.kernels.disable("int_gemm"):
+    with dmq.kernels.disable("all"):
         assert all(torch.equal(a, b) for a, b in zip(_outs(fake, loop), _outs(packed, loop)))
     ref = _outs(packed, loop)
     dmq.save(packed, tmp_path / "m.safetensors")

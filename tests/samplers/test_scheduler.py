@@ -322,7 +322,7 @@ def test_no_nan_for_any_grid_prediction_or_nfe(method, order):
         ({"deis_method": "unipc"}, r"deis_method must be one of \('tab', 'rhoab', 'rhork', 'ipndm'\)"),
         ({"deis_order": 4}, r"deis_order for deis_method='tab' must be one of \[0, 1, 2, 3\]"),
         ({"deis_method": "rhork", "deis_order": 0}, r"must be one of \[1, 2, 3, 4\]"),
-        ({"time_grid": "karras"}, r"time_grid must be one of \('time', 'rho', 'log_rho', 'beta', 'spacing'\), got 'karras'"),
+        ({"time_grid": "karras"}, r"time_grid must be one of \('time', 'rho', 'log_rho', 'beta', 'spacing'\)"),
         ({"time_grid_power": -1.0}, "time_grid_power must be"),
         ({"prediction_type": "x0"}, r"prediction_type must be one of \('epsilon', 'v_prediction', 'sample'"),
         ({"timestep_spacing": "even"}, r"timestep_spacing must be one of \('linspace', 'leading', 'trailing'\)"),

@@ -1,4 +1,5 @@
-"""scripts/eval_fid.py and scripts/eval_clip.py: one process vs two, argument checks, the CLIP scoring path."""
+"""pipelines.eval_fid and pipelines.eval_clip (`dmq eval fid|clip`, scripts/eval_fid.py, scripts/eval_clip.py): one
+process vs two, argument checks, the CLIP scoring path."""
 
 import importlib.util
 import json
@@ -14,22 +15,13 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from PIL import Image
 
+from pipelines import eval_clip, eval_fid
 from pipelines.clip_compat import import_clip
 from pipelines.digits_classifier import DigitClassifier
 from pipelines.digits_pipeline import DigitsPipeline
 
 REPO = Path(__file__).resolve().parents[2]
 
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_fid = load_script("eval_fid")
-eval_clip = load_script("eval_clip")
 
 
 def free_port():
@@ -67,16 +59,17 @@ def tiny_clip(tmp_path_factory):
 def test_eval_fid_gives_the_same_numbers_on_one_and_two_processes(assets, tmp_path):
     # N = 10 in batches of 3: one process draws batches {0,1,2}, {3,4,5}, ...; two draw {0,1,2}, {3,4} and {5,6,7},
     # {8,9}. Per-sample seeds make the samples, hence FID and accuracy, independent of that split.
-    args = ["scripts/eval_fid.py", "--pipeline", str(assets / "pipe"), "--classifier", str(assets / "classifier"),
-            "--num-samples", "10", "--nfe", "2", "--batch-size", "3", "--seed", "5", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
+    # One process through `dmq eval fid`, two through the script under torchrun: one program, the same numbers.
+    args = ["--classifier", str(assets / "classifier"), "--num-samples", "10", "--nfe", "2", "--batch-size", "3",
+            "--seed", "5", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO)}
+    one = subprocess.run([sys.executable, "-m", "pipelines.cli", "eval", "fid", str(assets / "pipe"), *args, "--out",
+                          str(tmp_path / "one")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr[-3000:]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(free_port())]
-    two = subprocess.run([*launcher, *args, "--out", str(tmp_path / "two")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
+    two = subprocess.run([*launcher, "scripts/eval_fid.py", "--pipeline", str(assets / "pipe"), *args, "--out",
+                          str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr[-3000:]
 
     r1 = json.loads((tmp_path / "one" / "results.json").read_text())
@@ -118,6 +111,7 @@ def test_eval_fid_gives_the_same_numbers_on_one_and_two_processes(assets, tmp_pa
     (["--features", "inception", "--inception-weights", "/nonexistent/inception.pth"], "/nonexistent/inception.pth"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--scheduler", "Nope"], "unknown scheduler 'Nope'"),
+    (["some/dir", "--pipeline", "other/dir"], "got the pipeline twice"),
     pytest.param(["--features", "inception"], "pip install torch-fidelity",
                  marks=pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is not None,
                                           reason="torch-fidelity is installed")),

@@ -1,0 +1,130 @@
+"""x86 CPU kernels of frozen Linear layers, through the kernels PyTorch ships (no extra dependency).
+
+- :func:`onednn_int8_linear`: u8 activations x s8 weights on oneDNN's VNNI int8 GEMM
+  (``torch.ops.onednn.qlinear_pointwise``), with the dequantization ``acc * (s_a s_w[n]) + b`` fused into its
+  epilogue. The weight is reordered once into oneDNN's blocked layout (:func:`prepack_int8`).
+- :func:`int4_weight_linear`: weight-only INT4 group-wise, dequantized inside the GEMM
+  (``torch.ops.aten._weight_int4pack_mm_for_cpu``): no float copy of the weight ever exists.
+- :func:`tiled_linear`: any other packed weight, dequantized ``TILE_ELEMS`` elements at a time (the tile stays in
+  cache) straight into the GEMM of its output columns: no full-weight float copy per call.
+
+Every function returns ``None`` when its kernel cannot run (missing op, unsupported dtype or shape): the caller
+falls back to the next path. See :mod:`dmq.kernels` for the dispatch and the exactness bounds.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+
+def _has(ns: object, name: str) -> bool:
+    try:
+        return hasattr(ns, name)
+    except (RuntimeError, AttributeError):  # an op namespace that fails to load
+        return False
+
+
+@functools.cache
+def onednn_int8_ok() -> bool:
+    """oneDNN's int8 linear exists and sums exactly here.
+
+    Checked once on a worst case: u8 255 x s8 -128 over K = 4096 overflows the int16 intermediate of a CPU without
+    VNNI (``vpmaddubsw`` saturates), which VNNI's ``vpdpbusd`` does not have; any mismatch turns the path off.
+    """
+    if not (_has(torch.ops.onednn, "qlinear_pointwise") and _has(torch.ops.onednn, "qlinear_prepack")):
+        return False
+    try:
+        k = 4096
+        a = torch.full((2, k), 255, dtype=torch.uint8)
+        a[1, ::3] = 0
+        w = torch.full((3, k), 127, dtype=torch.int8)
+        w[1] = -128
+        w[2, ::2] = -128
+        ref = (a.double() - 3.0) @ w.double().t()
+        y = onednn_int8_linear(a, 1.0, 3, prepack_int8(w), torch.ones(3), None, torch.float32)
+        return bool(torch.equal(y.double(), ref.float().double()))
+    except (RuntimeError, TypeError) as e:
+        logger.info("oneDNN int8 linear unavailable: %s", e)
+        return False
+
+
+def prepack_int8(w_codes: torch.Tensor) -> torch.Tensor:
+    """int8 ``(N, K)`` weight codes -> oneDNN's opaque blocked weight (done once per layer)."""
+    return torch.ops.onednn.qlinear_prepack(w_codes.contiguous(), None)
+
+
+def onednn_int8_linear(a_u8: torch.Tensor, a_scale: float, a_zp: int, w_packed: torch.Tensor,
+                       w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``y = s_a s_w[n] * sum_k (a[m, k] - z) w[n, k] + b[n]`` on oneDNN: the sum is exact in int32, the epilogue
+    (scale product, int32 -> float32 conversion, bias) runs in float32 and the result is rounded once to
+    ``out_dtype``. ``a_u8`` is ``(M, K)`` uint8; ``w_scale`` float32 ``(N,)``."""
+    zeros = _zeros(w_scale.shape[0])
+    return torch.ops.onednn.qlinear_pointwise(a_u8, a_scale, a_zp, w_packed, w_scale, zeros, bias, 1.0, 0, out_dtype,
+                                              "none", [None], "")
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------- weight-only INT4
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+def int4_weight_ok() -> bool:
+    return _has(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and _has(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def prepack_int4(codes: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Signed INT4 codes ``(N, K)`` (int8 in -8..7) with one scale per group ``(N, K / g)`` -> the int4pack weight and
+    its ``(K / g, N, 2)`` scales-and-zeros in ``dtype`` (the kernel computes ``(u - 8) * scale + zero`` with
+    ``u = code + 8``, so the zeros are 0). ``None`` when the kernel does not take the shape."""
+    n, k = codes.shape
+    if group_size not in INT4_GROUPS or k % group_size or dtype not in (torch.bfloat16, torch.float32,
+                                                                        torch.float16):
+        return None
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((codes.to(torch.int32) + 8).contiguous(), 1)
+    except RuntimeError as e:
+        logger.info("int4pack declines a %dx%d weight: %s", n, k, e)
+        return None
+    s = scale.to(torch.float32).reshape(n, k // group_size).t()
+    sz = torch.stack([s, torch.zeros_like(s)], dim=-1).to(dtype).contiguous()
+    return packed, sz
+
+
+def int4_weight_linear(x2d: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """``x W^T + b`` with ``W = code * scale`` dequantized inside the GEMM (float32 accumulation)."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.contiguous(), packed, group_size, scales_zeros)
+    return y if bias is None else y.add_(bias)
+
+
+# ---------------------------------------------------------------------------------------------- tiled dequant
+# elements of one dequantized weight tile (float32 while it is computed): 1 MiB, inside a core's L2
+TILE_ELEMS = 1 << 18
+
+
+def tiled_linear(x2d: torch.Tensor, n: int, dequant_rows, bias: torch.Tensor | None,
+                 tile_elems: int = TILE_ELEMS) -> torch.Tensor:
+    """``x W^T + b`` where ``dequant_rows(r0, r1)`` gives rows ``r0:r1`` of ``W`` in ``x``'s dtype; the rows are
+    dequantized one cache-sized tile at a time and multiplied at once into their output columns."""
+    k = x2d.shape[1]
+    step = max(16, tile_elems // max(1, k) // 16 * 16)
+    if step >= n:
+        return F.linear(x2d, dequant_rows(0, n), bias)
+    out = torch.empty(x2d.shape[0], n, dtype=x2d.dtype, device=x2d.device)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        b = None if bias is None else bias[r0:r1]
+        out[:, r0:r1] = F.linear(x2d, dequant_rows(r0, r1), b)
+    return out

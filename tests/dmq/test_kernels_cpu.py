@@ -1,0 +1,199 @@
+"""CPU fast paths of frozen Linear layers against the fake-quant reference: exact integer sums, stated float bounds
+for the epilogues, fallback when a kernel is missing, and ``dmq.kernels.disable`` for every path."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import dmq
+from dmq import formats, kernels, kernels_cpu
+from dmq.config import QuantSpec
+from dmq.fake_quant import fake_quant
+from dmq.packed import int_codes
+
+U32 = 2.0**-24  # float32 unit roundoff
+ONEDNN = pytest.mark.skipif(not kernels_cpu.onednn_int8_ok(), reason="oneDNN int8 linear unavailable")
+INT4 = pytest.mark.skipif(not kernels_cpu.int4_weight_ok(), reason="int4pack kernel unavailable")
+
+
+@ONEDNN
+def test_onednn_int8_sums_are_exact_integers():
+    g = torch.Generator().manual_seed(0)
+    m, k, n = 37, 300, 24
+    a = torch.randint(0, 256, (m, k), generator=g, dtype=torch.uint8)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    y = kernels_cpu.onednn_int8_linear(a, 1.0, 77, kernels_cpu.prepack_int8(w), torch.ones(n), None, torch.float32)
+    exact = (a.long() - 77) @ w.long().t()  # |exact| < 2^24: float32 holds every sum exactly
+    assert exact.abs().max() < 2**24 and torch.equal(y.double(), exact.double())
+
+
+@ONEDNN
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_onednn_int8_epilogue_is_within_its_float_bound(out_dtype):
+    g = torch.Generator().manual_seed(1)
+    m, k, n = 9, 200, 40
+    a = torch.randint(0, 256, (m, k), generator=g, dtype=torch.uint8)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    ws = torch.rand(n, generator=g) * 0.01 + 1e-4
+    bias = torch.randn(n, generator=g).to(out_dtype)
+    y = kernels_cpu.onednn_int8_linear(a, 0.037, 128, kernels_cpu.prepack_int8(w), ws, bias, out_dtype)
+    exact = ((a.double() - 128) @ w.double().t()) * (0.037 * ws.double()) + bias.double()
+    # float32 epilogue: the conversion, the scale product and its application, the bias add (4 roundings), then
+    # one rounding to the output dtype
+    u_out = {torch.float32: U32, torch.bfloat16: 2.0**-8}[out_dtype]
+    assert y.dtype == out_dtype
+    assert ((y.double() - exact).abs() <= 4 * U32 * (exact.abs() + bias.double().abs()) + u_out * exact.abs()).all()
+
+
+@INT4
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_weight_kernel_dequantizes_inside_the_gemm(dtype):
+    g = torch.Generator().manual_seed(2)
+    m, k, n, gs = 7, 128, 32, 32
+    codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    scale = (torch.rand(n, k // gs, generator=g) * 0.1 + 0.01).to(dtype).float()  # exact in dtype
+    x = torch.randn(m, k, generator=g).to(dtype)
+    packed, sz = kernels_cpu.prepack_int4(codes, scale, gs, dtype)
+    y = kernels_cpu.int4_weight_linear(x, packed, sz, gs, None)
+    w = (codes.double().reshape(n, -1, gs) * scale.double().unsqueeze(-1)).reshape(n, k)
+    exact = x.double() @ w.t()
+    mag = x.double().abs() @ w.abs().t()
+    # float32 products and a K-term float32 sum (gamma_K), then one rounding to dtype
+    u_out = {torch.float32: U32, torch.bfloat16: 2.0**-8}[dtype]
+    assert ((y.double() - exact).abs() <= (k + 2) * U32 * mag + u_out * exact.abs()).all()
+    assert kernels_cpu.prepack_int4(codes, scale, 48, dtype) is None  # a group size the kernel lacks: declined
+
+
+def test_tiled_linear_is_the_whole_product_tile_by_tile():
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(5, 64, generator=g), torch.randn(300, 64, generator=g), torch.randn(300, generator=g)
+    seen = []
+
+    def rows(r0, r1):
+        seen.append((r0, r1))
+        return w[r0:r1]
+
+    y = kernels_cpu.tiled_linear(x, 300, rows, b, tile_elems=64 * 40)
+    assert len(seen) == 10 and seen[0] == (0, 32) and seen[-1] == (288, 300)  # 32-row tiles, no full weight
+    exact = x.double() @ w.double().t() + b.double()
+    mag = x.double().abs() @ w.double().abs().t() + b.double().abs()
+    assert ((y.double() - exact).abs() <= 66 * U32 * mag).all()
+
+
+# ---------------------------------------------------------------------------------------------- layers
+def _frozen(preset_or_cfg, dtype=torch.float32, k=64, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(k, 96), nn.GELU(), nn.Linear(96, 48)).to(dtype)
+    cfg = dmq.get_config(preset_or_cfg) if isinstance(preset_or_cfg, str) else preset_or_cfg
+    if cfg.act is not None and not cfg.act.dynamic:  # one timestep bin: the model here has no timestep argument
+        cfg = cfg.replace(act=QuantSpec(cfg.act.format, "tensor", symmetric=cfg.act.symmetric, timestep_bins=1))
+    q = dmq.quantize(model, cfg.replace(keep_fp=()), inplace=False)
+    x = (torch.randn(3, 10, k) * 2).to(dtype)
+    dmq.calibrate(q, lambda m: m(x))
+    dmq.freeze(q)
+    return q, (torch.randn(3, 10, k) * 2).to(dtype)
+
+
+@ONEDNN
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_layer_paths_agree_with_the_exact_integer_result(preset, dtype):
+    q, x = _frozen(preset, dtype)
+    lin = q[0]
+    assert lin.exec_path == "int_gemm"
+    with torch.no_grad():
+        fast = lin(x)
+        with kernels.disable("onednn_int8"):
+            mm = lin(x)
+        with kernels.disable("all"):
+            ref = lin(x)
+        # the exact value of Q_a(x) Q_w(W)^T + b with the fake quantizer's own (dtype-rounded) scale
+        aq = lin.input_quantizer
+        s, z = aq.scale[0].to(dtype).double(), aq.zero_point[0].double()
+        codes = kernels.act_codes(x, aq.scale[0].reshape(1, 1, 1), aq.zero_point[0].reshape(1, 1, 1), 0, 255)
+        part = lin._part(0)
+        w = int_codes(part, lin.weight_layouts[0]).double() * part["weight_scale"].double().reshape(-1, 1)
+        exact = ((codes.double() - z) * s) @ w.t() + lin.bias.double()
+    fq = fake_quant(x, formats.get("uint8"), aq.scale[0].reshape(1, 1, 1), aq.zero_point[0].reshape(1, 1, 1))
+    assert torch.equal((codes - aq.zero_point[0].to(dtype)) * aq.scale[0].to(dtype), fq)  # the reference's codes
+    # both integer paths: exact sums, float32 epilogue (4 roundings) and one rounding to dtype
+    u_out = {torch.float32: U32, torch.bfloat16: 2.0**-8}[dtype]
+    mag = exact.abs() + lin.bias.double().abs()
+    for y in (fast, mm):
+        assert y.dtype == dtype and ((y.double() - exact).abs() <= 4 * U32 * mag + u_out * exact.abs()).all()
+    # the fake-quant reference: float operands rounded to dtype and a K-term float32 dot product (gamma_K)
+    k = x.shape[-1]
+    xq = ((codes.double() - z) * s)
+    bound = (k + 8) * U32 + (3 * 2.0**-9 if dtype == torch.bfloat16 else 0.0)
+    assert ((ref.double() - exact).abs() <= bound * (xq.abs() @ w.abs().t() + lin.bias.double().abs())).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_only_paths_and_their_fallbacks(dtype):
+    q, x = _frozen("w4a16", dtype)
+    lin = q[0]
+    with torch.no_grad():
+        ref_w = lin.dequantized_weight(torch.float32).double()
+        with kernels.disable("all"):
+            ref = lin(x)
+        fused = lin(x)
+        with kernels.disable("int4_weight"):
+            tiled = lin(x)
+        kernels.cache_weights(q)
+        cached = lin(x)
+        assert kernels.cached_bytes(q) == 96 * 64 * torch.finfo(dtype).bits // 8  # built on first use: layer 0
+        kernels.cache_weights(q, False)
+        assert kernels.cached_bytes(q) == 0
+    assert torch.equal(cached, ref)  # the cache is the reference's own weight
+    exact = x.double() @ ref_w.t() + lin.bias.double()
+    mag = x.double().abs() @ ref_w.abs().t() + lin.bias.double().abs()
+    # reference and tiled: weight rounded to dtype, K-term float32 sum, output rounding; fused: exact weight
+    u = {torch.float32: U32, torch.bfloat16: 2.0**-8}[dtype]
+    for y in (ref, fused, tiled):
+        assert ((y.double() - exact).abs() <= (66 * U32 + 2 * u) * mag).all()
+
+
+def test_fallback_when_kernels_are_missing(monkeypatch):
+    """A CPU without the oneDNN int8 or int4pack kernels runs the next path: same integer sums, same reference."""
+    q8, x8 = _frozen("w8a8")
+    q4, x4 = _frozen("w4a16")
+    with torch.no_grad():
+        with kernels.disable("onednn_int8"):
+            mm = q8(x8)
+        with kernels.disable("int4_weight"):
+            tiled = q4(x4)
+        monkeypatch.setattr(kernels_cpu, "onednn_int8_ok", lambda: False)
+        monkeypatch.setattr(kernels_cpu, "int4_weight_ok", lambda: False)
+        for m in (q8, q4):
+            for lin in (m[0], m[2]):
+                lin.__dict__.pop("_dmq_kernel_plans", None)
+                lin._setup_exec()
+        assert q8[0].__dict__["_dmq_kernel_plans"].by_key and all(
+            p.onednn is None for p in q8[0].__dict__["_dmq_kernel_plans"].by_key.values())
+        assert torch.equal(q8(x8), mm) and torch.equal(q4(x4), tiled)
+
+
+def test_disable_rejects_unknown_paths_and_restores():
+    with pytest.raises(ValueError, match="onednn_int8"):
+        with kernels.disable("int4_gemm"):
+            pass
+    with kernels.disable("all"):
+        assert not any(kernels.enabled(p) for p in kernels.PATHS)
+    assert all(kernels.enabled(p) for p in kernels.PATHS)
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a16"])  # the oneDNN / int4pack prepacked weights
+def test_kernel_state_stays_out_of_the_state_dict_and_follows_reloads(preset):
+    q, x = _frozen(preset)
+    keys = set(q.state_dict())
+    assert not any("kernel" in k or "rowsum" in k for k in keys)
+    other, _ = _frozen(preset, seed=1)
+    clone = copy.deepcopy(q)  # the copy builds its own kernel state
+    with torch.no_grad():
+        before = q(x)
+        assert torch.equal(clone(x), before)
+        q.load_state_dict(other.state_dict())  # copy_ into the same buffers: the kernel state is rebuilt
+        after = q(x)
+        assert torch.equal(after, other(x)) and not torch.equal(after, before)
