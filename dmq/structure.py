@@ -121,8 +121,10 @@ def classify(model: nn.Module) -> dict[str, str]:
     c_out = cfg.get("out_channels") or c_in
     patch = cfg.get("patch_size") or 1
     vol = math.prod(patch) if isinstance(patch, (tuple, list)) else patch * patch
-    text_widths = {cfg.get(k) for k in ("joint_attention_dim", "caption_channels", "text_dim",
-                                        "pooled_projection_dim", "encoder_hid_dim")} - {None}
+    widths = [cfg.get(k) for k in ("joint_attention_dim", "caption_channels", "text_dim", "pooled_projection_dim",
+                                   "encoder_hid_dim")]
+    # a list-valued width (HiDream: one per text encoder) counts each entry
+    text_widths = {w for v in widths for w in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(w, int)}
     lay = dict(layers)
 
     def prefer_latent(names: list[str]) -> list[str]:
