@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from contextvars import ContextVar
+import threading
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnPr
 
 logger = logging.getLogger(__name__)
 
-_ACTIVE: ContextVar[AttentionQuantizers | None] = ContextVar("dmq_active_attention", default=None)
+_LOCAL = threading.local()  # ``quants``: (the active attention's quantizers, the enclosing entry) per thread
 _WRAPPED = "_dmq_dispatch_original"
 
 
@@ -77,14 +77,18 @@ def detach(mod: nn.Module) -> None:
     del mod.matmul_quantizers
 
 
+def _active() -> AttentionQuantizers | None:
+    entry = getattr(_LOCAL, "quants", None)
+    return None if entry is None else entry[0]
+
+
 def _enter(mod: nn.Module, args: tuple) -> None:
-    mod._dmq_attention_token = _ACTIVE.set(mod.matmul_quantizers)
+    _LOCAL.quants = (mod.matmul_quantizers, getattr(_LOCAL, "quants", None))
 
 
 def _leave(mod: nn.Module, args: tuple, output: object) -> None:
-    token = mod.__dict__.pop("_dmq_attention_token", None)
-    if token is not None:
-        _ACTIVE.reset(token)
+    entry = getattr(_LOCAL, "quants", None)
+    _LOCAL.quants = None if entry is None else entry[1]
 
 
 def _wrap_dispatch(module) -> None:
@@ -94,7 +98,7 @@ def _wrap_dispatch(module) -> None:
 
     def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                               enable_gqa=False, attention_kwargs=None, **kwargs):
-        quants = _ACTIVE.get()
+        quants = _active()
         if (quants is None or kwargs.get("parallel_config") is not None or attention_kwargs
                 or not (attn_mask is None or isinstance(attn_mask, torch.Tensor))):
             # not quantized, or a call only the backend understands (context parallel, backend arguments, a flex
@@ -130,5 +134,6 @@ def quantized_attention(quants: AttentionQuantizers, query: torch.Tensor, key: t
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask.float()
-    probs = _maybe(quants.probs, scores.softmax(dim=-1).to(v.dtype))
+    # a fully masked row: SDPA returns zeros there (softmax over all -inf would give NaN)
+    probs = _maybe(quants.probs, scores.softmax(dim=-1).nan_to_num(nan=0.0).to(v.dtype))
     return (probs @ v).transpose(1, 2)

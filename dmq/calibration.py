@@ -5,7 +5,8 @@ scalar, per-sample, per-token or per-frame, tensor or list) and makes it the *ac
 activation quantizers pick their timestep bin from it, and during calibration a :class:`StepPolicy` decides from it
 (never from a loop index) whether the call is a calibration point.
 
-The active call is a :class:`contextvars.ContextVar`, so it is private to a thread (and to an asyncio task): two
+The active call is thread-local (a :class:`threading.local`, which ``torch.compile`` traces), so it is private to a
+thread: two
 threads calling one quantized model, or two quantized models running at once, never see each other's timestep. What
 belongs to the model (calibration mode, step policy, the timestep convention it receives) lives on a
 :class:`ModelClock` on the model (``model._dmq.clock``), never in a process-wide global. :data:`CONTEXT` is a
@@ -20,7 +21,6 @@ import logging
 import math
 import threading
 from collections.abc import Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -98,12 +98,16 @@ class Call:
         return None if self.clock is None else self.clock.range
 
 
-_ACTIVE: ContextVar[Call | None] = ContextVar("dmq_active_call", default=None)
+_LOCAL = threading.local()  # thread-local, not a ContextVar: torch.compile traces attribute writes, not .set()
 
 
 def active_call() -> Call | None:
     """The running thread's active backbone call (None outside any quantized model's forward)."""
-    return _ACTIVE.get()
+    return getattr(_LOCAL, "call", None)
+
+
+def _activate(call: Call | None) -> None:
+    _LOCAL.call = call
 
 
 @contextlib.contextmanager
@@ -111,12 +115,13 @@ def call_scope(*, calibrating: bool, observe: bool = True, timestep: torch.Tenso
                clock: ModelClock | None = None) -> Iterator[Call]:
     """Make a call active in this thread for the ``with`` block (calibration passes that run submodules directly,
     e.g. block reconstruction's full-precision targets)."""
-    call = Call(timestep, calibrating, observe, clock, _ACTIVE.get())
-    token = _ACTIVE.set(call)
+    prev = active_call()
+    call = Call(timestep, calibrating, observe, clock, prev)
+    _activate(call)
     try:
         yield call
     finally:
-        _ACTIVE.reset(token)
+        _activate(prev)
 
 
 class _ActiveView:
@@ -124,22 +129,22 @@ class _ActiveView:
 
     @property
     def calibrating(self) -> bool:
-        c = _ACTIVE.get()
+        c = active_call()
         return c is not None and c.calibrating
 
     @property
     def timestep(self) -> torch.Tensor | None:
-        c = _ACTIVE.get()
+        c = active_call()
         return None if c is None else c.timestep
 
     @property
     def observe(self) -> bool:
-        c = _ACTIVE.get()
+        c = active_call()
         return c is None or c.observe
 
     @property
     def range(self) -> tuple[float, float] | None:
-        c = _ACTIVE.get()
+        c = active_call()
         return None if c is None else c.range
 
 
@@ -328,12 +333,12 @@ class TimestepHook:
                 policy = clock.policy or AllSteps()
                 observe = policy.accept(None if t is None else sample_timesteps(t), *clock.range)
                 clock.points += int(observe)
-        _ACTIVE.set(Call(t, clock.calibrating, observe, clock, _ACTIVE.get()))
+        _activate(Call(t, clock.calibrating, observe, clock, active_call()))
 
     def post(self, module: nn.Module, args: tuple, output: object) -> None:
-        call = _ACTIVE.get()
+        call = active_call()
         if call is not None and call.clock is self.clock:
-            _ACTIVE.set(call.prev)
+            _activate(call.prev)
 
     def remove(self) -> None:
         for h in self.handles:

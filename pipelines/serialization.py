@@ -73,8 +73,14 @@ def load_quantized(directory: str | os.PathLike, pipeline_class: type | None = N
     """Load a pipeline folder with a dmq-quantized backbone (local files only); ``pipeline_class`` overrides the
     saved class, ``kwargs`` go to ``from_pretrained``."""
     root = Path(directory)
+    if pipeline_class is not None and not (isinstance(pipeline_class, type)
+                                           and issubclass(pipeline_class, DiffusionPipeline)):
+        raise TypeError(f"pipeline_class must be a DiffusionPipeline subclass, got {type(pipeline_class).__name__}")
     cls = pipeline_class or resolve_pipeline_class(root)
-    index = json.loads((root / "model_index.json").read_text())
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        index = {}  # from_pretrained says what is wrong with the folder
     # components saved as absent (a pipeline driven by prompt_embeds, without text encoders) stay absent
     absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
     return cls.from_pretrained(root, local_files_only=True, **{**absent, **kwargs})

@@ -27,6 +27,7 @@ def test_explicit_attention_equals_sdpa():
     q, k, v = (torch.randn(2, 7, 4, 8, generator=g) for _ in range(3))  # (B, S, H, D) as dispatch passes them
     keep = torch.rand(2, 1, 7, 7, generator=g) > 0.3
     keep[..., 0] = True
+    keep[0, 0, 3] = False  # a fully masked row: zeros, as SDPA gives
     bias = torch.randn(2, 4, 7, 7, generator=g)
     for kw in ({}, {"attn_mask": keep}, {"attn_mask": bias}, {"is_causal": True}, {"scale": 0.3}):
         torch.testing.assert_close(attention.quantized_attention(_NoQuant(), q, k, v, **kw), _sdpa(q, k, v, **kw),

@@ -116,8 +116,8 @@ def test_every_boundary_of_quantize_pipeline_rolls_back(monkeypatch, one_thread)
     quantize_pipeline(census.pipe, CFG, **{**kwargs, "call_kwargs": census.calls[:1]})
     total, where = inj.count, list(inj.where)
     kinds = {w.split(".")[-1] for w in where}
-    assert {"_set_child", "AttentionQuantizers", "unet call", "sync_statistics", "frozen_params", "pack",
-            "remove"} <= kinds
+    # (the timestep hook stays after freeze: each quantized model sets its own active call, issue 14)
+    assert {"_set_child", "AttentionQuantizers", "unet call", "sync_statistics", "frozen_params", "pack"} <= kinds
     # the calibration calls: PNDM (skip_prk_steps) runs its first step twice, so 3 backbone calls per 2-step run
     assert where.count("unet call") == 3
 
