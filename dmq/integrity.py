@@ -206,7 +206,13 @@ def _exchange(a: Path, b: Path) -> bool:
 
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Fill the yielded temporary folder; on success it is sealed (:func:`seal_folder`) and replaces ``path``."""
+    """Fill the yielded temporary folder; on success it is sealed (:func:`seal_folder`) and replaces ``path``.
+    Missing parent folders are created, as ``save_pretrained`` does."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot write the folder {str(path)!r}: cannot create its parent folder "
+                         f"({e.strerror or e})") from None
     target = check_target(path, folder=True)
     if target.is_dir() and any(target.iterdir()) and not (target / SEAL_FILE).is_file():
         raise ValueError(f"cannot write the folder {str(target)!r}: it exists and is not a folder written by dmq "
@@ -256,7 +262,8 @@ def seal_folder(folder: str | os.PathLike) -> None:
     root = Path(folder)
     files = {name: file_digest(root / name) for name in _files(root)}
     entry = {"version": VERSION, "files": files, "digest": hashlib.sha256(_canonical(files)).hexdigest()}
-    (root / SEAL_FILE).write_text(json.dumps(entry, indent=1))
+    text = json.dumps(entry, indent=1)
+    atomic_write(root / SEAL_FILE, lambda tmp: Path(tmp).write_text(text))
 
 
 def verify_folder(folder: str | os.PathLike) -> None:

@@ -378,6 +378,10 @@ def frozen_linear(layer, x: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():  # no Python-side state under tracing: the traceable integer path
         return _traceable(layer, x, q, ready)
     plan = _plan(layer, x.device, x.dtype)
+    if torch.is_grad_enabled() and x.requires_grad:
+        # the integer and int4pack kernels have no derivative: a gradient (LoRA training through the frozen base)
+        # takes the reference, whose fake quantizer passes it straight through
+        return _reference(layer, x, q)
     if plan.int_act and ready:
         y = _int_path(layer, plan, q, x)
         if y is not None:
@@ -454,5 +458,9 @@ def _traceable(layer, x: torch.Tensor, q, ready: bool) -> torch.Tensor:
         codes = int_codes(part, lay)
         w_scale = part["weight_scale"].to(torch.float32).reshape(-1).expand(lay.rows)
         return int_linear(x, scale, zp, q.fmt.bits, q.fmt.signed, codes, w_scale, layer.weight_rowsum, layer.bias)
+    return _reference(layer, x, q)
+
+
+def _reference(layer, x: torch.Tensor, q) -> torch.Tensor:
     xq = q(x) if q is not None else x
     return F.linear(xq, layer.dequantized_weight(x.dtype), layer.bias)

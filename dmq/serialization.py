@@ -484,8 +484,10 @@ def load(model_or_path: nn.Module | str | os.PathLike, path: str | os.PathLike |
                             f"{type(model_or_path).__name__}")
         model, path = None, check.path("model_or_path", model_or_path)
     if Path(path).is_dir():
-        # a folder must carry the seal dmq.save writes: it covers config.json (quantization_config) and every file
-        integrity.verify_folder(path)
+        # a folder must carry the seal dmq.save writes (its own, or its pipeline's for a component): it covers
+        # config.json (quantization_config) and every file
+        if integrity.verify_sealed_parent(Path(path) / "config.json") is None:
+            integrity.verify_folder(path)
         if model is None and (Path(path) / "config.json").exists():
             return _from_pretrained(Path(path))
     qmap, tensors = read(path)

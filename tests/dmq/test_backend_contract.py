@@ -101,14 +101,19 @@ def test_backend_contract(family, preset, float_dirs, tmp_path, one_thread):
     loaded = cls.from_pretrained(tmp_path / "saved", device_map="cpu")
     assert loaded.hf_device_map is not None and loaded.device == torch.device("cpu")
     assert torch.equal(run(loaded, inputs), out)
-    # dequantize: plain float layers; weight-only layers compute exactly what the packed ones did
+    # dequantize: plain float layers; weight-only layers compute exactly what the packed ones' reference did (the
+    # packed weight dequantized into the GEMM; the int4pack kernel, if any, is within float rounding of it)
+    with dmq.kernels.disable("all"):
+        reference = run(model, inputs)
+    if preset == "w4a16":
+        assert (reference - out).abs().max() <= 1e-5 * out.abs().max()
     model.dequantize()
     assert all(type(m) is nn.Linear for m in _linears(model).values())
     assert "quantization_config" not in model.config and not model.is_quantized
     deq = run(model, inputs)
     assert torch.isfinite(deq).all()
     if preset == "w4a16":
-        assert torch.equal(deq, out)
+        assert torch.equal(deq, reference)
 
 
 LORA_FAMILIES = ["flux", "sd3", "wan", "qwen-image", "sd-unet"]  # the classes with diffusers' PeftAdapterMixin

@@ -75,7 +75,11 @@ def test_info_reports_the_folder(folders):
     quantized = [m for m in model.modules() if hasattr(m, "weight_spec")]
     q = info["quantized"]
     assert info["pipeline"] == "DigitsPipeline" and q["backbone"] == "unet" and q["preset"] == "w8a8"
-    assert q["layers"] == len(quantized) and q["weights"] == {"int8 channel": len(quantized)}
+    # one-token-per-sample layers (the time embedding's) go weight-only, group-wise; every other one per channel
+    groups = sum(m.weight_spec.granularity == "group" and m.weight_spec.group_size == 32 for m in quantized)
+    assert 0 < groups < len(quantized)
+    assert q["layers"] == len(quantized)
+    assert q["weights"] == {"int8 channel": len(quantized) - groups, "int8 group g32": groups}
     assert q["parameters"] == sum(p.numel() for p in tiny_pipeline().unet.parameters())
     assert q["calibration"]["calls"] == 2 and q["calibration"]["points"] == 2 * 2  # 2 calls x 2 steps
     assert info["disk_bytes"] == sum(f.stat().st_size for f in (folders / "q").rglob("*") if f.is_file())

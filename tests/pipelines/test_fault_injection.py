@@ -118,8 +118,11 @@ def test_every_boundary_of_quantize_pipeline_rolls_back(monkeypatch, one_thread)
     kinds = {w.split(".")[-1] for w in where}
     # (the timestep hook stays after freeze: each quantized model sets its own active call, issue 14)
     assert {"_set_child", "AttentionQuantizers", "unet call", "sync_statistics", "frozen_params", "pack"} <= kinds
-    # the calibration calls: PNDM (skip_prk_steps) runs its first step twice, so 3 backbone calls per 2-step run
-    assert where.count("unet call") == 3
+    # the calibration calls: PNDM (skip_prk_steps) runs its first step twice, so 3 backbone calls per 2-step run;
+    # one observer run, and one input-capture run for the GPTQ of the one-token-per-sample layers (time embedding)
+    st = census.pipe.unet._dmq
+    assert st.per_sample and st.report["cache_passes"] == 1
+    assert where.count("unet call") == 3 * 2
 
     failures = []
     for k in range(1, total + 1):
