@@ -303,7 +303,9 @@ class DmqQuantizer(DiffusersQuantizer):
             import dmq
 
             cfg = self.quantization_config.on_load_config
-            dmq.quantize(model, cfg, exclude=_globs(self.modules_to_not_convert))
+            # the model's _keep_in_fp32_modules are kept by dmq.quantize itself, without a warning for names of
+            # parameters (Wan's scale_shift_table) that match no module
+            dmq.quantize(model, cfg, exclude=_globs(self.quantization_config.modules_to_not_convert))
             dmq.freeze(model)
         self._model, self._layers, self._qmap = None, {}, None
         mark_quantized(model, self)
