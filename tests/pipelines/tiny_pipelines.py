@@ -155,6 +155,8 @@ def build(name: str) -> Replica:
         rep = _flux()
     elif name == "wan2.2":
         rep = _wan22()
+    elif name in _MORE:
+        rep = _MORE[name]()
     else:
         raise ValueError(f"unknown family {name!r}; valid: {FAMILIES + NEW_FAMILIES}")
     rep.pipe.set_progress_bar_config(disable=True)
@@ -210,3 +212,9 @@ def generate(rep: Replica, steps: int, seed: int = 0) -> torch.Tensor:
     out = rep.pipe(**kw, num_inference_steps=steps, generator=_seed(seed))
     images = out.images if hasattr(out, "images") else out[0]
     return torch.as_tensor(images).float() if not isinstance(images, torch.Tensor) else images.float()
+
+
+# the newer families' replicas live in tests/pipelines/replicas (they import the helpers above)
+from tests.pipelines.replicas import BUILDERS as _MORE  # noqa: E402
+
+NEW_FAMILIES = ("flux", "wan2.2", *_MORE)
