@@ -181,10 +181,10 @@ import os, sys, time
 import safetensors.torch
 import torch
 import dmq
-
+from tests.dmq.helpers import tiny_unet
 path = sys.argv[1]
 torch.manual_seed(0)
-model = dmq.freeze(dmq.quantize(torch.nn.Sequential(torch.nn.Linear(64, 64)), "w4a16"))
+model = dmq.freeze(dmq.quantize({model}, "w4a16"))
 real = safetensors.torch.save_file
 
 def slow(tensors, filename, metadata=None):  # write half the file, then hang until killed
@@ -199,22 +199,28 @@ dmq.save(model, path)
 """
 
 
-def test_a_save_killed_midway_leaves_the_old_file(tmp_path):
-    path = tmp_path / "m.safetensors"
-    dmq.save(dmq.freeze(dmq.quantize(tiny_unet(1), "w4a16")), path)  # the old file: another model
-    old = path.read_bytes()
+def _killed_save(model: str, path: Path) -> Path:
+    """Run ``dmq.save(model, path)`` in a subprocess that is killed once it has written half of its first file;
+    returns that (temporary) file."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(path)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    child = subprocess.Popen([sys.executable, "-c", KILLED_SAVE.format(model=model), str(path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         line = child.stdout.readline()
         assert line.startswith("writing"), child.stderr.read()
-        tmp = Path(line.split(maxsplit=1)[1].strip())
-        assert tmp.parent == tmp_path and tmp.name.startswith(".m.safetensors.") and tmp.exists()
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=60)
     assert child.returncode == -signal.SIGKILL
+    return Path(line.split(maxsplit=1)[1].strip())
+
+
+def test_a_save_killed_midway_leaves_the_old_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    dmq.save(dmq.freeze(dmq.quantize(tiny_unet(1), "w4a16")), path)  # the old file: another model
+    old = path.read_bytes()
+    tmp = _killed_save("torch.nn.Sequential(torch.nn.Linear(64, 64))", path)
+    assert tmp.parent == tmp_path and tmp.name.startswith(".m.safetensors.") and tmp.exists()
     assert path.read_bytes() == old
     loaded = dmq.load(path)
     assert dmq.summary(loaded)["config"] == "w4a16"
@@ -373,41 +379,12 @@ def test_folder_corruption_fuzzer(folder, tmp_path, one_thread):
     assert all(v >= 30 for v in kinds.values()) and len(kinds) == 6
 
 
-KILLED_FOLDER_SAVE = """
-import os, sys, time
-import safetensors.torch
-import dmq
-from tests.dmq.helpers import tiny_unet
-path = sys.argv[1]
-model = dmq.freeze(dmq.quantize(tiny_unet(), "w4a16"))
-real = safetensors.torch.save_file
-def slow(tensors, filename, metadata=None):  # save_pretrained writes half a shard, then hangs until killed
-    real(tensors, filename, metadata=metadata)
-    with open(filename, "r+b") as f:
-        f.truncate(os.path.getsize(filename) // 2)
-    print("writing", filename, flush=True)
-    time.sleep(600)
-safetensors.torch.save_file = slow
-dmq.save(model, path)
-"""
-
-
 def test_a_folder_save_killed_midway_leaves_the_old_folder(tmp_path):
     path = tmp_path / "unet"
     dmq.save(dmq.freeze(dmq.quantize(tiny_unet(1), "w4a16")), path)  # the old folder: other weights
     old = {p.name: p.read_bytes() for p in path.iterdir()}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.Popen([sys.executable, "-c", KILLED_FOLDER_SAVE, str(path)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    try:
-        line = child.stdout.readline()
-        assert line.startswith("writing"), child.stderr.read()
-        tmp = Path(line.split(maxsplit=1)[1].strip()).parent
-        assert tmp.parent == tmp_path and tmp.name.startswith(".unet.") and tmp.exists()
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=60)
-    assert child.returncode == -signal.SIGKILL
+    tmp = _killed_save("tiny_unet()", path).parent  # save_pretrained writes half a shard of the new folder
+    assert tmp.parent == tmp_path and tmp.name.startswith(".unet.") and tmp.exists()
     assert {p.name: p.read_bytes() for p in path.iterdir()} == old
     assert dmq.summary(dmq.load(path))["config"] == "w4a16"
     with pytest.raises(ValueError, match="no dmq_integrity.json"):  # the abandoned half-written folder
