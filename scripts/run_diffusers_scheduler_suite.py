@@ -50,28 +50,11 @@ class CaptureLogger:
 CASES = '''import importlib.util
 
 from samplers import DCSolverScheduler, DEISScheduler
+from samplers.variants import DC_ONLY, DEIS_ONLY, SHARED
 
 from .test_schedulers import SchedulerCommonTest
 
 BASE = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
-SHARED = {
-    "vp": {},
-    "flow": {"prediction_type": "flow_prediction", "shift": 3.0},
-    "flow_sigmas": {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0},
-    "zero_snr": {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "time_grid": "spacing",
-                 "timestep_spacing": "trailing"},
-    "thresholding": {"thresholding": True, "sample_max_value": 1.5},
-    "karras": {"use_karras_sigmas": True, "sigma_min": 0.02, "sigma_max": 50.0},
-    "beta_sigmas": {"use_beta_sigmas": True},
-    "exponential": {"use_exponential_sigmas": True},
-    "sample": {"prediction_type": "sample", "time_grid": "rho"},
-    "cosine": {"beta_schedule": "squaredcos_cap_v2", "time_grid": "log_rho"},
-    "searched": {"searched_timesteps": [990.0, 800.0, 600.0, 450.0, 300.0, 200.0, 120.0, 60.0, 20.0, 5.0]},
-}
-DEIS_ONLY = {"rhork": {"deis_method": "rhork", "deis_order": 2}, "ipndm": {"deis_method": "ipndm"}}
-DC_ONLY = {"midpoint": {"solver_type": "midpoint"}, "logrho": {"solver_type": "logrho"},
-           "order3_flow": {"solver_order": 3, "prediction_type": "flow_prediction"},
-           "disable_tuple": {"disable_corrector": (0,)}, "bh1_order3": {"solver_type": "bh1", "solver_order": 3}}
 
 
 def _case(cls, name, options):
@@ -88,9 +71,9 @@ if importlib.util.find_spec("torchsde") is None:  # DPMSolverSDEScheduler cannot
         _cls._compatibles = [c for c in _cls._compatibles if c != "DPMSolverSDEScheduler"]
 
 for _name, _opts in {**SHARED, **DEIS_ONLY}.items():
-    globals()[f"DEIS_{_name}"] = _case(DEISScheduler, _name, _opts)
+    globals()[f"DEIS_{_name.replace('-', '_')}"] = _case(DEISScheduler, _name.replace("-", "_"), _opts)
 for _name, _opts in {**SHARED, **DC_ONLY}.items():
-    globals()[f"DC_{_name}"] = _case(DCSolverScheduler, _name, _opts)
+    globals()[f"DC_{_name.replace('-', '_')}"] = _case(DCSolverScheduler, _name.replace("-", "_"), _opts)
 '''
 
 

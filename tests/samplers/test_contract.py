@@ -13,31 +13,12 @@ import torch
 
 from samplers import DCSolverScheduler, DEISScheduler
 from samplers.thresholding import dynamic_threshold
+from samplers.variants import DC_ONLY, DEIS_ONLY, SHARED
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VARIANTS = {
-    "vp": {},
-    "flow": {"prediction_type": "flow_prediction", "shift": 3.0},
-    "flow-sigmas": {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0},
-    "zero-snr": {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "time_grid": "spacing",
-                 "timestep_spacing": "trailing"},
-    "thresholding": {"thresholding": True, "sample_max_value": 1.5},
-    "karras": {"use_karras_sigmas": True, "sigma_min": 0.02, "sigma_max": 50.0},
-    "beta-sigmas": {"use_beta_sigmas": True},
-    "exponential": {"use_exponential_sigmas": True},
-    "sample": {"prediction_type": "sample", "time_grid": "rho"},
-    "cosine": {"beta_schedule": "squaredcos_cap_v2", "time_grid": "log_rho"},
-    "searched": {"searched_timesteps": [990.0, 700.0, 400.0, 150.0, 20.0]},
-}
-DC_ONLY = {
-    "midpoint": {"solver_type": "midpoint"},
-    "order3-flow": {"solver_order": 3, "prediction_type": "flow_prediction"},
-    "disable-tuple": {"disable_corrector": (0, 2)},
-    "bh1-order3": {"solver_type": "bh1", "solver_order": 3},
-}
-CASES = [(DEISScheduler, k, v) for k, v in VARIANTS.items()] + [
-    (DCSolverScheduler, k, v) for k, v in {**VARIANTS, **DC_ONLY}.items()
+CASES = [(DEISScheduler, k, v) for k, v in {**SHARED, **DEIS_ONLY}.items()] + [
+    (DCSolverScheduler, k, v) for k, v in {**SHARED, **DC_ONLY}.items()
 ]
 IDS = [f"{c.__name__[:4]}-{k}" for c, k, _ in CASES]
 
