@@ -1,9 +1,9 @@
 """Quantized attention matmuls for every diffusers attention processor.
 
-Two kinds of processors exist. The classic ones (``AttnProcessor2_0``, SD3's ``JointAttnProcessor2_0``) call
-``scaled_dot_product_attention`` themselves: dmq swaps them for processors with explicit matmuls
-(:class:`dmq.modules.QuantAttnProcessor`, :class:`dmq.joint_attention.QuantJointAttnProcessor`). The newer ones
-(Flux, Flux 2, Wan, Qwen-Image, HunyuanVideo, LTX, Sana, Lumina 2, HiDream, Z-Image, ...) compute attention through
+Two kinds of processors exist. The classic ones (``AttnProcessor2_0``, SD3's ``JointAttnProcessor2_0``, Sana's
+cross-attention ``SanaAttnProcessor2_0``) call ``scaled_dot_product_attention`` themselves: dmq swaps them for processors with explicit
+matmuls (:class:`dmq.modules.QuantAttnProcessor`, :class:`dmq.joint_attention.QuantJointAttnProcessor`). The newer ones
+(Flux, Flux 2, Wan, Qwen-Image, HunyuanVideo, LTX, Lumina 2, HiDream, Z-Image, ...) compute attention through
 ``diffusers.models.attention_dispatch.dispatch_attention_fn``. For those the processor stays untouched: a pre-hook
 on the attention module makes its :class:`~dmq.modules.AttentionQuantizers` the thread's active set, and the
 ``dispatch_attention_fn`` name in the processor's module is wrapped, once, by a function that computes
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dmq.joint_attention import QuantJointAttnProcessor
-from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, _maybe
+from dmq.modules import NORM_BEFORE_HEADS, QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, _maybe
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def attach(mod: nn.Module, quants: AttentionQuantizers) -> str | None:
         quants._dmq_handles = [mod.register_forward_pre_hook(_enter), mod.register_forward_hook(_leave,
                                                                                                   always_call=True)]
     else:
-        mod.set_processor(QuantJointAttnProcessor() if k == "joint" else QuantAttnProcessor())
+        before = type(proc).__name__ in NORM_BEFORE_HEADS
+        mod.set_processor(QuantJointAttnProcessor() if k == "joint" else QuantAttnProcessor(before))
     return k
 
 

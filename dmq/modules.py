@@ -456,7 +456,9 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
 
 
 # ------------------------------------------------------------------------------------------------ attention
-QUANTIZABLE_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "JointAttnProcessor2_0")
+QUANTIZABLE_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "JointAttnProcessor2_0", "SanaAttnProcessor2_0")
+# processors whose norm_q / norm_k act on the whole projection, before the heads are split (Sana's cross-attention)
+NORM_BEFORE_HEADS = ("SanaAttnProcessor2_0",)
 
 
 class AttentionQuantizers(nn.Module):
@@ -475,9 +477,19 @@ def _maybe(quantizer: TensorQuantizer | None, x: torch.Tensor) -> torch.Tensor:
     return x if quantizer is None else quantizer(x)
 
 
+def _norm_qk(attn: nn.Module, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    query = attn.norm_q(query) if attn.norm_q is not None else query
+    return query, attn.norm_k(key) if attn.norm_k is not None else key
+
+
 class QuantAttnProcessor:
     """diffusers attention processor (the ``AttnProcessor2_0`` computation) with explicit matmuls whose operands are
-    fake-quantized by ``attn.matmul_quantizers``: ``softmax(Q(q) Q(k)^T * scale + mask)`` -> ``Q(P) Q(v)``."""
+    fake-quantized by ``attn.matmul_quantizers``: ``softmax(Q(q) Q(k)^T * scale + mask)`` -> ``Q(P) Q(v)``.
+    ``norm_before_heads``: apply ``norm_q`` / ``norm_k`` to the whole projection before the head split, as Sana's
+    ``SanaAttnProcessor2_0`` does (``AttnProcessor2_0`` normalises each head)."""
+
+    def __init__(self, norm_before_heads: bool = False):
+        self.norm_before_heads = norm_before_heads
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args,
@@ -503,14 +515,14 @@ class QuantAttnProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
+        if self.norm_before_heads:
+            query, key = _norm_qk(attn, query, key)
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        if not self.norm_before_heads:
+            query, key = _norm_qk(attn, query, key)
 
         query, key, value = _maybe(quants.q, query), _maybe(quants.k, key), _maybe(quants.v, value)
         scores = query @ key.transpose(-1, -2) * (1.0 / math.sqrt(head_dim))  # SDPA's default scale

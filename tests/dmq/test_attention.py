@@ -88,3 +88,30 @@ def test_unquantized_attention_keeps_the_original_dispatch(one_thread):
     # the processor module's dispatch function is now wrapped; a model without quantizers takes the original path
     with torch.no_grad():
         assert torch.equal(model(**x, timestep=torch.tensor([0.5])).sample, ref)
+
+
+def test_sana_cross_attention_explicit_matmuls_equal_its_processor():
+    """SanaAttnProcessor2_0 normalises q / k over the whole projection before the head split: the explicit-matmul
+    processor reproduces it, with a padding mask (the L2 norm differs per head and across heads)."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+
+    from dmq.modules import QuantAttnProcessor
+
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 9, 16, generator=g), torch.randn(2, 5, 12, generator=g)
+    mask = torch.zeros(2, 1, 5)
+    mask[1, :, 3:] = -10000.0  # Sana's encoder-mask bias
+    for qk_norm in ("rms_norm_across_heads", "l2", None):
+        torch.manual_seed(1)
+        attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, kv_heads=2, dim_head=8, qk_norm=qk_norm,
+                         bias=True, processor=SanaAttnProcessor2_0()).eval()
+        with torch.no_grad():
+            for w in (attn.norm_q, attn.norm_k):
+                if getattr(w, "weight", None) is not None:
+                    w.weight.copy_(torch.rand(w.weight.shape, generator=g) + 0.5)
+            ref = attn(x, encoder_hidden_states=ctx, attention_mask=mask)
+            attn.matmul_quantizers = _NoQuant()
+            attn.set_processor(QuantAttnProcessor(norm_before_heads=True))
+            torch.testing.assert_close(attn(x, encoder_hidden_states=ctx, attention_mask=mask), ref, rtol=1e-5,
+                                       atol=1e-6)
