@@ -459,6 +459,7 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
 QUANTIZABLE_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "JointAttnProcessor2_0", "SanaAttnProcessor2_0")
 # processors whose norm_q / norm_k act on the whole projection, before the heads are split (Sana's cross-attention)
 NORM_BEFORE_HEADS = ("SanaAttnProcessor2_0",)
+LINEAR_PROCESSORS = ("SanaLinearAttnProcessor2_0",)  # ReLU linear attention: QuantLinearAttnProcessor
 
 
 class AttentionQuantizers(nn.Module):
@@ -539,3 +540,27 @@ class QuantAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class QuantLinearAttnProcessor:
+    """Sana's ReLU linear attention (``SanaLinearAttnProcessor2_0``; Xie et al. 2024, Sana, eq. 1:
+    ``O = φ(Q) (φ(K)ᵀ V')``, ``φ = ReLU``, ``V'`` = V with a column of ones giving the normaliser) with its operands
+    fake-quantized by ``attn.matmul_quantizers``: ``Q(φ(q))``, ``Q(φ(k))``, ``Q(v)``. There is no softmax: the
+    ``d x (d + 1)`` key-value state stays in fp32, as the processor computes it (``probs`` is unused)."""
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        quants: AttentionQuantizers = attn.matmul_quantizers
+        dtype = hidden_states.dtype
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query, key = _norm_qk(attn, attn.to_q(hidden_states), attn.to_k(context))
+        value = attn.to_v(context)
+        # (B, S, H*D) -> (B, H, S, D), the operand layout of the softmax processors (per-channel specs see D last)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)).transpose(1, 2).float() for x in (query, key, value))
+        query, key = _maybe(quants.q, torch.relu(query)), _maybe(quants.k, torch.relu(key))
+        value = F.pad(_maybe(quants.v, value), (0, 1), value=1.0)  # the ones column (normaliser) is exact
+        out = query @ (key.transpose(2, 3) @ value)  # (B, H, S, D + 1)
+        out = out[..., :-1] / (out[..., -1:] + 1e-15)
+        out = out.transpose(1, 2).flatten(2).to(dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out.clip(-65504, 65504) if dtype == torch.float16 else out
