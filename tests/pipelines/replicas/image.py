@@ -15,9 +15,13 @@ import torch
 from tests.pipelines.tiny_pipelines import Replica, _randn, tiny_vae
 
 # the dynamic-shift settings of the Flux / Chroma / Qwen-Image checkpoints, with sequence lengths scaled to the tiny
-# latents so that mu varies between the two calibration sizes
+# latents so that mu differs between the two calibration calls (which have different sizes)
 _DYNAMIC = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 16,
             "max_image_seq_len": 256}
+
+
+# the timestep range the denoiser's bins must end up on: the backbone is fed t / 1000 (or 1 - t / 1000) or raw t
+_UNIT, _RAW = {"timestep_range": [0.0, 1.0]}, {"timestep_range": [0.0, 1000.0]}
 
 
 def _flux2() -> Replica:
@@ -35,8 +39,9 @@ def _flux2() -> Replica:
                                latent_channels=4, norm_num_groups=4, sample_size=16).eval()
     sched = d.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
     pipe = d.Flux2Pipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None, transformer=tr)
-    calls = [{"prompt_embeds": _randn(1, 6, 32, seed=100 + i), "height": 16, "width": 16} for i in range(2)]
-    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=4.0)
+    # the second call is smaller and not square: another image_seq_len, hence another empirical mu
+    calls = [{"prompt_embeds": _randn(1, 6, 32, seed=100 + i), "height": 16 >> i, "width": 16} for i in range(2)]
+    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=4.0, extra=dict(_UNIT))
 
 
 def _sd35() -> Replica:
@@ -58,7 +63,7 @@ def _sd35() -> Replica:
                       "negative_prompt_embeds": _randn(1, 6, 32, seed=200 + i),
                       "pooled_prompt_embeds": _randn(1, 16, seed=300 + i),
                       "negative_pooled_prompt_embeds": _randn(1, 16, seed=400 + i), "height": 16, "width": 16})
-    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=3.0)
+    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=3.0, extra=dict(_RAW))
 
 
 def _qwen_image() -> Replica:
@@ -82,8 +87,8 @@ def _qwen_image() -> Replica:
         calls.append({"prompt_embeds": _randn(1, 6, 16, seed=100 + i), "prompt_embeds_mask": mask,
                       "negative_prompt_embeds": _randn(1, 6, 16, seed=200 + i),
                       "negative_prompt_embeds_mask": torch.ones(1, 6, dtype=torch.long), "true_cfg_scale": 4.0,
-                      "height": 32, "width": 32})
-    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=None)
+                      "height": 32, "width": 32 + 16 * i})  # two sizes: two values of mu
+    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=None, extra=dict(_UNIT))
 
 
 def _z_image() -> Replica:
@@ -93,7 +98,7 @@ def _z_image() -> Replica:
 
     torch.manual_seed(0)
     tr = d.ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2,
-                                    n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+                                    n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=24,
                                     axes_dims=[8, 4, 4], axes_lens=[64, 16, 16]).eval()
     with torch.no_grad():  # allocated with torch.empty: give the pad tokens defined values
         tr.x_pad_token.copy_(_randn(*tr.x_pad_token.shape, seed=7))
@@ -102,10 +107,10 @@ def _z_image() -> Replica:
     pipe = d.ZImagePipeline(scheduler=sched, vae=tiny_vae(shift_factor=0.1), text_encoder=None, tokenizer=None,
                             transformer=tr)
     # ragged captions (Z-Image drops the padding): 5 and 7 tokens
-    calls = [{"prompt_embeds": [_randn(5 + 2 * i, 16, seed=100 + i)],
-              "negative_prompt_embeds": [_randn(4, 16, seed=200 + i)], "height": 16, "width": 16}
+    calls = [{"prompt_embeds": [_randn(5 + 2 * i, 24, seed=100 + i)],
+              "negative_prompt_embeds": [_randn(4, 24, seed=200 + i)], "height": 16, "width": 16}
              for i in range(2)]
-    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=3.0)
+    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=3.0, extra=dict(_UNIT))
 
 
 def _sana() -> Replica:
@@ -138,7 +143,7 @@ def _sana() -> Replica:
                       "negative_prompt_attention_mask": torch.ones(1, 6, dtype=torch.long), "height": 32, "width": 32,
                       "use_resolution_binning": False, "complex_human_instruction": None,
                       "negative_prompt": None})
-    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=4.5)
+    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=4.5, extra=dict(_RAW))
 
 
 def _chroma() -> Replica:
@@ -160,8 +165,8 @@ def _chroma() -> Replica:
         mask[:, 4:] = 0
         calls.append({"prompt_embeds": _randn(1, 6, 32, seed=100 + i), "prompt_attention_mask": mask,
                       "negative_prompt_embeds": _randn(1, 6, 32, seed=200 + i),
-                      "negative_prompt_attention_mask": torch.ones(1, 6), "height": 8, "width": 8})
-    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=3.0)
+                      "negative_prompt_attention_mask": torch.ones(1, 6), "height": 8 << i, "width": 8 << i})
+    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=3.0, extra=dict(_UNIT))
 
 
 BUILDERS: dict[str, Callable[[], Replica]] = {
