@@ -138,7 +138,10 @@ def classify(model: nn.Module) -> dict[str, str]:
         return [n for n in names if _in_dim(lay[n]) not in text_widths] or names
 
     firsts = prefer_latent([n for n, m in outside if _in_dim(m) == c_in])
-    if not firsts:  # a Linear patch embedding reads the patchified latent (only then: widths coincide in tiny configs)
+    if not firsts and cfg.get("all_patch_size"):
+        # Z-Image's Linear patch embedding reads the patchified latent. (As a rule for every config this also finds
+        # Lumina 2's, HiDream's and AuraFlow's, but misfires on tiny CogVideoX / CogView4 configs whose widths
+        # coincide, so it stays with the config that declares it.)
         firsts = prefer_latent([n for n, m in outside if isinstance(m, nn.Linear) and m.in_features == c_in * vol])
     cands = prefer_latent([n for n, m in outside if _out_dim(m) in (c_out, c_out * vol) and n not in firsts])
     # the final norm's shift and scale (DiT's proj_out_1): doubles the width the output projection reads
