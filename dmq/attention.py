@@ -54,11 +54,11 @@ def kind(processor: object) -> str | None:
     name = type(processor).__name__
     if name == "JointAttnProcessor2_0":
         return "joint"
+    if dispatches(processor):  # before the names: Sana-Video's own SanaAttnProcessor2_0 dispatches
+        return "dispatch"
     if name in LINEAR_PROCESSORS:
         return "linear"
-    if name in QUANTIZABLE_PROCESSORS:
-        return "classic"
-    return "dispatch" if dispatches(processor) else None
+    return "classic" if name in QUANTIZABLE_PROCESSORS else None
 
 
 def attach(mod: nn.Module, quants: AttentionQuantizers) -> str | None:

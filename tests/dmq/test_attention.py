@@ -95,9 +95,12 @@ def test_sana_cross_attention_explicit_matmuls_equal_its_processor():
     processor reproduces it, with a padding mask (the L2 norm differs per head and across heads)."""
     from diffusers.models.attention_processor import Attention
     from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+    from diffusers.models.transformers.transformer_sana_video import SanaAttnProcessor2_0 as VideoProcessor
 
     from dmq.modules import QuantAttnProcessor
 
+    # Sana-Video's processor of the same name goes through dispatch_attention_fn: it keeps its own code
+    assert attention.kind(SanaAttnProcessor2_0()) == "classic" and attention.kind(VideoProcessor()) == "dispatch"
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(2, 9, 16, generator=g), torch.randn(2, 5, 12, generator=g)
     mask = torch.zeros(2, 1, 5)
