@@ -1,9 +1,11 @@
 """Quantized attention matmuls for every diffusers attention processor.
 
-Two kinds of processors exist. The classic ones (``AttnProcessor2_0``, SD3's ``JointAttnProcessor2_0``) call
-``scaled_dot_product_attention`` themselves: dmq swaps them for processors with explicit matmuls
-(:class:`dmq.modules.QuantAttnProcessor`, :class:`dmq.joint_attention.QuantJointAttnProcessor`). The newer ones
-(Flux, Flux 2, Wan, Qwen-Image, HunyuanVideo, LTX, Sana, Lumina 2, HiDream, Z-Image, ...) compute attention through
+Two kinds of processors exist. The classic ones (``AttnProcessor2_0``, SD3's ``JointAttnProcessor2_0``, Sana's
+cross-attention ``SanaAttnProcessor2_0``) call ``scaled_dot_product_attention`` themselves: dmq swaps them for
+processors with explicit matmuls (:class:`dmq.modules.QuantAttnProcessor`,
+:class:`dmq.joint_attention.QuantJointAttnProcessor`; Sana's ReLU linear self-attention gets
+:class:`dmq.modules.QuantLinearAttnProcessor`). The newer ones
+(Flux, Flux 2, Wan, Qwen-Image, HunyuanVideo, LTX, Lumina 2, HiDream, Z-Image, ...) compute attention through
 ``diffusers.models.attention_dispatch.dispatch_attention_fn``. For those the processor stays untouched: a pre-hook
 on the attention module makes its :class:`~dmq.modules.AttentionQuantizers` the thread's active set, and the
 ``dispatch_attention_fn`` name in the processor's module is wrapped, once, by a function that computes
@@ -22,7 +24,15 @@ import torch
 from torch import nn
 
 from dmq.joint_attention import QuantJointAttnProcessor
-from dmq.modules import QUANTIZABLE_PROCESSORS, AttentionQuantizers, QuantAttnProcessor, _maybe
+from dmq.modules import (
+    LINEAR_PROCESSORS,
+    NORM_BEFORE_HEADS,
+    QUANTIZABLE_PROCESSORS,
+    AttentionQuantizers,
+    QuantAttnProcessor,
+    QuantLinearAttnProcessor,
+    _maybe,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +50,15 @@ def dispatches(processor: object) -> bool:
 
 
 def kind(processor: object) -> str | None:
-    """``"classic"``, ``"joint"``, ``"dispatch"`` or None (a processor dmq cannot quantize)."""
+    """``"classic"``, ``"joint"``, ``"linear"``, ``"dispatch"`` or None (a processor dmq cannot quantize)."""
     name = type(processor).__name__
     if name == "JointAttnProcessor2_0":
         return "joint"
-    if name in QUANTIZABLE_PROCESSORS:
-        return "classic"
-    return "dispatch" if dispatches(processor) else None
+    if dispatches(processor):  # before the names: Sana-Video's own SanaAttnProcessor2_0 dispatches
+        return "dispatch"
+    if name in LINEAR_PROCESSORS:
+        return "linear"
+    return "classic" if name in QUANTIZABLE_PROCESSORS else None
 
 
 def attach(mod: nn.Module, quants: AttentionQuantizers) -> str | None:
@@ -62,8 +74,12 @@ def attach(mod: nn.Module, quants: AttentionQuantizers) -> str | None:
         _wrap_dispatch(sys.modules[type(proc).__module__])
         quants._dmq_handles = [mod.register_forward_pre_hook(_enter), mod.register_forward_hook(_leave,
                                                                                                   always_call=True)]
+    elif k == "linear":
+        quants.probs = None  # no softmax probabilities in linear attention
+        mod.set_processor(QuantLinearAttnProcessor())
     else:
-        mod.set_processor(QuantJointAttnProcessor() if k == "joint" else QuantAttnProcessor())
+        before = type(proc).__name__ in NORM_BEFORE_HEADS
+        mod.set_processor(QuantJointAttnProcessor() if k == "joint" else QuantAttnProcessor(before))
     return k
 
 

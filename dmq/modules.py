@@ -456,7 +456,10 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
 
 
 # ------------------------------------------------------------------------------------------------ attention
-QUANTIZABLE_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "JointAttnProcessor2_0")
+QUANTIZABLE_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "JointAttnProcessor2_0", "SanaAttnProcessor2_0")
+# processors whose norm_q / norm_k act on the whole projection, before the heads are split (Sana's cross-attention)
+NORM_BEFORE_HEADS = ("SanaAttnProcessor2_0",)
+LINEAR_PROCESSORS = ("SanaLinearAttnProcessor2_0",)  # ReLU linear attention: QuantLinearAttnProcessor
 
 
 class AttentionQuantizers(nn.Module):
@@ -475,9 +478,19 @@ def _maybe(quantizer: TensorQuantizer | None, x: torch.Tensor) -> torch.Tensor:
     return x if quantizer is None else quantizer(x)
 
 
+def _norm_qk(attn: nn.Module, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    query = attn.norm_q(query) if attn.norm_q is not None else query
+    return query, attn.norm_k(key) if attn.norm_k is not None else key
+
+
 class QuantAttnProcessor:
     """diffusers attention processor (the ``AttnProcessor2_0`` computation) with explicit matmuls whose operands are
-    fake-quantized by ``attn.matmul_quantizers``: ``softmax(Q(q) Q(k)^T * scale + mask)`` -> ``Q(P) Q(v)``."""
+    fake-quantized by ``attn.matmul_quantizers``: ``softmax(Q(q) Q(k)^T * scale + mask)`` -> ``Q(P) Q(v)``.
+    ``norm_before_heads``: apply ``norm_q`` / ``norm_k`` to the whole projection before the head split, as Sana's
+    ``SanaAttnProcessor2_0`` does (``AttnProcessor2_0`` normalises each head)."""
+
+    def __init__(self, norm_before_heads: bool = False):
+        self.norm_before_heads = norm_before_heads
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args,
@@ -503,14 +516,14 @@ class QuantAttnProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
+        if self.norm_before_heads:
+            query, key = _norm_qk(attn, query, key)
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        if not self.norm_before_heads:
+            query, key = _norm_qk(attn, query, key)
 
         query, key, value = _maybe(quants.q, query), _maybe(quants.k, key), _maybe(quants.v, value)
         scores = query @ key.transpose(-1, -2) * (1.0 / math.sqrt(head_dim))  # SDPA's default scale
@@ -527,3 +540,27 @@ class QuantAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class QuantLinearAttnProcessor:
+    """Sana's ReLU linear attention (``SanaLinearAttnProcessor2_0``; Xie et al. 2024, Sana, eq. 1:
+    ``O = φ(Q) (φ(K)ᵀ V')``, ``φ = ReLU``, ``V'`` = V with a column of ones giving the normaliser) with its operands
+    fake-quantized by ``attn.matmul_quantizers``: ``Q(φ(q))``, ``Q(φ(k))``, ``Q(v)``. There is no softmax: the
+    ``d x (d + 1)`` key-value state stays in fp32, as the processor computes it (``probs`` is unused)."""
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        quants: AttentionQuantizers = attn.matmul_quantizers
+        dtype = hidden_states.dtype
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query, key = _norm_qk(attn, attn.to_q(hidden_states), attn.to_k(context))
+        value = attn.to_v(context)
+        # (B, S, H*D) -> (B, H, S, D), the operand layout of the softmax processors (per-channel specs see D last)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)).transpose(1, 2).float() for x in (query, key, value))
+        query, key = _maybe(quants.q, torch.relu(query)), _maybe(quants.k, torch.relu(key))
+        value = F.pad(_maybe(quants.v, value), (0, 1), value=1.0)  # the ones column (normaliser) is exact
+        out = query @ (key.transpose(2, 3) @ value)  # (B, H, S, D + 1)
+        out = out[..., :-1] / (out[..., -1:] + 1e-15)
+        out = out.transpose(1, 2).flatten(2).to(dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out.clip(-65504, 65504) if dtype == torch.float16 else out

@@ -46,7 +46,7 @@ def _out_dim(m: nn.Module) -> int:
 
 
 def _is_time_embedding(m: nn.Module) -> bool:
-    return type(m).__name__.endswith("TimestepEmbedding")
+    return type(m).__name__.endswith(("TimestepEmbedding", "TimestepEmbedder"))  # diffusers' / DiT-style naming
 
 
 def _cfg(model: nn.Module) -> dict:
@@ -121,8 +121,11 @@ def classify(model: nn.Module) -> dict[str, str]:
     c_out = cfg.get("out_channels") or c_in
     patch = cfg.get("patch_size") or 1
     vol = math.prod(patch) if isinstance(patch, (tuple, list)) else patch * patch
+    if cfg.get("patch_size") is None and cfg.get("all_patch_size"):  # one patch size per resolution (Z-Image)
+        vol = cfg["all_patch_size"][0] ** 2 * (cfg.get("all_f_patch_size") or [1])[0]
     text_widths = set()
-    for k in ("joint_attention_dim", "caption_channels", "text_dim", "pooled_projection_dim", "encoder_hid_dim"):
+    for k in ("joint_attention_dim", "caption_channels", "text_dim", "pooled_projection_dim", "encoder_hid_dim",
+              "cap_feat_dim"):
         v = cfg.get(k)  # HiDream lists one width per text encoder
         text_widths.update(v if isinstance(v, (list, tuple)) else [v])
     text_widths = {w for w in text_widths if isinstance(w, int)}
@@ -135,6 +138,11 @@ def classify(model: nn.Module) -> dict[str, str]:
         return [n for n in names if _in_dim(lay[n]) not in text_widths] or names
 
     firsts = prefer_latent([n for n, m in outside if _in_dim(m) == c_in])
+    if not firsts and cfg.get("all_patch_size"):
+        # Z-Image's Linear patch embedding reads the patchified latent. (As a rule for every config this also finds
+        # Lumina 2's, HiDream's and AuraFlow's, but misfires on tiny CogVideoX / CogView4 configs whose widths
+        # coincide, so it stays with the config that declares it.)
+        firsts = prefer_latent([n for n, m in outside if isinstance(m, nn.Linear) and m.in_features == c_in * vol])
     cands = prefer_latent([n for n, m in outside if _out_dim(m) in (c_out, c_out * vol) and n not in firsts])
     # the final norm's shift and scale (DiT's proj_out_1): doubles the width the output projection reads
     final_mod = {n for n in cands if isinstance(lay[n], nn.Linear) and lay[n].out_features == 2 * lay[n].in_features

@@ -38,6 +38,8 @@ CONFIGS = ("w8a8", "w4a8")
 
 def _prediction(out) -> torch.Tensor:
     out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
+    if isinstance(out, list):  # one tensor per sample (Z-Image)
+        return torch.cat([o.float().flatten() for o in out])
     return out.float()
 
 

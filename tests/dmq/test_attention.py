@@ -88,3 +88,71 @@ def test_unquantized_attention_keeps_the_original_dispatch(one_thread):
     # the processor module's dispatch function is now wrapped; a model without quantizers takes the original path
     with torch.no_grad():
         assert torch.equal(model(**x, timestep=torch.tensor([0.5])).sample, ref)
+
+
+def test_sana_cross_attention_explicit_matmuls_equal_its_processor():
+    """SanaAttnProcessor2_0 normalises q / k over the whole projection before the head split: the explicit-matmul
+    processor reproduces it, with a padding mask (the L2 norm differs per head and across heads)."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+    from diffusers.models.transformers.transformer_sana_video import SanaAttnProcessor2_0 as VideoProcessor
+
+    from dmq.modules import QuantAttnProcessor
+
+    # Sana-Video's processor of the same name goes through dispatch_attention_fn: it keeps its own code
+    assert attention.kind(SanaAttnProcessor2_0()) == "classic" and attention.kind(VideoProcessor()) == "dispatch"
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 9, 16, generator=g), torch.randn(2, 5, 12, generator=g)
+    mask = torch.zeros(2, 1, 5)
+    mask[1, :, 3:] = -10000.0  # Sana's encoder-mask bias
+    for qk_norm in ("rms_norm_across_heads", "l2", None):
+        torch.manual_seed(1)
+        attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, kv_heads=2, dim_head=8, qk_norm=qk_norm,
+                         bias=True, processor=SanaAttnProcessor2_0()).eval()
+        with torch.no_grad():
+            for w in (attn.norm_q, attn.norm_k):
+                if getattr(w, "weight", None) is not None:
+                    w.weight.copy_(torch.rand(w.weight.shape, generator=g) + 0.5)
+            ref = attn(x, encoder_hidden_states=ctx, attention_mask=mask)
+            attn.matmul_quantizers = _NoQuant()
+            attn.set_processor(QuantAttnProcessor(norm_before_heads=True))
+            torch.testing.assert_close(attn(x, encoder_hidden_states=ctx, attention_mask=mask), ref, rtol=1e-5,
+                                       atol=1e-6)
+
+
+def test_sana_linear_attention_explicit_operands_equal_its_processor(one_thread):
+    """QuantLinearAttnProcessor without quantizers is Sana's ReLU linear attention; quantized (int8 operands), it
+    stays close, and the attention module is quantized, saved and restored like the softmax ones."""
+    from diffusers import SanaTransformer2DModel
+    from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
+
+    from dmq.modules import QuantLinearAttnProcessor
+
+    torch.manual_seed(0)
+    model = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                   num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                   cross_attention_dim=16, caption_channels=16, sample_size=8).eval()
+    attn = model.transformer_blocks[0].attn1
+    assert isinstance(attn.processor, SanaLinearAttnProcessor2_0)
+    x = torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(1)) * 3
+    with torch.no_grad():
+        ref = attn(x)
+        attn.matmul_quantizers = _NoQuant()
+        original, _ = attn.processor, attn.set_processor(QuantLinearAttnProcessor())
+        torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-5)
+        attn.set_processor(original)
+        del attn.matmul_quantizers
+    g = torch.Generator().manual_seed(2)
+    kw = {"hidden_states": torch.randn(1, 4, 8, 8, generator=g), "encoder_hidden_states": torch.randn(1, 6, 16,
+                                                                                                       generator=g)}
+    with torch.no_grad():
+        full = model(**kw, timestep=torch.tensor([500])).sample
+    q = dmq.quantize(model, dmq.QuantConfig(weight=None, attn=dmq.QuantSpec("int8"), keep_fp=()))
+    assert "transformer_blocks.0.attn1" in q._dmq.attention and attention.kind(original) == "linear"
+    assert attn.matmul_quantizers.probs is None  # no softmax
+    dmq.freeze(dmq.calibrate(q, lambda m: m(**kw, timestep=torch.tensor([500]))))
+    with torch.no_grad():
+        out = q(**kw, timestep=torch.tensor([500])).sample
+    assert 25 < sqnr(full, out) < 200  # quantized, and close
+    dmq.restore(q)
+    assert type(attn.processor) is SanaLinearAttnProcessor2_0

@@ -110,3 +110,40 @@ def test_new_fields_round_trip_through_json():
     assert dmq.get_config("w8a8").per_sample_spec == dmq.QuantSpec("int8", "group", group_size=32, estimator="mse")
     assert dmq.get_config("nvfp4").per_sample_spec == dmq.get_config("nvfp4").weight
     assert dmq.get_config("w4a16").replace(per_sample=None).per_sample_spec is None
+
+
+def test_z_image_roles_from_its_config():
+    """Z-Image has one patch size per resolution (``all_patch_size``), a Linear patch embedding on the patchified
+    latent and a DiT-style ``TimestepEmbedder``: its first, last and embedder layers are found like the others'."""
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=1,
+                                     n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=24, axes_dims=[8, 4, 4],
+                                     axes_lens=[64, 16, 16]).eval()
+    with torch.no_grad():
+        model.x_pad_token.zero_()
+        model.cap_pad_token.zero_()
+    g = torch.Generator().manual_seed(1)
+    x = [torch.randn(4, 1, 8, 8, generator=g) for _ in range(3)]
+    caps = [torch.randn(5, 24, generator=g) for _ in range(3)]
+
+    def run(m):
+        return m(x, torch.full((3,), 0.4), caps, return_dict=False)
+
+    roles = structure.classify(model)
+    rows = structure.observe_rows(model, run, batch=3)
+    order: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n)) for n, m in model.named_modules()
+             if isinstance(m, structure.LAYER_TYPES)]
+    with torch.no_grad():
+        run(model)
+    for h in hooks:
+        h.remove()
+    tokens = [n for n in order if rows[n] > 1]
+    assert [n for n, r in roles.items() if r == "first"] == [tokens[0]] == ["all_x_embedder.2-1"]
+    assert [n for n, r in roles.items() if r == "last"] == [tokens[-1]] == ["all_final_layer.2-1.linear"]
+    assert {n for n, r in roles.items() if r == "embedder"} == {"t_embedder.mlp.0", "t_embedder.mlp.2"}
+    assert all(rows[n] == 1.0 for n, r in roles.items() if r in structure.PER_SAMPLE)
+    kept = set(structure.expand_patterns(model, dmq.get_config("w8a8").keep_fp))
+    assert {"all_x_embedder.2-1", "all_final_layer.2-1.linear"} <= kept  # (the embedder: only while under 2%)

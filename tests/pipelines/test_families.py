@@ -40,6 +40,8 @@ def test_family_end_to_end(family, config, tmp_path, one_thread):
         assert dmq.summary(model)["attention"] > 0  # attention_dispatch processors are quantized
         lo, hi = info["timestep_range"]
         assert lo <= min(info["timesteps"]) and max(info["timesteps"]) <= hi
+        if "timestep_range" in rep.extra:  # the bins follow the family's timestep convention (t / 1000 or raw t)
+            assert info["timestep_range"] == rep.extra["timestep_range"]
     if family == "flux":  # t / 1000: the bins lie on [0, 1], and the calibration timesteps fill all four
         info = rec.denoisers["transformer"]
         assert info["timestep_range"] == [0.0, 1.0]
