@@ -154,7 +154,7 @@ def quantized_sdpa(quants: AttentionQuantizers, q: torch.Tensor, k: torch.Tensor
     scores = (q @ k.transpose(-1, -2)).float() * s
     if is_causal:
         lq, lk = scores.shape[-2:]
-        keep = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).tril(lk - lq)
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).tril()  # top-left, as SDPA aligns it
         scores = scores.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
