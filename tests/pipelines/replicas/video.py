@@ -26,7 +26,7 @@ def _lumina2() -> Replica:
     torch.manual_seed(0)
     tr = d.Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=2,
                                      num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
-                                     norm_eps=1e-5, scaling_factor=1.0, axes_dim_rope=(4, 2, 2), axes_lens=(32, 16, 16),
+                                     axes_dim_rope=(4, 2, 2), axes_lens=(32, 16, 16),
                                      cap_feat_dim=24).eval()
     pipe = d.Lumina2Pipeline(transformer=tr, vae=tiny_vae(shift_factor=0.1),
                              scheduler=d.FlowMatchEulerDiscreteScheduler(shift=6.0), text_encoder=None, tokenizer=None)
