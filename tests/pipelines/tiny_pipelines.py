@@ -39,14 +39,16 @@ def _randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=_seed(seed))
 
 
-def tiny_vae(latent_channels: int = 4, shift_factor: float | None = None):
+def tiny_vae(latent_channels: int = 4, shift_factor: float | None = None, mid_attention: bool = True):
+    """A one-block AutoencoderKL (no downsampling); ``mid_attention=False`` drops the mid-block attention, whose cost
+    grows with the square of the latent area (HiDream always samples 128 x 128 latents)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(1)
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
                          up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
                          latent_channels=latent_channels, norm_num_groups=4, sample_size=8,
-                         shift_factor=shift_factor).eval()
+                         shift_factor=shift_factor, mid_block_add_attention=mid_attention).eval()
 
 
 def tiny_clip_text():

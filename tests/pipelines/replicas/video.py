@@ -51,7 +51,8 @@ def _hidream() -> Replica:
                                           num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(128, 128),
                                           llama_layers=(0, 2)).eval()
     sched = d.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-    pipe = d.HiDreamImagePipeline(scheduler=sched, vae=tiny_vae(shift_factor=0.1), text_encoder=None, tokenizer=None,
+    vae = tiny_vae(shift_factor=0.1, mid_attention=False)
+    pipe = d.HiDreamImagePipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None,
                                   text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
                                   text_encoder_4=None, tokenizer_4=None, transformer=tr)
     calls = []
