@@ -3,7 +3,7 @@
 Two kinds of processors exist. The classic ones (``AttnProcessor2_0``, SD3's ``JointAttnProcessor2_0``) call
 ``scaled_dot_product_attention`` themselves: dmq swaps them for processors with explicit matmuls
 (:class:`dmq.modules.QuantAttnProcessor`, :class:`dmq.joint_attention.QuantJointAttnProcessor`). The newer ones
-(Flux, Flux 2, Wan, Qwen-Image, HunyuanVideo, LTX, Sana, Lumina 2, HiDream, Z-Image, ...) compute attention through
+(Flux, Flux 2, Wan, Qwen-Image, HunyuanVideo, LTX, Z-Image, ...) compute attention through
 ``diffusers.models.attention_dispatch.dispatch_attention_fn``. For those the processor stays untouched: a pre-hook
 on the attention module makes its :class:`~dmq.modules.AttentionQuantizers` the thread's active set, and the
 ``dispatch_attention_fn`` name in the processor's module is wrapped, once, by a function that computes
