@@ -40,6 +40,10 @@ def test_family_end_to_end(family, config, tmp_path, one_thread):
         assert dmq.summary(model)["attention"] > 0  # attention_dispatch processors are quantized
         lo, hi = info["timestep_range"]
         assert lo <= min(info["timesteps"]) and max(info["timesteps"]) <= hi
+    expect = rep.extra.get("calibration_timesteps")  # closed form of the family's schedule, where it has one
+    if expect is not None:
+        for name, timesteps in expect.items():  # denoiser -> steps -> the timesteps it is fed
+            assert rec.denoisers[name]["timesteps"] == pytest.approx(sorted(timesteps(STEPS)), rel=1e-5, abs=1e-4)
     if family == "flux":  # t / 1000: the bins lie on [0, 1], and the calibration timesteps fill all four
         info = rec.denoisers["transformer"]
         assert info["timestep_range"] == [0.0, 1.0]

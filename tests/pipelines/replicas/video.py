@@ -4,11 +4,31 @@ its timestep quirks: Lumina 2 (reversed, normalised time ``1 - t / 1000``, CFG a
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
 from tests.pipelines.tiny_pipelines import Replica, _randn, tiny_vae, tiny_wan_transformer, tiny_wan_vae, wan_calls
+
+
+def _shifted(sigmas: list[float], shift: float | None = None, mu: float | None = None,
+             terminal: float | None = None) -> list[float]:
+    """Flow sigmas after FlowMatchEulerDiscreteScheduler's shift, in closed form: static ``s σ / (1 + (s - 1) σ)``
+    or dynamic ``e^μ / (e^μ + 1/σ - 1)``, then stretched so the last one is ``terminal`` (LTX)."""
+    if mu is not None:
+        out = [math.exp(mu) / (math.exp(mu) + 1 / s - 1) for s in sigmas]
+    else:
+        out = [shift * s / (1 + (shift - 1) * s) for s in sigmas]
+    if terminal is not None:
+        scale = (1 - out[-1]) / (1 - terminal)
+        out = [1 - (1 - s) / scale for s in out]
+    return out
+
+
+def _linear_shift(seq_len: int, base_len: int, max_len: int, base_shift: float, max_shift: float) -> float:
+    """μ for a token count: linear from ``base_shift`` at ``base_len`` to ``max_shift`` at ``max_len`` (Flux, LTX)."""
+    return base_shift + (max_shift - base_shift) * (seq_len - base_len) / (max_len - base_len)
 
 
 def _mask(seq: int, pad: int) -> torch.Tensor:
@@ -34,7 +54,10 @@ def _lumina2() -> Replica:
     calls = [{"prompt_embeds": _randn(1, 6, 24, seed=100 + i), "prompt_attention_mask": _mask(6, i + 1),
               "negative_prompt_embeds": _randn(1, 6, 24, seed=200 + i), "negative_prompt_attention_mask": _mask(6, 3),
               "height": 64, "width": 64} for i in range(2)]
-    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=4.0)
+    # sigmas linspace(1, 1/n, n) shifted by 6, fed as 1 - σ
+    expect = {"transformer": lambda n: [1 - s for s in _shifted([1 - i / n for i in range(n)], shift=6.0)]}
+    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=4.0,
+                   extra={"calibration_timesteps": expect})
 
 
 def _hidream() -> Replica:
@@ -63,7 +86,12 @@ def _hidream() -> Replica:
             kw[f"{sign}prompt_embeds_llama3"] = _randn(3, 1, 4, 16, seed=seed + 1000)  # 3 Llama layers
             kw[f"{sign}pooled_prompt_embeds"] = _randn(1, 24, seed=seed + 2000)
         calls.append(kw)
-    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=5.0)
+    # the scheduler's default grid t = linspace(1000, 1, n) with μ for the transformer's 256 tokens (0.5 exactly)
+    mu = _linear_shift(tr.max_seq, 256, 4096, 0.5, 1.15)
+    expect = {"transformer": lambda n: [1000 * s for s in _shifted(
+        [(1000 - i * 999 / (n - 1)) / 1000 for i in range(n)], mu=mu)]}
+    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=5.0,
+                   extra={"calibration_timesteps": expect})
 
 
 def _wan21() -> Replica:
@@ -99,7 +127,10 @@ def _hunyuanvideo() -> Replica:
     calls = [{"prompt_embeds": _randn(1, 6, 16, seed=100 + i), "prompt_attention_mask": _mask(6, 2 * i + 1),
               "pooled_prompt_embeds": _randn(1, 8, seed=300 + i), "height": 16, "width": 16, "num_frames": 9}
              for i in range(2)]
-    return Replica(pipe, calls, {**calls[0], "output_type": "pt"}, guidance_scale=6.0)
+    # the pipeline's own sigmas linspace(1, 0, n + 1)[:-1], shifted by 7
+    expect = {"transformer": lambda n: [1000 * s for s in _shifted([1 - i / n for i in range(n)], shift=7.0)]}
+    return Replica(pipe, calls, {**calls[0], "output_type": "pt"}, guidance_scale=6.0,
+                   extra={"calibration_timesteps": expect})
 
 
 def _ltx() -> Replica:
@@ -127,7 +158,13 @@ def _ltx() -> Replica:
     calls = [{"prompt_embeds": _randn(1, 6, 24, seed=100 + i), "prompt_attention_mask": _mask(6, i + 1),
               "negative_prompt_embeds": _randn(1, 6, 24, seed=200 + i), "negative_prompt_attention_mask": _mask(6, 2),
               "height": 32, "width": 32, "num_frames": 9} for i in range(2)]
-    return Replica(pipe, calls, {**calls[0], "output_type": "pt"}, guidance_scale=3.0)
+    # the pipeline's sigmas linspace(1, 1/n, n), μ for its latent token count, stretched to end at 0.1
+    frames = (9 - 1) // pipe.vae_temporal_compression_ratio + 1
+    mu = _linear_shift(frames * (32 // pipe.vae_spatial_compression_ratio) ** 2, 16, 256, 0.95, 2.05)
+    expect = {"transformer": lambda n: [1000 * s for s in _shifted([1 - i / n for i in range(n)], mu=mu,
+                                                                    terminal=0.1)]}
+    return Replica(pipe, calls, {**calls[0], "output_type": "pt"}, guidance_scale=3.0,
+                   extra={"calibration_timesteps": expect})
 
 
 BUILDERS: dict[str, Callable[[], Replica]] = {"lumina2": _lumina2, "hidream": _hidream, "wan2.1": _wan21,
