@@ -5,12 +5,15 @@ cross-attention ``SanaAttnProcessor2_0``) call ``scaled_dot_product_attention`` 
 processors with explicit matmuls (:class:`dmq.modules.QuantAttnProcessor`,
 :class:`dmq.joint_attention.QuantJointAttnProcessor`; Sana's ReLU linear self-attention gets
 :class:`dmq.modules.QuantLinearAttnProcessor`). The newer ones
-(Flux, Flux 2, Wan, Qwen-Image, HunyuanVideo, LTX, Lumina 2, HiDream, Z-Image, ...) compute attention through
+(Flux, Flux 2, Wan, Qwen-Image, HunyuanVideo, LTX, Z-Image, ...) compute attention through
 ``diffusers.models.attention_dispatch.dispatch_attention_fn``. For those the processor stays untouched: a pre-hook
 on the attention module makes its :class:`~dmq.modules.AttentionQuantizers` the thread's active set, and the
 ``dispatch_attention_fn`` name in the processor's module is wrapped, once, by a function that computes
 ``softmax(Q(q) Q(k)^T * scale + mask) -> Q(P) Q(v)`` while a set is active and calls the original dispatch (fused
 SDPA or whatever backend is selected) otherwise. Attention that is not quantized therefore keeps its fused kernel.
+Processors with their own code around ``F.scaled_dot_product_attention`` (Lumina 2, HiDream, CogVideoX, ...) are
+handled the same way: their module's ``F`` is rebound, once, to a view of ``torch.nn.functional`` whose
+``scaled_dot_product_attention`` quantizes while a set is active (:data:`FUNCTIONAL`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import math
 import sys
 import threading
+import types
 
 import torch
 from torch import nn
@@ -58,7 +62,19 @@ def kind(processor: object) -> str | None:
         return "dispatch"
     if name in LINEAR_PROCESSORS:
         return "linear"
-    return "classic" if name in QUANTIZABLE_PROCESSORS else None
+    if name in QUANTIZABLE_PROCESSORS:
+        return "classic"
+    return "sdpa" if _functional_names(processor) else None
+
+
+def _functional_names(processor: object) -> list[str]:
+    """The globals of the processor's module through which its ``__call__`` reaches
+    ``torch.nn.functional.scaled_dot_product_attention`` (``F`` in ``F.scaled_dot_product_attention``)."""
+    code = getattr(getattr(type(processor), "__call__", None), "__code__", None)
+    module = sys.modules.get(type(processor).__module__)
+    if code is None or module is None or "scaled_dot_product_attention" not in code.co_names:
+        return []
+    return [n for n in code.co_names if module.__dict__.get(n) in (torch.nn.functional, FUNCTIONAL)]
 
 
 def attach(mod: nn.Module, quants: AttentionQuantizers) -> str | None:
@@ -70,8 +86,12 @@ def attach(mod: nn.Module, quants: AttentionQuantizers) -> str | None:
         return None
     quants.original_processor = proc
     mod.matmul_quantizers = quants
-    if k == "dispatch":
-        _wrap_dispatch(sys.modules[type(proc).__module__])
+    if k in ("dispatch", "sdpa"):
+        if k == "dispatch":
+            _wrap_dispatch(sys.modules[type(proc).__module__])
+        else:
+            for name in _functional_names(proc):
+                setattr(sys.modules[type(proc).__module__], name, FUNCTIONAL)
         quants._dmq_handles = [mod.register_forward_pre_hook(_enter), mod.register_forward_hook(_leave,
                                                                                                   always_call=True)]
     elif k == "linear":
@@ -131,19 +151,26 @@ def _wrap_dispatch(module) -> None:
 def quantized_attention(quants: AttentionQuantizers, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attn_mask: torch.Tensor | None = None, is_causal: bool = False, scale: float | None = None,
                         enable_gqa: bool = False) -> torch.Tensor:
-    """Attention on dispatch's ``(batch, seq, heads, dim)`` layout with fake-quantized Q·Kᵀ and P·V operands,
-    the same result as ``scaled_dot_product_attention`` up to the quantization (mask: boolean keep-mask or additive
-    bias, broadcast to ``(batch, heads, q, k)``; grouped-query heads repeated)."""
+    """:func:`quantized_sdpa` on dispatch's ``(batch, seq, heads, dim)`` layout."""
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, H, S, D)
-    if enable_gqa and k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return quantized_sdpa(quants, q, k, v, attn_mask, is_causal, scale, enable_gqa).transpose(1, 2)
+
+
+def quantized_sdpa(quants: AttentionQuantizers, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   attn_mask: torch.Tensor | None = None, is_causal: bool = False, scale: float | None = None,
+                   enable_gqa: bool = False) -> torch.Tensor:
+    """Attention on ``scaled_dot_product_attention``'s ``(..., heads, seq, dim)`` layout with fake-quantized Q·Kᵀ
+    and P·V operands, the same result as SDPA up to the quantization (mask: boolean keep-mask or additive bias,
+    broadcast to ``(..., heads, q, k)``; grouped-query heads repeated)."""
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
     q, k, v = _maybe(quants.q, q), _maybe(quants.k, k), _maybe(quants.v, v)
     s = (1.0 / math.sqrt(q.shape[-1])) if scale is None else scale
     scores = (q @ k.transpose(-1, -2)).float() * s
     if is_causal:
         lq, lk = scores.shape[-2:]
-        keep = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).tril(lk - lq)
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).tril()  # top-left, as SDPA aligns it
         scores = scores.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -152,4 +179,27 @@ def quantized_attention(quants: AttentionQuantizers, query: torch.Tensor, key: t
             scores = scores + attn_mask.float()
     # a fully masked row: SDPA returns zeros there (softmax over all -inf would give NaN)
     probs = _maybe(quants.probs, scores.softmax(dim=-1).nan_to_num(nan=0.0).to(v.dtype))
-    return (probs @ v).transpose(1, 2)
+    return probs @ v
+
+
+def _scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                  enable_gqa=False, **kwargs):
+    """``torch.nn.functional.scaled_dot_product_attention``, quantized while an attention's quantizers are active
+    (a training-time dropout or an argument of a newer torch goes to the original, unquantized)."""
+    quants = _active()
+    if quants is None or dropout_p or kwargs:
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                                                scale=scale, enable_gqa=enable_gqa, **kwargs)
+    return quantized_sdpa(quants, query, key, value, attn_mask, is_causal, scale, enable_gqa)
+
+
+class _Functional(types.ModuleType):
+    """``torch.nn.functional`` with :func:`_scaled_dot_product_attention` in place of SDPA; every other name is
+    torch's own."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch.nn.functional, name)
+
+
+FUNCTIONAL = _Functional("dmq.attention.functional")
+FUNCTIONAL.scaled_dot_product_attention = _scaled_dot_product_attention

@@ -1,7 +1,8 @@
 """Attention-matmul quantization through diffusers' attention_dispatch: the explicit attention equals SDPA
 without quantizers (masks, causal, grouped-query heads), a quantized Flux transformer keeps its own processors and
 stays close to full precision, a model without attention quantizers still runs the original dispatch bit for bit,
-and restore removes every hook."""
+and restore removes every hook. The same for processors that call ``F.scaled_dot_product_attention`` themselves
+(Lumina 2: grouped-query heads, a boolean text mask)."""
 
 from __future__ import annotations
 
@@ -156,3 +157,61 @@ def test_sana_linear_attention_explicit_operands_equal_its_processor(one_thread)
     assert 25 < sqnr(full, out) < 200  # quantized, and close
     dmq.restore(q)
     assert type(attn.processor) is SanaLinearAttnProcessor2_0
+
+
+def test_sdpa_layout_equals_sdpa():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 7, 8, generator=g)  # (B, H, S, D) as processors pass SDPA
+    kv = torch.randn(2, 2, 5, 8, generator=g)
+    keep = torch.rand(2, 1, 1, 5, generator=g) > 0.4
+    keep[..., 0] = True
+    for kw in ({}, {"attn_mask": keep}, {"is_causal": True}, {"scale": 0.3}):
+        ref = F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True, **kw)
+        torch.testing.assert_close(attention.quantized_sdpa(_NoQuant(), q, kv, kv, enable_gqa=True, **kw), ref,
+                                   rtol=1e-5, atol=1e-6)
+    x3 = torch.randn(3, 6, 8, generator=g)  # no head axis
+    torch.testing.assert_close(attention.quantized_sdpa(_NoQuant(), x3, x3, x3),
+                               F.scaled_dot_product_attention(x3, x3, x3), rtol=1e-5, atol=1e-6)
+
+
+def _lumina2():
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(0)
+    model = Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=1,
+                                      num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+                                      axes_dim_rope=(4, 2, 2), axes_lens=(32, 16, 16), cap_feat_dim=8).eval()
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    mask[:, 4:] = False
+    x = {"hidden_states": torch.randn(1, 4, 8, 8, generator=g),
+         "encoder_hidden_states": torch.randn(1, 6, 8, generator=g), "encoder_attention_mask": mask}
+    return model, x
+
+
+def test_sdpa_processors_are_quantized_and_restored(one_thread):
+    model, x = _lumina2()
+    procs = {n: type(m.processor) for n, m in model.named_modules() if hasattr(m, "processor")}
+    assert {attention.kind(m.processor) for m in model.modules() if hasattr(m, "processor")} == {"sdpa"}
+    with torch.no_grad():
+        ref = {t: model(**x, timestep=torch.tensor([t])).sample for t in (0.2, 0.9)}
+    other, _ = _lumina2()
+    cfg = dmq.QuantConfig(weight=None, attn=dmq.QuantSpec("int8", timestep_bins=2), keep_fp=())
+    q = dmq.quantize(model, cfg)
+    assert len(q._dmq.attention) == len(procs) == 3  # noise and context refiners, one layer
+    assert {n: type(m.processor) for n, m in q.named_modules() if hasattr(m, "processor")} == procs  # untouched
+    dmq.freeze(dmq.calibrate(q, lambda m: [m(**x, timestep=torch.tensor([t])) for t in (0.2, 0.9)]))
+    calls = []
+    for name in q._dmq.attention:
+        q.get_submodule(name).matmul_quantizers.probs.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with torch.no_grad():
+        out = {t: q(**x, timestep=torch.tensor([t])).sample for t in (0.2, 0.9)}
+        # a model without quantizers in the same (rebound) module: torch's SDPA, bit for bit
+        assert torch.equal(other(**x, timestep=torch.tensor([0.2])).sample, ref[0.2])
+    assert len(calls) == 2 * len(procs)  # every attention ran its quantized matmuls, once per call
+    for t in out:
+        assert 30 < sqnr(ref[t], out[t]) < 200  # quantized, and close
+    dmq.restore(q)
+    with torch.no_grad():
+        for t in ref:
+            assert torch.equal(model(**x, timestep=torch.tensor([t])).sample, ref[t])

@@ -42,6 +42,10 @@ def test_family_end_to_end(family, config, tmp_path, one_thread):
         assert lo <= min(info["timesteps"]) and max(info["timesteps"]) <= hi
         if "timestep_range" in rep.extra:  # the bins follow the family's timestep convention (t / 1000 or raw t)
             assert info["timestep_range"] == rep.extra["timestep_range"]
+    expect = rep.extra.get("calibration_timesteps")  # closed form of the family's schedule, where it has one
+    if expect is not None:
+        for name, timesteps in expect.items():  # denoiser -> steps -> the timesteps it is fed
+            assert rec.denoisers[name]["timesteps"] == pytest.approx(sorted(timesteps(STEPS)), rel=1e-5, abs=1e-4)
     if family == "flux":  # t / 1000: the bins lie on [0, 1], and the calibration timesteps fill all four
         info = rec.denoisers["transformer"]
         assert info["timestep_range"] == [0.0, 1.0]

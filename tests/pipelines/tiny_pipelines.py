@@ -39,14 +39,16 @@ def _randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=_seed(seed))
 
 
-def tiny_vae(latent_channels: int = 4, shift_factor: float | None = None):
+def tiny_vae(latent_channels: int = 4, shift_factor: float | None = None, mid_attention: bool = True):
+    """A one-block AutoencoderKL (no downsampling); ``mid_attention=False`` drops the mid-block attention, whose cost
+    grows with the square of the latent area (HiDream always samples 128 x 128 latents)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(1)
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
                          up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
                          latent_channels=latent_channels, norm_num_groups=4, sample_size=8,
-                         shift_factor=shift_factor).eval()
+                         shift_factor=shift_factor, mid_block_add_attention=mid_attention).eval()
 
 
 def tiny_clip_text():
@@ -180,27 +182,41 @@ def _flux() -> Replica:
     return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=None)
 
 
+def tiny_wan_transformer(seed: int):
+    """A tiny Wan 2.x transformer (text width 32, 4 latent channels)."""
+    import diffusers as d
+
+    torch.manual_seed(seed)
+    return d.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                   out_channels=4, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2,
+                                   cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+
+
+def tiny_wan_vae():
+    """A tiny Wan VAE: 4 latent channels, 8x spatial and 4x temporal compression."""
+    import diffusers as d
+
+    torch.manual_seed(1)
+    return d.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                              temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                              latents_std=[1.0] * 4).eval()
+
+
+def wan_calls() -> list[dict]:
+    """Two calibration calls of a tiny Wan pipeline: 5 frames of 16 x 16, CFG with negative embeddings."""
+    return [{"prompt_embeds": _randn(1, 6, 32, seed=100 + i), "negative_prompt_embeds": _randn(1, 6, 32, seed=200 + i),
+             "height": 16, "width": 16, "num_frames": 5} for i in range(2)]
+
+
 def _wan22() -> Replica:
     """Wan 2.2 text-to-video: two experts (``transformer`` above the boundary timestep, ``transformer_2`` below),
     a flow schedule with shift, 5-frame video latents through a tiny Wan VAE."""
     import diffusers as d
 
-    def expert(seed: int):
-        torch.manual_seed(seed)
-        return d.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
-                                       in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=32,
-                                       num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                       rope_max_seq_len=32).eval()
-
-    torch.manual_seed(1)
-    vae = d.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                             temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
-                             latents_std=[1.0] * 4).eval()
-    pipe = d.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=expert(0), transformer_2=expert(5),
+    pipe = d.WanPipeline(tokenizer=None, text_encoder=None, vae=tiny_wan_vae(), transformer=tiny_wan_transformer(0),
+                         transformer_2=tiny_wan_transformer(5),
                          scheduler=d.FlowMatchEulerDiscreteScheduler(shift=3.0), boundary_ratio=0.6)
-    calls = [{"prompt_embeds": _randn(1, 6, 32, seed=100 + i),
-              "negative_prompt_embeds": _randn(1, 6, 32, seed=200 + i), "height": 16, "width": 16, "num_frames": 5}
-             for i in range(2)]
+    calls = wan_calls()
     return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=3.0)
 
 
