@@ -9,6 +9,9 @@ on the attention module makes its :class:`~dmq.modules.AttentionQuantizers` the 
 ``dispatch_attention_fn`` name in the processor's module is wrapped, once, by a function that computes
 ``softmax(Q(q) Q(k)^T * scale + mask) -> Q(P) Q(v)`` while a set is active and calls the original dispatch (fused
 SDPA or whatever backend is selected) otherwise. Attention that is not quantized therefore keeps its fused kernel.
+Processors that call ``F.scaled_dot_product_attention`` on their own (CogVideoX's, and the other non-classic ones in
+``diffusers.models.attention_processor``) are handled the same way: their module's ``F`` becomes a view of
+``torch.nn.functional`` whose ``scaled_dot_product_attention`` quantizes while a set is active.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sys
 import threading
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dmq.joint_attention import QuantJointAttnProcessor
@@ -28,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 _LOCAL = threading.local()  # ``quants``: (the active attention's quantizers, the enclosing entry) per thread
 _WRAPPED = "_dmq_dispatch_original"
+_FUNCTIONAL = "_dmq_functional"
 
 
 def dispatches(processor: object) -> bool:
@@ -39,14 +44,26 @@ def dispatches(processor: object) -> bool:
             and callable(getattr(module, "dispatch_attention_fn", None)))
 
 
+def calls_sdpa(processor: object) -> bool:
+    """Whether the processor calls ``F.scaled_dot_product_attention`` itself, ``F`` being its module's
+    ``torch.nn.functional`` (CogVideoX's processor, among others)."""
+    call = getattr(type(processor), "__call__", None)
+    code = getattr(call, "__code__", None)
+    module = sys.modules.get(type(processor).__module__)
+    return (code is not None and {"F", "scaled_dot_product_attention"} <= set(code.co_names) and module is not None
+            and getattr(getattr(module, "F", None), _FUNCTIONAL, getattr(module, "F", None)) is F)
+
+
 def kind(processor: object) -> str | None:
-    """``"classic"``, ``"joint"``, ``"dispatch"`` or None (a processor dmq cannot quantize)."""
+    """``"classic"``, ``"joint"``, ``"dispatch"``, ``"sdpa"`` or None (a processor dmq cannot quantize)."""
     name = type(processor).__name__
     if name == "JointAttnProcessor2_0":
         return "joint"
     if name in QUANTIZABLE_PROCESSORS:
         return "classic"
-    return "dispatch" if dispatches(processor) else None
+    if dispatches(processor):
+        return "dispatch"
+    return "sdpa" if calls_sdpa(processor) else None
 
 
 def attach(mod: nn.Module, quants: AttentionQuantizers) -> str | None:
@@ -58,8 +75,9 @@ def attach(mod: nn.Module, quants: AttentionQuantizers) -> str | None:
         return None
     quants.original_processor = proc
     mod.matmul_quantizers = quants
-    if k == "dispatch":
-        _wrap_dispatch(sys.modules[type(proc).__module__])
+    if k in ("dispatch", "sdpa"):
+        module = sys.modules[type(proc).__module__]
+        _wrap_dispatch(module) if k == "dispatch" else _wrap_functional(module)
         quants._dmq_handles = [mod.register_forward_pre_hook(_enter), mod.register_forward_hook(_leave,
                                                                                                   always_call=True)]
     else:
@@ -110,6 +128,35 @@ def _wrap_dispatch(module) -> None:
     setattr(dispatch_attention_fn, _WRAPPED, fn)
     module.dispatch_attention_fn = dispatch_attention_fn
     logger.debug("dmq: wrapped dispatch_attention_fn of %s", module.__name__)
+
+
+class _Functional:
+    """``torch.nn.functional`` for a processor module, except that ``scaled_dot_product_attention`` quantizes its
+    matmuls while an attention module's quantizers are active in this thread (and is the fused original otherwise)."""
+
+    _dmq_functional = F
+
+    def __getattr__(self, name: str):
+        return getattr(F, name)
+
+    @staticmethod
+    def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *,
+                                     scale=None, enable_gqa=False, **kwargs):
+        quants = _active()
+        if quants is None or kwargs or not (attn_mask is None or isinstance(attn_mask, torch.Tensor)):
+            return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                                  enable_gqa=enable_gqa, **kwargs)
+        # SDPA's (batch, heads, seq, dim) layout <-> dispatch's (batch, seq, heads, dim)
+        out = quantized_attention(quants, *(x.transpose(1, 2) for x in (query, key, value)), attn_mask, is_causal,
+                                  scale, enable_gqa)
+        return out.transpose(1, 2)
+
+
+def _wrap_functional(module) -> None:
+    if getattr(module.F, _FUNCTIONAL, None) is not None:
+        return
+    module.F = _Functional()
+    logger.debug("dmq: wrapped F.scaled_dot_product_attention of %s", module.__name__)
 
 
 def quantized_attention(quants: AttentionQuantizers, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
