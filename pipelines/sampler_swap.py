@@ -34,6 +34,20 @@ def is_flow_config(config: Mapping[str, Any], class_name: str = "") -> bool:
             or config.get("prediction_type") == "flow_prediction")
 
 
+def edm_reason(config: Mapping[str, Any]) -> str | None:
+    """Why a scheduler config is one DEIS / DC-Solver cannot serve, or None. They integrate a discrete VP schedule
+    (``alphas_cumprod``) or rectified flow and give the model that schedule's timesteps. EDM-style schedulers
+    (Karras et al. 2022) instead feed the model the continuous noise level ``c_noise = log(σ) / 4`` over their own
+    ``[sigma_min, sigma_max]`` (Stable Video Diffusion: σ up to 700, far beyond any ``alphas_cumprod``)."""
+    name = str(config.get("_class_name") or "")
+    edm = "sigma_data" in config and "sigma_schedule" in config  # EDMEuler, EDMDPMSolver, CosineDPMSolver
+    if (config.get("timestep_type") == "continuous" and config.get("prediction_type") == "v_prediction") or edm:
+        return (f"{name or 'the scheduler'} feeds the model EDM's continuous noise level c_noise = log(sigma)/4 over "
+                f"sigma in [{config.get('sigma_min')}, {config.get('sigma_max')}], not timesteps of a discrete VP or "
+                "flow schedule")
+    return None
+
+
 def _dc_inputs(options: dict) -> dict:
     """DC-Solver accepts ``ratios`` (a list), ``cpr`` (coefficients: a dict, a list of 36 floats, or the path of a
     ``scripts/search_dc.py`` JSON file) and ``guidance_scale`` (for the CPR prediction)."""
@@ -141,7 +155,8 @@ def use_sampler(pipe: Any, name: str, **options: Any) -> Any:
     DC-Solver: ``ratios=[...]``, ``cpr=`` coefficients or the path of a ``scripts/search_dc.py`` JSON file together
     with ``guidance_scale=`` (the pipeline's CFG scale), ``solver_order=2``, ...; diffusers: their constructor
     arguments). Unknown names or options raise ``ValueError`` listing the valid ones; the pipeline is left
-    unchanged then. Returns the pipeline.
+    unchanged then. Returns the pipeline. DEIS and DC-Solver refuse (``ValueError``) EDM-style schedulers, which feed
+    the model continuous noise levels instead of schedule timesteps (:func:`edm_reason`; Stable Video Diffusion).
 
     ``use_sampler(pipe, "deis", fit=True)`` picks the DEIS variant and grid (:data:`DEIS_FIT_CANDIDATES`) with the
     lowest final-sample error against a fine reference on a few latents of the pipeline's own class-conditional
@@ -162,6 +177,9 @@ def use_sampler(pipe: Any, name: str, **options: Any) -> Any:
                          "for DC-Solver use pipelines.fit_sampler")
     if fit_opts and not fit:
         raise ValueError(f"{sorted(fit_opts)} need fit=True")
+    reason = edm_reason(pipe.scheduler.config) if key in SAMPLERS else None
+    if reason is not None:
+        raise ValueError(f"sampler {name!r} cannot serve {type(pipe).__name__}: {reason}; keep its own scheduler")
     if fit:
         clash = sorted({"deis_method", "deis_order", "time_grid", "time_grid_power"} & set(options))
         if clash:
