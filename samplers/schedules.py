@@ -39,11 +39,17 @@ def betas_from_config(
     beta_schedule: str = "linear",
     trained_betas: list[float] | np.ndarray | None = None,
     rescale_betas_zero_snr: bool = False,
+    snr_shift_scale: float = 1.0,
 ) -> torch.Tensor:
     """diffusers' float32 ``betas`` for a scheduler config (``trained_betas`` wins and sets their number).
 
-    With ``rescale_betas_zero_snr`` the last beta is 1 (Lin et al. 2024, Alg. 1: zero terminal SNR).
+    With ``rescale_betas_zero_snr`` the last beta is 1 (Lin et al. 2024, Alg. 1: zero terminal SNR). With
+    ``snr_shift_scale != 1`` (CogVideoX) they are the betas of the shifted ``ᾱ`` (:func:`alphas_cumprod_from_config`).
     """
+    if snr_shift_scale != 1.0:
+        ac = torch.from_numpy(alphas_cumprod_from_config(num_train_timesteps, beta_start, beta_end, beta_schedule,
+                                                         trained_betas, rescale_betas_zero_snr, snr_shift_scale))
+        return (1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])).float()
     if trained_betas is not None:
         betas = torch.tensor(np.asarray(trained_betas, dtype=np.float64), dtype=torch.float32)
     elif beta_schedule == "linear":
@@ -71,17 +77,31 @@ def alphas_cumprod_from_config(
     beta_schedule: str = "linear",
     trained_betas: list[float] | np.ndarray | None = None,
     rescale_betas_zero_snr: bool = False,
+    snr_shift_scale: float = 1.0,
 ) -> np.ndarray:
     """``ᾱ`` as float64, bit-identical to diffusers' float32 ``alphas_cumprod`` for the same config.
+
+    ``snr_shift_scale = s`` is CogVideoX's SNR shift (``CogVideoXDDIMScheduler`` / ``CogVideoXDPMScheduler``):
+    ``ᾱ ← ᾱ / (s + (1 - s) ᾱ)``, which divides every SNR ``ᾱ / (1 - ᾱ)`` by ``s``, applied to ``ᾱ`` (in float64)
+    before the zero-terminal-SNR rescale, as those schedulers do.
 
     With ``rescale_betas_zero_snr`` the last ``ᾱ`` is 0 (Lin et al. 2024, Alg. 1). diffusers then clamps it to
     ``2⁻²⁴`` so that ``ρ`` stays finite. With many train steps the one before it is already below ``2⁻²⁴``, so the
     clamp is ``min(2⁻²⁴, ᾱ_{T-2}² / ᾱ_{T-3})`` (log-linear extrapolation): ``ρ`` stays finite and strictly increasing.
     The model sees ``x_T`` at ``α ≈ 0`` either way; the sampler's first ``x̂0`` is that of a ``v``-model at SNR 0.
     """
-    betas = betas_from_config(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                              rescale_betas_zero_snr)
-    ac = torch.cumprod(1.0 - betas, dim=0).double().numpy()
+    if snr_shift_scale != 1.0:
+        betas = betas_from_config(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas).double()
+        ac = torch.cumprod(1.0 - betas, dim=0)
+        ac = ac / (snr_shift_scale + (1 - snr_shift_scale) * ac)
+        if rescale_betas_zero_snr:  # Lin et al. 2024, Alg. 1 on sqrt(ᾱ)
+            root = ac.sqrt()
+            ac = ((root - root[-1]) * (root[0] / (root[0] - root[-1]))) ** 2
+        ac = ac.numpy()
+    else:
+        betas = betas_from_config(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                  rescale_betas_zero_snr)
+        ac = torch.cumprod(1.0 - betas, dim=0).double().numpy()
     if rescale_betas_zero_snr:
         ac[-1] = min(2.0**-24, ac[-2] ** 2 / ac[-3]) if ac.size >= 3 else 2.0**-24
     return ac

@@ -86,7 +86,8 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
     ``use_exponential_sigmas`` / ``use_beta_sigmas`` select the ``"rho"`` (κ = 7) / ``"log_rho"`` / ``"beta"`` grid,
     bounded by ``sigma_min``/``sigma_max`` (ρ = σ/α; flow: σ); ``thresholding`` with ``dynamic_thresholding_ratio``
     and ``sample_max_value`` is Imagen's dynamic thresholding of x̂0; ``searched_timesteps`` is a schedule from
-    :func:`samplers.search_schedule`, used by ``set_timesteps`` for its own number of steps.
+    :func:`samplers.search_schedule`, used by ``set_timesteps`` for its own number of steps; ``snr_shift_scale`` is
+    CogVideoX's SNR shift of ``ᾱ`` (:func:`samplers.schedules.alphas_cumprod_from_config`).
 
     Every grid ends with a step to σ = 0 exactly. ``num_inference_steps`` counts steps: one model evaluation each for
     the multistep methods, ``deis_order`` stages for `"rhork"` (``self.order``; RK4's last step has 3).
@@ -111,6 +112,7 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
+        snr_shift_scale: float = 1.0,
         shift: float = 1.0,
         use_dynamic_shifting: bool = False,
         base_shift: float | None = 0.5,
@@ -174,15 +176,18 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
         if not cfg.sample_max_value >= 1:
             raise ValueError(f"sample_max_value must be >= 1, got {cfg.sample_max_value!r}")
         if cfg.prediction_type == "flow_prediction":
-            if cfg.trained_betas is not None or cfg.rescale_betas_zero_snr:
-                raise ValueError("trained_betas and rescale_betas_zero_snr describe a VP schedule; "
+            if cfg.trained_betas is not None or cfg.rescale_betas_zero_snr or cfg.snr_shift_scale != 1:
+                raise ValueError("trained_betas, rescale_betas_zero_snr and snr_shift_scale describe a VP schedule; "
                                  "prediction_type='flow_prediction' uses σ = t/T (leave them unset)")
             self.schedule: NoiseSchedule = FlowSchedule(cfg.num_train_timesteps)
             self.betas = None
             self.alphas_cumprod = None
         else:
+            s = cfg.snr_shift_scale
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s > 0):
+                raise ValueError(f"snr_shift_scale must be a finite number > 0, got {s!r}")
             args = (cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.trained_betas,
-                    cfg.rescale_betas_zero_snr)
+                    cfg.rescale_betas_zero_snr, float(s))
             self.betas = betas_from_config(*args)
             ac = alphas_cumprod_from_config(*args)
             self.schedule = VPSchedule(ac)

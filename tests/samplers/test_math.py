@@ -53,6 +53,37 @@ def test_zero_terminal_snr_schedule(cfg):
     assert np.isfinite(sch.rho(999.0)) and sch.rho(999.0) > 1e3
 
 
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_cogvideox_snr_shift_schedule(zero_snr):
+    """CogVideoX's snr_shift_scale s divides every SNR by s (before the zero-terminal-SNR rescale): the DEIS and
+    DC-Solver schedules built from a CogVideoX scheduler's config match its float64 ᾱ (which it computes from float64
+    betas: 3e-7 relative from ours in float32), and the betas reproduce that ᾱ."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    from samplers import DCSolverScheduler, DEISScheduler
+    from samplers.schedules import betas_from_config
+
+    cfg = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "snr_shift_scale": 3.0,
+           "rescale_betas_zero_snr": zero_snr, "prediction_type": "v_prediction"}
+    src = CogVideoXDDIMScheduler(**cfg)
+    ref = src.alphas_cumprod.double().numpy()
+    plain = alphas_cumprod_from_config(**{k: cfg[k] for k in ("beta_schedule", "beta_start", "beta_end")})
+    end = -1 if zero_snr else None  # the zero-SNR ᾱ_T = 0 is clamped (test_zero_terminal_snr_schedule)
+    for cls in (DEISScheduler, DCSolverScheduler):
+        sch = cls.from_config(src.config)
+        ac = sch.alphas_cumprod.double().numpy()
+        np.testing.assert_allclose(sch.schedule.rho(np.arange(999.0))[:end], np.sqrt((1 - ref) / ref)[:999][:end],
+                                   rtol=1e-6)
+        np.testing.assert_allclose(ac[:end], ref[:end], rtol=1e-6)
+    if not zero_snr:  # SNR / 3 (up to float32 vs float64 betas, amplified by 1 - ᾱ ≈ 1e-3 at t = 0)
+        np.testing.assert_allclose(ref / (1 - ref), plain / (1 - plain) / 3, rtol=1e-4)
+    args = (1000, 0.00085, 0.012, "scaled_linear", None, zero_snr, 3.0)
+    betas = betas_from_config(*args).double()
+    np.testing.assert_allclose(torch.cumprod(1 - betas, 0).numpy(), alphas_cumprod_from_config(*args), rtol=1e-5)
+    with pytest.raises(ValueError, match="snr_shift_scale must be a finite number > 0"):
+        DEISScheduler(snr_shift_scale=0.0)
+
+
 @pytest.mark.parametrize("cfg", VP_CONFIGS)
 def test_vp_rho_matches_gmm_denoiser_and_inverts(cfg):
     sch = VPSchedule(alphas_cumprod_from_config(**cfg))
