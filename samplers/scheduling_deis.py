@@ -177,7 +177,8 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"sample_max_value must be >= 1, got {cfg.sample_max_value!r}")
         if cfg.prediction_type == "flow_prediction":
             if cfg.trained_betas is not None or cfg.rescale_betas_zero_snr or cfg.snr_shift_scale != 1:
-                raise ValueError("trained_betas, rescale_betas_zero_snr and snr_shift_scale describe a VP schedule; "
+                raise ValueError("trained_betas and rescale_betas_zero_snr describe a VP schedule (as does "
+                                 f"snr_shift_scale, here {cfg.snr_shift_scale!r}); "
                                  "prediction_type='flow_prediction' uses σ = t/T (leave them unset)")
             self.schedule: NoiseSchedule = FlowSchedule(cfg.num_train_timesteps)
             self.betas = None
