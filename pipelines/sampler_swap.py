@@ -35,16 +35,15 @@ def is_flow_config(config: Mapping[str, Any], class_name: str = "") -> bool:
 
 
 def edm_reason(config: Mapping[str, Any]) -> str | None:
-    """Why a scheduler config is one DEIS / DC-Solver cannot serve, or None. They integrate a discrete VP schedule
-    (``alphas_cumprod``) or rectified flow and give the model that schedule's timesteps. EDM-style schedulers
-    (Karras et al. 2022) instead feed the model the continuous noise level ``c_noise = log(σ) / 4`` over their own
-    ``[sigma_min, sigma_max]`` (Stable Video Diffusion: σ up to 700, far beyond any ``alphas_cumprod``)."""
-    name = str(config.get("_class_name") or "")
-    edm = "sigma_data" in config and "sigma_schedule" in config  # EDMEuler, EDMDPMSolver, CosineDPMSolver
-    if (config.get("timestep_type") == "continuous" and config.get("prediction_type") == "v_prediction") or edm:
-        return (f"{name or 'the scheduler'} feeds the model EDM's continuous noise level c_noise = log(sigma)/4 over "
-                f"sigma in [{config.get('sigma_min')}, {config.get('sigma_max')}], not timesteps of a discrete VP or "
-                "flow schedule")
+    """Why a scheduler config is one DEIS / DC-Solver cannot serve, or None. They integrate a VP schedule (discrete
+    ``alphas_cumprod``, or EDM's continuous ``σ`` with ``c_noise = ln(σ)/4`` and the input scaled by
+    ``1/sqrt(σ² + 1)``: Euler with ``timestep_type="continuous"``, Stable Video Diffusion) or rectified flow. EDM's
+    own schedulers (Karras et al. 2022) precondition with ``sigma_data`` (input ``1/sqrt(σ² + σ_data²)``, ``c_skip``,
+    ``c_out``): a model trained that way is no VP model unless ``sigma_data = 1``, and they say nothing of it."""
+    if "sigma_data" in config and "sigma_schedule" in config:  # EDMEuler, EDMDPMSolver, CosineDPMSolver
+        name = str(config.get("_class_name") or "the scheduler")
+        return (f"{name} preconditions the model with EDM's sigma_data={config.get('sigma_data')} (c_in, c_skip, "
+                "c_out), which DEIS / DC-Solver, integrating a VP or flow schedule, do not reproduce")
     return None
 
 
@@ -155,8 +154,8 @@ def use_sampler(pipe: Any, name: str, **options: Any) -> Any:
     DC-Solver: ``ratios=[...]``, ``cpr=`` coefficients or the path of a ``scripts/search_dc.py`` JSON file together
     with ``guidance_scale=`` (the pipeline's CFG scale), ``solver_order=2``, ...; diffusers: their constructor
     arguments). Unknown names or options raise ``ValueError`` listing the valid ones; the pipeline is left
-    unchanged then. Returns the pipeline. DEIS and DC-Solver refuse (``ValueError``) EDM-style schedulers, which feed
-    the model continuous noise levels instead of schedule timesteps (:func:`edm_reason`; Stable Video Diffusion).
+    unchanged then. Returns the pipeline. DEIS and DC-Solver serve EDM's continuous timesteps in VP form (Stable Video
+    Diffusion's Euler) and refuse (``ValueError``) EDM's ``sigma_data``-preconditioned schedulers (:func:`edm_reason`).
 
     ``use_sampler(pipe, "deis", fit=True)`` picks the DEIS variant and grid (:data:`DEIS_FIT_CANDIDATES`) with the
     lowest final-sample error against a fine reference on a few latents of the pipeline's own class-conditional

@@ -117,7 +117,8 @@ def test_processors_calling_sdpa_themselves_are_quantized(one_thread):
     assert len(q._dmq.attention) == 1 and type(q.get_submodule(q._dmq.attention[0]).processor) is type(proc)
     dmq.freeze(dmq.calibrate(q, lambda m: [m(**x, timestep=torch.tensor([t])) for t in (100, 900)]))
     calls = []
-    q.get_submodule(q._dmq.attention[0]).matmul_quantizers.probs.register_forward_pre_hook(lambda m, a: calls.append(1))
+    probs = q.get_submodule(q._dmq.attention[0]).matmul_quantizers.probs
+    probs.register_forward_pre_hook(lambda m, a: calls.append(1))
     with torch.no_grad():
         out = {t: q(**x, timestep=torch.tensor([t])).sample for t in (100, 900)}
         assert torch.equal(plain(**x, timestep=torch.tensor([100])).sample, ref[100])  # the original SDPA

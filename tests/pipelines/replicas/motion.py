@@ -68,9 +68,7 @@ def _svd() -> Replica:
                                           feature_extractor=CLIPImageProcessor(crop_size=8, size=8))
     calls = [{"image": torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(100 + i)), "height": 8,
               "width": 8, "num_frames": 3, "min_guidance_scale": 1.0, "max_guidance_scale": 2.5} for i in range(2)]
-    # EDM's continuous c_noise = log(sigma)/4 is no DEIS / DC-Solver schedule: use_sampler refuses it
-    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=None,
-                   extra={"sampler_refused": r"cannot serve StableVideoDiffusionPipeline: .*c_noise = log\(sigma\)/4"})
+    return Replica(pipe, calls, {**calls[0], "output_type": "np"}, guidance_scale=None)
 
 
 def _animatediff() -> Replica:
