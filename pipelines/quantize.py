@@ -251,8 +251,9 @@ def quantize_pipeline(
     include, exclude = check.globs("include", include), check.globs("exclude", exclude)
     pack, progress = check.boolean("pack", pack), check.boolean("progress", progress)
     n_train = getattr(getattr(pipe, "scheduler", None), "config", {}).get("num_train_timesteps")
-    if cfg.timestep_range == (0.0, 1000.0):
-        cfg = cfg.replace(timestep_range=_scheduler_range(pipe, num_inference_steps, n_train))
+    span = _scheduler_range(pipe, num_inference_steps, n_train)
+    if cfg.timestep_range == (0.0, 1000.0) and span != cfg.timestep_range:
+        cfg = cfg.replace(timestep_range=span)
     models = find_denoisers(pipe, denoisers, cfg)
     te_cfg = text_encoder_config(text_encoders) if text_encoders is not None else None
     calls = _calls(prompts, call_kwargs, batch_size)

@@ -95,7 +95,9 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
     bounded by ``sigma_min``/``sigma_max`` (ρ = σ/α; flow: σ); ``thresholding`` with ``dynamic_thresholding_ratio``
     and ``sample_max_value`` is Imagen's dynamic thresholding of x̂0; ``searched_timesteps`` is a schedule from
     :func:`samplers.search_schedule`, used by ``set_timesteps`` for its own number of steps; ``snr_shift_scale`` is
-    CogVideoX's SNR shift of ``ᾱ`` (:func:`samplers.schedules.alphas_cumprod_from_config`).
+    CogVideoX's SNR shift of ``ᾱ`` (:func:`samplers.schedules.alphas_cumprod_from_config`); ``timestep_type=
+    "continuous"`` with v-prediction is EDM's ``c_noise = ln(σ)/4`` on ``[sigma_min, sigma_max]`` as diffusers' Euler
+    has it (Stable Video Diffusion; :class:`~samplers.schedules.EDMSchedule`).
 
     Every grid ends with a step to σ = 0 exactly. ``num_inference_steps`` counts steps: one model evaluation each for
     the multistep methods, ``deis_order`` stages for `"rhork"` (``self.order``; RK4's last step has 3).
