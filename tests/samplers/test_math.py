@@ -72,7 +72,7 @@ def test_cogvideox_snr_shift_schedule(zero_snr):
     for cls in (DEISScheduler, DCSolverScheduler):
         sch = cls.from_config(src.config)
         ac = sch.alphas_cumprod.double().numpy()
-        np.testing.assert_allclose(sch.schedule.rho(np.arange(999.0))[:end], np.sqrt((1 - ref) / ref)[:999][:end],
+        np.testing.assert_allclose(sch.schedule.rho(np.arange(999.0))[:end], np.sqrt((1 - ref[:999]) / ref[:999])[:end],
                                    rtol=1e-6)
         np.testing.assert_allclose(ac[:end], ref[:end], rtol=1e-6)
     if not zero_snr:  # SNR / 3 (up to float32 vs float64 betas, amplified by 1 - ᾱ ≈ 1e-3 at t = 0)
@@ -98,6 +98,27 @@ def test_vp_rho_matches_gmm_denoiser_and_inverts(cfg):
     tt = t[(t % 1 > 1e-3) & (t % 1 < 1 - 1e-3)]
     num = (sch.rho(tt + 1e-6) - sch.rho(tt - 1e-6)) / 2e-6
     np.testing.assert_allclose(sch.drho_dt(tt), num, rtol=1e-6)
+
+
+def test_edm_schedule_closed_forms():
+    """EDM in VP form: t = ln(ρ)/4 on [ln σ_min/4, ln σ_max/4], linear to ρ = 0 at t_min - 1; α = (1+ρ²)^-½."""
+    from samplers.schedules import EDMSchedule
+
+    sch = EDMSchedule(0.002, 700.0)
+    assert sch.t_min == math.log(0.002) / 4 and sch.t_max == math.log(700.0) / 4 and sch.t_clean == sch.t_min - 1
+    t = np.linspace(sch.t_clean, sch.t_max, 101)
+    np.testing.assert_allclose(sch.t_of_rho(sch.rho(t)), t, atol=1e-12)
+    inside = t[t > sch.t_min]
+    np.testing.assert_allclose(sch.rho(inside), np.exp(4 * inside), rtol=1e-14)
+    assert sch.rho(sch.t_clean) == 0.0 and sch.rho(sch.t_min) == pytest.approx(0.002, rel=1e-14)
+    num = (sch.rho(t + 1e-7) - sch.rho(t - 1e-7)) / 2e-7
+    keep = np.abs(t - sch.t_min) > 1e-6
+    np.testing.assert_allclose(sch.drho_dt(t)[keep], num[keep], rtol=1e-6)
+    a, s = sch.alpha_sigma(sch.rho(inside))
+    np.testing.assert_allclose(a * a + s * s, 1.0, rtol=1e-14)
+    bp = sch.breakpoints(sch.t_clean, sch.t_max)
+    assert bp[0] == sch.t_clean and bp[-1] == sch.t_max and sch.t_min in bp
+    assert np.all(np.diff(bp[bp >= sch.t_min]) <= 0.25 + 1e-12)  # ρ grows by at most e on a piece
 
 
 def test_flow_schedule_closed_forms():
