@@ -42,7 +42,9 @@ def _cogvideox() -> Replica:
 
 def _svd() -> Replica:
     """Stable Video Diffusion (image to video): the image enters through a CLIP vision encoder (cross-attention) and
-    the VAE (concatenated latents); EDM preconditioning on Karras sigmas, per-frame guidance from min to max."""
+    the VAE (concatenated latents); EDM's continuous timesteps ``ln(σ)/4`` on Karras sigmas in [0.002, 700] (SVD's
+    published scheduler config), per-frame guidance from min to max. One U-Net level: spatial and temporal attention
+    and the image cross-attention sit in the mid block."""
     import diffusers as d
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -73,7 +75,8 @@ def _svd() -> Replica:
 
 def _animatediff() -> Replica:
     """AnimateDiff: an SD U-Net and a MotionAdapter merged into ``UNetMotionModel`` (temporal attention over 4
-    frames), AnimateDiff's DDIM (linear betas, linspace spacing), driven by ``prompt_embeds``."""
+    frames, motion modules in every block and the mid block; ``proj_in(input=x)`` calls), AnimateDiff's DDIM (linear
+    betas, linspace spacing), driven by ``prompt_embeds``. One level: the text cross-attention is in the mid block."""
     import diffusers as d
 
     torch.manual_seed(0)
