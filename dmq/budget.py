@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dmq.calibration import layer_input
 from dmq.config import QuantConfig, QuantSpec
 from dmq.fake_quant import quantize_weight
 
@@ -134,11 +135,11 @@ class SecondMoments:
     def __init__(self, model: nn.Module, names: Sequence[str]):
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
-        self.hooks = [model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in names]
+        self.hooks = [model.get_submodule(n).register_forward_pre_hook(self._hook(n), with_kwargs=True) for n in names]
 
     def _hook(self, name: str):
-        def pre(mod, args):
-            x = args[0].detach().float()
+        def pre(mod, args, kwargs):
+            x = layer_input(args, kwargs).detach().float()
             x = x.transpose(1, -1) if not isinstance(mod, nn.Linear) and x.dim() > 2 else x  # channels last
             x = x.reshape(-1, x.shape[-1])
             s = x.pow(2).sum(0)

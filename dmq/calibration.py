@@ -277,6 +277,12 @@ def _timestep_position(model: nn.Module) -> tuple[str | None, int | None]:
     return None, None
 
 
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The input of a Linear / Conv2d call seen by a ``with_kwargs`` pre-hook: positional, or passed as ``input=``
+    (AnimateDiff's motion modules call ``proj_in(input=x)``)."""
+    return args[0] if args else kwargs["input"]
+
+
 def read_timestep(value: object) -> torch.Tensor | None:
     """A call's timesteps as ``(N, K)`` float64 on the CPU: ``N`` samples (1 for a scalar) and ``K`` per-token or
     per-frame values (1 for one per sample). Lists and tuples (of numbers or tensors) are stacked per sample."""

@@ -32,6 +32,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from dmq.calibration import layer_input
+
 ROLES = ("first", "last", "embedder", "modulation", "context", "body")
 PER_SAMPLE = ("embedder", "modulation")
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -186,11 +188,11 @@ def observe_rows(model: nn.Module, run: Callable[[nn.Module], object], batch: in
     hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, LAYER_TYPES):
-            def pre(m, args, name=name):
-                x = args[0]
+            def pre(m, args, kwargs, name=name):
+                x = layer_input(args, kwargs)
                 n = x.numel() // m.in_features if isinstance(m, nn.Linear) else x[0, 0].numel() * x.shape[0]
                 rows.setdefault(name, n / batch)
-            hooks.append(mod.register_forward_pre_hook(pre))
+            hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
     try:
         run(model)
     finally:

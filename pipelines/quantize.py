@@ -10,6 +10,7 @@ each process runs its share of the calls and :func:`dmq.sync_statistics` reduces
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import logging
 import time
@@ -163,6 +164,25 @@ def _call_defaults(pipe: Any, num_inference_steps: int, guidance_scale: float | 
     return out
 
 
+def _scheduler_range(pipe: Any, steps: int, n_train: int | None) -> tuple[float, float]:
+    """Where the timestep bins start: ``[0, num_train_timesteps)``, or, for a scheduler whose timesteps leave that
+    interval (EDM's continuous ``c_noise = log(σ)/4``, Stable Video Diffusion: about -1.55..1.64), the span of its
+    timesteps at the calibration step count (Karras sigmas always span ``[sigma_min, sigma_max]``)."""
+    hi = float(n_train) if n_train else 1000.0
+    sched = getattr(pipe, "scheduler", None)
+    if sched is None or not callable(getattr(sched, "set_timesteps", None)):
+        return 0.0, hi
+    probe = copy.deepcopy(sched)
+    try:
+        probe.set_timesteps(steps)
+    except (TypeError, ValueError):  # it needs the pipeline's own arguments (Flux's mu, ...): the default span
+        return 0.0, hi
+    ts = torch.as_tensor(getattr(probe, "timesteps", [])).double()
+    if ts.numel() < 2 or (float(ts.min()) >= 0.0 and float(ts.max()) <= hi):
+        return 0.0, hi
+    return float(ts.min()), float(ts.max())
+
+
 def quantize_pipeline(
     pipe: Any,
     config: str | dmq.QuantConfig = "w8a8",
@@ -206,7 +226,8 @@ def quantize_pipeline(
             bring the original model back.
         progress: a tqdm bar over the calibration calls (rank 0 only).
 
-    The timestep bins start on the scheduler's ``[0, num_train_timesteps)``; a denoiser that receives normalised
+    The timestep bins start on the scheduler's ``[0, num_train_timesteps)`` (or the span of its timesteps where they
+    leave it: EDM's continuous noise levels); a denoiser that receives normalised
     timesteps (Flux: ``t / 1000``) has them moved to ``[0, 1]`` at its first calibration call
     (:class:`dmq.calibration.ModelClock`). Several denoisers calibrate in the same sampling runs; with PTQ methods
     that need several passes (smoothing, AdaRound, GPTQ, ...) they calibrate one after the other while the others
@@ -230,8 +251,9 @@ def quantize_pipeline(
     include, exclude = check.globs("include", include), check.globs("exclude", exclude)
     pack, progress = check.boolean("pack", pack), check.boolean("progress", progress)
     n_train = getattr(getattr(pipe, "scheduler", None), "config", {}).get("num_train_timesteps")
-    if n_train and cfg.timestep_range == (0.0, 1000.0) and float(n_train) != 1000.0:
-        cfg = cfg.replace(timestep_range=(0.0, float(n_train)))
+    span = _scheduler_range(pipe, num_inference_steps, n_train)
+    if cfg.timestep_range == (0.0, 1000.0) and span != cfg.timestep_range:
+        cfg = cfg.replace(timestep_range=span)
     models = find_denoisers(pipe, denoisers, cfg)
     te_cfg = text_encoder_config(text_encoders) if text_encoders is not None else None
     calls = _calls(prompts, call_kwargs, batch_size)

@@ -34,6 +34,19 @@ def is_flow_config(config: Mapping[str, Any], class_name: str = "") -> bool:
             or config.get("prediction_type") == "flow_prediction")
 
 
+def edm_reason(config: Mapping[str, Any]) -> str | None:
+    """Why a scheduler config is one DEIS / DC-Solver cannot serve, or None. They integrate a VP schedule (discrete
+    ``alphas_cumprod``, or EDM's continuous ``σ`` with ``c_noise = ln(σ)/4`` and the input scaled by
+    ``1/sqrt(σ² + 1)``: Euler with ``timestep_type="continuous"``, Stable Video Diffusion) or rectified flow. EDM's
+    own schedulers (Karras et al. 2022) precondition with ``sigma_data`` (input ``1/sqrt(σ² + σ_data²)``, ``c_skip``,
+    ``c_out``): a model trained that way is no VP model unless ``sigma_data = 1``, and they say nothing of it."""
+    if "sigma_data" in config and "sigma_schedule" in config:  # EDMEuler, EDMDPMSolver, CosineDPMSolver
+        name = str(config.get("_class_name") or "the scheduler")
+        return (f"{name} preconditions the model with EDM's sigma_data={config.get('sigma_data')} (c_in, c_skip, "
+                "c_out), which DEIS / DC-Solver, integrating a VP or flow schedule, do not reproduce")
+    return None
+
+
 def _dc_inputs(options: dict) -> dict:
     """DC-Solver accepts ``ratios`` (a list), ``cpr`` (coefficients: a dict, a list of 36 floats, or the path of a
     ``scripts/search_dc.py`` JSON file) and ``guidance_scale`` (for the CPR prediction)."""
@@ -141,7 +154,8 @@ def use_sampler(pipe: Any, name: str, **options: Any) -> Any:
     DC-Solver: ``ratios=[...]``, ``cpr=`` coefficients or the path of a ``scripts/search_dc.py`` JSON file together
     with ``guidance_scale=`` (the pipeline's CFG scale), ``solver_order=2``, ...; diffusers: their constructor
     arguments). Unknown names or options raise ``ValueError`` listing the valid ones; the pipeline is left
-    unchanged then. Returns the pipeline.
+    unchanged then. Returns the pipeline. DEIS and DC-Solver serve EDM's continuous timesteps in VP form (Stable Video
+    Diffusion's Euler) and refuse (``ValueError``) EDM's ``sigma_data``-preconditioned schedulers (:func:`edm_reason`).
 
     ``use_sampler(pipe, "deis", fit=True)`` picks the DEIS variant and grid (:data:`DEIS_FIT_CANDIDATES`) with the
     lowest final-sample error against a fine reference on a few latents of the pipeline's own class-conditional
@@ -162,6 +176,9 @@ def use_sampler(pipe: Any, name: str, **options: Any) -> Any:
                          "for DC-Solver use pipelines.fit_sampler")
     if fit_opts and not fit:
         raise ValueError(f"{sorted(fit_opts)} need fit=True")
+    reason = edm_reason(pipe.scheduler.config) if key in SAMPLERS else None
+    if reason is not None:
+        raise ValueError(f"sampler {name!r} cannot serve {type(pipe).__name__}: {reason}; keep its own scheduler")
     if fit:
         clash = sorted({"deis_method", "deis_order", "time_grid", "time_grid_power"} & set(options))
         if clash:

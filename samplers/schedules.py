@@ -11,6 +11,8 @@ model's time ``t`` maps to ``ρ``:
   GMM benchmark errors only in the third digit, so the model-consistent log-linear map is used everywhere.
 * :class:`FlowSchedule`, rectified flow (SD3, Flux): ``s = t/T``, ``σ = s``, ``α = 1-s``, ``ρ = s/(1-s)``, so
   ``α = 1/(1+ρ)``. ``ρ = ∞`` at ``s = 1``.
+* :class:`EDMSchedule`, EDM-trained models (Karras et al. 2022; Stable Video Diffusion): the VP ``α(ρ)`` with
+  ``ρ = σ_EDM`` on ``[sigma_min, sigma_max]`` and the model time ``t = c_noise = ln(ρ)/4`` (Table 1 of the paper).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 __all__ = [
     "BETA_SCHEDULES",
+    "EDMSchedule",
     "FlowSchedule",
     "NoiseSchedule",
     "VPSchedule",
@@ -39,11 +42,17 @@ def betas_from_config(
     beta_schedule: str = "linear",
     trained_betas: list[float] | np.ndarray | None = None,
     rescale_betas_zero_snr: bool = False,
+    snr_shift_scale: float = 1.0,
 ) -> torch.Tensor:
     """diffusers' float32 ``betas`` for a scheduler config (``trained_betas`` wins and sets their number).
 
-    With ``rescale_betas_zero_snr`` the last beta is 1 (Lin et al. 2024, Alg. 1: zero terminal SNR).
+    With ``rescale_betas_zero_snr`` the last beta is 1 (Lin et al. 2024, Alg. 1: zero terminal SNR). With
+    ``snr_shift_scale != 1`` (CogVideoX) they are the betas of the shifted ``ᾱ`` (:func:`alphas_cumprod_from_config`).
     """
+    if snr_shift_scale != 1.0:
+        ac = torch.from_numpy(alphas_cumprod_from_config(num_train_timesteps, beta_start, beta_end, beta_schedule,
+                                                         trained_betas, rescale_betas_zero_snr, snr_shift_scale))
+        return (1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])).float()
     if trained_betas is not None:
         betas = torch.tensor(np.asarray(trained_betas, dtype=np.float64), dtype=torch.float32)
     elif beta_schedule == "linear":
@@ -71,17 +80,31 @@ def alphas_cumprod_from_config(
     beta_schedule: str = "linear",
     trained_betas: list[float] | np.ndarray | None = None,
     rescale_betas_zero_snr: bool = False,
+    snr_shift_scale: float = 1.0,
 ) -> np.ndarray:
     """``ᾱ`` as float64, bit-identical to diffusers' float32 ``alphas_cumprod`` for the same config.
+
+    ``snr_shift_scale = s`` is CogVideoX's SNR shift (``CogVideoXDDIMScheduler`` / ``CogVideoXDPMScheduler``):
+    ``ᾱ ← ᾱ / (s + (1 - s) ᾱ)``, which divides every SNR ``ᾱ / (1 - ᾱ)`` by ``s``, applied to ``ᾱ`` (in float64)
+    before the zero-terminal-SNR rescale, as those schedulers do.
 
     With ``rescale_betas_zero_snr`` the last ``ᾱ`` is 0 (Lin et al. 2024, Alg. 1). diffusers then clamps it to
     ``2⁻²⁴`` so that ``ρ`` stays finite. With many train steps the one before it is already below ``2⁻²⁴``, so the
     clamp is ``min(2⁻²⁴, ᾱ_{T-2}² / ᾱ_{T-3})`` (log-linear extrapolation): ``ρ`` stays finite and strictly increasing.
     The model sees ``x_T`` at ``α ≈ 0`` either way; the sampler's first ``x̂0`` is that of a ``v``-model at SNR 0.
     """
-    betas = betas_from_config(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                              rescale_betas_zero_snr)
-    ac = torch.cumprod(1.0 - betas, dim=0).double().numpy()
+    if snr_shift_scale != 1.0:
+        betas = betas_from_config(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas).double()
+        ac = torch.cumprod(1.0 - betas, dim=0)
+        ac = ac / (snr_shift_scale + (1 - snr_shift_scale) * ac)
+        if rescale_betas_zero_snr:  # Lin et al. 2024, Alg. 1 on sqrt(ᾱ)
+            root = ac.sqrt()
+            ac = ((root - root[-1]) * (root[0] / (root[0] - root[-1]))) ** 2
+        ac = ac.numpy()
+    else:
+        betas = betas_from_config(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                  rescale_betas_zero_snr)
+        ac = torch.cumprod(1.0 - betas, dim=0).double().numpy()
     if rescale_betas_zero_snr:
         ac[-1] = min(2.0**-24, ac[-2] ** 2 / ac[-3]) if ac.size >= 3 else 2.0**-24
     return ac
@@ -210,4 +233,44 @@ class FlowSchedule(NoiseSchedule):
         """Dyadic pieces ``1 - s ∈ [2^-k-1, 2^-k]`` towards the pole of ``ρ`` at ``s = 1``: each piece is at least its
         own length away from the pole, so Gauss-Legendre converges geometrically on it."""
         inner = self.num_train_timesteps * (1 - 2.0 ** -np.arange(1, 60))
+        return np.concatenate([[lo], inner[(inner > lo) & (inner < hi)], [hi]])
+
+
+class EDMSchedule(NoiseSchedule):
+    """EDM noise levels in VP coordinates: ``x_VP = x_EDM / sqrt(1+σ²)`` (what diffusers' Euler ``scale_model_input``
+    feeds the model), so ``ρ = σ``, ``α = (1+ρ²)^-½``, and EDM's v-prediction is the VP one. The model time is
+    ``t = ln(ρ)/4`` on ``[ln(sigma_min)/4, ln(sigma_max)/4]`` (Karras et al. 2022, Table 1, ``c_noise``); below
+    ``t_min`` ``ρ`` falls linearly to 0 at ``t_min - 1``, as :class:`VPSchedule` does below ``t = 0``."""
+
+    kind = "vp"
+
+    def __init__(self, sigma_min: float, sigma_max: float, num_train_timesteps: int = 1000) -> None:
+        if not (0 < sigma_min < sigma_max and math.isfinite(sigma_max)):
+            raise ValueError(f"EDM needs 0 < sigma_min < sigma_max < inf, got {sigma_min!r}, {sigma_max!r}")
+        self.rho_min, self.rho_max = float(sigma_min), float(sigma_max)
+        self.t_min, self.t_max = math.log(self.rho_min) / 4, math.log(self.rho_max) / 4
+        self.t_clean = self.t_min - 1.0
+        self.num_train_timesteps = int(num_train_timesteps)
+
+    def rho(self, t: np.ndarray | float) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64)
+        return np.where(t < self.t_min, self.rho_min * (t - self.t_clean), np.exp(4 * np.maximum(t, self.t_min)))
+
+    def drho_dt(self, t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64)
+        return np.where(t < self.t_min, self.rho_min, 4 * self.rho(t))
+
+    def t_of_rho(self, rho: np.ndarray | float) -> np.ndarray:
+        rho = np.asarray(rho, dtype=np.float64)
+        inside = np.log(np.maximum(rho, self.rho_min)) / 4
+        return np.where(rho < self.rho_min, rho / self.rho_min + self.t_clean, inside)
+
+    def alpha_sigma(self, rho: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+        rho = np.asarray(rho, dtype=np.float64)
+        alpha = 1 / np.sqrt(1 + rho * rho)
+        return alpha, rho * alpha
+
+    def breakpoints(self, lo: float, hi: float) -> np.ndarray:
+        """Pieces of ``Δt = 1/4`` (``ρ`` grows by ``e`` on each) above ``t_min``, and the linear piece below it."""
+        inner = np.concatenate([[self.t_min], self.t_min + 0.25 * np.arange(1, math.ceil(4 * (hi - self.t_min)) + 1)])
         return np.concatenate([[lo], inner[(inner > lo) & (inner < hi)], [hi]])

@@ -88,6 +88,8 @@ class DCSolverScheduler(DEISScheduler):
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
+        snr_shift_scale: float = 1.0,
+        timestep_type: str = "discrete",
         shift: float = 1.0,
         use_dynamic_shifting: bool = False,
         base_shift: float | None = 0.5,

@@ -28,13 +28,21 @@ from .grids import (
     rho_power_grid,
     spacing_timesteps,
 )
-from .schedules import FlowSchedule, NoiseSchedule, VPSchedule, alphas_cumprod_from_config, betas_from_config
+from .schedules import (
+    EDMSchedule,
+    FlowSchedule,
+    NoiseSchedule,
+    VPSchedule,
+    alphas_cumprod_from_config,
+    betas_from_config,
+)
 from .thresholding import dynamic_threshold
 
 __all__ = ["DEISScheduler", "DEISSchedulerOutput"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 TIME_SHIFT_TYPES = ("exponential", "linear")
+TIMESTEP_TYPES = ("discrete", "continuous")
 DEFAULT_GRID_POWER = {"time": 1.5, "rho": 7.0}
 SIGMA_GRID_FLAGS = {"use_karras_sigmas": "rho", "use_exponential_sigmas": "log_rho", "use_beta_sigmas": "beta"}
 OWN_CLASSES = ("DEISScheduler", "DCSolverScheduler")
@@ -86,7 +94,10 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
     ``use_exponential_sigmas`` / ``use_beta_sigmas`` select the ``"rho"`` (κ = 7) / ``"log_rho"`` / ``"beta"`` grid,
     bounded by ``sigma_min``/``sigma_max`` (ρ = σ/α; flow: σ); ``thresholding`` with ``dynamic_thresholding_ratio``
     and ``sample_max_value`` is Imagen's dynamic thresholding of x̂0; ``searched_timesteps`` is a schedule from
-    :func:`samplers.search_schedule`, used by ``set_timesteps`` for its own number of steps.
+    :func:`samplers.search_schedule`, used by ``set_timesteps`` for its own number of steps; ``snr_shift_scale`` is
+    CogVideoX's SNR shift of ``ᾱ`` (:func:`samplers.schedules.alphas_cumprod_from_config`); ``timestep_type=
+    "continuous"`` with v-prediction is EDM's ``c_noise = ln(σ)/4`` on ``[sigma_min, sigma_max]`` as diffusers' Euler
+    has it (Stable Video Diffusion; :class:`~samplers.schedules.EDMSchedule`).
 
     Every grid ends with a step to σ = 0 exactly. ``num_inference_steps`` counts steps: one model evaluation each for
     the multistep methods, ``deis_order`` stages for `"rhork"` (``self.order``; RK4's last step has 3).
@@ -111,6 +122,8 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
+        snr_shift_scale: float = 1.0,
+        timestep_type: str = "discrete",
         shift: float = 1.0,
         use_dynamic_shifting: bool = False,
         base_shift: float | None = 0.5,
@@ -164,6 +177,11 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"time_grid_power must be None or a finite number > 0, got {power!r}")
         if cfg.timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {cfg.timestep_spacing!r}")
+        if cfg.timestep_type not in TIMESTEP_TYPES:
+            raise ValueError(f"timestep_type must be one of {TIMESTEP_TYPES}, got {cfg.timestep_type!r}")
+        if self.is_edm and cfg.time_grid == "spacing" and not any(cfg.get(k) for k in SIGMA_GRID_FLAGS):
+            raise ValueError("time_grid='spacing' spaces discrete train timesteps; continuous (EDM) timesteps take "
+                             "the 'time', 'rho', 'log_rho' or 'beta' grid")
         if cfg.time_shift_type not in TIME_SHIFT_TYPES:
             raise ValueError(f"time_shift_type must be one of {TIME_SHIFT_TYPES}, got {cfg.time_shift_type!r}")
         flags = [k for k in SIGMA_GRID_FLAGS if cfg.get(k)]
@@ -174,26 +192,36 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
         if not cfg.sample_max_value >= 1:
             raise ValueError(f"sample_max_value must be >= 1, got {cfg.sample_max_value!r}")
         if cfg.prediction_type == "flow_prediction":
-            if cfg.trained_betas is not None or cfg.rescale_betas_zero_snr:
-                raise ValueError("trained_betas and rescale_betas_zero_snr describe a VP schedule; "
+            if cfg.trained_betas is not None or cfg.rescale_betas_zero_snr or cfg.snr_shift_scale != 1:
+                raise ValueError("trained_betas and rescale_betas_zero_snr describe a VP schedule (as does "
+                                 f"snr_shift_scale, here {cfg.snr_shift_scale!r}); "
                                  "prediction_type='flow_prediction' uses σ = t/T (leave them unset)")
             self.schedule: NoiseSchedule = FlowSchedule(cfg.num_train_timesteps)
             self.betas = None
             self.alphas_cumprod = None
         else:
+            s = cfg.snr_shift_scale
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s > 0):
+                raise ValueError(f"snr_shift_scale must be a finite number > 0, got {s!r}")
             args = (cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.trained_betas,
-                    cfg.rescale_betas_zero_snr)
+                    cfg.rescale_betas_zero_snr, float(s))
             self.betas = betas_from_config(*args)
             ac = alphas_cumprod_from_config(*args)
             self.schedule = VPSchedule(ac)
+            if self.is_edm:  # as diffusers' Euler: σ from sigma_min/max, else the alphas_cumprod range
+                vp = self.schedule
+                lo = float(vp.rho(0.0)) if cfg.sigma_min is None else float(cfg.sigma_min)
+                hi = float(vp.rho(vp.t_max)) if cfg.sigma_max is None else float(cfg.sigma_max)
+                self.schedule = EDMSchedule(lo, hi, cfg.num_train_timesteps)
             self.alphas_cumprod = torch.from_numpy(ac).float()
         self._check_sigma_bounds()
         if cfg.searched_timesteps is not None:
             self._user_timesteps(cfg.searched_timesteps)  # validates
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
-        T = self.schedule.num_train_timesteps
-        self.timesteps = torch.from_numpy(np.arange(T)[::-1].astype(np.float32))
+        T, sch = self.schedule.num_train_timesteps, self.schedule
+        ts = np.linspace(sch.t_max, sch.t_min, T) if self.is_edm else np.arange(T)[::-1]  # before set_timesteps
+        self.timesteps = torch.from_numpy(ts.astype(np.float32))
         self.sigmas = torch.from_numpy(self.schedule.rho(self.timesteps.double().numpy()).astype(np.float32))
         self._begin_index: int | None = None
 
@@ -207,13 +235,13 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
 
     def _check_sigma_bounds(self) -> None:
         cfg = self.config
-        if cfg.sigma_min is None and cfg.sigma_max is None:
+        if (cfg.sigma_min is None and cfg.sigma_max is None) or self.is_edm:  # EDM: they define the schedule
             return
         if self._grid_kind()[0] not in ("rho", "log_rho", "beta"):
             raise ValueError("sigma_min/sigma_max bound the 'rho', 'log_rho' and 'beta' grids (or use_karras_sigmas, "
                              f"use_exponential_sigmas, use_beta_sigmas); time_grid={cfg.time_grid!r} has no σ range")
         sch = self.schedule
-        lo, hi = (0.0, 1.0) if self.is_flow else (float(sch.rho(0.0)), float(sch.rho(sch.t_max)))
+        lo, hi = (0.0, 1.0) if self.is_flow else (float(sch.rho(sch.t_min)), float(sch.rho(sch.t_max)))
         for name in ("sigma_min", "sigma_max"):
             v = cfg.get(name)
             if v is not None and not (isinstance(v, (int, float)) and lo * (1 - 1e-6) <= v <= hi * (1 + 1e-6)
@@ -234,6 +262,12 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
     @property
     def is_flow(self) -> bool:
         return self.schedule.kind == "flow"
+
+    @property
+    def is_edm(self) -> bool:
+        """Continuous EDM timesteps ``ln(σ)/4`` (diffusers' Euler ``timestep_type="continuous"`` with v-prediction:
+        Stable Video Diffusion), see :class:`~samplers.schedules.EDMSchedule`."""
+        return self.config.timestep_type == "continuous" and self.config.prediction_type == "v_prediction"
 
     @property
     def step_index(self) -> int | None:
@@ -294,11 +328,11 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
                 rho_min = cfg.sigma_min / (1 - cfg.sigma_min)
         else:
             if grid == "time":
-                return power_grid(sch.t_max, 0.0, n, kappa)
+                return power_grid(sch.t_max, sch.t_min, n, kappa)
             if grid == "spacing":
                 return spacing_timesteps(n, sch.num_train_timesteps, cfg.timestep_spacing, cfg.steps_offset)
             rho_max = float(sch.rho(sch.t_max)) if cfg.sigma_max is None else float(cfg.sigma_max)
-            rho_min = float(sch.rho(0.0)) if cfg.sigma_min is None else float(cfg.sigma_min)
+            rho_min = float(sch.rho(sch.t_min)) if cfg.sigma_min is None else float(cfg.sigma_min)
         if grid == "rho":
             rhos = rho_power_grid(rho_max, rho_min, n, kappa)
         elif grid == "beta":
@@ -309,7 +343,7 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
 
     def _user_timesteps(self, timesteps: Any) -> np.ndarray:
         ts = np.asarray(torch.as_tensor(timesteps).detach().cpu().double().numpy(), dtype=np.float64).reshape(-1)
-        lo, hi = (0.0, self.schedule.t_max)
+        lo, hi = (self.schedule.t_min, self.schedule.t_max)
         if ts.size == 0 or not np.all(np.isfinite(ts)) or np.any(ts < lo) or np.any(ts > hi):
             raise ValueError(f"timesteps must be finite values in [{lo:g}, {hi:g}], got {ts.tolist()}")
         if self.is_flow and np.any(ts <= 0):
@@ -326,7 +360,7 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
             if np.any(s > 1):
                 raise ValueError(f"flow sigmas must lie in (0, 1], got {s.tolist()}")
             return self._flow_sigmas_to_t(flow_shift(s, self._flow_scale(mu)))
-        rho_lo, rho_hi = float(self.schedule.rho(0.0)), float(self.schedule.rho(self.schedule.t_max))
+        rho_lo, rho_hi = float(self.schedule.rho(self.schedule.t_min)), float(self.schedule.rho(self.schedule.t_max))
         if np.any(s < rho_lo * (1 - 1e-6)) or np.any(s > rho_hi * (1 + 1e-6)):
             raise ValueError(f"sigmas (ρ = σ/α) must lie in [{rho_lo:.6g}, {rho_hi:.6g}] for this schedule")
         return self.schedule.t_of_rho(np.clip(s, rho_lo, rho_hi))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmq.calibration import CONTEXT
+from dmq.calibration import CONTEXT, layer_input
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +88,12 @@ def capture(model: nn.Module, run_loop: Callable[[], None], modules: dict[str, n
     res = {n: Reservoir(rows, gen) for n in modules}
 
     def hook(name: str):
-        def pre(mod: nn.Module, args: tuple) -> None:
+        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             if CONTEXT.observe:  # the step policy accepted this backbone call
-                res[name].add(layer_rows(mod, args[0], max_samples, gen))
+                res[name].add(layer_rows(mod, layer_input(args, kwargs), max_samples, gen))
         return pre
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in modules.items()]
     try:
         run_loop()
     finally:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from dmq.calibration import CONTEXT
+from dmq.calibration import CONTEXT, layer_input
 from dmq.rounding.layer import requantize_rtn, target_weight
 from dmq.transforms.lowrank import low_rank
 from dmq.transforms.rotation import block_hadamard, hadamard, random_orthogonal, rotation_matrix
@@ -42,12 +42,12 @@ def smooth(model: nn.Module, state: QuantState, run_loop: Callable[[], None], re
     stats = {n: ChannelStats(512, gen, *cfg.timestep_range) for n in needed}
 
     def hook(name):
-        def pre(mod, args):
+        def pre(mod, args, kwargs):
             if CONTEXT.observe:
-                stats[name].add(args[0])
+                stats[name].add(layer_input(args, kwargs))
         return pre
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in needed]
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in needed]
     try:
         run_loop()
     finally:

@@ -215,3 +215,44 @@ def test_sdpa_processors_are_quantized_and_restored(one_thread):
     with torch.no_grad():
         for t in ref:
             assert torch.equal(model(**x, timestep=torch.tensor([t])).sample, ref[t])
+
+
+def _cogvideox():
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    model = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                        time_embed_dim=8, text_embed_dim=16, num_layers=1, sample_width=2,
+                                        sample_height=2, sample_frames=5, patch_size=2, max_text_seq_length=4).eval()
+    g = torch.Generator().manual_seed(1)
+    x = {"hidden_states": torch.randn(1, 2, 4, 4, 4, generator=g),
+         "encoder_hidden_states": torch.randn(1, 4, 16, generator=g)}
+    return model, x
+
+
+def test_processors_calling_sdpa_themselves_are_quantized(one_thread):
+    """CogVideoX's processor calls F.scaled_dot_product_attention itself: quantized through its module's F, the
+    processor untouched; other models with that processor module keep the fused SDPA bit for bit; restore is exact."""
+    model, x = _cogvideox()
+    proc = next(m.processor for m in model.modules() if hasattr(m, "processor"))
+    assert attention.kind(proc) == "sdpa"
+    with torch.no_grad():
+        ref = {t: model(**x, timestep=torch.tensor([t])).sample for t in (100, 900)}
+    plain, _ = _cogvideox()
+    cfg = dmq.QuantConfig(weight=None, attn=dmq.QuantSpec("int8", timestep_bins=2), keep_fp=())
+    q = dmq.quantize(model, cfg)
+    assert len(q._dmq.attention) == 1 and type(q.get_submodule(q._dmq.attention[0]).processor) is type(proc)
+    dmq.freeze(dmq.calibrate(q, lambda m: [m(**x, timestep=torch.tensor([t])) for t in (100, 900)]))
+    calls = []
+    probs = q.get_submodule(q._dmq.attention[0]).matmul_quantizers.probs
+    probs.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with torch.no_grad():
+        out = {t: q(**x, timestep=torch.tensor([t])).sample for t in (100, 900)}
+        assert torch.equal(plain(**x, timestep=torch.tensor([100])).sample, ref[100])  # the original SDPA
+    assert len(calls) == 2
+    for t in out:
+        assert 30 < sqnr(ref[t], out[t]) < 200
+    dmq.restore(q)
+    with torch.no_grad():
+        for t in ref:
+            assert torch.equal(model(**x, timestep=torch.tensor([t])).sample, ref[t])

@@ -105,3 +105,32 @@ def test_memory_does_not_grow_with_calibration_points():
     size = dmq.summary(model)["observer_bytes"]
     dmq.calibrate(model, lambda m: [m(x * 50, i % 1000) for i in range(0, 5000, 7)])
     assert dmq.summary(model)["observer_bytes"] == size
+
+
+class _KeywordInputs(torch.nn.Module):
+    """Layers called with ``input=`` (as AnimateDiff's motion modules call ``proj_in``) or positionally."""
+
+    def __init__(self, keyword: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.keyword = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16), keyword
+
+    def forward(self, x, timestep):
+        if self.keyword:
+            return self.b(input=torch.relu(self.a(input=x)))
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("method", [{"rounding": "gptq"}, {"smooth": 0.5}, {"memory_budget": 6.0}])
+def test_layers_called_with_input_keyword_calibrate_as_positional(method, one_thread):
+    """The hooks that read a layer's input (GPTQ's cache, SmoothQuant's statistics, the budget's second moments)
+    see ``input=`` calls too: the quantized model equals the one called positionally, bit for bit."""
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    cfg = dmq.get_config("w4a8").replace(keep_fp=(), **method)
+    outs = []
+    for keyword in (True, False):
+        model = dmq.quantize(_KeywordInputs(keyword), cfg)
+        dmq.freeze(dmq.calibrate(model, lambda m: [m(x, t) for t in (100, 700)]))
+        with torch.no_grad():
+            outs.append(model(x, 300))
+    assert torch.equal(outs[0], outs[1]) and sqnr(_KeywordInputs(False)(x, 300).detach(), outs[0]) > 15

@@ -6,6 +6,8 @@ bit."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -55,6 +57,9 @@ def test_family_end_to_end(family, config, tmp_path, one_thread):
         hi_t, lo_t = rec.denoisers["transformer"]["timesteps"], rec.denoisers["transformer_2"]["timesteps"]
         boundary = 0.6 * 1000
         assert min(hi_t) >= boundary > max(lo_t)
+    if family == "svd":  # EDM's c_noise = log(sigma)/4 over the Karras sigmas [0.002, 700]: the bins span it
+        lo, hi = rec.denoisers["unet"]["timestep_range"]
+        assert lo == pytest.approx(math.log(0.002) / 4, rel=1e-6) and hi == pytest.approx(math.log(700) / 4, rel=1e-6)
     save_quantized(rep.pipe, tmp_path / "q")
     loaded = load_quantized(tmp_path / "q")
     loaded.set_progress_bar_config(disable=True)

@@ -113,3 +113,20 @@ def test_dc_solver_reads_a_search_dc_file():
     assert s.dc_ratios == pytest.approx(expected, rel=0, abs=0)
     images = pipe([3], num_inference_steps=5, output_type="pt").images
     assert torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("name", ["deis", "dc-solver"])
+def test_edm_schedulers_keep_their_meaning_or_are_refused(name):
+    """SVD's Euler (continuous c_noise = ln(σ)/4, v-prediction) becomes an EDM-form DEIS / DC-Solver with the same σ
+    range; EDM's sigma_data-preconditioned schedulers are refused with the reason, the pipeline unchanged."""
+    from diffusers import EDMEulerScheduler
+
+    src = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                 prediction_type="v_prediction", sigma_min=0.002, sigma_max=700.0,
+                                 timestep_type="continuous", use_karras_sigmas=True)
+    s = use_sampler(make_pipe(src), name).scheduler
+    assert s.is_edm and (s.schedule.rho_min, s.schedule.rho_max) == (0.002, 700.0)
+    pipe = make_pipe(EDMEulerScheduler())
+    with pytest.raises(ValueError, match="preconditions the model with EDM's sigma_data=0.5"):
+        use_sampler(pipe, name)
+    assert isinstance(pipe.scheduler, EDMEulerScheduler)

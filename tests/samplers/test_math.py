@@ -53,6 +53,38 @@ def test_zero_terminal_snr_schedule(cfg):
     assert np.isfinite(sch.rho(999.0)) and sch.rho(999.0) > 1e3
 
 
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_cogvideox_snr_shift_schedule(zero_snr):
+    """CogVideoX's snr_shift_scale s divides every SNR by s (before the zero-terminal-SNR rescale): the DEIS and
+    DC-Solver schedules built from a CogVideoX scheduler's config match its float64 ᾱ (which it computes from float64
+    betas: 3e-7 relative from ours in float32), and the betas reproduce that ᾱ."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    from samplers import DCSolverScheduler, DEISScheduler
+    from samplers.schedules import betas_from_config
+
+    cfg = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "snr_shift_scale": 3.0,
+           "rescale_betas_zero_snr": zero_snr, "prediction_type": "v_prediction"}
+    src = CogVideoXDDIMScheduler(**cfg)
+    ref = src.alphas_cumprod.double().numpy()
+    plain = alphas_cumprod_from_config(**{k: cfg[k] for k in ("beta_schedule", "beta_start", "beta_end")})
+    end = -1 if zero_snr else None  # the zero-SNR ᾱ_T = 0 is clamped (test_zero_terminal_snr_schedule)
+    for cls in (DEISScheduler, DCSolverScheduler):
+        sch = cls.from_config(src.config)
+        ac = sch.alphas_cumprod.double().numpy()
+        head = ref[:999]  # ρ = sqrt((1 - ᾱ) / ᾱ) up to t = 998 (ᾱ_999 is 0 with zero terminal SNR)
+        np.testing.assert_allclose(sch.schedule.rho(np.arange(999.0))[:end], np.sqrt((1 - head) / head)[:end],
+                                   rtol=1e-6)
+        np.testing.assert_allclose(ac[:end], ref[:end], rtol=1e-6)
+    if not zero_snr:  # SNR / 3 (up to float32 vs float64 betas, amplified by 1 - ᾱ ≈ 1e-3 at t = 0)
+        np.testing.assert_allclose(ref / (1 - ref), plain / (1 - plain) / 3, rtol=1e-4)
+    args = (1000, 0.00085, 0.012, "scaled_linear", None, zero_snr, 3.0)
+    betas = betas_from_config(*args).double()
+    np.testing.assert_allclose(torch.cumprod(1 - betas, 0).numpy(), alphas_cumprod_from_config(*args), rtol=1e-5)
+    with pytest.raises(ValueError, match="snr_shift_scale must be a finite number > 0"):
+        DEISScheduler(snr_shift_scale=0.0)
+
+
 @pytest.mark.parametrize("cfg", VP_CONFIGS)
 def test_vp_rho_matches_gmm_denoiser_and_inverts(cfg):
     sch = VPSchedule(alphas_cumprod_from_config(**cfg))
@@ -67,6 +99,27 @@ def test_vp_rho_matches_gmm_denoiser_and_inverts(cfg):
     tt = t[(t % 1 > 1e-3) & (t % 1 < 1 - 1e-3)]
     num = (sch.rho(tt + 1e-6) - sch.rho(tt - 1e-6)) / 2e-6
     np.testing.assert_allclose(sch.drho_dt(tt), num, rtol=1e-6)
+
+
+def test_edm_schedule_closed_forms():
+    """EDM in VP form: t = ln(ρ)/4 on [ln σ_min/4, ln σ_max/4], linear to ρ = 0 at t_min - 1; α = (1+ρ²)^-½."""
+    from samplers.schedules import EDMSchedule
+
+    sch = EDMSchedule(0.002, 700.0)
+    assert sch.t_min == math.log(0.002) / 4 and sch.t_max == math.log(700.0) / 4 and sch.t_clean == sch.t_min - 1
+    t = np.linspace(sch.t_clean, sch.t_max, 101)
+    np.testing.assert_allclose(sch.t_of_rho(sch.rho(t)), t, atol=1e-12)
+    inside = t[t > sch.t_min]
+    np.testing.assert_allclose(sch.rho(inside), np.exp(4 * inside), rtol=1e-14)
+    assert sch.rho(sch.t_clean) == 0.0 and sch.rho(sch.t_min) == pytest.approx(0.002, rel=1e-14)
+    num = (sch.rho(t + 1e-7) - sch.rho(t - 1e-7)) / 2e-7
+    keep = np.abs(t - sch.t_min) > 1e-6
+    np.testing.assert_allclose(sch.drho_dt(t)[keep], num[keep], rtol=1e-6)
+    a, s = sch.alpha_sigma(sch.rho(inside))
+    np.testing.assert_allclose(a * a + s * s, 1.0, rtol=1e-14)
+    bp = sch.breakpoints(sch.t_clean, sch.t_max)
+    assert bp[0] == sch.t_clean and bp[-1] == sch.t_max and sch.t_min in bp
+    assert np.all(np.diff(bp[bp >= sch.t_min]) <= 0.25 + 1e-12)  # ρ grows by at most e on a piece
 
 
 def test_flow_schedule_closed_forms():

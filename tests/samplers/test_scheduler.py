@@ -373,3 +373,49 @@ def test_drop_in_for_a_diffusers_pipeline(method):
     pipe.set_progress_bar_config(disable=True)
     image = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
     assert np.isfinite(image.images).all() and image.images.shape == (2, 8, 8, 1)
+
+
+# Stable Video Diffusion's scheduler_config.json: EDM's continuous timesteps through diffusers' Euler
+SVD = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "interpolation_type": "linear",
+       "num_train_timesteps": 1000, "prediction_type": "v_prediction", "sigma_max": 700.0, "sigma_min": 0.002,
+       "steps_offset": 1, "timestep_spacing": "leading", "timestep_type": "continuous", "trained_betas": None,
+       "use_karras_sigmas": True}
+
+
+def _gauss_v(c):
+    def v_model(x, t):  # the exact v-prediction for data N(0, c²) at ρ = exp(4 t)
+        rho = math.exp(4 * float(t))
+        a, s = 1 / math.sqrt(1 + rho * rho), rho / math.sqrt(1 + rho * rho)
+        x0 = a * c * c * x / (a * a * c * c + s * s)
+        return a * (x - a * x0) / s - s * x0
+    return v_model
+
+
+@pytest.mark.parametrize("cls", ["deis", "dc-solver"])
+def test_edm_continuous_timesteps_reach_the_exact_sample(cls):
+    """DEIS and DC-Solver run SVD's EDM schedule in VP form: the model receives c_noise = ln(σ)/4 on Euler's own
+    Karras grid, and on Gaussian data N(0, c²) they converge at high order to the exact probability-flow solution
+    x0 = x_T sqrt(1 + σ_max²) c / sqrt(c² + σ_max²) (y = x/α, dy/dρ = ρ y / (c² + ρ²)), far ahead of Euler."""
+    from samplers import DCSolverScheduler
+
+    src = EulerDiscreteScheduler(**SVD)
+    new = (DEISScheduler if cls == "deis" else DCSolverScheduler).from_config
+    sch = new(src.config)
+    src.set_timesteps(20)
+    sch.set_timesteps(20)
+    np.testing.assert_allclose(sch.timesteps.double().numpy(), src.timesteps.double().numpy(), rtol=1e-5)
+    assert sch.timesteps[0] == pytest.approx(math.log(700) / 4) and sch.timesteps[-1] == pytest.approx(
+        math.log(0.002) / 4)
+    c, noise = 0.5, randn(4, 8)
+    exact = noise * math.sqrt(1 + 700.0**2) * c / math.sqrt(c * c + 700.0**2)
+    model = _gauss_v(c)
+
+    def error(sched, n):
+        sched.set_timesteps(n)
+        x = noise * sched.init_noise_sigma
+        for t in sched.timesteps:
+            x = sched.step(model(sched.scale_model_input(x, t), t), t, x).prev_sample
+        return float((x - exact).abs().max() / exact.abs().max())
+
+    e40, e80 = error(new(src.config), 40), error(new(src.config), 80)
+    assert e80 < e40 / 4 and e40 < error(EulerDiscreteScheduler(**SVD), 40) / 5 and e80 < 2e-3
