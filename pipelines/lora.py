@@ -36,10 +36,12 @@ def _check_int(name: str, value: Any, lo: int) -> int:
 
 def add_lora(backbone: torch.nn.Module, rank: int = 8, alpha: float | None = None,
              target_modules: Sequence[str] = DEFAULT_TARGETS, adapter_name: str = "default",
-             init_lora_weights: bool = True) -> LoraConfig:
+             init_lora_weights: bool = True, seed: int | None = 0) -> LoraConfig:
     """Add a rank-``rank`` LoRA (scale ``alpha / rank``; ``alpha`` defaults to ``rank``) to ``backbone`` in place and
     return its config. ``init_lora_weights=True`` starts with ``B = 0`` (the output is unchanged), as for training.
-    Only the adapter's parameters are left trainable."""
+    Only the adapter's parameters are left trainable. The random initialisation draws from
+    ``torch.manual_seed(seed)`` inside a forked RNG (the global state is left as it was); ``seed=None`` draws from the
+    global generator."""
     _check_int("rank", rank, 1)
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
         raise ValueError(f"alpha must be a number > 0 or None, got {alpha!r}")
@@ -47,7 +49,10 @@ def add_lora(backbone: torch.nn.Module, rank: int = 8, alpha: float | None = Non
         raise ValueError(f"target_modules must be a non-empty list of module-name suffixes, got {target_modules!r}")
     config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=list(target_modules),
                         init_lora_weights=init_lora_weights)
-    inject_adapter_in_model(config, backbone, adapter_name=adapter_name)  # peft: ValueError if no target matches
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        inject_adapter_in_model(config, backbone, adapter_name=adapter_name)  # peft: ValueError if no target matches
     for name, p in backbone.named_parameters():
         p.requires_grad_(f"lora_A.{adapter_name}." in name or f"lora_B.{adapter_name}." in name)
     return config
@@ -60,7 +65,8 @@ def lora_layers(backbone: torch.nn.Module) -> list[BaseTunerLayer]:
 
 def lora_state_dict(backbone: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's weights (peft's naming, adapter name stripped), detached copies."""
-    state = get_peft_model_state_dict(backbone, adapter_name=adapter_name)
+    state = get_peft_model_state_dict(backbone, adapter_name=adapter_name) if any(
+        adapter_name in getattr(m, "lora_A", {}) for m in lora_layers(backbone)) else {}
     if not state:
         raise ValueError(f"backbone has no LoRA adapter named {adapter_name!r}")
     return {k: v.detach().clone() for k, v in state.items()}
@@ -156,23 +162,22 @@ def train_lora(
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses: list[float] = []
-    was_training = model.training
-    model.train()
-    try:
-        for _ in tqdm(range(steps), desc="LoRA fine-tune", disable=not progress):
-            idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
-            x0, y = images[idx], labels[idx].clone()
-            y[torch.rand(batch_size, generator=gen) < p_uncond] = pipe.null_class
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=gen)
-            noise = torch.randn(x0.shape, generator=gen)
-            xt = noise_sched.add_noise(x0, noise, t)
+    # eval mode: classifier-free label dropout is done below, from the seeded generator (diffusers' DiT label embedder
+    # would otherwise drop labels again from the global RNG); LoRA dropout is 0
+    model.eval()
+    for _ in tqdm(range(steps), desc="LoRA fine-tune", disable=not progress):
+        idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
+        x0, y = images[idx], labels[idx].clone()
+        y[torch.rand(batch_size, generator=gen) < p_uncond] = pipe.null_class
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = noise_sched.add_noise(x0, noise, t)
+        with torch.enable_grad():
             pred = model(xt.to(device), t.to(device), class_labels=y.to(device)).sample
             loss = F.mse_loss(pred.float(), noise.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-    finally:
-        model.train(was_training)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
     logger.info("train_lora: %d steps, loss %.4f -> %.4f", steps, losses[0], losses[-1])
     return losses

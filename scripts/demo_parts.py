@@ -139,7 +139,6 @@ def lora_part(args: Any, out: Path, classifier: torch.nn.Module, progress: bool)
     losses = lora.train_lora(fp, target, y, args.lora_steps, batch_size=64, lr=args.lora_lr, seed=LORA_SEED,
                         progress=progress)
     train_s = time.perf_counter() - t0
-    fp.backbone.eval()
     lora.load_lora(q.backbone, lora.lora_state_dict(fp.backbone), config)
 
     images, eps = {}, {}
