@@ -235,8 +235,9 @@ def print_extras(extras: dict) -> None:
         print(f"  LoRA effect on {p} vs on FP: relative error {r['image_effect_rel_error']:.3f} (images), "
               f"{r['eps_effect_rel_error']:.3f} (eps); class accuracy with LoRA: FP "
               f"{r['class_accuracy']['fp+lora']:.2f}, {p} {r['class_accuracy'][p + '+lora']:.2f}")
-        print(f"  fused vs unfused: max rel diff {r['fused_vs_unfused_max_rel']:.1e}; unfuse restores the bits: "
-              f"{r['unfuse_restores_bits']}")
+        for k, f in r["fusion"].items():
+            print(f"  {k}: fused vs unfused eps: max {f['fused_vs_unfused_max_rel']:.1e} of the largest, relative "
+                  f"{f['fused_vs_unfused_rel']:.1e}; unfuse restores the bits: {f['unfuse_restores_bits']}")
         lat = r["latency"]
         print(f"  backbone latency (batch {lat['batch']}): {p}+LoRA {lat['ms'][p + '+lora']:.1f} ms vs FP+LoRA "
               f"{lat['ms']['fp+lora']:.1f} ms (x{lat['quantized_lora_vs_fp_lora']:.2f}); LoRA overhead FP "

@@ -152,13 +152,20 @@ def lora_part(args: Any, out: Path, classifier: torch.nn.Module, progress: bool)
     d_fp, d_q = images["fp+lora"] - images["fp"], images[f"{preset}+lora"] - images[preset]
     e_fp, e_q = eps["fp+lora"] - eps["fp"], eps[f"{preset}+lora"] - eps[preset]
 
-    # fuse / unfuse on the quantized model: the delta goes to the 16-bit side branch, the packed codes stay
-    unfused = eps[f"{preset}+lora"]
-    layers = lora.fuse_lora(q.backbone)
-    fused = _eps(q.backbone, probe)
-    fused_images = sample(q, n, nfe, g, args.seed)
-    lora.unfuse_lora(q.backbone)
-    restored = _eps(q.backbone, probe)
+    # fuse / unfuse: on the quantized model the delta goes to the 16-bit side branch, the packed codes stay
+    fusion = {}
+    for name, pipe in (("fp", fp), (preset, q)):
+        unfused = eps[f"{name}+lora"]
+        layers = lora.fuse_lora(pipe.backbone)
+        fused = _eps(pipe.backbone, probe)
+        fused_images = sample(pipe, n, nfe, g, args.seed) if name != "fp" else None
+        lora.unfuse_lora(pipe.backbone)
+        fusion[name] = {"layers": layers, "fused_vs_unfused_max_rel": float((fused - unfused).abs().max()
+                                                                            / unfused.abs().max()),
+                        "fused_vs_unfused_rel": _rel(fused, unfused),
+                        "unfuse_restores_bits": bool(torch.equal(_eps(pipe.backbone, probe), unfused))}
+        if fused_images is not None:
+            fusion[name]["fused_images_psnr_vs_unfused"] = float(psnr(fused_images, images[f"{name}+lora"]))
 
     latency = _lora_latency(fp.backbone, q.backbone, preset, reps=args.lora_reps)
     draw_grid([("bold training digits (target)", (target[[int((y == c).nonzero()[0]) for c in range(10)]] + 1) / 2),
@@ -170,15 +177,13 @@ def lora_part(args: Any, out: Path, classifier: torch.nn.Module, progress: bool)
         "rank": args.lora_rank, "targets": targets, "train_steps": args.lora_steps, "batch_size": 64,
         "lr": args.lora_lr, "train_seconds": train_s, "calibration_seconds": calib_s,
         "loss_first_10": statistics.fmean(losses[:10]), "loss_last_10": statistics.fmean(losses[-10:]),
-        "lora_layers": layers,
+        "lora_layers": fusion["fp"]["layers"],
         "ink": ink, "ink_data": {"digits": float(((x + 1) / 2).mean()), "bold": float(((target + 1) / 2).mean())},
         "class_accuracy": {k: class_accuracy(v, labels, classifier) for k, v in images.items()},
         "image_effect_rel_error": _rel(d_q, d_fp), "image_effect_cosine": _cos(d_q, d_fp),
         "eps_effect_rel_error": _rel(e_q, e_fp), "eps_effect_cosine": _cos(e_q, e_fp),
         "quantization_rel_error_eps": _rel(eps[preset], eps["fp"]),
-        "fused_vs_unfused_max_rel": float((fused - unfused).abs().max() / unfused.abs().max()),
-        "fused_images_psnr_vs_unfused": float(psnr(fused_images, images[f"{preset}+lora"])),
-        "unfuse_restores_bits": bool(torch.equal(restored, unfused)),
+        "fusion": fusion,
         "latency": latency,
     }
 
