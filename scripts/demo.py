@@ -1,10 +1,12 @@
-"""`make demo`: quantize the bundled digit U-Net and DiT, sample them with fast samplers, evaluate.
+"""`make demo`: quantize the bundled digit U-Net and DiT, sample them with fast samplers, evaluate; then a LoRA on a
+quantized model, a searched schedule against the default grid, and a Flux replica quantized and sampled.
 
-    python scripts/demo.py                                   # everything (about 10 minutes on 2 cores)
+    python scripts/demo.py                                   # everything (under 10 minutes on 2 cores)
     python scripts/demo.py --models dit --presets w8a8 --samplers deis --nfe 5 --num-samples 50
+    python scripts/demo.py --parts lora flux                 # only some parts
     make demo ARGS="--models unet --nfe 10"
 
-For each model:
+Part ``quant``, for each model:
 
 1. A full-precision reference: DPM-Solver++ (diffusers), ``--ref-nfe`` (50) steps.
 2. Full precision and each preset (``pipelines.quantize_pipeline``: timestep-aware calibration through the pipeline,
@@ -14,10 +16,17 @@ For each model:
 4. FID against the 360 held-out digits in the bundled classifier's feature space, class accuracy by that
    classifier, and PSNR against the full-precision reference at the same seeds.
 
-Prints one table and writes ``OUT/results.json``, ``OUT/grid-<model>.png`` (rows: configurations, columns: the
-classes 0-9, the first sample of each) and ``OUT/error_vs_nfe.png``. DC-Solver ratios come from
-``docs/demo/dc_ratios.json`` or the model's ``dc_cpr.json`` (``scripts/search_dc.py``); a missing entry is searched
-at run time (minutes) and cached in ``OUT/dc_ratios.json``.
+Parts ``lora``, ``schedule`` and ``flux`` (scripts/demo_parts.py): a LoRA fine-tuned on the float model
+(``pipelines.lora``) loaded onto the ``--lora-preset`` model, its effect there against on the float model,
+fuse/unfuse and latency; ``pipelines.search_schedule`` / ``fit_sampler`` at ``--search-nfe`` against the default
+grid, both against the quant part's reference; a random-weight Flux replica (``pipelines.flux_replica``) quantized
+at ``--flux-presets`` and sampled with DEIS and DC-Solver, SQNR against full precision.
+
+Prints the tables and writes ``OUT/results.json`` (the quant rows under ``results``, the other parts under
+``lora``, ``schedule_search`` and ``flux``), ``OUT/grid-<model>.png`` (rows: configurations, columns: the classes
+0-9, the first sample of each), ``OUT/error_vs_nfe.png``, ``OUT/grid-lora.png``, ``OUT/grid-schedule.png`` and
+``OUT/grid-flux.png``. DC-Solver ratios come from ``docs/demo/dc_ratios.json`` or the model's ``dc_cpr.json``
+(``scripts/search_dc.py``); a missing entry is searched at run time (minutes) and cached in ``OUT/dc_ratios.json``.
 """
 
 from __future__ import annotations

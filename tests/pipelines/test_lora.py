@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 import dmq
-from pipelines import DigitsPipeline, load_digits
-from pipelines import lora
+from pipelines import DigitsPipeline, load_digits, lora
 from tests.pipelines.tiny_pipelines import ROOT
 
 
