@@ -124,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-samples", type=int, default=50)
     g.add_argument("--lora-reps", type=int, default=7, help="interleaved latency rounds")
     g = p.add_argument_group("schedule part")
-    g.add_argument("--search-model", default="dit", choices=["unet", "dit"])
+    g.add_argument("--search-model", default="unet", choices=["unet", "dit"])
     g.add_argument("--search-nfe", type=int, default=5)
-    g.add_argument("--search-samplers", nargs="+", default=["deis"], choices=["deis", "dc-solver"],
+    g.add_argument("--search-samplers", nargs="+", default=["deis", "dc-solver"], choices=["deis", "dc-solver"],
                    help="deis: search_schedule; dc-solver: fit_sampler (schedule, then the DC ratios on it)")
     g.add_argument("--search-latents", type=int, default=12, help="search latents (half held out)")
     g = p.add_argument_group("flux part")
