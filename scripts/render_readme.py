@@ -398,12 +398,16 @@ def demo_parts_tables(data: dict) -> list[str]:
     """The demo's newer parts (LoRA on a quantized model, searched schedule, Flux replica), where present."""
     names = {"deis": "DEIS", "dc-solver": "DC-Solver", "dpm++": "DPM-Solver++"}
     lines: list[str] = []
+
+    def ran(part: dict) -> str:  # a part run on its own (not in the command above) names its command
+        return f" (`{part['command']}`, {part['seconds'] / 60:.1f} min)" if "command" in part else ""
     if "lora" in data:
         r = data["lora"]
         p, lat = r["preset"], r["latency"]
         fq, ff = r["fusion"][p], r["fusion"]["fp"]
-        lines += ["", f"**LoRA on a quantized model.** A rank-{r['rank']} LoRA fine-tuned for {r['train_steps']} "
-                  f"steps (batch {r['batch_size']}, {r['train_seconds']:.0f} s) on the float digits-{r['model']} "
+        lines += ["", f"**LoRA on a quantized model**{ran(r)}. A rank-{r['rank']} LoRA fine-tuned for "
+                  f"{r['train_steps']} steps (batch {r['batch_size']}, {r['train_seconds']:.0f} s) on the float "
+                  f"digits-{r['model']} "
                   f"towards bold digits, then loaded onto the {p} model; {names[r['sampler']]} {r['nfe']} steps, "
                   f"{r['num_samples']} samples, same seeds. Ink: mean pixel value (bold training digits "
                   f"{r['ink_data']['bold']:.3f}, plain {r['ink_data']['digits']:.3f}).", "",
@@ -424,7 +428,7 @@ def demo_parts_tables(data: dict) -> list[str]:
                   f"costs x{lat['lora_overhead_fp']:.2f} on FP and x{lat['lora_overhead_quantized']:.2f} on {p}."]
     if "schedule_search" in data:
         r = data["schedule_search"]
-        lines += ["", f"**Searched schedule against the default grid.** digits-{r['model']}, NFE {r['nfe']}, "
+        lines += ["", f"**Searched schedule against the default grid**{ran(r)}. digits-{r['model']}, NFE {r['nfe']}, "
                   f"guidance {r['guidance']:g}, {r['num_samples']} samples (seeds of the table above), error against "
                   f"the full-precision DPM-Solver++ {r['ref_nfe']}-step samples; the search used "
                   f"{r['search_latents']} other latents (half held out).", "",
@@ -440,8 +444,9 @@ def demo_parts_tables(data: dict) -> list[str]:
     if "flux" in data:
         r = data["flux"]
         c = r["config"]
-        lines += ["", f"**A Flux replica, quantized and sampled.** diffusers' `FluxPipeline` with random weights "
-                  f"(`pipelines.flux_replica`: {c['layers']} double-stream + {c['single_layers']} single-stream "
+        lines += ["", f"**A Flux replica, quantized and sampled**{ran(r)}. diffusers' `FluxPipeline` with random "
+                  f"weights (`pipelines.flux_replica`: {c['layers']} double-stream + {c['single_layers']} "
+                  "single-stream "
                   f"blocks, width {c['heads'] * c['head_dim']}, {r['transformer_parameters'] / 1e3:.0f}k parameters, "
                   f"{c['image_size']}x{c['image_size']} images), calibrated on {r['calibration_prompts']} random "
                   f"prompt embeddings, {r['num_samples']} others evaluated at NFE {r['nfe']}. SQNR against the "
