@@ -400,7 +400,10 @@ def demo_parts_tables(data: dict) -> list[str]:
     lines: list[str] = []
 
     def ran(part: dict) -> str:  # a part run on its own (not in the command above) names its command
-        return f" (`{part['command']}`, {part['seconds'] / 60:.1f} min)" if "command" in part else ""
+        if "command" not in part:
+            return ""
+        cpu = f", {part['cpu_seconds'] / 60:.1f} min of CPU time" if "cpu_seconds" in part else ""
+        return f" (`{part['command']}`{cpu})"
     if "lora" in data:
         r = data["lora"]
         p, lat = r["preset"], r["latency"]
