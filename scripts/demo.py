@@ -259,7 +259,7 @@ def print_extras(extras: dict) -> None:
             s = r["searches"][row["sampler"]]
             note = "" if row["schedule"] == "default" else (
                 f" ({s['search_seconds']:.0f} s search"
-                + ("" if s["accepted"] else f"; rejected: {s['reason']}") + ")")
+                + ("" if s["accepted"] else f"; schedule rejected, default grid kept: {s['reason']}") + ")")
             print(f"  {LABELS[row['sampler']]:<10} {row['schedule']:<9} RMSE {row['rmse_vs_ref']:.4f}  "
                   f"PSNR {row['psnr_vs_ref']:.1f} dB{note}")
     if "flux" in extras:

@@ -440,7 +440,7 @@ def demo_parts_tables(data: dict) -> list[str]:
             s = r["searches"][row["sampler"]]
             searched = row["schedule"] == "searched"
             ts = s["timesteps"] if searched else s["default_timesteps"]
-            note = "" if not searched or s["accepted"] else " (rejected: default kept)"
+            note = "" if not searched or s["accepted"] else " (schedule rejected: default grid kept)"
             secs = f"{s['search_seconds']:.0f}" if searched else ""
             lines.append(f"| {names[row['sampler']]} | {row['schedule']}{note} | {', '.join(f'{t:.0f}' for t in ts)} "
                          f"| {row['rmse_vs_ref']:.4f} | {row['psnr_vs_ref']:.1f} | {secs} |")
