@@ -194,7 +194,8 @@ def _lora_latency(fp: torch.nn.Module, q: torch.nn.Module, preset: str, reps: in
     from pipelines.lora import set_lora_enabled
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2 * batch, fp.config.in_channels, 16, 16, generator=g)
+    size = fp.config.sample_size
+    x = torch.randn(2 * batch, fp.config.in_channels, size, size, generator=g)
     t = torch.full((2 * batch,), 500)
     labels = torch.cat([torch.arange(batch) % 10, torch.full((batch,), 10)])
     variants = [(name, m, on) for name, m in (("fp", fp), (preset, q)) for on in (False, True)]
