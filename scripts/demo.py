@@ -1,10 +1,12 @@
-"""`make demo`: quantize the bundled digit U-Net and DiT, sample them with fast samplers, evaluate.
+"""`make demo`: quantize the bundled digit U-Net and DiT, sample them with fast samplers, evaluate; then a LoRA on a
+quantized model, a searched schedule against the default grid, and a Flux replica quantized and sampled.
 
-    python scripts/demo.py                                   # everything (about 10 minutes on 2 cores)
+    python scripts/demo.py                                   # everything (under 10 minutes on 2 cores)
     python scripts/demo.py --models dit --presets w8a8 --samplers deis --nfe 5 --num-samples 50
+    python scripts/demo.py --parts lora flux                 # only some parts
     make demo ARGS="--models unet --nfe 10"
 
-For each model:
+Part ``quant``, for each model:
 
 1. A full-precision reference: DPM-Solver++ (diffusers), ``--ref-nfe`` (50) steps.
 2. Full precision and each preset (``pipelines.quantize_pipeline``: timestep-aware calibration through the pipeline,
@@ -14,10 +16,17 @@ For each model:
 4. FID against the 360 held-out digits in the bundled classifier's feature space, class accuracy by that
    classifier, and PSNR against the full-precision reference at the same seeds.
 
-Prints one table and writes ``OUT/results.json``, ``OUT/grid-<model>.png`` (rows: configurations, columns: the
-classes 0-9, the first sample of each) and ``OUT/error_vs_nfe.png``. DC-Solver ratios come from
-``docs/demo/dc_ratios.json`` or the model's ``dc_cpr.json`` (``scripts/search_dc.py``); a missing entry is searched
-at run time (minutes) and cached in ``OUT/dc_ratios.json``.
+Parts ``lora``, ``schedule`` and ``flux`` (scripts/demo_parts.py): a LoRA fine-tuned on the float model
+(``pipelines.lora``) loaded onto the ``--lora-preset`` model, its effect there against on the float model,
+fuse/unfuse and latency; ``pipelines.search_schedule`` / ``fit_sampler`` at ``--search-nfe`` against the default
+grid, both against the quant part's reference; a random-weight Flux replica (``pipelines.flux_replica``) quantized
+at ``--flux-presets`` and sampled with DEIS and DC-Solver, SQNR against full precision.
+
+Prints the tables and writes ``OUT/results.json`` (the quant rows under ``results``, the other parts under
+``lora``, ``schedule_search`` and ``flux``), ``OUT/grid-<model>.png`` (rows: configurations, columns: the classes
+0-9, the first sample of each), ``OUT/error_vs_nfe.png``, ``OUT/grid-lora.png``, ``OUT/grid-schedule.png`` and
+``OUT/grid-flux.png``. DC-Solver ratios come from ``docs/demo/dc_ratios.json`` or the model's ``dc_cpr.json``
+(``scripts/search_dc.py``); a missing entry is searched at run time (minutes) and cached in ``OUT/dc_ratios.json``.
 """
 
 from __future__ import annotations
@@ -28,7 +37,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -36,12 +44,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import dmq  # noqa: E402
-from pipelines import DigitsPipeline, load_digits, quantize_pipeline, use_sampler  # noqa: E402
+from pipelines import DigitsPipeline, load_digits  # noqa: E402
 from pipelines.evaluation import DigitsFeatures, class_accuracy, feature_stats, fid_from_stats, psnr  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "scripts"))
+from demo_parts import calibrate, draw_grid, flux_part, load_pipeline, lora_part, sample, schedule_part, set_sampler  # noqa: E402
+
 SAMPLER_NAMES = ("deis", "dc-solver", "dpm++")
+PARTS = ("quant", "lora", "schedule", "flux")
 LABELS = {"deis": "DEIS", "dc-solver": "DC-Solver", "dpm++": "DPM-Solver++"}
-CALIB_SEED = 1_000_000
 
 
 NAMED = ["int8", "int6", "int4", "e5m2", "e4m3", "e3m2", "e2m3", "e2m1", "mxfp8", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4",
@@ -99,6 +110,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--dc-ratios", default=str(ROOT / "docs" / "demo" / "dc_ratios.json"))
     p.add_argument("--out", default=str(ROOT / "outputs" / "demo"))
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                   help="quant: presets x samplers x NFE on --models; lora: a LoRA on a quantized model; schedule: "
+                        "a searched schedule against the default; flux: a Flux replica quantized and sampled")
+    g = p.add_argument_group("lora part")
+    g.add_argument("--lora-model", default="dit", choices=["unet", "dit"])
+    g.add_argument("--lora-preset", default="w4a8", help="the W4 preset the LoRA runs on")
+    g.add_argument("--lora-rank", type=int, default=8)
+    g.add_argument("--lora-steps", type=int, default=40, help="fine-tuning steps (batch 64) on bold digits")
+    g.add_argument("--lora-lr", type=float, default=3e-3)
+    g.add_argument("--lora-sampler", default="deis", choices=SAMPLER_NAMES)
+    g.add_argument("--lora-nfe", type=int, default=10)
+    g.add_argument("--lora-samples", type=int, default=50)
+    g.add_argument("--lora-reps", type=int, default=7, help="interleaved latency rounds")
+    g = p.add_argument_group("schedule part")
+    g.add_argument("--search-model", default="unet", choices=["unet", "dit"])
+    g.add_argument("--search-nfe", type=int, default=5)
+    g.add_argument("--search-samplers", nargs="+", default=["deis", "dc-solver"], choices=["deis", "dc-solver"],
+                   help="deis: search_schedule; dc-solver: fit_sampler (schedule, then the DC ratios on it)")
+    g.add_argument("--search-latents", type=int, default=12, help="search latents (half held out)")
+    g = p.add_argument_group("flux part")
+    g.add_argument("--flux-presets", nargs="+", default=["w8a8", "w4a8"])
+    g.add_argument("--flux-nfe", type=int, default=8)
+    g.add_argument("--flux-samples", type=int, default=4, help="prompts (random embeddings), one image each")
+    g.add_argument("--flux-calib", type=int, default=4, help="calibration prompts (other seeds)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--publish", action="store_true",
                    help="also copy results.json to benchmarks/demo.json and the images to docs/demo/ (README)")
@@ -107,12 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for preset in args.presets:
+    for preset in [*args.presets, args.lora_preset, *args.flux_presets]:
         if preset != "fp":
             dmq.get_config(preset)  # ValueError naming the presets
-    if min(args.nfe) < 2 or args.ref_nfe < 2:
-        raise ValueError("--nfe and --ref-nfe must be >= 2")
-    for name in ("num_samples", "calib_samples", "calib_nfe"):
+    if min(args.nfe) < 2 or args.ref_nfe < 2 or args.search_nfe < 2:
+        raise ValueError("--nfe, --ref-nfe and --search-nfe must be >= 2")
+    if args.search_latents < 2:
+        raise ValueError("--search-latents must be >= 2 (search and held-out latents)")
+    for name in ("num_samples", "calib_samples", "calib_nfe", "lora_rank", "lora_steps", "lora_nfe", "lora_samples",
+                 "lora_reps", "flux_nfe", "flux_samples", "flux_calib"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
 
@@ -151,37 +189,6 @@ class DCRatios:
         self.cache.parent.mkdir(parents=True, exist_ok=True)
         self.cache.write_text(json.dumps({"ratios": dict(self.table)}, indent=1))
         return {"ratios": ratios}, "searched now"
-
-
-def sample(pipe: DigitsPipeline, n: int, nfe: int, guidance: float, seed: int) -> torch.Tensor:
-    labels = torch.arange(n) % 10
-    gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-    return pipe(labels, guidance_scale=guidance, num_inference_steps=nfe, generator=gens, output_type="pt").images
-
-
-def set_sampler(pipe: DigitsPipeline, base: Any, name: str, options: dict) -> None:
-    pipe.scheduler = base
-    use_sampler(pipe, name, **options)
-
-
-def draw_grid(rows: list[tuple[str, torch.Tensor]], path: Path, scale: int = 2) -> None:
-    """One labelled row per configuration, one column per class (0-9)."""
-    from PIL import Image, ImageDraw
-
-    tile = rows[0][1].shape[-1] * scale
-    pad, label_w = 2, 190
-    width = label_w + 10 * (tile + pad)
-    height = len(rows) * (tile + pad) + pad
-    canvas = Image.new("L", (width, height), 255)
-    draw = ImageDraw.Draw(canvas)
-    for r, (label, images) in enumerate(rows):
-        y = pad + r * (tile + pad)
-        draw.text((4, y + tile // 2 - 6), label, fill=0)
-        for c in range(min(10, len(images))):
-            arr = (images[c, 0].clamp(0, 1) * 255).round().byte().numpy()
-            im = Image.fromarray(arr, mode="L").resize((tile, tile), Image.NEAREST)
-            canvas.paste(im, (label_w + c * (tile + pad), y))
-    canvas.save(path)
 
 
 def plot_error(results: list[dict], path: Path) -> None:
@@ -224,10 +231,45 @@ def print_table(results: list[dict]) -> None:
               f"{r['class_accuracy']:.3f} | {ps} | {r['seconds']:.1f} |")
 
 
-def load_pipeline(model: str) -> DigitsPipeline:
-    pipe = DigitsPipeline.from_pretrained(str(ROOT / "assets" / f"digits-{model}"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def print_extras(extras: dict) -> None:
+    """The newer parts' summaries (the full records are in results.json)."""
+    if "lora" in extras:
+        r = extras["lora"]
+        p = r["preset"]
+        print(f"\nLoRA on {p} (digits-{r['model']}, rank {r['rank']}, {r['train_steps']} steps on bold digits, "
+              f"{r['train_seconds']:.0f} s; {r['sampler']} {r['nfe']} steps, {r['num_samples']} samples):")
+        print(f"  ink (mean pixel): FP {r['ink']['fp']:.3f} -> FP+LoRA {r['ink']['fp+lora']:.3f}; {p} "
+              f"{r['ink'][p]:.3f} -> {p}+LoRA {r['ink'][p + '+lora']:.3f} (bold training digits "
+              f"{r['ink_data']['bold']:.3f}, plain {r['ink_data']['digits']:.3f})")
+        print(f"  LoRA effect on {p} vs on FP: relative error {r['image_effect_rel_error']:.3f} (images), "
+              f"{r['eps_effect_rel_error']:.3f} (eps); class accuracy with LoRA: FP "
+              f"{r['class_accuracy']['fp+lora']:.2f}, {p} {r['class_accuracy'][p + '+lora']:.2f}")
+        for k, f in r["fusion"].items():
+            print(f"  {k}: fused vs unfused eps: max {f['fused_vs_unfused_max_rel']:.1e} of the largest, relative "
+                  f"{f['fused_vs_unfused_rel']:.1e}; unfuse restores the bits: {f['unfuse_restores_bits']}")
+        lat = r["latency"]
+        print(f"  backbone latency (batch {lat['batch']}): {p}+LoRA {lat['ms'][p + '+lora']:.1f} ms vs FP+LoRA "
+              f"{lat['ms']['fp+lora']:.1f} ms (x{lat['quantized_lora_vs_fp_lora']:.2f}); LoRA overhead FP "
+              f"x{lat['lora_overhead_fp']:.2f}, {p} x{lat['lora_overhead_quantized']:.2f}")
+    if "schedule_search" in extras:
+        r = extras["schedule_search"]
+        print(f"\nsearched schedule vs default (digits-{r['model']}, NFE {r['nfe']}, {r['num_samples']} samples; "
+              f"error against FP DPM-Solver++ {r['ref_nfe']} steps):")
+        for row in r["rows"]:
+            s = r["searches"][row["sampler"]]
+            note = "" if row["schedule"] == "default" else (
+                f" ({s['search_seconds']:.0f} s search"
+                + ("" if s["accepted"] else f"; schedule rejected, default grid kept: {s['reason']}") + ")")
+            print(f"  {LABELS[row['sampler']]:<10} {row['schedule']:<9} RMSE {row['rmse_vs_ref']:.4f}  "
+                  f"PSNR {row['psnr_vs_ref']:.1f} dB{note}")
+    if "flux" in extras:
+        r = extras["flux"]
+        print(f"\nFlux replica (random weights, {r['transformer_parameters'] / 1e3:.0f}k transformer parameters, "
+              f"NFE {r['nfe']}): SQNR against full precision, same sampler and seeds")
+        for row in r["results"]:
+            if row["precision"] != "fp":
+                print(f"  {row['precision']:<6} {LABELS[row['sampler']]:<10} latents {row['latent_sqnr_db']:.1f} dB, "
+                      f"images {row['image_sqnr_db']:.1f} dB")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     dc = DCRatios(Path(args.dc_ratios), out / "dc_ratios.json", not args.no_progress)
     precisions = ["fp", *[p for p in args.presets if p != "fp"]]
     runs_per_model = 1 + len(precisions) * len(args.samplers) * len(args.nfe)
-    bar = tqdm(total=runs_per_model * len(args.models), desc="demo", disable=args.no_progress)
+    quant_models = args.models if "quant" in args.parts else []
+    bar = tqdm(total=runs_per_model * len(quant_models), desc="demo", disable=args.no_progress or not quant_models)
     results: list[dict] = []
     dc_sources: dict[str, str] = {}
 
@@ -269,12 +312,13 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": seconds,
         })
 
-    for model in args.models:
+    refs: dict[str, torch.Tensor] = {}
+    for model in quant_models:
         pipe = load_pipeline(model)
         base = pipe.scheduler
         t0 = time.perf_counter()
         set_sampler(pipe, base, "dpm++", {})
-        ref = sample(pipe, args.num_samples, args.ref_nfe, args.guidance, args.seed)
+        ref = refs[model] = sample(pipe, args.num_samples, args.ref_nfe, args.guidance, args.seed)
         evaluate(model, "fp", "dpm++", args.ref_nfe, ref, ref, time.perf_counter() - t0, reference=True)
         grid = [(f"FP, DPM-Solver++ {args.ref_nfe} (reference)", ref[:10])]
         bar.update()
@@ -283,13 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             if precision != "fp":
                 pipe = load_pipeline(model)  # a fresh float model: the packed one below releases its float weights
                 set_sampler(pipe, base, "dpm++", {})
-                t0 = time.perf_counter()
-                calib = torch.arange(args.calib_samples) % 10
-                quantize_pipeline(pipe, precision, call_kwargs=[{"class_labels": calib[k:k + 10].tolist()}
-                                                                for k in range(0, len(calib), 10)],
-                                  num_inference_steps=args.calib_nfe, guidance_scale=args.guidance,
-                                  seed=CALIB_SEED, progress=False)
-                calib_s = time.perf_counter() - t0
+                calib_s = calibrate(pipe, precision, args.calib_samples, args.calib_nfe, args.guidance)
             for sampler in args.samplers:
                 for nfe in args.nfe:
                     options: dict = {}
@@ -304,30 +342,46 @@ def main(argv: list[str] | None = None) -> int:
                     bar.update()
         draw_grid(grid, out / f"grid-{model}.png")
     bar.close()
-    plot_error(results, out / "error_vs_nfe.png")
+    if results:
+        plot_error(results, out / "error_vs_nfe.png")
+    extras: dict[str, dict] = {}
+    progress = not args.no_progress
+    if "lora" in args.parts:
+        t0 = time.perf_counter()
+        extras["lora"] = lora_part(args, out, classifier, progress) | {"seconds": time.perf_counter() - t0}
+    if "schedule" in args.parts:
+        t0 = time.perf_counter()
+        extras["schedule_search"] = schedule_part(args, out, refs, dc, progress) | {
+            "seconds": time.perf_counter() - t0}
+    if "flux" in args.parts:
+        t0 = time.perf_counter()
+        extras["flux"] = flux_part(args, out, progress) | {"seconds": time.perf_counter() - t0}
     wall = time.perf_counter() - start
     report = {
         "command": "python scripts/demo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "protocol": {k: v for k, v in vars(args).items() if k not in ("out", "dc_ratios")},
         "dc_ratios": dc_sources, "threads": torch.get_num_threads(), "wall_seconds": wall,
-        "torch": torch.__version__, "results": results,
+        "torch": torch.__version__, "results": results, **extras,
     }
     (out / "results.json").write_text(json.dumps(report, indent=1))
-    print(f"\nbundled digit models: {args.num_samples} samples per row, guidance {args.guidance:g}; FID against the "
-          f"held-out digits (classifier features); PSNR against FP DPM-Solver++ {args.ref_nfe} steps, same seeds\n")
-    print_table(results)
+    if results:
+        print(f"\nbundled digit models: {args.num_samples} samples per row, guidance {args.guidance:g}; FID against "
+              f"the held-out digits (classifier features); PSNR against FP DPM-Solver++ {args.ref_nfe} steps, same "
+              "seeds\n")
+        print_table(results)
+    print_extras(extras)
     if args.publish:
         import shutil
 
         (ROOT / "benchmarks").mkdir(exist_ok=True)
         shutil.copy(out / "results.json", ROOT / "benchmarks" / "demo.json")
         (ROOT / "docs" / "demo").mkdir(parents=True, exist_ok=True)
-        for f in [*out.glob("grid-*.png"), out / "error_vs_nfe.png"]:
+        for f in [*out.glob("grid-*.png"), *out.glob("error_vs_nfe.png")]:
             shutil.copy(f, ROOT / "docs" / "demo" / f.name)
         print("copied results.json to benchmarks/demo.json and the images to docs/demo/; "
               "run scripts/render_readme.py for the README table")
-    print(f"\n{wall:.0f} s on {torch.get_num_threads()} threads; wrote results.json, grid-*.png and error_vs_nfe.png "
-          f"in {out}")
+    print(f"\n{wall:.0f} s on {torch.get_num_threads()} threads; wrote results.json and "
+          f"{', '.join(sorted(f.name for f in out.glob('*.png')))} in {out}")
     return 0
 
 

@@ -391,7 +391,77 @@ def demo_table(data: dict) -> str:
         acc = " | ".join(f"{cell[n]['class_accuracy'] * 100:.1f}%" if n in cell else "" for n in nfes)
         ps = " | ".join(f"{cell[n]['psnr_vs_ref']:.1f}" if n in cell else "" for n in nfes)
         lines.append(f"| {model} | {prec} | {names[sampler]} | {fid} | {acc} | {ps} |")
-    return "\n".join(lines)
+    return "\n".join(lines + demo_parts_tables(data))
+
+
+def demo_parts_tables(data: dict) -> list[str]:
+    """The demo's newer parts (LoRA on a quantized model, searched schedule, Flux replica), where present."""
+    names = {"deis": "DEIS", "dc-solver": "DC-Solver", "dpm++": "DPM-Solver++"}
+    lines: list[str] = []
+
+    def ran(part: dict) -> str:  # a part run on its own (not in the command above) names its command
+        if "command" not in part:
+            return ""
+        cpu = f", {part['cpu_seconds'] / 60:.1f} min of CPU time" if "cpu_seconds" in part else ""
+        return f" (`{part['command']}`{cpu})"
+    if "lora" in data:
+        r = data["lora"]
+        p, lat = r["preset"], r["latency"]
+        fq, ff = r["fusion"][p], r["fusion"]["fp"]
+        lines += ["", f"**LoRA on a quantized model**{ran(r)}. A rank-{r['rank']} LoRA fine-tuned for "
+                  f"{r['train_steps']} steps (batch {r['batch_size']}, {r['train_seconds']:.0f} s) on the float "
+                  f"digits-{r['model']} "
+                  f"towards bold digits, then loaded onto the {p} model; {names[r['sampler']]} {r['nfe']} steps, "
+                  f"{r['num_samples']} samples, same seeds. Ink: mean pixel value (bold training digits "
+                  f"{r['ink_data']['bold']:.3f}, plain {r['ink_data']['digits']:.3f}).", "",
+                  "| model | ink | class acc | backbone ms (batch %d) |" % lat["batch"], "|---|---:|---:|---:|"]
+        for k in ("fp", "fp+lora", p, f"{p}+lora"):
+            lines.append(f"| {k.replace('fp', 'FP').replace('+lora', ' + LoRA')} | {r['ink'][k]:.3f} | "
+                         f"{r['class_accuracy'][k] * 100:.0f}% | {lat['ms'][k]:.1f} |")
+        lines += ["", f"The LoRA's effect on {p} against its effect on FP (same seeds): relative error "
+                  f"{r['image_effect_rel_error']:.3f} on the images (cosine {r['image_effect_cosine']:.3f}) and "
+                  f"{r['eps_effect_rel_error']:.3f} on the ε prediction (cosine {r['eps_effect_cosine']:.3f}); "
+                  f"the quantization error itself is {r['quantization_rel_error_eps']:.3f} of ε. Fused into "
+                  f"{r['lora_layers']} layers, ε moves from the unfused model's by {fq['fused_vs_unfused_rel']:.1e} "
+                  f"(relative; FP: {ff['fused_vs_unfused_rel']:.1e}), the fused {p} images are "
+                  f"{fq['fused_images_psnr_vs_unfused']:.1f} dB from the unfused ones; unfusing restores the "
+                  f"{p} model bit for bit: {'yes' if fq['unfuse_restores_bits'] else 'no'} (FP: "
+                  f"{'yes' if ff['unfuse_restores_bits'] else 'no'}). "
+                  f"{p} + LoRA runs at {lat['quantized_lora_vs_fp_lora']:.2f}x the time of FP + LoRA; the LoRA "
+                  f"costs x{lat['lora_overhead_fp']:.2f} on FP and x{lat['lora_overhead_quantized']:.2f} on {p}."]
+    if "schedule_search" in data:
+        r = data["schedule_search"]
+        lines += ["", f"**Searched schedule against the default grid**{ran(r)}. digits-{r['model']}, NFE {r['nfe']}, "
+                  f"guidance {r['guidance']:g}, {r['num_samples']} samples (seeds of the table above), error against "
+                  f"the full-precision DPM-Solver++ {r['ref_nfe']}-step samples; the search used "
+                  f"{r['search_latents']} other latents (half held out).", "",
+                  "| sampler | schedule | timesteps | RMSE | PSNR dB | search s |", "|---|---|---|---:|---:|---:|"]
+        for row in r["rows"]:
+            s = r["searches"][row["sampler"]]
+            searched = row["schedule"] == "searched"
+            ts = s["timesteps"] if searched else s["default_timesteps"]
+            note = "" if not searched or s["accepted"] else " (schedule rejected: default grid kept)"
+            secs = f"{s['search_seconds']:.0f}" if searched else ""
+            lines.append(f"| {names[row['sampler']]} | {row['schedule']}{note} | {', '.join(f'{t:.0f}' for t in ts)} "
+                         f"| {row['rmse_vs_ref']:.4f} | {row['psnr_vs_ref']:.1f} | {secs} |")
+    if "flux" in data:
+        r = data["flux"]
+        c = r["config"]
+        lines += ["", f"**A Flux replica, quantized and sampled**{ran(r)}. diffusers' `FluxPipeline` with random "
+                  f"weights (`pipelines.flux_replica`: {c['layers']} double-stream + {c['single_layers']} "
+                  "single-stream "
+                  f"blocks, width {c['heads'] * c['head_dim']}, {r['transformer_parameters'] / 1e3:.0f}k parameters, "
+                  f"{c['image_size']}x{c['image_size']} images), calibrated on {r['calibration_prompts']} random "
+                  f"prompt embeddings, {r['num_samples']} others evaluated at NFE {r['nfe']}. SQNR against the "
+                  "full-precision pipeline with the same sampler and seeds. Random weights: this tests the "
+                  "integration, not image quality.", "",
+                  "| preset | sampler | final-latent SQNR dB | image SQNR dB | calibration s |",
+                  "|---|---|---:|---:|---:|"]
+        for row in r["results"]:
+            if row["precision"] != "fp":
+                lines.append(f"| {row['precision']} | {names[row['sampler']]} | {row['latent_sqnr_db']:.1f} | "
+                             f"{row['image_sqnr_db']:.1f} | {row['calibration_seconds']:.1f} |")
+    return lines
 
 
 def quant_keep_fp_table(data: dict) -> str:
