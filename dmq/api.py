@@ -230,10 +230,12 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], object], *,
         raise ValueError("model is frozen; calibrate before dmq.freeze")
     policy = get_policy(steps if steps is not None else st.config.steps)
     cfg = st.config
-    methods = cfg.smooth is not None or cfg.rotation is not None or bool(cfg.lowrank) or cfg.rounding != "rtn" \
-        or bool(cfg.format_search)
+    # transforms fold into the float weights in place: only they need a copy of every weight for the rollback.
+    # Learned rounding, format search and the budget replace weight_fq (dmq.rounding.set_weight_fq): rolled back
+    # by reference, with no copy.
+    folds = cfg.smooth is not None or cfg.rotation is not None or bool(cfg.lowrank)
     before = nonfinite_report(model)
-    with transaction(model, clone_all=methods):  # PTQ methods change the float weights in place
+    with transaction(model, clone_all=folds and not st.transformed):
         _calibrate(model, st, forward_loop, policy)
     warn_nonfinite(model, before)
     return model

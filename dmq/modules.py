@@ -34,8 +34,36 @@ logger = logging.getLogger(__name__)
 
 def _wq(w: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
     if spec is None:
-        return w.detach().clone()
+        return w.detach()  # an alias: weight_fq is only ever replaced, never written in place
     return quantize_weight(w, spec.fmt, spec.granularity, spec.group_size, spec.symmetric, spec.estimator)
+
+
+def fq_storage(w: torch.Tensor, spec: QuantSpec | None, split: int | None, target: torch.Tensor) -> torch.Tensor:
+    """How a layer holds its fake-quantized weight ``target`` before :func:`dmq.freeze`: packed codes and scales
+    (a :class:`~dmq.packed_weight.PackedWeight`, dequantized bit for bit at each use) when ``target`` lies on the
+    grid of the scales searched on the float weight ``w``, so that a quantized model holds its float weights plus
+    about a quarter of their size, not twice (docs/memory.md); else ``target`` itself (no weight format, a weight
+    on the meta device, or values off the grid such as a reference run's float weights)."""
+    if spec is None or target.device.type == "meta" or target.requires_grad:
+        return target
+    with torch.no_grad():
+        cut = [slice(None)] if split is None else [slice(None, split), slice(split, None)]
+        layouts, tensors = [], {}
+        try:
+            for i, c in enumerate(cut):
+                t, layout = pack_weight(w.detach()[:, c], spec, target.detach()[:, c])
+                layouts.append(layout)
+                tensors.update({k if i == 0 else f"{k}_{i}": v for k, v in t.items()})
+        except ValueError:
+            return target
+    return PackedWeight(tensors, tuple(layouts), target.dtype)
+
+
+def dense(w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A weight as a plain tensor (a packed one dequantized), in ``dtype`` if given."""
+    if isinstance(w, PackedWeight):
+        return dequantize(w, dtype)
+    return w if dtype is None else w.to(dtype)
 
 
 def _act(spec: QuantSpec | None, dim: int, config: QuantConfig) -> TensorQuantizer | None:
@@ -169,6 +197,13 @@ class PackedMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        fq_key = prefix + "weight_fq"
+        relink = fq_key in state_dict and "weight_fq" in self._buffers and \
+            "weight_fq" not in self._non_persistent_buffers_set
+        if relink:  # load a learned weight_fq into a fresh dense buffer (a held one may be packed, or alias the
+            fq = self._buffers["weight_fq"]  # weight), then hold it as quantize does, against the loaded weights
+            self._buffers["weight_fq"] = torch.empty(fq.shape, dtype=fq.dtype, device=fq.device)
+            state_dict = {**state_dict, fq_key: dense(state_dict[fq_key])}
         w = self._parameters.get("weight")
         if isinstance(w, PackedWeight) and prefix + "lora_fused" in state_dict and "lora_fused" not in self._buffers:
             self.register_buffer("lora_fused", torch.empty(w.shape, dtype=w.dtype, device=w.device))  # saved fused
@@ -188,35 +223,31 @@ class PackedMixin:
                 missing_keys.extend(prefix + n for n in w._names if n not in have)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if relink and "weight_fq" in self._buffers and not self.packed:
+            from dmq.rounding.layer import set_weight_fq
+
+            set_weight_fq(self, self.weight_fq)
         kernels.forget(self)
 
     def _part(self, i: int) -> dict[str, torch.Tensor]:
         """The packed tensors of part ``i`` by their base names (``qweight``, ``weight_scale``, ...)."""
         return weight_part(self.weight, i)
 
-    def _weight_parts(self) -> list[torch.Tensor]:
-        w = self.weight_fq
-        if getattr(self, "split", None) is None:
-            return [w]
-        return [w[:, : self.split], w[:, self.split:]]
-
     def pack(self) -> None:
         """Replace the float ``weight`` and ``weight_fq`` by a packed weight (exactly ``weight_fq``)."""
         if self.packed:
             return
         if self.weight_spec is not None:
-            from dmq.rounding.layer import target_weight  # the float weight the scales were searched on
+            fq = self.weight_fq
+            if not isinstance(fq, PackedWeight):  # held unpacked (off its grid until now, or loaded): pack it
+                from dmq.rounding.layer import target_weight  # the float weight the scales were searched on
 
-            parts = self._weight_parts()
-            w = target_weight(self).reshape(self.weight.shape)  # after rotation, minus the low-rank branch
-            src = [w] if len(parts) == 1 else [w[:, : self.split], w[:, self.split:]]
-            layouts, tensors = [], {}
-            for i, (w, target) in enumerate(zip(src, parts)):
-                t, layout = pack_weight(w, self.weight_spec, target)
-                layouts.append(layout)
-                tensors.update({k if i == 0 else f"{k}_{i}": v for k, v in t.items()})
-            self.weight = nn.Parameter(PackedWeight(tensors, tuple(layouts), self.weight_fq.dtype),
-                                       requires_grad=False)
+                w = target_weight(self).reshape(self.weight.shape)  # after rotation, minus the low-rank branch
+                fq = fq_storage(w, self.weight_spec, getattr(self, "split", None), fq)
+                if not isinstance(fq, PackedWeight):
+                    raise ValueError(f"the quantized weight is not on the {self.weight_spec.format} grid of its "
+                                     "scales: cannot pack it exactly")
+            self.weight = nn.Parameter(fq, requires_grad=False)  # the codes weight_fq already holds: no copy
         else:  # activation-only: the float weight is the weight
             self._act_only_frozen = True
         del self.weight_fq
@@ -266,7 +297,7 @@ class PackedMixin:
         if isinstance(w, PackedWeight):
             return dequantize(w, dtype)
         if not self.packed:
-            return self.weight_fq if dtype is None else self.weight_fq.to(dtype)
+            return dense(self.weight_fq, dtype)
         return self.weight if dtype is None else self.weight.to(dtype)
 
 
@@ -281,7 +312,8 @@ class QuantLinear(PackedMixin, nn.Linear):
         q.weight, q.bias = mod.weight, mod.bias
         q.weight_spec = config.weight
         q.input_quantizer = _act(config.act, -1, config)
-        q.register_buffer("weight_fq", _wq(mod.weight, config.weight), persistent=False)
+        q.register_buffer("weight_fq", fq_storage(mod.weight, config.weight, None, _wq(mod.weight, config.weight)),
+                          persistent=False)
         _register_method_state(q, config, (mod.in_features,), mod.out_features, mod.in_features)
         return q
 
@@ -384,7 +416,7 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
         w = mod.weight
         wq = _wq(w, config.weight) if split is None else torch.cat(
             [_wq(w[:, :split], config.weight), _wq(w[:, split:], config.weight)], dim=1)
-        q.register_buffer("weight_fq", wq, persistent=False)
+        q.register_buffer("weight_fq", fq_storage(w, config.weight, split, wq), persistent=False)
         _register_method_state(q, config, (mod.in_channels // mod.groups, *mod.kernel_size), mod.out_channels, None)
         return q
 
