@@ -24,46 +24,12 @@ from torch import nn
 from dmq import formats, kernels
 from dmq.calibration import CONTEXT
 from dmq.config import QuantConfig, QuantSpec
-from dmq.fake_quant import quantize_weight
-from dmq.packed import WeightLayout, int_codes, pack_weight
+from dmq.held_weight import dense, held
+from dmq.packed import WeightLayout, int_codes
 from dmq.packed_weight import PackedWeight, dequantize, weight_part
 from dmq.quantizer import TensorQuantizer
 
 logger = logging.getLogger(__name__)
-
-
-def _wq(w: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
-    if spec is None:
-        return w.detach()  # an alias: weight_fq is only ever replaced, never written in place
-    return quantize_weight(w, spec.fmt, spec.granularity, spec.group_size, spec.symmetric, spec.estimator)
-
-
-def fq_storage(w: torch.Tensor, spec: QuantSpec | None, split: int | None, target: torch.Tensor) -> torch.Tensor:
-    """How a layer holds its fake-quantized weight ``target`` before :func:`dmq.freeze`: packed codes and scales
-    (a :class:`~dmq.packed_weight.PackedWeight`, dequantized bit for bit at each use) when ``target`` lies on the
-    grid of the scales searched on the float weight ``w``, so that a quantized model holds its float weights plus
-    about a quarter of their size, not twice (docs/memory.md); else ``target`` itself (no weight format, a weight
-    on the meta device, or values off the grid such as a reference run's float weights)."""
-    if spec is None or target.device.type == "meta" or target.requires_grad:
-        return target
-    with torch.no_grad():
-        cut = [slice(None)] if split is None else [slice(None, split), slice(split, None)]
-        layouts, tensors = [], {}
-        try:
-            for i, c in enumerate(cut):
-                t, layout = pack_weight(w.detach()[:, c], spec, target.detach()[:, c])
-                layouts.append(layout)
-                tensors.update({k if i == 0 else f"{k}_{i}": v for k, v in t.items()})
-        except ValueError:
-            return target
-    return PackedWeight(tensors, tuple(layouts), target.dtype)
-
-
-def dense(w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A weight as a plain tensor (a packed one dequantized), in ``dtype`` if given."""
-    if isinstance(w, PackedWeight):
-        return dequantize(w, dtype)
-    return w if dtype is None else w.to(dtype)
 
 
 def _act(spec: QuantSpec | None, dim: int, config: QuantConfig) -> TensorQuantizer | None:
@@ -243,7 +209,7 @@ class PackedMixin:
                 from dmq.rounding.layer import target_weight  # the float weight the scales were searched on
 
                 w = target_weight(self).reshape(self.weight.shape)  # after rotation, minus the low-rank branch
-                fq = fq_storage(w, self.weight_spec, getattr(self, "split", None), fq)
+                fq = held(w, self.weight_spec, getattr(self, "split", None), fq)
                 if not isinstance(fq, PackedWeight):
                     raise ValueError(f"the quantized weight is not on the {self.weight_spec.format} grid of its "
                                      "scales: cannot pack it exactly")
@@ -312,8 +278,7 @@ class QuantLinear(PackedMixin, nn.Linear):
         q.weight, q.bias = mod.weight, mod.bias
         q.weight_spec = config.weight
         q.input_quantizer = _act(config.act, -1, config)
-        q.register_buffer("weight_fq", fq_storage(mod.weight, config.weight, None, _wq(mod.weight, config.weight)),
-                          persistent=False)
+        q.register_buffer("weight_fq", held(mod.weight, config.weight), persistent=False)
         _register_method_state(q, config, (mod.in_features,), mod.out_features, mod.in_features)
         return q
 
@@ -413,10 +378,7 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
         q.split = split
         q.input_quantizer = _act(config.act, 1, config)
         q.input_quantizer_skip = _act(config.act, 1, config) if split is not None else None
-        w = mod.weight
-        wq = _wq(w, config.weight) if split is None else torch.cat(
-            [_wq(w[:, :split], config.weight), _wq(w[:, split:], config.weight)], dim=1)
-        q.register_buffer("weight_fq", fq_storage(w, config.weight, split, wq), persistent=False)
+        q.register_buffer("weight_fq", held(mod.weight, config.weight, split), persistent=False)
         _register_method_state(q, config, (mod.in_channels // mod.groups, *mod.kernel_size), mod.out_channels, None)
         return q
 
