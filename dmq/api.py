@@ -375,7 +375,14 @@ def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
             f"{'; ...' if len(problems) > 5 else ''}. Run dmq.calibrate(model, forward_loop) with finite inputs "
             "before dmq.freeze (or use a dynamic / weight-only config); nothing was frozen")
     with transaction(model):
-        return _freeze(model, st, params, pack, unobserved)
+        _freeze(model, st, params, pack, unobserved)
+    if st.packed:  # kernel state (int4pack, oneDNN prepacked weights) once the snapshot has let the float weights go
+        from dmq import kernels
+
+        for name in st.modules:
+            if isinstance(model.get_submodule(name), QuantLinear):
+                kernels.prepare(model.get_submodule(name))
+    return model
 
 
 def _freeze(model: nn.Module, st: QuantState, params: dict, pack: bool, unobserved: list[str]) -> nn.Module:
@@ -396,7 +403,7 @@ def _freeze(model: nn.Module, st: QuantState, params: dict, pack: bool, unobserv
         for name in st.modules:
             mod = model.get_submodule(name)
             try:
-                mod.pack()
+                mod.pack(prepare=False)  # kernel state after the transaction (freeze), not beside the float weights
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
         st.packed = True

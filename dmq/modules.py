@@ -199,8 +199,9 @@ class PackedMixin:
         """The packed tensors of part ``i`` by their base names (``qweight``, ``weight_scale``, ...)."""
         return weight_part(self.weight, i)
 
-    def pack(self) -> None:
-        """Replace the float ``weight`` and ``weight_fq`` by a packed weight (exactly ``weight_fq``)."""
+    def pack(self, prepare: bool = True) -> None:
+        """Replace the float ``weight`` and ``weight_fq`` by a packed weight (exactly ``weight_fq``);
+        ``prepare=False`` leaves the kernel state to the caller (:func:`dmq.kernels.prepare`)."""
         if self.packed:
             return
         if self.weight_spec is not None:
@@ -217,7 +218,7 @@ class PackedMixin:
         else:  # activation-only: the float weight is the weight
             self._act_only_frozen = True
         del self.weight_fq
-        self._setup_exec()
+        self._setup_exec(prepare)
 
     def set_packed(self, layouts: list[WeightLayout], tensors: dict[str, torch.Tensor] | None = None,
                    device: torch.device | str | None = None) -> None:
@@ -235,15 +236,15 @@ class PackedMixin:
                     tensors[k if i == 0 else f"{k}_{i}"] = torch.empty(shape, dtype=dtype, device=device)
         self.weight = nn.Parameter(PackedWeight(tensors, layouts), requires_grad=False)
 
-    def _setup_exec(self) -> None:
-        """Pick the execution path of the frozen layer and build its kernel state (:func:`dmq.kernels.prepare`);
-        called after packing and after loading."""
+    def _setup_exec(self, prepare: bool = True) -> None:
+        """Pick the execution path of the frozen layer and build its kernel state (:func:`dmq.kernels.prepare`;
+        ``prepare=False``: later, see :func:`dmq.freeze`); called after packing and after loading."""
         self.exec_path = "dequant"
         lays = self.weight_layouts or ()
         q = getattr(self, "input_quantizer", None)
         if isinstance(self, nn.Linear) and len(lays) == 1 and q is not None and not q.spec.dynamic:
             self._pick_int_path(lays[0], q)
-        if isinstance(self, nn.Linear):
+        if isinstance(self, nn.Linear) and prepare:
             kernels.prepare(self)
 
     def _pick_int_path(self, lay: WeightLayout, q: TensorQuantizer) -> None:

@@ -2,6 +2,9 @@
 round-to-nearest weight, built row chunk by row chunk; freeze keeps those tensors; calibrate copies no weight
 unless a transform folds into the float weights, and a failed calibration still rolls back exactly."""
 
+import gc
+import weakref
+
 import diffusers
 import pytest
 import torch
@@ -9,6 +12,7 @@ import torch
 import dmq
 import dmq.held_weight as hw
 import dmq.transaction as tx
+from dmq import kernels
 from dmq.config import QuantSpec, get_config
 from dmq.fake_quant import quantize_weight
 from dmq.packed import pack_weight
@@ -50,7 +54,7 @@ def _bytes(t: torch.Tensor) -> int:
     return t.packed_nbytes if isinstance(t, PackedWeight) else t.numel() * t.element_size()
 
 
-def test_quantized_model_holds_a_quarter_not_a_copy_and_freeze_keeps_the_codes():
+def test_quantized_model_holds_a_quarter_not_a_copy_and_freeze_keeps_the_codes(monkeypatch):
     torch.manual_seed(0)
     model = diffusers.DiTTransformer2DModel(  # tiny_dit, 64 wide: groups of 32 fill every row
         num_attention_heads=2, attention_head_dim=32, in_channels=1, out_channels=1, num_layers=1, sample_size=8,
@@ -62,9 +66,19 @@ def test_quantized_model_holds_a_quarter_not_a_copy_and_freeze_keeps_the_codes()
     assert all(isinstance(m.weight_fq, PackedWeight) for m in layers)
     assert held < 0.3 * floats  # INT4 codes plus float16 group scales: 4.5 of 16 bits
     codes = {n: m.weight_fq.qweight.data_ptr() for n, m in zip(model._dmq.modules, layers)}
+    originals, alive = [weakref.ref(m.weight) for m in layers], []
+
+    def prepare(layer):  # kernel state (here int4pack copies) is built once the float weights are gone
+        gc.collect()
+        alive.append(sum(r() is not None for r in originals))
+        real(layer)
+
+    real = kernels.prepare
+    monkeypatch.setattr(kernels, "prepare", prepare)
     x, y = torch.randn(2, 1, 8, 8).to(torch.bfloat16), torch.tensor([1, 2])
     dmq.freeze(dmq.calibrate(model, lambda m: [m(x, torch.full((2,), t), class_labels=y) for t in (900.0, 100.0)]))
     assert {n: model.get_submodule(n).weight.qweight.data_ptr() for n in codes} == codes  # no repack, no copy
+    assert alive and not any(alive)
 
 
 def _snapshot_clones(monkeypatch) -> list[int]:
