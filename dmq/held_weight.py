@@ -86,21 +86,26 @@ def _pack_rows(w: torch.Tensor, spec: QuantSpec, target: torch.Tensor | None
     if w.shape[0] <= rows or (not fmt.is_block and spec.granularity == "tensor"):
         return pack_weight(w, spec, rtn(w, spec) if target is None else target)
     amax = _tensor_amax(w, rows) if isinstance(fmt, formats.NVFP4Format) else None
-    parts = []
+    # codes go straight into their final tensors: chunk-sized pieces kept for a concatenation would fragment the
+    # heap between long-lived tensors (measured: 0.4x of the model left resident by glibc)
+    tensors, scales, layout = {}, [], None
     for r0 in range(0, w.shape[0], rows):
         wc = w[r0:r0 + rows]
         tc = rtn(wc, spec, amax) if target is None else target[r0:r0 + rows]
-        parts.append(pack_weight(wc, spec, tc, amax))
-    layout = dataclasses.replace(parts[0][1], shape=tuple(w.shape))
-    tensors = {}
-    for k, t0 in parts[0][0].items():
-        if t0.ndim == 0:  # NVFP4's tensor scale: one for all chunks
-            tensors[k] = t0
-        elif k == "weight_scale" and len({lay.scale_dtype for _, lay in parts}) > 1:
-            # each chunk stored its scales in its own smallest exact dtype: one dtype for the whole weight
-            s = torch.cat([t[k].float() for t, _ in parts])
-            dt = smallest_exact_dtype(s)
-            tensors[k], layout = s.to(dt), dataclasses.replace(layout, scale_dtype=dtype_name(dt))
-        else:
-            tensors[k] = torch.cat([t[k] for t, _ in parts])
+        t, lay = pack_weight(wc, spec, tc, amax)
+        layout = layout or dataclasses.replace(lay, shape=tuple(w.shape))
+        scales.append((t.pop("weight_scale"), lay.scale_dtype))
+        for k, v in t.items():
+            if v.ndim == 0:  # NVFP4's tensor scale: one for all chunks
+                tensors[k] = v
+                continue
+            if k not in tensors:
+                tensors[k] = v.new_empty((w.shape[0], *v.shape[1:]))
+            tensors[k][r0:r0 + v.shape[0]] = v
+    if len({d for _, d in scales}) > 1:  # each chunk stored its scales in its own smallest exact dtype: one for all
+        s = torch.cat([t.float() for t, _ in scales])
+        dt = smallest_exact_dtype(s)
+        tensors["weight_scale"], layout = s.to(dt), dataclasses.replace(layout, scale_dtype=dtype_name(dt))
+    else:
+        tensors["weight_scale"] = torch.cat([t for t, _ in scales])
     return tensors, layout
