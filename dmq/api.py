@@ -230,10 +230,12 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], object], *,
         raise ValueError("model is frozen; calibrate before dmq.freeze")
     policy = get_policy(steps if steps is not None else st.config.steps)
     cfg = st.config
-    methods = cfg.smooth is not None or cfg.rotation is not None or bool(cfg.lowrank) or cfg.rounding != "rtn" \
-        or bool(cfg.format_search)
+    # transforms fold into the float weights in place: only they need a copy of every weight for the rollback.
+    # Learned rounding, format search and the budget replace weight_fq (dmq.rounding.set_weight_fq): rolled back
+    # by reference, with no copy.
+    folds = cfg.smooth is not None or cfg.rotation is not None or bool(cfg.lowrank)
     before = nonfinite_report(model)
-    with transaction(model, clone_all=methods):  # PTQ methods change the float weights in place
+    with transaction(model, clone_all=folds and not st.transformed):
         _calibrate(model, st, forward_loop, policy)
     warn_nonfinite(model, before)
     return model
@@ -373,7 +375,14 @@ def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
             f"{'; ...' if len(problems) > 5 else ''}. Run dmq.calibrate(model, forward_loop) with finite inputs "
             "before dmq.freeze (or use a dynamic / weight-only config); nothing was frozen")
     with transaction(model):
-        return _freeze(model, st, params, pack, unobserved)
+        _freeze(model, st, params, pack, unobserved)
+    if st.packed:  # kernel state (int4pack, oneDNN prepacked weights) once the snapshot has let the float weights go
+        from dmq import kernels
+
+        for name in st.modules:
+            if isinstance(model.get_submodule(name), QuantLinear):
+                kernels.prepare(model.get_submodule(name))
+    return model
 
 
 def _freeze(model: nn.Module, st: QuantState, params: dict, pack: bool, unobserved: list[str]) -> nn.Module:
@@ -394,7 +403,7 @@ def _freeze(model: nn.Module, st: QuantState, params: dict, pack: bool, unobserv
         for name in st.modules:
             mod = model.get_submodule(name)
             try:
-                mod.pack()
+                mod.pack(prepare=False)  # kernel state after the transaction (freeze), not beside the float weights
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
         st.packed = True

@@ -146,11 +146,13 @@ def weight_qparams(w: torch.Tensor, fmt: formats.Format, granularity: str, group
 
 
 def quantize_weight(w: torch.Tensor, fmt: formats.Format, granularity: str, group_size: int, symmetric: bool,
-                    estimator: str) -> torch.Tensor:
+                    estimator: str, tensor_amax: torch.Tensor | None = None) -> torch.Tensor:
     """Static fake quantization of a weight (output channels on dim 0; the rest is the reduction dimension), with the
-    scales of :func:`weight_qparams` (block formats: their own block scales)."""
+    scales of :func:`weight_qparams` (block formats: their own block scales). ``tensor_amax``: the whole weight's
+    for a format with a tensor scale (NVFP4), when ``w`` is a slice of rows."""
     rows = w.detach().reshape(w.shape[0], -1)
     if fmt.is_block:
-        return fmt.quantize(rows, dim=-1).reshape(w.shape)
+        kw = {} if tensor_amax is None else {"tensor_amax": tensor_amax}
+        return fmt.quantize(rows, dim=-1, **kw).reshape(w.shape)
     g, scale, zp = weight_qparams(w, fmt, granularity, group_size, symmetric, estimator)
     return ungrouped(fake_quant(g, fmt, scale, zp), rows.shape).reshape(w.shape).to(w.dtype)

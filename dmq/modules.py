@@ -24,18 +24,12 @@ from torch import nn
 from dmq import formats, kernels
 from dmq.calibration import CONTEXT
 from dmq.config import QuantConfig, QuantSpec
-from dmq.fake_quant import quantize_weight
-from dmq.packed import WeightLayout, int_codes, pack_weight
+from dmq.held_weight import dense, held
+from dmq.packed import WeightLayout, int_codes
 from dmq.packed_weight import PackedWeight, dequantize, weight_part
 from dmq.quantizer import TensorQuantizer
 
 logger = logging.getLogger(__name__)
-
-
-def _wq(w: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
-    if spec is None:
-        return w.detach().clone()
-    return quantize_weight(w, spec.fmt, spec.granularity, spec.group_size, spec.symmetric, spec.estimator)
 
 
 def _act(spec: QuantSpec | None, dim: int, config: QuantConfig) -> TensorQuantizer | None:
@@ -169,6 +163,13 @@ class PackedMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        fq_key = prefix + "weight_fq"
+        relink = fq_key in state_dict and "weight_fq" in self._buffers and \
+            "weight_fq" not in self._non_persistent_buffers_set
+        if relink:  # load a learned weight_fq into a fresh dense buffer (a held one may be packed, or alias the
+            fq = self._buffers["weight_fq"]  # weight), then hold it as quantize does, against the loaded weights
+            self._buffers["weight_fq"] = torch.empty(fq.shape, dtype=fq.dtype, device=fq.device)
+            state_dict = {**state_dict, fq_key: dense(state_dict[fq_key])}
         w = self._parameters.get("weight")
         if isinstance(w, PackedWeight) and prefix + "lora_fused" in state_dict and "lora_fused" not in self._buffers:
             self.register_buffer("lora_fused", torch.empty(w.shape, dtype=w.dtype, device=w.device))  # saved fused
@@ -188,39 +189,36 @@ class PackedMixin:
                 missing_keys.extend(prefix + n for n in w._names if n not in have)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if relink and "weight_fq" in self._buffers and not self.packed:
+            from dmq.rounding.layer import set_weight_fq
+
+            set_weight_fq(self, self.weight_fq)
         kernels.forget(self)
 
     def _part(self, i: int) -> dict[str, torch.Tensor]:
         """The packed tensors of part ``i`` by their base names (``qweight``, ``weight_scale``, ...)."""
         return weight_part(self.weight, i)
 
-    def _weight_parts(self) -> list[torch.Tensor]:
-        w = self.weight_fq
-        if getattr(self, "split", None) is None:
-            return [w]
-        return [w[:, : self.split], w[:, self.split:]]
-
-    def pack(self) -> None:
-        """Replace the float ``weight`` and ``weight_fq`` by a packed weight (exactly ``weight_fq``)."""
+    def pack(self, prepare: bool = True) -> None:
+        """Replace the float ``weight`` and ``weight_fq`` by a packed weight (exactly ``weight_fq``);
+        ``prepare=False`` leaves the kernel state to the caller (:func:`dmq.kernels.prepare`)."""
         if self.packed:
             return
         if self.weight_spec is not None:
-            from dmq.rounding.layer import target_weight  # the float weight the scales were searched on
+            fq = self.weight_fq
+            if not isinstance(fq, PackedWeight):  # held unpacked (off its grid until now, or loaded): pack it
+                from dmq.rounding.layer import target_weight  # the float weight the scales were searched on
 
-            parts = self._weight_parts()
-            w = target_weight(self).reshape(self.weight.shape)  # after rotation, minus the low-rank branch
-            src = [w] if len(parts) == 1 else [w[:, : self.split], w[:, self.split:]]
-            layouts, tensors = [], {}
-            for i, (w, target) in enumerate(zip(src, parts)):
-                t, layout = pack_weight(w, self.weight_spec, target)
-                layouts.append(layout)
-                tensors.update({k if i == 0 else f"{k}_{i}": v for k, v in t.items()})
-            self.weight = nn.Parameter(PackedWeight(tensors, tuple(layouts), self.weight_fq.dtype),
-                                       requires_grad=False)
+                w = target_weight(self).reshape(self.weight.shape)  # after rotation, minus the low-rank branch
+                fq = held(w, self.weight_spec, getattr(self, "split", None), fq)
+                if not isinstance(fq, PackedWeight):
+                    raise ValueError(f"the quantized weight is not on the {self.weight_spec.format} grid of its "
+                                     "scales: cannot pack it exactly")
+            self.weight = nn.Parameter(fq, requires_grad=False)  # the codes weight_fq already holds: no copy
         else:  # activation-only: the float weight is the weight
             self._act_only_frozen = True
         del self.weight_fq
-        self._setup_exec()
+        self._setup_exec(prepare)
 
     def set_packed(self, layouts: list[WeightLayout], tensors: dict[str, torch.Tensor] | None = None,
                    device: torch.device | str | None = None) -> None:
@@ -238,15 +236,15 @@ class PackedMixin:
                     tensors[k if i == 0 else f"{k}_{i}"] = torch.empty(shape, dtype=dtype, device=device)
         self.weight = nn.Parameter(PackedWeight(tensors, layouts), requires_grad=False)
 
-    def _setup_exec(self) -> None:
-        """Pick the execution path of the frozen layer and build its kernel state (:func:`dmq.kernels.prepare`);
-        called after packing and after loading."""
+    def _setup_exec(self, prepare: bool = True) -> None:
+        """Pick the execution path of the frozen layer and build its kernel state (:func:`dmq.kernels.prepare`;
+        ``prepare=False``: later, see :func:`dmq.freeze`); called after packing and after loading."""
         self.exec_path = "dequant"
         lays = self.weight_layouts or ()
         q = getattr(self, "input_quantizer", None)
         if isinstance(self, nn.Linear) and len(lays) == 1 and q is not None and not q.spec.dynamic:
             self._pick_int_path(lays[0], q)
-        if isinstance(self, nn.Linear):
+        if isinstance(self, nn.Linear) and prepare:
             kernels.prepare(self)
 
     def _pick_int_path(self, lay: WeightLayout, q: TensorQuantizer) -> None:
@@ -266,7 +264,7 @@ class PackedMixin:
         if isinstance(w, PackedWeight):
             return dequantize(w, dtype)
         if not self.packed:
-            return self.weight_fq if dtype is None else self.weight_fq.to(dtype)
+            return dense(self.weight_fq, dtype)
         return self.weight if dtype is None else self.weight.to(dtype)
 
 
@@ -281,7 +279,7 @@ class QuantLinear(PackedMixin, nn.Linear):
         q.weight, q.bias = mod.weight, mod.bias
         q.weight_spec = config.weight
         q.input_quantizer = _act(config.act, -1, config)
-        q.register_buffer("weight_fq", _wq(mod.weight, config.weight), persistent=False)
+        q.register_buffer("weight_fq", held(mod.weight, config.weight), persistent=False)
         _register_method_state(q, config, (mod.in_features,), mod.out_features, mod.in_features)
         return q
 
@@ -381,10 +379,7 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
         q.split = split
         q.input_quantizer = _act(config.act, 1, config)
         q.input_quantizer_skip = _act(config.act, 1, config) if split is not None else None
-        w = mod.weight
-        wq = _wq(w, config.weight) if split is None else torch.cat(
-            [_wq(w[:, :split], config.weight), _wq(w[:, split:], config.weight)], dim=1)
-        q.register_buffer("weight_fq", wq, persistent=False)
+        q.register_buffer("weight_fq", held(mod.weight, config.weight, split), persistent=False)
         _register_method_state(q, config, (mod.in_channels // mod.groups, *mod.kernel_size), mod.out_channels, None)
         return q
 

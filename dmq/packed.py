@@ -210,20 +210,21 @@ def int_codes(tensors: dict[str, torch.Tensor], layout: WeightLayout) -> torch.T
     return (v << (8 - b)) >> (8 - b)  # sign-extend the b-bit two's complement code
 
 
-def pack_weight(w: torch.Tensor, spec: QuantSpec, target: torch.Tensor | None = None
-                ) -> tuple[dict[str, torch.Tensor], WeightLayout]:
+def pack_weight(w: torch.Tensor, spec: QuantSpec, target: torch.Tensor | None = None,
+                tensor_amax: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], WeightLayout]:
     """Codes and scales of ``w`` quantized by ``spec`` (the static weight search of :mod:`dmq.fake_quant`).
 
     ``w`` is the float weight the scales are searched on, ``target`` the fake-quantized weight the layer computes
     with (its dtype is the layout's). ``target`` is checked to round trip bit for bit; when rounding ``w`` does not
     give it (learned rounding, GPTQ), the codes are taken from ``target`` itself on the same scales. A weight that
-    is not on its grid raises ``ValueError``.
+    is not on its grid raises ``ValueError``. ``tensor_amax``: the whole weight's, for NVFP4 on a slice of rows.
     """
     fmt = spec.fmt
     rows = w.detach().reshape(w.shape[0], -1)
     storage = _storage(fmt)
     if fmt.is_block:
-        layout, tensors = _pack_block(rows, fmt, w, storage, w.dtype if target is None else target.dtype)
+        layout, tensors = _pack_block(rows, fmt, w, storage, w.dtype if target is None else target.dtype,
+                                      tensor_amax)
         if target is not None and not _same(unpack_weight(tensors, layout), target):
             tensors["qweight"] = _block_codes_of(target.detach().reshape(rows.shape), tensors, layout)
     else:
@@ -257,11 +258,11 @@ def _pack_element(g: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
     return out
 
 
-def _pack_block(rows: torch.Tensor, fmt: formats.Format, w: torch.Tensor, storage: str, dtype: torch.dtype
-                ) -> tuple[WeightLayout, dict[str, torch.Tensor]]:
+def _pack_block(rows: torch.Tensor, fmt: formats.Format, w: torch.Tensor, storage: str, dtype: torch.dtype,
+                tensor_amax: torch.Tensor | None = None) -> tuple[WeightLayout, dict[str, torch.Tensor]]:
     padded = _pad_to(rows.shape[1], fmt.block_size)
     if isinstance(fmt, formats.NVFP4Format):
-        codes, sb, st = fmt.encode(rows, dim=-1)
+        codes, sb, st = fmt.encode(rows, dim=-1, tensor_amax=tensor_amax)
         scales, sdt = sb.view(torch.float8_e4m3fn), torch.float8_e4m3fn
     else:
         codes, scales = fmt.encode(rows, dim=-1)

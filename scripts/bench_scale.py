@@ -10,8 +10,9 @@ bytes. Each (model, preset) runs in its own subprocess, so that its peak RSS is 
 - whole-backbone resident bytes (every parameter and buffer after ``dmq.freeze``) and checkpoint bytes
   (``dmq.save``) against the BF16 model;
 - ``dmq.quantize``, ``dmq.calibrate`` (a few backbone calls at spread timesteps) and ``dmq.freeze`` time;
-- peak RSS while quantizing (VmHWM reset after the BF16 model is built) minus the RSS of the interpreter and
-  libraries (measured before the model exists), against the BF16 model's bytes;
+- peak RSS while quantizing (VmHWM reset after the BF16 model is built, and between the stages) minus the RSS of
+  the interpreter and libraries (measured after every import, diffusers' lazy model modules included, before the
+  model exists), against the BF16 model's bytes, overall and per stage;
 - ε SQNR of the quantized model against the BF16 model on held-out inputs.
 
 ``--size-only`` presets are quantized and frozen with round-to-nearest and one calibration call: their bytes are
@@ -129,6 +130,13 @@ def one_case(name: str, preset: str, args) -> dict:
     import dmq
 
     torch.set_num_threads(args.threads)
+    import dmq.budget  # noqa: F401 -- what quantizing imports on the way counts as libraries, not as the model
+    import dmq.rounding  # noqa: F401
+    import dmq.transforms  # noqa: F401
+
+    with torch.device("meta"):  # imports diffusers' lazily loaded model modules, with no weights
+        build(name, args.depth)
+    _reset_peak()
     libs_rss = _status("VmRSS")
     fp = build(name, args.depth)
     bf16 = model_bytes(fp)
@@ -145,19 +153,26 @@ def one_case(name: str, preset: str, args) -> dict:
         calib = calib[:1]
     _reset_peak()
     base_rss = _status("VmRSS")
+    stage_peaks = {}  # the high-water mark of each stage (VmHWM is reset between them; the peak is their max)
     t0 = time.perf_counter()
     dmq.quantize(fp, cfg)
+    stage_peaks["quantize"] = _status("VmHWM")
     t1 = time.perf_counter()
+    _reset_peak()
     dmq.calibrate(fp, lambda m: [output(m, kw) for kw in calib])
+    stage_peaks["calibrate"] = _status("VmHWM")
     t2 = time.perf_counter()
+    _reset_peak()
     dmq.freeze(fp)
+    stage_peaks["freeze"] = _status("VmHWM")
     t3 = time.perf_counter()
-    peak = _status("VmHWM")
+    peak = max(stage_peaks.values())
     res = {"model": name, "preset": preset, "size_only": size_only, "params": sum(p.numel() for p in fp.parameters()),
            "bf16_bytes": bf16, "resident_bytes": model_bytes(fp), "quantize_s": t1 - t0, "calibrate_s": t2 - t1,
            "freeze_s": t3 - t2, "calibration_calls": len(calib), "libs_rss_bytes": libs_rss,
            "rss_before_bytes": base_rss, "peak_rss_bytes": peak,
-           "peak_rss_vs_bf16": (peak - libs_rss) / bf16}
+           "peak_rss_vs_bf16": (peak - libs_rss) / bf16,
+           "stage_peak_rss_vs_bf16": {k: (v - libs_rss) / bf16 for k, v in stage_peaks.items()}}
     if not size_only:
         with torch.no_grad():
             out = [output(fp, kw).float() for kw in evals]
@@ -206,14 +221,21 @@ def main() -> None:
                          "':size' makes that case size-only")
     ap.add_argument("--case", nargs=2, metavar=("MODEL", "PRESET"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "scale.json"))
+    ap.add_argument("--append", action="store_true",
+                    help="add to the cases already in --out (a case of the same model, preset and depth is replaced)")
     args = ap.parse_args()
     if args.case:
         print(json.dumps(one_case(*args.case, args)))
         return
-    report = {"command": " ".join(["python scripts/bench_scale.py", *sys.argv[1:]]), "protocol": vars(args),
+    command = " ".join(["python scripts/bench_scale.py", *sys.argv[1:]])
+    report = {"command": command, "protocol": vars(args),
               "machine": f"{os.cpu_count()} CPU cores shared with other jobs", "cases": []}
     out = Path(args.out)
-    t0 = time.perf_counter()
+    if args.append and out.exists():  # several runs (one per model, say) in one file
+        report = json.loads(out.read_text())
+        report["command"] = f"{report['command']}; {command}"
+        report["seconds"] = report.get("seconds", 0.0)
+    t0 = time.perf_counter() - report.get("seconds", 0.0)
     cases = [(c.split(":") + [""])[:3] for c in args.cases] if args.cases else [
         (m, p, "size" if p in args.size_only else "") for m in args.models
         for p in list(args.presets) + list(args.size_only)]
@@ -224,10 +246,13 @@ def main() -> None:
         p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         if p.returncode != 0:
             print(f"[{name}] {preset} failed:\n{p.stderr[-3000:]}", flush=True)
-            report["cases"].append({"model": name, "preset": preset, "error": p.stderr[-1000:]})
+            report["cases"].append({"model": name, "preset": preset, "depth": args.depth, "error": p.stderr[-1000:]})
+            out.write_text(json.dumps(report, indent=2))
             continue
         res = json.loads(p.stdout.strip().splitlines()[-1])
-        report["cases"].append(res)
+        res["depth"] = args.depth
+        report["cases"] = [c for c in report["cases"] if (c["model"], c["preset"], c.get("depth")) !=
+                           (name, preset, args.depth)] + [res]
         print(f"[{name}] {preset}: " + ", ".join(
             f"{k} {v:.3g}" for k, v in res.items() if isinstance(v, float)), flush=True)
         report["seconds"] = round(time.perf_counter() - t0, 1)

@@ -21,18 +21,24 @@ def gptq(w: torch.Tensor, x: torch.Tensor, grid: WeightGrid, damp: float = 0.01,
     rtn = grid.nearest(w)
     rtn_err = layer_error(hess, w, rtn)
     k = w.shape[1]
-    h = hess.clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    # K x K float64 matrices are the working set (170 MB each at K = 4608): at most three live at once
+    d = torch.diag(hess).clone()
+    dead = d == 0
+    d[dead] = 1.0
+    d += damp * d.mean()  # the damped diagonal
+    perm = torch.argsort(d, descending=True) if act_order else torch.arange(k)
     inv = torch.argsort(perm)
-    h = h[perm][:, perm]
+    h = hess[perm][:, perm]
+    hd = h.diagonal()
+    hd.copy_(d[perm])
+    h = torch.linalg.cholesky(h)
+    h = torch.cholesky_inverse(h)
+    hinv = torch.linalg.cholesky(h, upper=True)
+    del h, hd
     scale, zero = grid.scale[:, perm], grid.zero[:, perm]
     pgrid = WeightGrid(scale, zero, grid.values)
     wp = w.double()[:, perm].clone()
     wp[:, dead[perm]] = 0.0
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros_like(wp)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)

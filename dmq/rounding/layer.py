@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dmq.fake_quant import quantize_weight
+from dmq.held_weight import held
 
 
 def target_weight(module: nn.Module) -> torch.Tensor:
@@ -25,8 +26,13 @@ def split_of(module: nn.Module) -> int | None:
 
 @torch.no_grad()
 def set_weight_fq(module: nn.Module, rows: torch.Tensor) -> None:
-    """Store ``rows`` (``(O, K)``) as the module's quantized weight."""
-    module.weight_fq.copy_(rows.reshape(module.weight_fq.shape).to(module.weight_fq.dtype))
+    """Store ``rows`` (``(O, K)``) as the module's quantized weight, packed when it lies on the grid
+    (:func:`dmq.held_weight.held`). The buffer is replaced, never written in place, so that a transaction
+    (:mod:`dmq.transaction`) rolls it back by reference, without a copy of every weight."""
+    shape = module.weight.shape
+    target = rows.reshape(shape).to(module.weight_fq.dtype)
+    w = target_weight(module).reshape(shape) if module.weight_spec is not None else target
+    module._buffers["weight_fq"] = held(w, module.weight_spec, split_of(module), target)
 
 
 @torch.no_grad()
