@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from dmq import formats, kernels_cpu
 from dmq.calibration import CONTEXT, sample_timesteps, timestep_bins
-from dmq.packed import _dequant_rows, int_codes
+from dmq.packed import _dequant_rows, int_codes, row_dequantizer
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +221,7 @@ class _Plan:
     int_act = False  # INT weight x static per-tensor INT activation
     onednn = None  # prepacked oneDNN weight
     int4 = None  # (int4pack weight, scales-and-zeros, group size)
+    rows = None  # packed.RowDequantizer of the tiled path
     cache = None  # dequantized weight (weight_cache)
 
 
@@ -286,6 +287,8 @@ def _build_plan(layer, device: torch.device, dtype: torch.dtype, cache: bool) ->
                 and kernels_cpu.onednn_int8_ok()):
             plan.onednn = kernels_cpu.prepack_int8(codes)
         return plan
+    if len(lays) == 1:  # the tiled path's one-pass dequantization (None: a layout it does not cover)
+        plan.rows = row_dequantizer(layer._part(0), lays[0])
     if len(lays) == 1 and q is None and device.type == "cpu":
         lay = lays[0]
         fmt = lay.fmt
@@ -402,12 +405,16 @@ def frozen_linear(layer, x: torch.Tensor) -> torch.Tensor:
         y = kernels_cpu.int4_weight_linear(xq.reshape(-1, plan.k), packed, sz, g, layer.bias)
         return y.reshape(*x.shape[:-1], plan.n)
     if len(lays) == 1 and enabled("tiled_dequant"):
-        part, lay = layer._part(0), lays[0]
+        if plan.rows is not None:
+            rows = plan.rows.rows
+        else:
+            part, lay = layer._part(0), lays[0]
 
-        def rows(r0: int, r1: int) -> torch.Tensor:
-            return _dequant_rows(part, lay, r0, r1)[:, : lay.cols].to(xq.dtype)
+            def rows(r0: int, r1: int) -> torch.Tensor:
+                return _dequant_rows(part, lay, r0, r1)[:, : lay.cols]
 
-        y = kernels_cpu.tiled_linear(xq.reshape(-1, plan.k), plan.n, rows, layer.bias)
+        gemm = kernels_cpu.tile_gemm_dtype(xq.dtype) if xq.device.type == "cpu" else None
+        y = kernels_cpu.tiled_linear(xq.reshape(-1, plan.k), plan.n, rows, layer.bias, gemm_dtype=gemm)
         return y.reshape(*x.shape[:-1], plan.n)
     return F.linear(xq, layer.dequantized_weight(x.dtype), layer.bias)
 

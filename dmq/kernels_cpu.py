@@ -110,21 +110,45 @@ def int4_weight_linear(x2d: torch.Tensor, packed: torch.Tensor, scales_zeros: to
 
 
 # ---------------------------------------------------------------------------------------------- tiled dequant
-# elements of one dequantized weight tile (float32 while it is computed): 1 MiB, inside a core's L2
-TILE_ELEMS = 1 << 18
+# elements of one dequantized weight tile: 64k (256 KiB in float32) keeps the tile, its code bytes and the lookup's
+# index in a core's L2 next to the GEMM's packing buffers; measured against 256k and 1M in docs/runtime.md
+TILE_ELEMS = 1 << 16
+
+
+@functools.cache
+def tile_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tile of weights is multiplied in for a ``dtype`` input on this CPU.
+
+    A 16-bit tile is rounded to ``dtype`` first (the reference's own weight) and then multiplied in float32 unless
+    the CPU has AMX for that dtype: without AMX, oneDNN's BF16 GEMM of a freshly dequantized (not prepacked) tile
+    ran about 1.5x slower than the float32 GEMM on the AVX-512 BF16 machine this was measured on (docs/runtime.md),
+    and both accumulate in float32, so the result differs only in summation order.
+    """
+    amx = {torch.bfloat16: "_is_amx_tile_supported", torch.float16: "_is_amx_fp16_supported"}.get(dtype)
+    if amx is None:
+        return dtype
+    probe = getattr(torch.cpu, amx, None)
+    return dtype if probe is not None and probe() else torch.float32
 
 
 def tiled_linear(x2d: torch.Tensor, n: int, dequant_rows, bias: torch.Tensor | None,
-                 tile_elems: int = TILE_ELEMS) -> torch.Tensor:
-    """``x W^T + b`` where ``dequant_rows(r0, r1)`` gives rows ``r0:r1`` of ``W`` in ``x``'s dtype; the rows are
-    dequantized one cache-sized tile at a time and multiplied at once into their output columns."""
-    k = x2d.shape[1]
-    step = max(16, tile_elems // max(1, k) // 16 * 16)
+                 tile_elems: int | None = None, gemm_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x W^T + b`` where ``dequant_rows(r0, r1)`` gives rows ``r0:r1`` of ``W`` (float32 or ``x``'s dtype). Each
+    tile of rows is rounded to ``x``'s dtype (the weight the reference multiplies by), multiplied in ``gemm_dtype``
+    (default: ``x``'s) into its output columns at once, and the result rounded once to ``x``'s dtype."""
+    k, dtype = x2d.shape[1], x2d.dtype
+    gd = dtype if gemm_dtype is None else gemm_dtype
+    xg = x2d.to(gd)
+    bg = None if bias is None else bias.detach().to(gd)  # inference kernel: no autograd graph
+
+    def tile(r0: int, r1: int) -> torch.Tensor:
+        return dequant_rows(r0, r1).to(dtype).to(gd)
+
+    step = max(16, (tile_elems or TILE_ELEMS) // max(1, k) // 16 * 16)
     if step >= n:
-        return F.linear(x2d, dequant_rows(0, n), bias)
-    out = torch.empty(x2d.shape[0], n, dtype=x2d.dtype, device=x2d.device)
+        return F.linear(xg, tile(0, n), bg).to(dtype)
+    out = torch.empty(x2d.shape[0], n, dtype=dtype, device=x2d.device)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        b = None if bias is None else bias[r0:r1]
-        out[:, r0:r1] = F.linear(x2d, dequant_rows(r0, r1), b)
+        out[:, r0:r1] = F.linear(xg, tile(r0, r1), None if bg is None else bg[r0:r1])
     return out
