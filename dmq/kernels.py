@@ -17,10 +17,13 @@ each falls back to the next when its kernel is missing or declines the shape):
   u8 x s8 VNNI GEMM with the scales and bias fused (:mod:`dmq.kernels_cpu`); CPU, one timestep bin per call.
 - ``int_gemm``: the same on ``torch._int_mm`` with the epilogue below (CPU and CUDA; per-sample timestep bins).
 - ``fp8_gemm``: FP8 E4M3 on ``torch._scaled_mm`` (CUDA, compute capability 8.9+).
-- ``int4_weight``: weight-only INT4 group-wise (W4A16) dequantized inside the GEMM (``_weight_int4pack_mm_for_cpu``).
+- ``int4_weight``: weight-only INT4 group-wise (W4A16) dequantized inside the GEMM (``_weight_int4pack_mm_for_cpu``),
+  for inputs of fewer than ``kernels_cpu.INT4_MAX_ROWS`` rows (more rows amortize a tile dequantization better).
 - ``weight_cache``: a dequantized copy of the weight in the compute dtype, only after :func:`cache_weights`
   (a memory trade-off the user sets; off by default; bit-identical to the reference).
-- ``tiled_dequant``: any other packed weight, dequantized one cache-sized tile of rows at a time into the GEMM.
+- ``tiled_dequant``: any other packed weight, one cache-sized tile of rows at a time: one table lookup per code byte
+  and one scale multiply (:class:`dmq.packed.RowDequantizer`), rounded to the compute dtype (the reference's
+  weight) and multiplied in float32 on CPUs without AMX (:func:`dmq.kernels_cpu.tile_gemm_dtype`).
 - otherwise the reference: the fake-quantized input times the whole weight dequantized (bit for bit the fake-quant
   model).
 
@@ -400,7 +403,8 @@ def frozen_linear(layer, x: torch.Tensor) -> torch.Tensor:
     if plan.cache is not None and enabled("weight_cache"):
         return F.linear(xq, plan.cache, layer.bias)
     lays = layer.weight_layouts
-    if plan.int4 is not None and enabled("int4_weight") and xq.dtype == plan.int4[1].dtype:
+    if (plan.int4 is not None and enabled("int4_weight") and xq.dtype == plan.int4[1].dtype
+            and xq.numel() < kernels_cpu.INT4_MAX_ROWS * plan.k):
         packed, sz, g = plan.int4
         y = kernels_cpu.int4_weight_linear(xq.reshape(-1, plan.k), packed, sz, g, layer.bias)
         return y.reshape(*x.shape[:-1], plan.n)

@@ -5,8 +5,9 @@
   epilogue. The weight is reordered once into oneDNN's blocked layout (:func:`prepack_int8`).
 - :func:`int4_weight_linear`: weight-only INT4 group-wise, dequantized inside the GEMM
   (``torch.ops.aten._weight_int4pack_mm_for_cpu``): no float copy of the weight ever exists.
-- :func:`tiled_linear`: any other packed weight, dequantized ``TILE_ELEMS`` elements at a time (the tile stays in
-  cache) straight into the GEMM of its output columns: no full-weight float copy per call.
+- :func:`tiled_linear`: any other packed weight (and INT4 from ``INT4_MAX_ROWS`` input rows on), dequantized
+  ``TILE_ELEMS`` elements at a time (the tile stays in cache) straight into the GEMM of its output columns, in
+  float32 where that GEMM is the faster one (:func:`tile_gemm_dtype`): no full-weight float copy per call.
 
 Every function returns ``None`` when its kernel cannot run (missing op, unsupported dtype or shape): the caller
 falls back to the next path. See :mod:`dmq.kernels` for the dispatch and the exactness bounds.
@@ -76,6 +77,10 @@ def _zeros(n: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- weight-only INT4
 INT4_GROUPS = (32, 64, 128, 256)
+# the int4pack kernel re-dequantizes the weight for every block of rows; from about 256 input rows on, one tile
+# dequantization and the float32 GEMM were faster here (one 1152 x 4608 layer: int4pack 0.64x BF16 at 16 rows, 1.18x
+# at 128, 1.29x at 256 and 512, against the tiled path's 5.1x, 1.6x, 1.3x and 0.92x; docs/runtime.md)
+INT4_MAX_ROWS = 256
 
 
 def int4_weight_ok() -> bool:
