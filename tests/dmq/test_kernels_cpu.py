@@ -235,6 +235,20 @@ def test_weight_only_paths_and_their_fallbacks(dtype):
         assert ((y.double() - exact).abs() <= (66 * U32 + 2 * u) * mag).all()
 
 
+@INT4
+def test_int4_kernel_only_below_its_row_threshold(monkeypatch):
+    q, x = _frozen("w4a16", torch.bfloat16)  # 30 input rows
+    lin = q[0]
+    with torch.no_grad():
+        with kernels.disable("int4_weight"):
+            tiled = lin(x)
+        fused = lin(x)
+        monkeypatch.setattr(kernels_cpu, "INT4_MAX_ROWS", 30)  # 30 rows are no longer below it: the tiled path
+        monkeypatch.setattr(kernels_cpu, "int4_weight_linear", lambda *a: pytest.fail("int4pack above threshold"))
+        assert torch.equal(lin(x), tiled)
+    assert not torch.equal(fused, tiled)  # two different kernels (the fused one multiplies the unrounded weight)
+
+
 def test_fallback_when_kernels_are_missing(monkeypatch):
     """A CPU without the oneDNN int8 or int4pack kernels runs the next path: same integer sums, same reference."""
     q8, x8 = _frozen("w8a8")
