@@ -2,6 +2,7 @@
 for the epilogues, fallback when a kernel is missing, and ``dmq.kernels.disable`` for every path."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -105,12 +106,14 @@ def test_tile_gemm_dtype_is_float32_for_16_bit_inputs_without_amx(monkeypatch):
         kernels_cpu.tile_gemm_dtype.cache_clear()
 
 
-def _packed_layer(preset, k, dtype=torch.bfloat16, zero=False):
+def _packed_layer(preset, k, dtype=torch.bfloat16, zero=False, n=40):
     torch.manual_seed(k)
-    lin = nn.Linear(k, 40).to(dtype)
+    lin = nn.Linear(k, n).to(dtype)
     if zero:
         lin.weight.data.zero_()
-    q = dmq.quantize(nn.Sequential(lin), dmq.get_config(preset).replace(keep_fp=()))
+    cfg = dmq.get_config(preset)  # round-to-nearest min-max weights: the kernels do not depend on the search
+    cfg = cfg.replace(keep_fp=(), rounding="rtn", weight=dataclasses.replace(cfg.weight, estimator="minmax"))
+    q = dmq.quantize(nn.Sequential(lin), cfg)
     dmq.calibrate(q, lambda m: m(torch.randn(4, k).to(dtype)))
     dmq.freeze(q)
     return q[0]
@@ -237,8 +240,9 @@ def test_weight_only_paths_and_their_fallbacks(dtype):
 
 @INT4
 def test_int4_kernel_only_below_its_row_threshold(monkeypatch):
-    q, x = _frozen("w4a16", torch.bfloat16)  # 30 input rows
-    lin = q[0]
+    lin = _packed_layer("w4a16", 64, n=64)  # a width the int4pack kernel takes
+    x = torch.randn(3, 10, 64).to(torch.bfloat16)  # 30 input rows
+    assert kernels._plan(lin, x.device, x.dtype).int4 is not None
     with torch.no_grad():
         with kernels.disable("int4_weight"):
             tiled = lin(x)
