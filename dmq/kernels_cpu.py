@@ -6,7 +6,7 @@
 - :func:`int4_weight_linear`: weight-only INT4 group-wise, dequantized inside the GEMM
   (``torch.ops.aten._weight_int4pack_mm_for_cpu``): no float copy of the weight ever exists.
 - :func:`tiled_linear`: any other packed weight (and INT4 from ``INT4_MAX_ROWS`` input rows on), dequantized
-  ``TILE_ELEMS`` elements at a time (the tile stays in cache) straight into the GEMM of its output columns, in
+  tiles of at least ``TILE_MIN_ROWS`` rows straight into the GEMM of its output columns, in
   float32 where that GEMM is the faster one (:func:`tile_gemm_dtype`): no full-weight float copy per call.
 
 Every function returns ``None`` when its kernel cannot run (missing op, unsupported dtype or shape): the caller
@@ -115,9 +115,12 @@ def int4_weight_linear(x2d: torch.Tensor, packed: torch.Tensor, scales_zeros: to
 
 
 # ---------------------------------------------------------------------------------------------- tiled dequant
-# elements of one dequantized weight tile: 64k (256 KiB in float32) keeps the tile, its code bytes and the lookup's
-# index in a core's L2 next to the GEMM's packing buffers; measured against 256k and 1M in docs/runtime.md
+# a tile is TILE_ELEMS elements of dequantized weight, but at least TILE_MIN_ROWS rows: the GEMM of a narrow tile
+# streams the whole input once per tile, and with K = 4608 a 64k-element tile is 16 rows. Measured on DiT-XL's two
+# MLP layers (docs/runtime.md): 16-row tiles ran at 1.12x / 1.67x BF16 (512 / 2048 input rows), 512-row tiles at
+# 0.77x / 0.69x; 128 and 256 rows were in between and 1024 within noise of 512.
 TILE_ELEMS = 1 << 16
+TILE_MIN_ROWS = 512
 
 
 @functools.cache
@@ -149,7 +152,7 @@ def tiled_linear(x2d: torch.Tensor, n: int, dequant_rows, bias: torch.Tensor | N
     def tile(r0: int, r1: int) -> torch.Tensor:
         return dequant_rows(r0, r1).to(dtype).to(gd)
 
-    step = max(16, (tile_elems or TILE_ELEMS) // max(1, k) // 16 * 16)
+    step = max(TILE_MIN_ROWS, (tile_elems or TILE_ELEMS) // max(1, k) // 16 * 16)
     if step >= n:
         return F.linear(xg, tile(0, n), bg).to(dtype)
     out = torch.empty(x2d.shape[0], n, dtype=dtype, device=x2d.device)

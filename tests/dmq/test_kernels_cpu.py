@@ -67,7 +67,8 @@ def test_int4_weight_kernel_dequantizes_inside_the_gemm(dtype):
     assert kernels_cpu.prepack_int4(codes, scale, 48, dtype) is None  # a group size the kernel lacks: declined
 
 
-def test_tiled_linear_is_the_whole_product_tile_by_tile():
+def test_tiled_linear_is_the_whole_product_tile_by_tile(monkeypatch):
+    monkeypatch.setattr(kernels_cpu, "TILE_MIN_ROWS", 16)
     g = torch.Generator().manual_seed(3)
     x, w, b = torch.randn(5, 64, generator=g), torch.randn(300, 64, generator=g), torch.randn(300, generator=g)
     seen = []
