@@ -365,7 +365,11 @@ class RowDequantizer:
 
     def __init__(self, tensors: dict[str, torch.Tensor], table: torch.Tensor, layout: WeightLayout) -> None:
         self.codes = tensors["qweight"].view(torch.uint8)  # indexed by the stored byte
-        self.table, self.layout = table, layout
+        # a (256, 2) table of both nibbles' values is looked up as one 8-byte word per byte: a 1-D index_select,
+        # about 5x faster here than gathering 2-element rows, with the same bits
+        self.pairs = table.dim() == 2
+        self.table = table.contiguous().view(torch.int64).reshape(256) if self.pairs else table
+        self.layout = layout
         self.sc, self.s_t = tensors["weight_scale"], tensors.get("weight_scale2")
         self.group = layout.padded_cols // self.sc.shape[1]
 
@@ -384,7 +388,8 @@ class RowDequantizer:
     def rows(self, r0: int, r1: int) -> torch.Tensor:
         """float32 rows ``r0:r1``, ``(r1 - r0, cols)``."""
         n, padded, cols = r1 - r0, self.layout.padded_cols, self.layout.cols
-        v = self.table.index_select(0, self.codes[r0:r1].reshape(-1).to(torch.int32)).reshape(n, -1)
+        v = self.table.index_select(0, self.codes[r0:r1].reshape(-1).to(torch.int32))
+        v = (v.view(torch.float32) if self.pairs else v).reshape(n, -1)
         if v.shape[1] != padded:  # 4-bit rows are stored padded to whole bytes of 8 codes
             v = v[:, :padded].contiguous()
         v = v.reshape(n, -1, self.group).mul_(self.scales(r0, r1).unsqueeze(-1)).reshape(n, padded)
