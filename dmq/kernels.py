@@ -17,10 +17,13 @@ each falls back to the next when its kernel is missing or declines the shape):
   u8 x s8 VNNI GEMM with the scales and bias fused (:mod:`dmq.kernels_cpu`); CPU, one timestep bin per call.
 - ``int_gemm``: the same on ``torch._int_mm`` with the epilogue below (CPU and CUDA; per-sample timestep bins).
 - ``fp8_gemm``: FP8 E4M3 on ``torch._scaled_mm`` (CUDA, compute capability 8.9+).
-- ``int4_weight``: weight-only INT4 group-wise (W4A16) dequantized inside the GEMM (``_weight_int4pack_mm_for_cpu``).
+- ``int4_weight``: weight-only INT4 group-wise (W4A16) dequantized inside the GEMM (``_weight_int4pack_mm_for_cpu``),
+  for inputs of fewer than ``kernels_cpu.INT4_MAX_ROWS`` rows (more rows amortize a tile dequantization better).
 - ``weight_cache``: a dequantized copy of the weight in the compute dtype, only after :func:`cache_weights`
   (a memory trade-off the user sets; off by default; bit-identical to the reference).
-- ``tiled_dequant``: any other packed weight, dequantized one cache-sized tile of rows at a time into the GEMM.
+- ``tiled_dequant``: any other packed weight, one cache-sized tile of rows at a time: one table lookup per code byte
+  and one scale multiply (:class:`dmq.packed.RowDequantizer`), rounded to the compute dtype (the reference's
+  weight) and multiplied in float32 on CPUs without AMX (:func:`dmq.kernels_cpu.tile_gemm_dtype`).
 - otherwise the reference: the fake-quantized input times the whole weight dequantized (bit for bit the fake-quant
   model).
 
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 
 from dmq import formats, kernels_cpu
 from dmq.calibration import CONTEXT, sample_timesteps, timestep_bins
-from dmq.packed import _dequant_rows, int_codes
+from dmq.packed import _dequant_rows, int_codes, row_dequantizer
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +224,7 @@ class _Plan:
     int_act = False  # INT weight x static per-tensor INT activation
     onednn = None  # prepacked oneDNN weight
     int4 = None  # (int4pack weight, scales-and-zeros, group size)
+    rows = None  # packed.RowDequantizer of the tiled path
     cache = None  # dequantized weight (weight_cache)
 
 
@@ -286,6 +290,8 @@ def _build_plan(layer, device: torch.device, dtype: torch.dtype, cache: bool) ->
                 and kernels_cpu.onednn_int8_ok()):
             plan.onednn = kernels_cpu.prepack_int8(codes)
         return plan
+    if len(lays) == 1:  # the tiled path's one-pass dequantization (None: a layout it does not cover)
+        plan.rows = row_dequantizer(layer._part(0), lays[0])
     if len(lays) == 1 and q is None and device.type == "cpu":
         lay = lays[0]
         fmt = lay.fmt
@@ -397,17 +403,22 @@ def frozen_linear(layer, x: torch.Tensor) -> torch.Tensor:
     if plan.cache is not None and enabled("weight_cache"):
         return F.linear(xq, plan.cache, layer.bias)
     lays = layer.weight_layouts
-    if plan.int4 is not None and enabled("int4_weight") and xq.dtype == plan.int4[1].dtype:
+    if (plan.int4 is not None and enabled("int4_weight") and xq.dtype == plan.int4[1].dtype
+            and xq.numel() < kernels_cpu.INT4_MAX_ROWS * plan.k):
         packed, sz, g = plan.int4
         y = kernels_cpu.int4_weight_linear(xq.reshape(-1, plan.k), packed, sz, g, layer.bias)
         return y.reshape(*x.shape[:-1], plan.n)
     if len(lays) == 1 and enabled("tiled_dequant"):
-        part, lay = layer._part(0), lays[0]
+        if plan.rows is not None:
+            rows = plan.rows.rows
+        else:
+            part, lay = layer._part(0), lays[0]
 
-        def rows(r0: int, r1: int) -> torch.Tensor:
-            return _dequant_rows(part, lay, r0, r1)[:, : lay.cols].to(xq.dtype)
+            def rows(r0: int, r1: int) -> torch.Tensor:
+                return _dequant_rows(part, lay, r0, r1)[:, : lay.cols]
 
-        y = kernels_cpu.tiled_linear(xq.reshape(-1, plan.k), plan.n, rows, layer.bias)
+        gemm = kernels_cpu.tile_gemm_dtype(xq.dtype) if xq.device.type == "cpu" else None
+        y = kernels_cpu.tiled_linear(xq.reshape(-1, plan.k), plan.n, rows, layer.bias, gemm_dtype=gemm)
         return y.reshape(*x.shape[:-1], plan.n)
     return F.linear(xq, layer.dequantized_weight(x.dtype), layer.bias)
 

@@ -5,8 +5,9 @@
   epilogue. The weight is reordered once into oneDNN's blocked layout (:func:`prepack_int8`).
 - :func:`int4_weight_linear`: weight-only INT4 group-wise, dequantized inside the GEMM
   (``torch.ops.aten._weight_int4pack_mm_for_cpu``): no float copy of the weight ever exists.
-- :func:`tiled_linear`: any other packed weight, dequantized ``TILE_ELEMS`` elements at a time (the tile stays in
-  cache) straight into the GEMM of its output columns: no full-weight float copy per call.
+- :func:`tiled_linear`: any other packed weight (and INT4 from ``INT4_MAX_ROWS`` input rows on), dequantized
+  tiles of at least ``TILE_MIN_ROWS`` rows straight into the GEMM of its output columns, in
+  float32 where that GEMM is the faster one (:func:`tile_gemm_dtype`): no full-weight float copy per call.
 
 Every function returns ``None`` when its kernel cannot run (missing op, unsupported dtype or shape): the caller
 falls back to the next path. See :mod:`dmq.kernels` for the dispatch and the exactness bounds.
@@ -76,6 +77,10 @@ def _zeros(n: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- weight-only INT4
 INT4_GROUPS = (32, 64, 128, 256)
+# the int4pack kernel re-dequantizes the weight for every block of rows; from about 256 input rows on, one tile
+# dequantization and the float32 GEMM were faster here (one 1152 x 4608 layer: int4pack 0.64x BF16 at 16 rows, 1.18x
+# at 128, 1.29x at 256 and 512, against the tiled path's 5.1x, 1.6x, 1.3x and 0.92x; docs/runtime.md)
+INT4_MAX_ROWS = 256
 
 
 def int4_weight_ok() -> bool:
@@ -110,21 +115,48 @@ def int4_weight_linear(x2d: torch.Tensor, packed: torch.Tensor, scales_zeros: to
 
 
 # ---------------------------------------------------------------------------------------------- tiled dequant
-# elements of one dequantized weight tile (float32 while it is computed): 1 MiB, inside a core's L2
-TILE_ELEMS = 1 << 18
+# a tile is TILE_ELEMS elements of dequantized weight, but at least TILE_MIN_ROWS rows: the GEMM of a narrow tile
+# streams the whole input once per tile, and with K = 4608 a 64k-element tile is 16 rows. Measured on DiT-XL's two
+# MLP layers (docs/runtime.md): 16-row tiles ran at 1.12x / 1.67x BF16 (512 / 2048 input rows), 512-row tiles at
+# 0.77x / 0.69x; 128 and 256 rows were in between and 1024 within noise of 512.
+TILE_ELEMS = 1 << 16
+TILE_MIN_ROWS = 512
+
+
+@functools.cache
+def tile_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tile of weights is multiplied in for a ``dtype`` input on this CPU.
+
+    A 16-bit tile is rounded to ``dtype`` first (the reference's own weight) and then multiplied in float32 unless
+    the CPU has AMX for that dtype: without AMX, oneDNN's BF16 GEMM of a freshly dequantized (not prepacked) tile
+    ran about 1.5x slower than the float32 GEMM on the AVX-512 BF16 machine this was measured on (docs/runtime.md),
+    and both accumulate in float32, so the result differs only in summation order.
+    """
+    amx = {torch.bfloat16: "_is_amx_tile_supported", torch.float16: "_is_amx_fp16_supported"}.get(dtype)
+    if amx is None:
+        return dtype
+    probe = getattr(torch.cpu, amx, None)
+    return dtype if probe is not None and probe() else torch.float32
 
 
 def tiled_linear(x2d: torch.Tensor, n: int, dequant_rows, bias: torch.Tensor | None,
-                 tile_elems: int = TILE_ELEMS) -> torch.Tensor:
-    """``x W^T + b`` where ``dequant_rows(r0, r1)`` gives rows ``r0:r1`` of ``W`` in ``x``'s dtype; the rows are
-    dequantized one cache-sized tile at a time and multiplied at once into their output columns."""
-    k = x2d.shape[1]
-    step = max(16, tile_elems // max(1, k) // 16 * 16)
+                 tile_elems: int | None = None, gemm_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x W^T + b`` where ``dequant_rows(r0, r1)`` gives rows ``r0:r1`` of ``W`` (float32 or ``x``'s dtype). Each
+    tile of rows is rounded to ``x``'s dtype (the weight the reference multiplies by), multiplied in ``gemm_dtype``
+    (default: ``x``'s) into its output columns at once, and the result rounded once to ``x``'s dtype."""
+    k, dtype = x2d.shape[1], x2d.dtype
+    gd = dtype if gemm_dtype is None else gemm_dtype
+    xg = x2d.to(gd)
+    bg = None if bias is None else bias.detach().to(gd)  # inference kernel: no autograd graph
+
+    def tile(r0: int, r1: int) -> torch.Tensor:
+        return dequant_rows(r0, r1).to(dtype).to(gd)
+
+    step = max(TILE_MIN_ROWS, (tile_elems or TILE_ELEMS) // max(1, k) // 16 * 16)
     if step >= n:
-        return F.linear(x2d, dequant_rows(0, n), bias)
-    out = torch.empty(x2d.shape[0], n, dtype=x2d.dtype, device=x2d.device)
+        return F.linear(xg, tile(0, n), bg).to(dtype)
+    out = torch.empty(x2d.shape[0], n, dtype=dtype, device=x2d.device)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        b = None if bias is None else bias[r0:r1]
-        out[:, r0:r1] = F.linear(x2d, dequant_rows(r0, r1), b)
+        out[:, r0:r1] = F.linear(xg, tile(r0, r1), None if bg is None else bg[r0:r1])
     return out

@@ -353,6 +353,77 @@ def _dequant_rows(tensors: dict[str, torch.Tensor], layout: WeightLayout, r0: in
     return (blocks * scale.unsqueeze(-1)).reshape(n, -1)
 
 
+class RowDequantizer:
+    """Rows of one packed weight in a single lookup pass and a single scale pass, for the tiled GEMM.
+
+    Every stored byte indexes a 256-entry float32 table of its code value (two values per byte for 4-bit codes), so
+    FP8, FP4, MX, NVFP4 and INT codes alike cost one ``index_select``; then every element is multiplied by its
+    group's float32 scale (the NVFP4 block scale times its tensor scale, the MX power of two, the INT/FP group or
+    channel scale), converted per tile, so the layer holds no extra copy. ``rows(r0, r1)`` is bit for bit
+    :func:`_dequant_rows`: the same float32 values times the same float32 scales. Built by :func:`row_dequantizer`,
+    which declines the layouts it does not cover.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], table: torch.Tensor, layout: WeightLayout) -> None:
+        self.codes = tensors["qweight"].view(torch.uint8)  # indexed by the stored byte
+        # a (256, 2) table of both nibbles' values is looked up as one 8-byte word per byte: a 1-D index_select,
+        # about 5x faster here than gathering 2-element rows, with the same bits
+        self.pairs = table.dim() == 2
+        self.table = table.contiguous().view(torch.int64).reshape(256) if self.pairs else table
+        self.layout = layout
+        self.sc, self.s_t = tensors["weight_scale"], tensors.get("weight_scale2")
+        self.group = layout.padded_cols // self.sc.shape[1]
+
+    def scales(self, r0: int, r1: int) -> torch.Tensor:
+        """float32 ``(r1 - r0, groups)`` scales of rows ``r0:r1``, the products :func:`_dequant_rows` forms."""
+        fmt, sc = self.layout.fmt, self.sc
+        if isinstance(fmt, formats.NVFP4Format):
+            s = sc[r0:r1].to(torch.float32)
+            # an all-zero weight has s_t = 0: zeros whatever the block scales hold (FP4 values are finite)
+            return s.mul_(self.s_t.to(torch.float32)) if float(self.s_t) != 0 else s.zero_()
+        if fmt.is_block:
+            e = sc[r0:r1].to(torch.int32) - 127
+            return torch.ldexp(torch.ones(e.shape, dtype=torch.float32, device=e.device), e)
+        return (sc[r0:r1] if sc.shape[0] > 1 else sc).to(torch.float32)
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """float32 rows ``r0:r1``, ``(r1 - r0, cols)``."""
+        n, padded, cols = r1 - r0, self.layout.padded_cols, self.layout.cols
+        v = self.table.index_select(0, self.codes[r0:r1].reshape(-1).to(torch.int32))
+        v = (v.view(torch.float32) if self.pairs else v).reshape(n, -1)
+        if v.shape[1] != padded:  # 4-bit rows are stored padded to whole bytes of 8 codes
+            v = v[:, :padded].contiguous()
+        v = v.reshape(n, -1, self.group).mul_(self.scales(r0, r1).unsqueeze(-1)).reshape(n, padded)
+        return v if cols == padded else v[:, :cols]
+
+
+def row_dequantizer(tensors: dict[str, torch.Tensor], layout: WeightLayout) -> RowDequantizer | None:
+    """A :class:`RowDequantizer` for ``layout``, or ``None`` for the layouts it does not cover (zero points,
+    6/3/2-bit packing, float64 block weights), which keep :func:`_dequant_rows`."""
+    fmt, storage = layout.fmt, layout.storage
+    if "weight_zero_point" in tensors or layout.dtype == "float64":
+        return None
+    q = tensors["qweight"]
+    every = torch.arange(256, dtype=torch.uint8, device=q.device)
+    if storage == "int8":
+        table = every.view(torch.int8).to(torch.float32)
+    elif storage.startswith("float8"):
+        table = every.view(_storage_dtype(storage)).to(torch.float32)
+    elif storage == "uint8":
+        table = every.to(torch.float32) if isinstance(fmt, formats.IntFormat) else _lut(fmt.name, str(q.device))
+    elif storage == "packed4":
+        if isinstance(fmt, formats.IntFormat) and fmt.signed:
+            v = every.view(torch.int8)
+            table = torch.stack([(v << 4) >> 4, v >> 4], dim=-1).to(torch.float32)
+        else:
+            table = _byte_lut(fmt.name, str(q.device))
+    else:
+        return None
+    if layout.padded_cols % tensors["weight_scale"].shape[1]:
+        return None
+    return RowDequantizer(tensors, table.contiguous(), layout)
+
+
 def unpack_weight(tensors: dict[str, torch.Tensor], layout: WeightLayout, dtype: torch.dtype | None = None
                   ) -> torch.Tensor:
     """The fake-quantized weight, bit for bit, in ``dtype`` (default: the original weight's dtype).

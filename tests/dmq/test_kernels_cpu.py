@@ -2,13 +2,14 @@
 for the epilogues, fallback when a kernel is missing, and ``dmq.kernels.disable`` for every path."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
 import dmq
-from dmq import formats, kernels, kernels_cpu
+from dmq import formats, kernels, kernels_cpu, packed
 from dmq.config import QuantSpec
 from dmq.fake_quant import fake_quant
 from dmq.packed import int_codes
@@ -66,7 +67,8 @@ def test_int4_weight_kernel_dequantizes_inside_the_gemm(dtype):
     assert kernels_cpu.prepack_int4(codes, scale, 48, dtype) is None  # a group size the kernel lacks: declined
 
 
-def test_tiled_linear_is_the_whole_product_tile_by_tile():
+def test_tiled_linear_is_the_whole_product_tile_by_tile(monkeypatch):
+    monkeypatch.setattr(kernels_cpu, "TILE_MIN_ROWS", 16)
     g = torch.Generator().manual_seed(3)
     x, w, b = torch.randn(5, 64, generator=g), torch.randn(300, 64, generator=g), torch.randn(300, generator=g)
     seen = []
@@ -80,6 +82,88 @@ def test_tiled_linear_is_the_whole_product_tile_by_tile():
     exact = x.double() @ w.double().t() + b.double()
     mag = x.double().abs() @ w.double().abs().t() + b.double().abs()
     assert ((y.double() - exact).abs() <= 66 * U32 * mag).all()
+
+
+def test_tiled_linear_rounds_each_tile_to_the_input_dtype_and_multiplies_in_the_gemm_dtype():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 40, generator=g).to(torch.bfloat16)
+    w = torch.randn(24, 40, generator=g) * (1 + 2.0**-12)  # float32 values between bfloat16 neighbours
+    b = torch.randn(24, generator=g).to(torch.bfloat16)
+    y = kernels_cpu.tiled_linear(x, 24, lambda r0, r1: w[r0:r1], b, gemm_dtype=torch.float32)
+    # one tile: the same float32 GEMM of the bfloat16-rounded weight, rounded once to bfloat16
+    ref = torch.nn.functional.linear(x.float(), w.to(torch.bfloat16).float(), b.float()).to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
+
+
+def test_tile_gemm_dtype_is_float32_for_16_bit_inputs_without_amx(monkeypatch):
+    kernels_cpu.tile_gemm_dtype.cache_clear()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: True, raising=False)
+    try:
+        assert kernels_cpu.tile_gemm_dtype(torch.bfloat16) == torch.float32
+        assert kernels_cpu.tile_gemm_dtype(torch.float16) == torch.float16  # AMX-FP16: multiply in 16 bits
+        assert kernels_cpu.tile_gemm_dtype(torch.float32) == torch.float32
+    finally:
+        kernels_cpu.tile_gemm_dtype.cache_clear()
+
+
+def _packed_layer(preset, k, dtype=torch.bfloat16, zero=False, n=40):
+    torch.manual_seed(k)
+    lin = nn.Linear(k, n).to(dtype)
+    if zero:
+        lin.weight.data.zero_()
+    cfg = dmq.get_config(preset)  # round-to-nearest min-max weights: the kernels do not depend on the search
+    cfg = cfg.replace(keep_fp=(), rounding="rtn", weight=dataclasses.replace(cfg.weight, estimator="minmax"))
+    q = dmq.quantize(nn.Sequential(lin), cfg)
+    dmq.calibrate(q, lambda m: m(torch.randn(4, k).to(dtype)))
+    dmq.freeze(q)
+    return q[0]
+
+
+# every storage the one-pass dequantization covers: 4-bit INT groups, FP8, NVFP4 and MX blocks, FP4 channels, INT8;
+# K = 72 pads 4-bit rows to whole bytes and the groups and blocks past the row's end
+@pytest.mark.parametrize("preset", ["w4a16", "fp8", "nvfp4", "mxfp4", "w4a8-fp", "w8a8"])
+@pytest.mark.parametrize("k", [64, 72])
+def test_row_dequantizer_is_the_reference_dequantization_bit_for_bit(preset, k):
+    lin = _packed_layer(preset, k)
+    part, lay = lin._part(0), lin.weight_layouts[0]
+    rd = packed.row_dequantizer(part, lay)
+    assert rd is not None
+    for r0, r1 in ((0, 40), (8, 24), (39, 40)):
+        assert torch.equal(rd.rows(r0, r1), packed._dequant_rows(part, lay, r0, r1)[:, :k])
+    assert torch.equal(rd.rows(0, 40).to(torch.bfloat16), lin.dequantized_weight(torch.bfloat16))
+
+
+def test_row_dequantizer_zero_nvfp4_weight_and_declined_layouts():
+    lin = _packed_layer("nvfp4", 64, zero=True)  # tensor scale 0: zeros whatever the block scales hold
+    part, lay = lin._part(0), lin.weight_layouts[0]
+    assert float(part["weight_scale2"]) == 0
+    assert torch.equal(packed.row_dequantizer(part, lay).rows(0, 40), torch.zeros(40, 64))
+    w6 = _packed_layer("w6a6", 64)  # 6-bit packing: the generic dequantization
+    assert packed.row_dequantizer(w6._part(0), w6.weight_layouts[0]) is None
+
+
+@pytest.mark.parametrize("preset", ["w4a16", "fp8", "nvfp4", "mxfp4"])
+def test_weight_only_layers_take_the_tiled_path_within_its_bound(preset, monkeypatch):
+    lin = _packed_layer(preset, 72)
+    x = (torch.randn(3, 5, 72) * 2).to(torch.bfloat16)
+    with torch.no_grad():
+        with kernels.disable("all"):
+            ref = lin(x)
+        with kernels.disable("tiled_dequant", "int4_weight"):
+            assert torch.equal(lin(x), ref)  # nothing else applies on a CPU: the reference, bit for bit
+        w = lin.dequantized_weight(torch.bfloat16)
+        xq = lin.input_quantizer(x) if lin.input_quantizer is not None else x
+        # no full-weight dequantization on the fast path
+        monkeypatch.setattr(type(lin), "dequantized_weight", lambda *a, **k: pytest.fail("full dequantization"))
+        with kernels.disable("int4_weight"):
+            fast = lin(x)
+    exact = xq.double() @ w.double().t() + lin.bias.double()
+    mag = xq.double().abs() @ w.double().abs().t() + lin.bias.double().abs()
+    # the same bfloat16 weight and input, float32 products and a K-term float32 sum in both (gamma_{K+1}), each
+    # rounded once to bfloat16
+    for y in (fast, ref):
+        assert ((y.double() - exact).abs() <= (72 + 1) * U32 * mag + 2.0**-8 * exact.abs()).all()
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -153,6 +237,21 @@ def test_weight_only_paths_and_their_fallbacks(dtype):
     u = {torch.float32: U32, torch.bfloat16: 2.0**-8}[dtype]
     for y in (ref, fused, tiled):
         assert ((y.double() - exact).abs() <= (66 * U32 + 2 * u) * mag).all()
+
+
+@INT4
+def test_int4_kernel_only_below_its_row_threshold(monkeypatch):
+    lin = _packed_layer("w4a16", 64, n=64)  # a width the int4pack kernel takes
+    x = torch.randn(3, 10, 64).to(torch.bfloat16)  # 30 input rows
+    assert kernels._plan(lin, x.device, x.dtype).int4 is not None
+    with torch.no_grad():
+        with kernels.disable("int4_weight"):
+            tiled = lin(x)
+        fused = lin(x)
+        monkeypatch.setattr(kernels_cpu, "INT4_MAX_ROWS", 30)  # 30 rows are no longer below it: the tiled path
+        monkeypatch.setattr(kernels_cpu, "int4_weight_linear", lambda *a: pytest.fail("int4pack above threshold"))
+        assert torch.equal(lin(x), tiled)
+    assert not torch.equal(fused, tiled)  # two different kernels (the fused one multiplies the unrounded weight)
 
 
 def test_fallback_when_kernels_are_missing(monkeypatch):
