@@ -564,49 +564,72 @@ HEADLINE_PRESETS = ("w8a8", "w4a8", "w4a16", "fp8", "w4a8-fp", "nvfp4")
 
 
 def load_headline() -> dict | None:
-    paths = {k: ROOT / "benchmarks" / f"{k}.json" for k in ("quant", "runtime")}
+    paths = {k: ROOT / "benchmarks" / f"{k}.json" for k in ("quant", "runtime", "scale")}
     if not all(p.exists() for p in paths.values()):
         return None
     return {k: json.loads(p.read_text()) for k, p in paths.items()}
 
 
+def _headline_latency(runtime: dict, model: str = "dit-1152") -> dict[str, tuple[float, int]]:
+    """Per preset: latency / BF16 at batch 1 with guidance (2 samples), from the newest run that timed both, with the
+    run's depth in blocks; deeper runs win over newer shallow ones."""
+    best: dict[str, tuple[int, int, float]] = {}
+    for r in runtime["rows"]:
+        if r["model"] != model or "latency_b2_s" not in r or "error" in r:
+            continue
+        run = r.get("run", 0)
+        bf = next((b for b in runtime["rows"] if b["model"] == model and b.get("run", 0) == run
+                   and b["variant"] == "bf16" and "latency_b2_s" in b), None)
+        if bf is None:
+            continue
+        key = (r.get("layers") or 0, run)
+        if r["variant"] not in best or key > best[r["variant"]][:2]:
+            best[r["variant"]] = (*key, r["latency_b2_s"] / bf["latency_b2_s"])
+    return {v: (ratio, layers) for v, (layers, _, ratio) in best.items()}
+
+
 def headline_table(data: dict) -> str:
-    """The README's one table: per preset, accuracy on both bundled models (``benchmarks/quant.json``) beside
-    memory and speed on the largest backbone of ``benchmarks/runtime.json``."""
-    quant, runtime = data["quant"]["models"], data["runtime"]["rows"]
-    large = max((r for r in runtime if "error" not in r), key=lambda r: r.get("params", 0))["model"]
-    rt = {r["variant"]: r for r in runtime if r["model"] == large and "error" not in r and r.get("run", 0) == 0}
-    bf = rt["bf16"]
-    lat = max((k for k in bf if k.startswith("latency_b")), key=lambda k: int(k[9:-2]))  # the largest batch run
+    """The README's one table: per preset, accuracy on both bundled models (``benchmarks/quant.json``), the whole
+    DiT-XL/2 backbone's resident size (``benchmarks/scale.json``) and its latency (``benchmarks/runtime.json``)
+    against BF16."""
+    quant = data["quant"]["models"]
+    sizes = {c["preset"]: c["full_resident_vs_bf16"] for c in data["scale"]["cases"]
+             if c["model"] == "dit-xl-2" and c.get("full_resident_vs_bf16") is not None}
+    lat = _headline_latency(data["runtime"])
 
     def pair(preset: str, fmt) -> str:
         vals = [quant[m].get(preset) for m in ("unet", "dit")]
         return " / ".join("" if v is None or "skipped" in v else fmt(v, quant[m]["fp"])
                           for v, m in zip(vals, ("unet", "dit")))
 
+    def latency(preset: str) -> str:
+        if preset not in lat:
+            return ""
+        ratio, layers = lat[preset]
+        return f"{ratio:.2f}" + ("" if layers == 28 else f" ({layers} blocks)")
+
     lines = [
         f"Bundled digit U-Net / DiT, from [the quantization benchmark](docs/benchmarks.md#quantization-presets-and-"
         f"peers) (`python {data['quant']['command']}`): ε SQNR of the backbone's output against full precision on "
         "the full-precision trajectory, and the same format with naive round-to-nearest (min-max per tensor); FID "
-        "change against full precision on the same seeds (digit features), class accuracy. Memory and speed on "
-        f"`{large}` (DiT-XL/2 width, {data['runtime']['large_layers']} of its 28 blocks"
-        + (f", {bf['params'] / 1e6:.0f}M parameters" if "params" in bf else "") + "), from "
-        f"[memory and speed](docs/benchmarks.md#memory-and-speed): resident weights and latency per denoiser call "
-        f"at batch {lat[9:-2]} relative to BF16 in the same run (CPU).",
+        "change against full precision on the same seeds (digit features), class accuracy. DiT-XL/2 at full width "
+        "with random weights: the whole backbone's resident bytes (every parameter and buffer) against BF16, from "
+        "[memory](docs/memory.md) (`scripts/bench_scale.py`), and the latency of one denoiser call at batch 1 with "
+        "guidance against BF16 in the same run on this CPU, all 28 blocks unless marked, from "
+        "[runtime](docs/runtime.md) (`scripts/bench_runtime.py`).",
         "",
-        "| preset | ε SQNR dB | naive rounding dB | ΔFID vs FP | class acc. | weights x BF16 | latency x BF16 |",
+        "| preset | ε SQNR dB | naive rounding dB | ΔFID vs FP | class acc. | DiT-XL/2 size x BF16 | latency x BF16 |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for p in HEADLINE_PRESETS:
-        r = rt.get(p)
         cells = [
             p,
             pair(p, lambda v, fp: f"{v['eps_sqnr_db']['all']:.1f}"),
             pair(f"naive-{p}", lambda v, fp: f"{v['eps_sqnr_db']['all']:.1f}"),
             pair(p, lambda v, fp: f"{(v['fid'] / fp['fid'] - 1) * 100:+.1f}%"),
             pair(p, lambda v, fp: f"{v['class_accuracy'] * 100:.0f}%"),
-            "" if r is None or "weight_bytes" not in r else f"{r['weight_bytes'] / bf['weight_bytes']:.2f}",
-            "" if r is None or lat not in r else f"{r[lat] / bf[lat]:.2f}",
+            "" if p not in sizes else f"{sizes[p]:.2f}",
+            latency(p),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
