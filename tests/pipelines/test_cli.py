@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from pipelines import cli, fit_sampler, load_quantized, quantize_pipeline, use_sampler
 from pipelines.digits_pipeline import DigitsPipeline
 from pipelines.evaluation import save_grid
+from tests.pipelines.tiny_pipelines import tiny_digits_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 CALIB = ["--labels", "0-3", "--calib-steps", "2", "--batch-size", "2"]
@@ -31,12 +31,7 @@ def dmq(*args, cwd=None):
 
 
 def tiny_pipeline():
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8,
-                       num_class_embeds=11)
-    return DigitsPipeline(scheduler=DDPMScheduler(num_train_timesteps=1000), unet=unet)
+    return tiny_digits_pipeline(8)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from pipelines.clip_compat import import_clip
@@ -31,6 +30,7 @@ from pipelines.evaluation import (
     psnr,
     save_stats,
 )
+from tests.pipelines.tiny_pipelines import tiny_digits_pipeline
 
 
 class Flatten(torch.nn.Module):
@@ -61,12 +61,7 @@ def random_spd(d, seed):
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8,
-                       num_class_embeds=11)
-    pipe = DigitsPipeline(scheduler=DDPMScheduler(num_train_timesteps=1000), unet=unet)
+    pipe = tiny_digits_pipeline(16)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -88,6 +88,20 @@ def _text_calls(n: int, seq: int, dim: int, pooled: int | None = None, mask: boo
     return calls
 
 
+def tiny_digits_pipeline(sample_size: int = 8):
+    """A class-conditional DigitsPipeline with a tiny random (seeded) U-Net: 10 digits and the null label."""
+    import diffusers as d
+
+    from pipelines.digits_pipeline import DigitsPipeline
+
+    torch.manual_seed(0)
+    unet = d.UNet2DModel(sample_size=sample_size, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                         layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                         up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8,
+                         num_class_embeds=11)
+    return DigitsPipeline(scheduler=d.DDPMScheduler(num_train_timesteps=1000), unet=unet)
+
+
 def build(name: str) -> Replica:
     """A fresh tiny replica of family ``name`` (one of :data:`FAMILIES`)."""
     import diffusers as d
