@@ -383,11 +383,11 @@ def frozen_linear(layer, x: torch.Tensor) -> torch.Tensor:
     ready = q is not None and q.enabled and q.frozen
     if torch.compiler.is_compiling():  # no Python-side state under tracing: the traceable integer path
         return _traceable(layer, x, q, ready)
-    plan = _plan(layer, x.device, x.dtype)
     if torch.is_grad_enabled() and x.requires_grad:
         # the integer and int4pack kernels have no derivative: a gradient (LoRA training through the frozen base)
         # takes the reference, whose fake quantizer passes it straight through
         return _reference(layer, x, q)
+    plan = _plan(layer, x.device, x.dtype)
     if plan.int_act and ready:
         y = _int_path(layer, plan, q, x)
         if y is not None:
