@@ -33,6 +33,7 @@ from dmq.config import (
     get_config,
     preset_names,
 )
+from dmq.embedding import QuantEmbedding
 from dmq.modules import QuantAttnProcessor, QuantConv2d, QuantLinear
 from dmq.packed import weight_bytes
 from dmq.quantizer import NotCalibratedError, TensorQuantizer
@@ -50,7 +51,8 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS", "VARIANTS", "AllSteps", "DmqConfig", "NormalSteps", "NotCalibratedError", "QuantAttnProcessor",
     "QuantConfig",
-    "QuantConv2d", "QuantLinear", "QuantSpec", "StepPolicy", "TensorQuantizer", "UniformSteps", "calibrate",
+    "QuantConv2d", "QuantEmbedding", "QuantLinear", "QuantSpec", "StepPolicy", "TensorQuantizer", "UniformSteps",
+    "calibrate",
     "budget", "config_from_json", "config_to_json", "dequantize", "formats", "freeze", "full_precision",
     "get_config", "kernels",
     "learned_config", "load", "preset_names", "quantization_map", "quantize", "quantizers", "restore", "save",

@@ -16,7 +16,8 @@ from torch import nn
 from dmq import attention, structure
 from dmq import validation as check
 from dmq.calibration import ModelClock, StepPolicy, TimestepHook, call_scope, get_policy
-from dmq.config import QuantConfig, get_config
+from dmq.config import QuantConfig, QuantSpec, get_config
+from dmq.embedding import QuantEmbedding, quantizable
 from dmq.modules import AttentionQuantizers, QuantConv2d, QuantLinear
 from dmq.nonfinite import nonfinite_report, warn_nonfinite
 from dmq.quantizer import NotCalibratedError, TensorQuantizer
@@ -147,24 +148,28 @@ def quantize(model: nn.Module, config: str | QuantConfig, *, include: Sequence[s
 
 def _quantize(model: nn.Module, cfg: QuantConfig, include: tuple[str, ...] | None,
               exclude: tuple[str, ...] | None) -> nn.Module:
-    roles = structure.classify(model)
+    roles = {**structure.classify(model), **structure.tables(model)}
     # diffusers models name modules that must stay float32 (substrings of module names, as diffusers matches them)
     fp32 = tuple(f"*{m}*" for m in getattr(model, "_keep_in_fp32_modules", None) or ())
     excl = structure.expand_patterns(model, tuple(cfg.keep_fp) + tuple(exclude or ()), roles) + fp32
     splits = unet_skip_splits(model) if cfg.shortcut_split and cfg.act is not None else {}
     state = QuantState(cfg, None)
     targets = [(n, m) for n, m in model.named_modules() if n and _selected(n, include, excl)]
-    ps_spec = cfg.per_sample_spec
+    ps_spec, emb_spec = cfg.per_sample_spec, cfg.embedding_spec
+    tables = {n: _override(cfg, n, emb_spec) for n, m in targets if emb_spec is not None and quantizable(m)}
     if cfg.memory_budget is not None:  # fail before any work when the budget is out of reach
         from dmq import budget
 
         names = [n for n, m in targets if type(m) in (nn.Linear, nn.Conv2d)]
-        state.budget = {"total": budget.check_reachable(model, names, cfg),
-                        "fixed": budget.fixed_bytes(model, names)}
+        state.budget = {"total": budget.check_reachable(model, names, cfg, tables),
+                        "fixed": budget.fixed_bytes(model, names, tables)}
     for name, mod in targets:
+        if name in tables:  # a lookup table: weight-only, its rows quantized along the embedding dimension
+            _set_child(model, name, QuantEmbedding.from_float(mod, tables[name]))
+            state.modules.append(name)
+            continue
         if ps_spec is not None and roles.get(name) in structure.PER_SAMPLE:  # one token per sample: weight-only
-            over = cfg.weight_for(name) if any(fnmatch.fnmatchcase(name, g) for g, _ in cfg.overrides) else ps_spec
-            mcfg = cfg.replace(weight=over, act=None)
+            mcfg = cfg.replace(weight=_override(cfg, name, ps_spec), act=None)
             if type(mod) in (nn.Linear, nn.Conv2d):
                 state.per_sample.append(name)
         else:
@@ -189,14 +194,26 @@ def _quantize(model: nn.Module, cfg: QuantConfig, include: tuple[str, ...] | Non
             state.attention.append(name)
     if not state.modules and not state.attention:
         raise ValueError(
-            f"nothing to quantize in {type(model).__name__}: no nn.Linear / nn.Conv2d / diffusers attention module "
-            f"matched include={list(include) if include else None} outside keep_fp/exclude"
+            f"nothing to quantize in {type(model).__name__}: no nn.Linear / nn.Conv2d / nn.Embedding / diffusers "
+            f"attention module matched include={list(include) if include else None} outside keep_fp/exclude"
         )
     state.hook = TimestepHook(model, *cfg.timestep_range, clock=state.clock)
     model._dmq = state
     logger.info("dmq: quantized %d layers and %d attention modules with %s", len(state.modules),
                 len(state.attention), cfg.name)
     return model
+
+
+def _override(cfg: QuantConfig, name: str, spec: QuantSpec) -> QuantSpec:
+    """``spec``, unless one of ``cfg.overrides`` names the module."""
+    return cfg.weight_for(name) if any(fnmatch.fnmatchcase(name, g) for g, _ in cfg.overrides) else spec
+
+
+def matmul_layers(model: nn.Module, st: QuantState) -> list[str]:
+    """The quantized Linear / Conv layers with a weight format (not the lookup tables): what the budget allocator,
+    learned rounding and mixed precision work on."""
+    return [n for n in st.modules if model.get_submodule(n).weight_spec is not None
+            and not isinstance(model.get_submodule(n), QuantEmbedding)]
 
 
 def quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
@@ -254,7 +271,7 @@ def _calibrate(model: nn.Module, st: QuantState, forward_loop: Callable[[nn.Modu
     if cfg.memory_budget is not None and not st.report.get("budget"):
         from dmq.budget import SecondMoments
 
-        moments = SecondMoments(model, [n for n in st.modules if model.get_submodule(n).weight_spec is not None])
+        moments = SecondMoments(model, matmul_layers(model, st))
     try:
         points = _run(model, forward_loop, policy, observe=True)
     finally:
@@ -275,7 +292,7 @@ def _apply_budget(model: nn.Module, st: QuantState, moments: dict) -> None:
     from dmq.budget import allocate_budget
     from dmq.rounding.layer import requantize_rtn
 
-    names = [n for n in st.modules if model.get_submodule(n).weight_spec is not None]
+    names = matmul_layers(model, st)
     specs, report = allocate_budget(model, names, st.config, moments, st.budget["total"], st.budget["fixed"])
     for name, spec in specs.items():
         mod = model.get_submodule(name)
@@ -419,8 +436,8 @@ def _freeze(model: nn.Module, st: QuantState, params: dict, pack: bool, unobserv
 def _offloaded(model: nn.Module) -> bool:
     """accelerate offloading by layer or block: some quantized layer's weight is on the meta device, and hooks bring
     it by name at each call (whole-model offload keeps real weights and packs normally)."""
-    return any(isinstance(m, (QuantLinear, QuantConv2d)) and not m.packed and m.weight.device.type == "meta"
-               for m in model.modules())
+    return any(isinstance(m, (QuantLinear, QuantConv2d, QuantEmbedding)) and not m.packed
+               and m.weight.device.type == "meta" for m in model.modules())
 
 
 def restore(model: nn.Module, *, allow_dequantized: bool = False) -> nn.Module:

@@ -93,22 +93,27 @@ def _weights(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
     return {n: model.get_submodule(n).weight for n in names}
 
 
-def fixed_bytes(model: nn.Module, names: Sequence[str]) -> int:
-    """Bytes of everything but the weights of layers ``names`` (kept layers, biases, norms, buffers)."""
-    skip = {id(w) for w in _weights(model, names).values()}
-    return sum(t.numel() * t.element_size() for t in _tensors(model) if id(t) not in skip)
+def fixed_bytes(model: nn.Module, names: Sequence[str], tables: dict[str, QuantSpec] | None = None) -> float:
+    """Bytes of everything but the weights of layers ``names`` (kept layers, biases, norms, buffers); the embedding
+    tables ``tables`` (name: spec, quantized at :func:`dmq.quantize` by a fixed spec) at their packed size."""
+    tables = tables or {}
+    skip = {id(w) for w in _weights(model, [*names, *tables]).values()}
+    packed = sum(spec_bytes(s, model.get_submodule(n).weight.shape) for n, s in tables.items())
+    return sum(t.numel() * t.element_size() for t in _tensors(model) if id(t) not in skip) + packed
 
 
-def smallest_bytes(model: nn.Module, names: Sequence[str], config: QuantConfig) -> float:
+def smallest_bytes(model: nn.Module, names: Sequence[str], config: QuantConfig,
+                   tables: dict[str, QuantSpec] | None = None) -> float:
     cands = candidates(config)
-    return fixed_bytes(model, names) + sum(min(spec_bytes(s, w.shape) for s in cands)
-                                           for w in _weights(model, names).values())
+    return fixed_bytes(model, names, tables) + sum(min(spec_bytes(s, w.shape) for s in cands)
+                                                   for w in _weights(model, names).values())
 
 
-def check_reachable(model: nn.Module, names: Sequence[str], config: QuantConfig) -> float:
+def check_reachable(model: nn.Module, names: Sequence[str], config: QuantConfig,
+                    tables: dict[str, QuantSpec] | None = None) -> float:
     """The budget in bytes; ``ValueError`` giving the smallest reachable size when the budget is below it."""
     total = budget_bytes(config.memory_budget, model_numel(model))
-    low = smallest_bytes(model, names, config)
+    low = smallest_bytes(model, names, config, tables)
     if total < low:
         raise ValueError(
             f"memory_budget {config.memory_budget!r} ({total / 2 ** 20:.2f} MiB) is below the smallest reachable size "

@@ -121,6 +121,10 @@ class QuantConfig:
             format, group-wise; block formats as they are), a :class:`QuantSpec`, or None (quantized like any other
             layer, activations included).
         per_sample_rounding: the weight rounding of those layers (``"rtn"``, ``"adaround"``, ``"gptq"``).
+        embedding: weight spec of the ``nn.Embedding`` tables (class / label embedders), quantized weight-only, each
+            row (one entry's vector) group- or block-wise along the embedding dimension; a lookup dequantizes only
+            the rows it selects. ``"auto"`` (the weight format, group-wise, as ``per_sample``), a :class:`QuantSpec`,
+            or None (tables stay in the model's dtype).
         memory_budget: size of the whole quantized backbone (every parameter and buffer): bits per parameter (a
             number up to 32, or ``"4.5bits"``) or bytes (a larger number, or ``"7GB"``, ``"512MiB"``). Calibration
             then picks each layer's weight format (:mod:`dmq.budget`); None: the config's formats as they are.
@@ -167,21 +171,24 @@ class QuantConfig:
     per_sample: QuantSpec | str | None = "auto"
     per_sample_rounding: str = "gptq"
     memory_budget: float | str | None = None
+    embedding: QuantSpec | str | None = "auto"
 
     def __post_init__(self) -> None:
         self._check_types()
         self._check_methods()
-        if not (self.per_sample is None or self.per_sample == "auto" or isinstance(self.per_sample, QuantSpec)):
-            raise ValueError(f"per_sample must be 'auto', a QuantSpec or None, got {self.per_sample!r}")
-        if isinstance(self.per_sample, QuantSpec) and (self.per_sample.dynamic or
-                                                       self.per_sample.granularity == "token"):
-            raise ValueError("per_sample is a weight spec: static, per tensor, channel, group or block")
         if self.memory_budget is not None:
             from dmq.budget import budget_bytes
 
             budget_bytes(self.memory_budget, 1)  # TypeError / ValueError on a malformed budget
             if self.weight is None:
                 raise ValueError("memory_budget allocates weight formats: set config.weight")
+        for name in ("per_sample", "embedding"):
+            v = getattr(self, name)
+            if not (v is None or v == "auto" or isinstance(v, QuantSpec)):
+                raise ValueError(f"{name} must be 'auto', a QuantSpec or None, got {v!r}")
+            if isinstance(v, QuantSpec) and (v.dynamic or v.granularity == "token"):
+                raise ValueError(f"{name} is a weight spec: static, with granularity 'tensor', 'channel', 'group' "
+                                 f"or 'block'; got dynamic={v.dynamic}, granularity={v.granularity!r}")
         if self.per_sample_rounding not in ROUNDINGS:
             raise ValueError(f"per_sample_rounding must be one of {ROUNDINGS}, got {self.per_sample_rounding!r}")
         if isinstance(self.keep_fp, str) or not all(isinstance(k, str) for k in self.keep_fp):
@@ -260,11 +267,14 @@ class QuantConfig:
             return None
         if isinstance(self.per_sample, QuantSpec):
             return self.per_sample
-        w = self.weight
-        if w.granularity in ("block", "group"):
-            return w
-        return QuantSpec(w.format, "group", group_size=PER_SAMPLE_GROUP, symmetric=True,
-                         estimator="mse" if w.estimator != "fp_bias" else "fp_bias")
+        return _weight_only(self.weight)
+
+    @property
+    def embedding_spec(self) -> QuantSpec | None:
+        """The weight spec of the ``nn.Embedding`` tables, or None when they stay in the model's dtype."""
+        if self.embedding is None or self.weight is None:
+            return None
+        return self.embedding if isinstance(self.embedding, QuantSpec) else _weight_only(self.weight)
 
     @property
     def per_sample_rounding_active(self) -> bool:
@@ -279,6 +289,14 @@ class QuantConfig:
 
     def replace(self, **changes) -> QuantConfig:
         return replace(self, **changes)
+
+
+def _weight_only(w: QuantSpec) -> QuantSpec:
+    """The weight-only, group-wise form of weight spec ``w`` (block and group specs as they are)."""
+    if w.granularity in ("block", "group"):
+        return w
+    return QuantSpec(w.format, "group", group_size=PER_SAMPLE_GROUP, symmetric=True,
+                     estimator="mse" if w.estimator != "fp_bias" else "fp_bias")
 
 
 def _int_static(bits: int, bins: int = 4) -> QuantSpec:
@@ -468,7 +486,7 @@ def config_to_dict(cfg: QuantConfig) -> dict:
 def config_from_dict(d: dict) -> QuantConfig:
     """Inverse of :func:`config_to_dict`."""
     kw = dict(d)
-    for k in ("weight", "act", "attn", "attn_probs", "per_sample"):
+    for k in ("weight", "act", "attn", "attn_probs", "per_sample", "embedding"):
         if isinstance(kw.get(k), dict):
             kw[k] = QuantSpec(**kw[k])
     if "steps" in kw:

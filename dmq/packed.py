@@ -441,6 +441,19 @@ def unpack_weight(tensors: dict[str, torch.Tensor], layout: WeightLayout, dtype:
     return out.reshape(layout.shape)
 
 
+def gather_rows(tensors: dict[str, torch.Tensor], layout: WeightLayout, index: torch.Tensor,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rows ``index`` (any shape, int64) of the packed weight, dequantized: ``(*index.shape, cols)``, bit for bit the
+    same rows of :func:`unpack_weight` (the same float32 products, one cast). Only the selected rows' codes, scales
+    and zero points are read: an embedding lookup never dequantizes the whole table."""
+    out_dtype = dtype_from_name(layout.dtype) if dtype is None else dtype
+    flat = index.reshape(-1)
+    # per-row tensors (codes, group / channel / block scales, zero points) are gathered; a tensor scale is shared
+    sub = {k: t.index_select(0, flat) if t.dim() and t.shape[0] == layout.rows else t for k, t in tensors.items()}
+    rows = _dequant_rows(sub, layout, 0, flat.shape[0])[:, : layout.cols]
+    return rows.to(out_dtype).reshape(*index.shape, layout.cols)
+
+
 def weight_bytes(model: nn.Module) -> dict[str, float]:
     """Resident bytes of a model's weights: packed quantized weights (codes, scales, zero points) against the
     parameters they replace, and every other parameter and persistent buffer.

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_map
 
-from dmq.packed import WeightLayout, dtype_from_name, unpack_weight
+from dmq.packed import WeightLayout, dtype_from_name, gather_rows, unpack_weight
 
 aten = torch.ops.aten
 
@@ -60,6 +60,12 @@ def dequantize(w: PackedWeight, dtype: torch.dtype | None = None) -> torch.Tenso
     dtype = w.dtype if dtype is None else dtype
     ws = [unpack_weight(weight_part(w, i), lay, dtype) for i, lay in enumerate(w.layouts)]
     return ws[0] if len(ws) == 1 else torch.cat(ws, dim=1)
+
+
+def lookup(w: PackedWeight, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``dequantize(w)[index]`` of a one-part packed table (an embedding), bit for bit, reading only the rows
+    ``index`` selects (:func:`dmq.packed.gather_rows`)."""
+    return gather_rows(weight_part(w, 0), w.layouts[0], index, w.dtype if dtype is None else dtype)
 
 
 class PackedWeight(torch.Tensor):

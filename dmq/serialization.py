@@ -42,6 +42,7 @@ from dmq import validation as check
 from dmq.api import QuantState, _set_child
 from dmq.calibration import AllSteps, TimestepHook
 from dmq.config import QuantConfig, QuantSpec, config_from_dict, config_to_dict
+from dmq.embedding import QuantEmbedding
 from dmq.modules import AttentionQuantizers, QuantConv2d, QuantLinear
 from dmq.packed import WeightLayout
 from dmq.quantizer import TensorQuantizer
@@ -378,6 +379,9 @@ def swap_modules(model: nn.Module, qmap: dict, device: torch.device | str | None
             shape = (mod.out_features, mod.in_features)
             new = QuantLinear.from_packed(mod, wspec, _quantizer_from(qs.get("input_quantizer"), where), layouts,
                                           device)
+        elif kind == "QuantEmbedding" and type(mod) is nn.Embedding:
+            shape = tuple(mod.weight.shape)
+            new = QuantEmbedding.from_packed(mod, wspec, layouts, device)
         elif kind == "QuantConv2d" and type(mod) is nn.Conv2d:
             shape = tuple(mod.weight.shape)
             split = e.get("split")

@@ -167,6 +167,12 @@ def classify(model: nn.Module) -> dict[str, str]:
     return {n: roles[n] for n, _ in layers}
 
 
+def tables(model: nn.Module) -> dict[str, str]:
+    """``{name: "embedder"}`` for every ``nn.Embedding`` of ``model``: a lookup table inside a backbone is a
+    conditioning embedder (class / label tables), one row per sample; :func:`classify` covers the matmul layers."""
+    return {n: "embedder" for n, m in model.named_modules() if n and isinstance(m, nn.Embedding)}
+
+
 def names_with_role(model: nn.Module, *roles: str) -> list[str]:
     """Names of the layers of ``model`` with one of ``roles`` (``"per_sample"`` stands for :data:`PER_SAMPLE`)."""
     want = set()

@@ -35,8 +35,9 @@ def reconstruct(model: nn.Module, state: QuantState, run_loop: Callable[[], None
 
     cfg = state.config
     t0 = time.perf_counter()
-    mods = {n: model.get_submodule(n) for n in state.modules}
-    mods = {n: m for n, m in mods.items() if m.weight_spec is not None}
+    from dmq.api import matmul_layers
+
+    mods = {n: model.get_submodule(n) for n in matmul_layers(model, state)}  # lookup tables stay round-to-nearest
     per_sample = set(state.per_sample)
 
     def rounding_of(name: str) -> str:
