@@ -78,12 +78,16 @@ def spec_bytes(spec: QuantSpec, shape: Sequence[int]) -> float:
     channel / tensor scales and zero points as packing stores them at most)."""
     rows, cols = shape[0], math.prod(shape[1:])
     fmt = spec.fmt
-    if spec.granularity == "block":
-        return rows * cols * fmt.bits_per_element() / 8 + 4
-    codes = rows * cols * fmt.bits / 8
+    # rows are padded to whole groups / blocks, and codes under 8 bits to whole bytes of 8 codes (dmq.packed)
+    group = fmt.block_size if spec.granularity == "block" else spec.group_size if spec.granularity == "group" else 1
+    padded = math.ceil(cols / group) * group
+    bits = fmt.element.bits if fmt.is_block else fmt.bits
+    codes = rows * (math.ceil(padded / 8) * 8 if bits < 8 else padded) * bits / 8
+    if spec.granularity == "block":  # one-byte block scales (E8M0 / E4M3), NVFP4's FP32 tensor scale
+        return codes + rows * padded // group + 4
     zp = 1 if not spec.symmetric else 0
     if spec.granularity == "group":
-        return codes + rows * math.ceil(cols / spec.group_size) * (2 + zp)
+        return codes + rows * (padded // group) * (2 + zp)
     if spec.granularity == "channel":
         return codes + rows * (4 + zp)
     return codes + 4 + zp

@@ -36,15 +36,32 @@ import bench_quant as bq  # noqa: E402
 
 import dmq  # noqa: E402
 from dmq import structure  # noqa: E402
-from dmq.config import LEGACY_KEEP_FP  # noqa: E402
+from dmq.config import LEGACY_KEEP_FP, _weight_only  # noqa: E402
 from dmq.packed import weight_bytes  # noqa: E402
 
-REPLICAS = ("flux", "wan", "qwen-image", "sd3", "sana")
+REPLICAS = ("flux", "wan", "qwen-image", "sd3", "sana", "dit-xl")
 
 
-def variants(preset: str) -> dict[str, dmq.QuantConfig]:
+def table_variants(base: dmq.QuantConfig, model: torch.nn.Module) -> dict[str, dmq.QuantConfig]:
+    """The embedding tables (``nn.Embedding``: class / label embedders) in 16 bits, or at the preset's own weight
+    format, group-wise (4 bits for the W4 presets; where the default keeps the tables with the embedders under 2% of
+    the model, they are quantized so); the default is ``dmq.config.TABLE_SPEC`` (INT8, group-wise)."""
+    tables = list(structure.tables(model))
+    if not tables:
+        return {}
+    own = base.replace(embedding=_weight_only(base.weight))
+    kept = structure.expand_patterns(model, base.keep_fp, {**structure.classify(model), **structure.tables(model)})
+    if set(tables) & set(kept):
+        return {"tables weight format": own.replace(keep_fp=tuple(n for n in kept if n not in tables))}
+    out = {"tables 16-bit": base.replace(embedding=None)}
+    if own.embedding_spec != base.embedding_spec:  # W8A8's own format is the default's
+        out["tables weight format"] = own
+    return out
+
+
+def variants(preset: str, model: torch.nn.Module | None = None) -> dict[str, dmq.QuantConfig]:
     base = dmq.get_config(preset)
-    return {
+    return {**({} if model is None else table_variants(base, model)),
         # the preset as it was before: legacy 16-bit list, per-sample layers like the rest, round-to-nearest
         "legacy": base.replace(keep_fp=LEGACY_KEEP_FP, per_sample=None, rounding="rtn"),
         "default": base,
@@ -128,6 +145,28 @@ class Replica:
             self.tb.output(model, kw)
 
 
+class ScaleDiT(Replica):
+    """One full-width DiT-XL/2 block (``scripts/bench_scale.py``, random weights) in BF16: ε on random inputs
+    (16 tokens, random class labels) at spread timesteps, calibration on others."""
+
+    def __init__(self, family: str, calls: int):
+        import bench_scale as bs
+
+        self.bs = bs
+        self.fp_model = bs.build("dit-xl-2", 1 / 28)
+        self.eval_in = [bs.inputs("dit-xl-2", 200 + i, 4) for i in range(calls)]
+        self.cal_in = [bs.inputs("dit-xl-2", 100 + i, 4) for i in range(calls)]
+        self.ref = self.eps(self.fp_model)
+
+    @torch.no_grad()
+    def eps(self, model):
+        return [self.bs.output(model, kw).float() for kw in self.eval_in]
+
+    def calib_loop(self, model):
+        for kw in self.cal_in:
+            self.bs.output(model, kw)
+
+
 def run(case, cfg: dmq.QuantConfig, psnr: bool) -> dict:
     model = dmq.quantize(case.fp_model, cfg, inplace=False)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -160,6 +199,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=8, help="backbone calls whose ε is compared")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "quant_keep_fp.json"))
+    ap.add_argument("--skip-legacy", action="store_true", help="leave out the legacy row")
     ap.add_argument("--append", action="store_true", help="keep the other models already in --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -174,17 +214,20 @@ def main() -> None:
     t0 = time.perf_counter()
     for kind in args.models:
         bundled = kind in ("unet", "dit")
-        case = Bundled(kind, args.calls) if bundled else Replica(kind, args.calls)
+        case = Bundled(kind, args.calls) if bundled else (ScaleDiT if kind == "dit-xl" else Replica)(kind, args.calls)
         entry = {"dtype": "bfloat16", "params": sum(p.numel() for p in case.fp_model.parameters()),
                  "group_share": group_shares(case.fp_model), "presets": {}}
         for preset in (args.presets if bundled else args.replica_presets):
             rows = {}
-            for name, cfg in variants(preset).items():
+            for name, cfg in variants(preset, case.fp_model).items():
                 if name != "default" and cfg == variants(preset)["default"]:
                     continue  # the default already is this variant
                 if args.variants and name not in args.variants and name not in ("legacy", "default"):
                     continue
-                rows[name] = run(case, cfg, psnr=bundled and name in ("legacy", "default"))
+                if args.skip_legacy and name == "legacy":
+                    continue
+                psnr = bundled and (name in ("legacy", "default") or name.startswith("tables"))
+                rows[name] = run(case, cfg, psnr=psnr)
                 print(f"[{kind}] {preset} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items()),
                       flush=True)
             entry["presets"][preset] = rows

@@ -147,7 +147,10 @@ def one_case(name: str, preset: str, args) -> dict:
     size_only = preset in args.size_only
     with torch.no_grad():
         ref = [output(fp, kw).float() for kw in evals] if not size_only else []
-    cfg = dmq.get_config(preset)
+    base, _, budget = preset.partition("@")  # "w4a16@4.8bits": the preset under a whole-model memory budget
+    cfg = dmq.get_config(base)
+    if budget:
+        cfg = cfg.replace(memory_budget=budget)
     if size_only:
         cfg = cfg.replace(rounding="rtn", per_sample_rounding="rtn")
         calib = calib[:1]
@@ -217,8 +220,8 @@ def main() -> None:
     ap.add_argument("--eval-calls", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cases", nargs="+", default=None,
-                    help="explicit MODEL:PRESET[:size] list, run in this order (default: every model x preset); "
-                         "':size' makes that case size-only")
+                    help="explicit MODEL:PRESET[@BUDGET][:size] list ('dit-xl-2:w4a16@4.8bits:size'), run in this "
+                         "order (default: every model x preset); ':size' makes that case size-only")
     ap.add_argument("--case", nargs=2, metavar=("MODEL", "PRESET"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "scale.json"))
     ap.add_argument("--append", action="store_true",
