@@ -501,6 +501,38 @@ def quant_keep_fp_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def quant_tables_table(data: dict) -> str:
+    """Embedding tables (``benchmarks/quant_tables.json``, ``scripts/bench_keep_fp.py``): the default (INT8 tables)
+    and each table variant, ε SQNR [final-sample PSNR] and whole-backbone size against BF16."""
+    variants: list[str] = []
+    for m in data["models"].values():
+        for rows in m["presets"].values():
+            variants += [v for v in rows if v != "default" and v not in variants]
+    lines = [
+        f"`{data['command']}` (BF16 backbones; machine shared): ε SQNR against the BF16 model [final-sample PSNR, "
+        "bundled models, 8 samples, same seeds] and whole-backbone size against BF16, for the default (tables "
+        "INT8 group-wise) and with the tables in 16 bits or at the preset's own weight format (group-wise); the "
+        "variants as the change from the default. `dit-xl`: one DiT-XL/2 block at full width, random weights.",
+        "",
+        "| model | preset | default: SQNR [PSNR], size | " + " | ".join(variants) + " |",
+        "|---|---|---|" + "---:|" * len(variants),
+    ]
+    for model, m in data["models"].items():
+        for preset, rows in m["presets"].items():
+            d = rows["default"]
+
+            def psnr(r, delta=False):
+                if "sample_psnr_db" not in r:
+                    return ""
+                v = r["sample_psnr_db"] - d["sample_psnr_db"] if delta else r["sample_psnr_db"]
+                return f" [{v:+.2f}]" if delta else f" [{v:.1f}]"
+            cells = [f"{rows[v]['sqnr_db'] - d['sqnr_db']:+.2f}{psnr(rows[v], True)}, {rows[v]['bytes_vs_bf16']:.3f}×"
+                     if v in rows else "–" for v in variants]
+            lines.append(f"| {model} | {preset} | {d['sqnr_db']:.1f} dB{psnr(d)}, {d['bytes_vs_bf16']:.3f}× | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def scale_table(data: dict) -> str:
     lines = [
         f"`{data['command']}` ({data['machine']}; random BF16 weights; size-only rows: round-to-nearest, one "
@@ -700,7 +732,7 @@ def lora_table(data: dict) -> str:
 RENDERERS = {
     "families": families_table,
     "demo": demo_table, "quant": quant_table, "quant_methods": quant_methods_table,
-    "quant_keep_fp": quant_keep_fp_table, "scale": scale_table,
+    "quant_keep_fp": quant_keep_fp_table, "quant_tables": quant_tables_table, "scale": scale_table,
     "formats": formats_table, "samplers_gmm": samplers_gmm_table, "samplers_deis_grids": samplers_deis_grids_table,
     "samplers_digits": samplers_digits_table, "samplers_dc": samplers_dc_table,
     "samplers_dc_digits": samplers_dc_digits_table, "runtime": runtime_table,
