@@ -107,9 +107,10 @@ class QuantSpec:
 
 
 # The embedding tables (class / label embedders) of presets with weights under 8 bits: INT8, group-wise along the
-# embedding dimension (8.5 bits per entry). A table row is the whole class conditioning of a sample, added to the
-# timestep embedding before every adaLN modulation: on the DiT-XL/2 replica a 4-bit table costs 4.4 dB of ε SQNR at
-# W4A16, an 8-bit one 0.04 dB (benchmarks/quant_tables.json, docs/memory.md).
+# embedding dimension (8.5 bits per entry). A table row is a sample's whole class conditioning, added to the timestep
+# embedding before every adaLN modulation: a 4-bit table costs 4-6 dB of ε SQNR (DiT-XL/2 replica, bundled DiT), an
+# INT8 one at most 0.15 dB at W4. Presets with 8-bit weights keep their tables in 16 bits: INT8 tables cost 1.5 dB
+# on the DiT-XL/2 replica at W8A8 (45.0 dB), and W8 meets its size goal without them (benchmarks/quant_tables.json).
 TABLE_SPEC = QuantSpec("int8", "group", group_size=PER_SAMPLE_GROUP, estimator="mse")
 
 
@@ -130,9 +131,9 @@ class QuantConfig:
         per_sample_rounding: the weight rounding of those layers (``"rtn"``, ``"adaround"``, ``"gptq"``).
         embedding: weight spec of the ``nn.Embedding`` tables (class / label embedders), quantized weight-only, each
             row (one entry's vector) group- or block-wise along the embedding dimension; a lookup dequantizes only
-            the rows it selects. ``"auto"`` (:data:`TABLE_SPEC`, INT8 group-wise, under 8-bit weight formats;
-            else the weight format, group-wise, as ``per_sample``), a :class:`QuantSpec`, or None (tables stay in
-            the model's dtype).
+            the rows it selects. ``"auto"``: :data:`TABLE_SPEC` (INT8 group-wise) with weights under 8 bits, the
+            model's dtype with 8-bit weights (measured, see :data:`TABLE_SPEC`); a :class:`QuantSpec`; or None
+            (tables stay in the model's dtype).
         memory_budget: size of the whole quantized backbone (every parameter and buffer): bits per parameter (a
             number up to 32, or ``"4.5bits"``) or bytes (a larger number, or ``"7GB"``, ``"512MiB"``). Calibration
             then picks each layer's weight format (:mod:`dmq.budget`); None: the config's formats as they are.
@@ -285,7 +286,7 @@ class QuantConfig:
         if isinstance(self.embedding, QuantSpec):
             return self.embedding
         w = self.weight
-        return _weight_only(w) if (w.fmt.element if w.fmt.is_block else w.fmt).bits >= 8 else TABLE_SPEC
+        return TABLE_SPEC if (w.fmt.element if w.fmt.is_block else w.fmt).bits < 8 else None
 
     @property
     def per_sample_rounding_active(self) -> bool:

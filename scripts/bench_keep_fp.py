@@ -36,16 +36,17 @@ import bench_quant as bq  # noqa: E402
 
 import dmq  # noqa: E402
 from dmq import structure  # noqa: E402
-from dmq.config import LEGACY_KEEP_FP, _weight_only  # noqa: E402
+from dmq.config import LEGACY_KEEP_FP, TABLE_SPEC, _weight_only  # noqa: E402
 from dmq.packed import weight_bytes  # noqa: E402
 
 REPLICAS = ("flux", "wan", "qwen-image", "sd3", "sana", "dit-xl")
 
 
 def table_variants(base: dmq.QuantConfig, model: torch.nn.Module) -> dict[str, dmq.QuantConfig]:
-    """The embedding tables (``nn.Embedding``: class / label embedders) in 16 bits, or at the preset's own weight
-    format, group-wise (4 bits for the W4 presets; where the default keeps the tables with the embedders under 2% of
-    the model, they are quantized so); the default is ``dmq.config.TABLE_SPEC`` (INT8, group-wise)."""
+    """The embedding tables (``nn.Embedding``: class / label embedders) against the default (``"auto"``: INT8
+    group-wise under 8-bit weights, else 16 bits): in 16 bits, in INT8 group-wise (``dmq.config.TABLE_SPEC``), or
+    at the preset's own weight format group-wise (4 bits for the W4 presets). Where the default keeps the tables
+    with the embedders under 2% of the model, they are quantized at the weight format instead."""
     tables = list(structure.tables(model))
     if not tables:
         return {}
@@ -53,8 +54,12 @@ def table_variants(base: dmq.QuantConfig, model: torch.nn.Module) -> dict[str, d
     kept = structure.expand_patterns(model, base.keep_fp, {**structure.classify(model), **structure.tables(model)})
     if set(tables) & set(kept):
         return {"tables weight format": own.replace(keep_fp=tuple(n for n in kept if n not in tables))}
-    out = {"tables 16-bit": base.replace(embedding=None)}
-    if own.embedding_spec != base.embedding_spec:  # W8A8's own format is the default's
+    out = {}
+    if base.embedding_spec is not None:
+        out["tables 16-bit"] = base.replace(embedding=None)
+    if base.embedding_spec != TABLE_SPEC:
+        out["tables int8"] = base.replace(embedding=TABLE_SPEC)
+    if own.embedding_spec not in (base.embedding_spec, TABLE_SPEC):
         out["tables weight format"] = own
     return out
 
@@ -231,10 +236,10 @@ def main() -> None:
                 print(f"[{kind}] {preset} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items()),
                       flush=True)
             entry["presets"][preset] = rows
-        report["models"][kind] = entry
-        report["seconds"] = round(time.perf_counter() - t0, 1)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))  # after every model
+            report["models"][kind] = entry
+            report["seconds"] = round(time.perf_counter() - t0, 1)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2))  # after every preset
 
 
 if __name__ == "__main__":

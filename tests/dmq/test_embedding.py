@@ -9,6 +9,7 @@ from torch import nn
 
 import dmq
 from dmq import packed, structure
+from dmq.config import TABLE_SPEC
 from dmq.embedding import QuantEmbedding
 from dmq.packed import gather_rows, pack_weight, unpack_weight
 from dmq.packed_weight import PackedWeight
@@ -88,12 +89,13 @@ def _run(m, idx):
     return m["lin"](m["emb"](idx))
 
 
-@pytest.mark.parametrize("preset", ["w4a16", "nvfp4", "w8a8"])
-def test_life_cycle_quantize_calibrate_freeze_save_load(preset, tmp_path):
+@pytest.mark.parametrize("preset, table", [("w4a16", "auto"), ("nvfp4", dmq.QuantSpec("nvfp4", "block")),
+                                           ("w8a8", dmq.QuantSpec("int8", "channel"))])
+def test_life_cycle_quantize_calibrate_freeze_save_load(preset, table, tmp_path):
     model = _toy()
     float_table = model["emb"].weight.detach().clone()
     idx = torch.tensor([[0, 9, 4], [4, 4, 1]])
-    cfg = dmq.get_config(preset).replace(keep_fp=(), rounding="rtn", per_sample_rounding="rtn")
+    cfg = dmq.get_config(preset).replace(keep_fp=(), rounding="rtn", per_sample_rounding="rtn", embedding=table)
     dmq.quantize(model, cfg)
     q = model["emb"]
     assert isinstance(q, QuantEmbedding) and isinstance(q, nn.Embedding) and q.weight_spec == cfg.embedding_spec
@@ -166,11 +168,13 @@ def test_dit_class_tables_quantized_by_default_and_the_keep_list_holds():
     model = tiny_dit()
     tables = list(structure.tables(model))
     assert tables == ["transformer_blocks.0.norm1.emb.class_embedder.embedding_table"]
-    for preset in ("w4a16", "w4a8", "nvfp4", "mxfp4", "w8a8"):
-        cfg = dmq.get_config(preset)
-        q = dmq.quantize(model, cfg, inplace=False)
+    for preset in ("w4a16", "w4a8", "nvfp4", "mxfp4", "w8a8"):  # W4: INT8 tables; W8: 16-bit tables (measured)
+        q = dmq.quantize(model, preset, inplace=False)
         t = q.get_submodule(tables[0])
-        assert isinstance(t, QuantEmbedding) and t.weight_spec == cfg.embedding_spec, preset
+        if preset == "w8a8":
+            assert type(t) is nn.Embedding and dmq.get_config(preset).embedding_spec is None
+        else:
+            assert isinstance(t, QuantEmbedding) and t.weight_spec == TABLE_SPEC, preset
         assert type(q.pos_embed.proj) is nn.Conv2d and type(q.proj_out_2) is nn.Linear  # first / last stay
     # the bundled U-Net's class table sits with its embedders, kept in 16 bits while they are under 2% of the model
     from diffusers import UNet2DModel
@@ -242,3 +246,5 @@ def test_embedding_field_round_trips_through_json():
     for cfg in (dmq.get_config("nvfp4").replace(embedding=spec), dmq.get_config("w8a8").replace(embedding=None)):
         assert config_from_json(config_to_json(cfg)) == cfg
     assert dmq.get_config("nvfp4").replace(embedding=spec).embedding_spec == spec
+    assert TABLE_SPEC == dmq.QuantSpec("int8", "group", group_size=32, estimator="mse")
+    assert dmq.get_config("fp8").embedding_spec is None and dmq.get_config("mxfp4").embedding_spec == TABLE_SPEC
