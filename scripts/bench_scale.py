@@ -15,6 +15,7 @@ bytes. Each (model, preset) runs in its own subprocess, so that its peak RSS is 
   model exists), against the BF16 model's bytes, overall and per stage;
 - ε SQNR of the quantized model against the BF16 model on held-out inputs.
 
+A preset may carry a whole-model memory budget (``w4a16@4.8bits``: ``QuantConfig.memory_budget``).
 ``--size-only`` presets are quantized and frozen with round-to-nearest and one calibration call: their bytes are
 exact, their accuracy is not reported.
 """
