@@ -17,28 +17,47 @@ def gptq(w: torch.Tensor, x: torch.Tensor, grid: WeightGrid, damp: float = 0.01,
     """GPTQ-rounded ``w`` (``(O, K)``) for inputs ``x`` (``(N, K)``); kept only if its objective is not above
     round-to-nearest's."""
     w = w.float()
-    hess = (x.double().T @ x.double() / max(x.shape[0], 1))
+    hess = _hessian(x)
     rtn = grid.nearest(w)
     rtn_err = layer_error(hess, w, rtn)
     k = w.shape[1]
-    # K x K float64 matrices are the working set (170 MB each at K = 4608): at most three live at once
+    # K x K float64 matrices are the working set (170 MB each at K = 4608). Two live at once: the factor, permuted,
+    # damped, factored and inverted in place, and torch's temporary of each step. The Hessian is built again for
+    # the final error rather than kept beside them (the same product: the same numbers, bit for bit)
     d = torch.diag(hess).clone()
     dead = d == 0
     d[dead] = 1.0
     d += damp * d.mean()  # the damped diagonal
     perm = torch.argsort(d, descending=True) if act_order else torch.arange(k)
     inv = torch.argsort(perm)
-    h = hess[perm][:, perm]
-    hd = h.diagonal()
-    hd.copy_(d[perm])
-    h = torch.linalg.cholesky(h)
-    h = torch.cholesky_inverse(h)
-    hinv = torch.linalg.cholesky(h, upper=True)
-    del h, hd
-    scale, zero = grid.scale[:, perm], grid.zero[:, perm]
-    pgrid = WeightGrid(scale, zero, grid.values)
-    wp = w.double()[:, perm].clone()
+    hinv = hess[perm[:, None], perm]
+    del hess
+    hinv.diagonal().copy_(d[perm])
+    torch.linalg.cholesky(hinv, out=hinv)
+    torch.cholesky_inverse(hinv, out=hinv)
+    torch.linalg.cholesky(hinv, upper=True, out=hinv)
+    wp = w.double()[:, perm]  # indexing copies
     wp[:, dead[perm]] = 0.0
+    q = _columns(wp, hinv, WeightGrid(grid.scale[:, perm], grid.zero[:, perm], grid.values), block)
+    del hinv, wp
+    out = q[:, inv].float()
+    del q
+    err = layer_error(_hessian(x), w, out)
+    if err > rtn_err:
+        return RoundingResult(rtn, rtn_err, rtn_err)
+    return RoundingResult(out, err, rtn_err)
+
+
+def _hessian(x: torch.Tensor) -> torch.Tensor:
+    """``H = X^T X / N`` in float64."""
+    xd = x.double()
+    return xd.T @ xd / max(x.shape[0], 1)
+
+
+def _columns(wp: torch.Tensor, hinv: torch.Tensor, pgrid: WeightGrid, block: int) -> torch.Tensor:
+    """The column loop of GPTQ (Frantar et al., Algorithm 1) on the permuted float64 weight ``wp``, updated in
+    place, with the upper Cholesky factor ``hinv`` of the inverse Hessian; returns the quantized columns."""
+    k = wp.shape[1]
     q = torch.zeros_like(wp)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -53,8 +72,4 @@ def gptq(w: torch.Tensor, x: torch.Tensor, grid: WeightGrid, damp: float = 0.01,
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
         wp[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    out = q[:, inv].float()
-    err = layer_error(hess, w, out)
-    if err > rtn_err:
-        return RoundingResult(rtn, rtn_err, rtn_err)
-    return RoundingResult(out, err, rtn_err)
+    return q
