@@ -114,3 +114,14 @@ def test_gptq_in_place_is_the_out_of_place_algorithm_bit_for_bit(spec, one_threa
     res = gptq(w, x, grid)
     ref, err = _gptq_reference(w, x, grid)
     assert torch.equal(res.weight, ref) and res.error == err
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.format}-{s.granularity}")
+def test_grid_rounds_a_whole_weight_by_row_chunks_bit_for_bit(spec, monkeypatch):
+    import dmq.rounding.grid as grid_module
+
+    w, _ = _layer(6, o=37, k=64)
+    grid = weight_grid(w, spec)
+    whole = grid.nearest(w)
+    monkeypatch.setattr(grid_module, "CHUNK", 5 * 64)  # 5 rows a chunk: 8 chunks, the last one short
+    assert torch.equal(grid.nearest(w), whole)
