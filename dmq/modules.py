@@ -86,7 +86,9 @@ class PackedMixin:
             raise AttributeError(f"'{type(self).__name__}' object has no attribute 'weight_fq'")
         fq = bufs["weight_fq"]
         if fq is None:
-            fq = bufs["weight_fq"] = held(self.weight, self.weight_spec, getattr(self, "split", None))
+            fq = held(self.weight, self.weight_spec, getattr(self, "split", None))
+            if self.weight.device.type != "meta":  # offloaded: built again from the weight each call brings
+                bufs["weight_fq"] = fq
         return fq
 
     @property
