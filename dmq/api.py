@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import fnmatch
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from dmq.embedding import QuantEmbedding, quantizable
 from dmq.modules import AttentionQuantizers, QuantConv2d, QuantLinear
 from dmq.nonfinite import nonfinite_report, warn_nonfinite
 from dmq.quantizer import NotCalibratedError, TensorQuantizer
-from dmq.transaction import transaction
+from dmq.transaction import Snapshot, covering, transaction
 
 logger = logging.getLogger(__name__)
 
@@ -356,7 +358,7 @@ def learned_config(model: nn.Module) -> QuantConfig:
     return st.config.replace(overrides=extra + tuple(st.config.overrides)) if extra else st.config
 
 
-def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
+def freeze(model: nn.Module, *, pack: bool = True, journal_dir: str | os.PathLike | None = None) -> nn.Module:
     """Fix every static activation quantizer's per-bin scales from its statistics, then drop the observers.
 
     A quantizer that calibration never reached (its layer sits on a branch the calibration calls did not take)
@@ -371,10 +373,15 @@ def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
     layers are offloaded one by one (accelerate hooks, weights on the meta device) is not packed.
 
     All or nothing: a static quantizer without finite calibration data raises :class:`NotCalibratedError` naming
-    it and what it saw, before anything changes; any other failure rolls the model back to where it was.
+    it and what it saw, before anything changes; any other failure rolls the model back to where it was. Packing
+    frees each float weight as soon as its layer is packed (the peak stays near the float model, not the float
+    model plus the packed one): until freeze has succeeded, the released weights wait in a rollback journal, a
+    temporary file in ``journal_dir`` (default: the system's temporary folder, ``$TMPDIR``) deleted on success and
+    on failure (:mod:`dmq.journal`). A weight shared with a module outside the quantized layers stays in memory.
     """
     st = _state(model)
     check.boolean("pack", pack)
+    journal_dir = check.directory("journal_dir", journal_dir)
     params = {}
     problems, unobserved = [], []
     for name, q in quantizers(model).items():
@@ -391,8 +398,8 @@ def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
             f"{len(problems)} static activation quantizer(s) cannot be frozen: {'; '.join(problems[:5])}"
             f"{'; ...' if len(problems) > 5 else ''}. Run dmq.calibrate(model, forward_loop) with finite inputs "
             "before dmq.freeze (or use a dynamic / weight-only config); nothing was frozen")
-    with transaction(model):
-        _freeze(model, st, params, pack, unobserved)
+    with transaction(model) as snap:
+        _freeze(model, st, params, pack, unobserved, snap or covering(model), journal_dir)
     if st.packed:  # kernel state (int4pack, oneDNN prepacked weights) once the snapshot has let the float weights go
         from dmq import kernels
 
@@ -402,7 +409,8 @@ def freeze(model: nn.Module, *, pack: bool = True) -> nn.Module:
     return model
 
 
-def _freeze(model: nn.Module, st: QuantState, params: dict, pack: bool, unobserved: list[str]) -> nn.Module:
+def _freeze(model: nn.Module, st: QuantState, params: dict, pack: bool, unobserved: list[str],
+            snap: Snapshot | None = None, journal_dir: str | os.PathLike | None = None) -> nn.Module:
     for name, q in quantizers(model).items():
         if name in unobserved:
             q.fall_back_to_dynamic()
@@ -417,12 +425,16 @@ def _freeze(model: nn.Module, st: QuantState, params: dict, pack: bool, unobserv
     if pack and not st.packed and _offloaded(model):  # hooks reload float weights by name: keep them, unpacked
         logger.info("dmq: some layers are offloaded (weights on the meta device): the weights stay unpacked")
     elif pack and not st.packed:
+        uses = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
         for name in st.modules:
             mod = model.get_submodule(name)
+            old = mod.weight
             try:
                 mod.pack(prepare=False)  # kernel state after the transaction (freeze), not beside the float weights
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
+            if snap is not None and mod.weight is not old and uses[id(old)] == 1:  # to the journal, not tied
+                snap.spill(old, journal_dir)
         st.packed = True
         logger.info("dmq: packed %d layers", len(st.modules))
     st.frozen = True

@@ -1,11 +1,11 @@
-"""The fake-quantized weight a quantized layer holds from :func:`dmq.quantize` to :func:`dmq.freeze` (``weight_fq``):
+"""The fake-quantized weight a quantized layer holds until :func:`dmq.freeze` (``weight_fq``, built on first use):
 packed codes and scales, built a few rows at a time.
 
 Held dense, ``weight_fq`` would double a model between quantize and freeze (float weight plus its quantized copy,
 in the same dtype). Held as a :class:`~dmq.packed_weight.PackedWeight` it adds about a quarter at 4 bits, and
-:func:`dmq.freeze` keeps those very tensors. Quantizing and packing work in float32 / float64 with int64 indices
-(20-50 bytes per element): done on row chunks of :data:`CHUNK` elements, that working set stays a few MB instead of
-a fraction of the model for its largest layer (docs/memory.md).
+:func:`dmq.freeze` keeps those very tensors (and releases the float weight). Quantizing and packing work in
+float32 / float64 with int64 indices (20-50 bytes per element): done on row chunks of :data:`CHUNK` elements, that
+working set stays a few MB instead of a fraction of the model for its largest layer (docs/memory.md).
 """
 
 from __future__ import annotations

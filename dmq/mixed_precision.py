@@ -40,7 +40,7 @@ def measure_sensitivity(model: nn.Module, forward_fn: Callable[[nn.Module], Sequ
     st = _state(model)
     names = list(names) if names is not None else list(st.modules)
     mods = {n: model.get_submodule(n) for n in names}
-    saved = {n: (m.weight_fq, m.weight_spec) for n, m in mods.items()}  # set_weight_fq replaces, never writes
+    saved = {n: (m._buffers["weight_fq"], m.weight_spec) for n, m in mods.items()}  # replaced, never written
     qs = list(quantizers(model).values())
     enabled = [q.enabled for q in qs]
     try:

@@ -75,6 +75,23 @@ class PackedMixin:
     _act_only_frozen = False  # activation-only layer, frozen: its float weight is the weight
 
     @property
+    def weight_fq(self) -> torch.Tensor:
+        """The fake-quantized weight the layer computes with until :func:`dmq.freeze`: round-to-nearest of the
+        float weight, packed (:func:`dmq.held_weight.held`), built on first use. :func:`dmq.quantize` leaves the
+        buffer empty (``None``): calibration runs the float weights, learned rounding replaces the buffer, and
+        freeze packs layer by layer, so a model that is only quantized, calibrated and frozen never holds the
+        quantized weights of all layers beside the float ones (docs/memory.md)."""
+        bufs = self.__dict__["_buffers"]
+        if "weight_fq" not in bufs:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute 'weight_fq'")
+        fq = bufs["weight_fq"]
+        if fq is None:
+            fq = held(self.weight, self.weight_spec, getattr(self, "split", None))
+            if self.weight.device.type != "meta":  # offloaded: built again from the weight each call brings
+                bufs["weight_fq"] = fq
+        return fq
+
+    @property
     def packed(self) -> bool:
         return self._act_only_frozen or isinstance(self._parameters.get("weight"), PackedWeight)
 
@@ -154,6 +171,8 @@ class PackedMixin:
         return F.linear(x, d) if isinstance(self, nn.Linear) else self._conv_forward(x, d, None)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._buffers.get("weight_fq", 0) is None and "weight_fq" not in self._non_persistent_buffers_set:
+            self.weight_fq  # noqa: B018 -- a persistent weight_fq not built yet is state all the same: build it
         super()._save_to_state_dict(destination, prefix, keep_vars)
         w = self._parameters.get("weight")
         if isinstance(w, PackedWeight):
@@ -166,9 +185,9 @@ class PackedMixin:
         fq_key = prefix + "weight_fq"
         relink = fq_key in state_dict and "weight_fq" in self._buffers and \
             "weight_fq" not in self._non_persistent_buffers_set
-        if relink:  # load a learned weight_fq into a fresh dense buffer (a held one may be packed, or alias the
-            fq = self._buffers["weight_fq"]  # weight), then hold it as quantize does, against the loaded weights
-            self._buffers["weight_fq"] = torch.empty(fq.shape, dtype=fq.dtype, device=fq.device)
+        if relink:  # load a learned weight_fq into a fresh dense buffer (a held one may be packed, alias the
+            w = self.weight  # weight or not be built yet), then hold it as quantize does, against the loaded weights
+            self._buffers["weight_fq"] = torch.empty(w.shape, dtype=w.dtype, device=w.device)
             state_dict = {**state_dict, fq_key: dense(state_dict[fq_key])}
         w = self._parameters.get("weight")
         if isinstance(w, PackedWeight) and prefix + "lora_fused" in state_dict and "lora_fused" not in self._buffers:
@@ -279,7 +298,7 @@ class QuantLinear(PackedMixin, nn.Linear):
         q.weight, q.bias = mod.weight, mod.bias
         q.weight_spec = config.weight
         q.input_quantizer = _act(config.act, -1, config)
-        q.register_buffer("weight_fq", held(mod.weight, config.weight), persistent=False)
+        q.register_buffer("weight_fq", None, persistent=False)  # built on first use: weight_fq
         _register_method_state(q, config, (mod.in_features,), mod.out_features, mod.in_features)
         return q
 
@@ -379,7 +398,7 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
         q.split = split
         q.input_quantizer = _act(config.act, 1, config)
         q.input_quantizer_skip = _act(config.act, 1, config) if split is not None else None
-        q.register_buffer("weight_fq", held(mod.weight, config.weight, split), persistent=False)
+        q.register_buffer("weight_fq", None, persistent=False)  # built on first use: weight_fq
         _register_method_state(q, config, (mod.in_channels // mod.groups, *mod.kernel_size), mod.out_channels, None)
         return q
 

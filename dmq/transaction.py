@@ -22,6 +22,10 @@ What a snapshot holds, and why that is enough:
 
 Objects of other libraries (accelerate hooks, attention processors, configs) are restored by reference, not copied:
 dmq replaces them and never mutates them.
+
+A step that must free a large tensor before it has succeeded (:func:`dmq.freeze`, each float weight once its layer
+is packed) hands it to :meth:`Snapshot.spill`: its bytes go to an on-disk rollback journal (:mod:`dmq.journal`),
+read back into the same object by a rollback, dropped when the snapshot is released.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from dmq.journal import Journal
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +77,8 @@ class Snapshot:
         self._containers: list[tuple[Any, Any]] = []  # dict / list / set -> a shallow copy of its contents
         self._tensors: list[tuple[str, torch.Tensor, int | None, torch.Tensor | None]] = []
         self._seen: set[int] = set()
+        self._uncopied: set[int] = set()  # large tensors kept by reference only: what spill may release
+        self.journal: Journal | None = None
         self.clone_all = clone_all
         modules: list[tuple[str, nn.Module]] = []
         for i, root in enumerate(roots):
@@ -89,6 +97,8 @@ class Snapshot:
                             continue
                         self._seen.add(id(t))
                         keep = t.detach().clone() if clone_all or t.numel() <= SMALL else None
+                        if keep is None:
+                            self._uncopied.add(id(t))
                         self._tensors.append((f"{prefix}.{name}", t, _version(t), keep))
             for _, mod in modules:
                 self._capture_object(mod)
@@ -126,9 +136,31 @@ class Snapshot:
         elif _owned(v):
             self._capture_object(v)
 
+    # ----------------------------------------------------------------------------------------------- spill
+    def spill(self, t: torch.Tensor, directory: str | None = None) -> bool:
+        """Free ``t`` (a large parameter or buffer this snapshot holds by reference) before the step ends: its bytes
+        go to the rollback journal (a temporary file in ``directory``, default ``$TMPDIR``) and a rollback reads them
+        back into the same object. Returns False, changing nothing, for a tensor the snapshot copied or never saw,
+        or where the journal cannot be written."""
+        if id(t) not in self._uncopied:
+            return False
+        if self.journal is None:
+            self.journal = Journal(directory)
+        if not self.journal.release(t):
+            return False
+        self._uncopied.discard(id(t))
+        return True
+
     # --------------------------------------------------------------------------------------------- rollback
     def rollback(self) -> list[str]:
         """Put everything back; returns the names of tensors changed in place that could not be restored."""
+        lost = []
+        if self.journal is not None:  # first: the tensors spilled to disk get their storage back
+            try:
+                self.journal.restore()
+            except Exception as e:  # noqa: BLE001 -- the original exception must reach the caller
+                logger.error("rollback could not read the released tensors back from the journal: %s", e)
+                lost.append(f"<{self.journal.nbytes} bytes of released weights: {e}>")
         for obj, state in self._objects:
             d = vars(obj)
             if d.keys() != state.keys() or any(d[k] is not v for k, v in state.items()):
@@ -136,7 +168,6 @@ class Snapshot:
                 d.update(state)
         for c, saved in self._containers:
             _restore_container(c, saved)
-        lost = []
         with torch.no_grad():
             for name, t, version, keep in self._tensors:
                 if keep is not None:  # compared by value too: writes through ``.data`` bypass the version counter
@@ -149,8 +180,11 @@ class Snapshot:
         return lost
 
     def release(self) -> None:
-        """Drop the references (the old modules and weights can be freed)."""
+        """Drop the references (the old modules and weights can be freed) and the rollback journal."""
         self._objects, self._containers, self._tensors, self.modules = [], [], [], set()
+        self._uncopied = set()
+        if self.journal is not None:
+            self.journal.close()
 
 
 def _restore_container(c: Any, saved: Any) -> None:
@@ -165,6 +199,15 @@ def _restore_container(c: Any, saved: Any) -> None:
     elif c != saved:
         c.clear()
         c.update(saved)
+
+
+def covering(module: nn.Module) -> Snapshot | None:
+    """The innermost enclosing ``covers_nested`` transaction's snapshot that covers ``module``, or None: where a
+    nested step's releases must go, since that snapshot is the one a later failure rolls back."""
+    for s in reversed(getattr(_ACTIVE, "stack", [])):
+        if id(module) in s.modules:
+            return s
+    return None
 
 
 @contextmanager

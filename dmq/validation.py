@@ -109,3 +109,15 @@ def path(name: str, value: Any) -> str:
     if not isinstance(out, str) or not out:
         raise ValueError(f"{name} must be a non-empty path, got {_show(value)}")
     return out
+
+
+def directory(name: str, value: Any) -> str | None:
+    """``None`` or an existing, writable directory (:func:`path` otherwise)."""
+    if value is None:
+        return None
+    out = path(name, value)
+    if not os.path.isdir(out):
+        raise ValueError(f"{name} must be an existing directory, got {_show(value)}")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} must be a directory this process can write to, got {_show(value)}")
+    return out

@@ -32,7 +32,8 @@ class RoundingResult:
 def layer_error(h: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
     """``trace(D H D^T)`` with ``D = W - Wq``, ``H = X^T X / N``: the mean squared output error over rows."""
     d = (w - wq).double()
-    return float(((d @ h.double()) * d).sum())
+    dh = d @ h.double()
+    return float(dh.mul_(d).sum())  # in place: one (O, K) float64 temporary fewer, the same numbers
 
 
 def _h(v: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,8 @@ def set_weight_fq(module: nn.Module, rows: torch.Tensor) -> None:
     (:func:`dmq.held_weight.held`). The buffer is replaced, never written in place, so that a transaction
     (:mod:`dmq.transaction`) rolls it back by reference, without a copy of every weight."""
     shape = module.weight.shape
-    target = rows.reshape(shape).to(module.weight_fq.dtype)
+    fq = module._buffers["weight_fq"]  # None: not built yet (dmq.modules.PackedMixin.weight_fq), the weight's dtype
+    target = rows.reshape(shape).to(module.weight.dtype if fq is None else fq.dtype)
     w = target_weight(module).reshape(shape) if module.weight_spec is not None else target
     module._buffers["weight_fq"] = held(w, module.weight_spec, split_of(module), target)
 

@@ -1,4 +1,4 @@
-"""A quantized layer holds its fake-quantized weight packed from dmq.quantize on (dmq.held_weight): bit for bit the
+"""A quantized layer holds its fake-quantized weight packed, once built (dmq.held_weight): bit for bit the
 round-to-nearest weight, built row chunk by row chunk; freeze keeps those tensors; calibrate copies no weight
 unless a transform folds into the float weights, and a failed calibration still rolls back exactly."""
 

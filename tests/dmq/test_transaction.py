@@ -70,3 +70,31 @@ def test_nested_transactions_defer_to_a_covering_one():
     assert isinstance(outer, Snapshot)
     with transaction(model) as alone:
         assert isinstance(alone, Snapshot)
+
+
+def test_spilled_tensors_come_back_on_rollback_and_the_journal_goes_with_the_snapshot(tmp_path):
+    from dmq.transaction import covering
+    from tests.dmq.test_journal import journal_files
+
+    model = nn.Sequential(nn.Linear(300, 300), nn.Linear(4, 4))  # 90,000 weights (above SMALL), 16
+    big, small = model[0].weight, model[1].weight
+    before = big.detach().clone()
+    with pytest.raises(Boom) as err, transaction(model) as snap:
+        assert not snap.spill(small, tmp_path)  # copied by the snapshot anyway: releasing it would free nothing
+        assert not snap.spill(torch.zeros(300, 300), tmp_path)  # not the snapshot's
+        model[0].weight = nn.Parameter(torch.zeros(1))  # the layer moves on to a new weight
+        assert snap.spill(big, tmp_path) and big.untyped_storage().nbytes() == 0
+        assert not snap.spill(big, tmp_path)  # once
+        assert len(journal_files(tmp_path)) == 1
+        raise Boom
+    assert not getattr(err.value, "__notes__", None)
+    assert model[0].weight is big and torch.equal(big, before)
+    assert journal_files(tmp_path) == []
+    with transaction(model) as snap:  # committed: the journal goes, the released tensor stays released
+        assert snap.spill(big, tmp_path)
+    assert big.numel() == 0 and journal_files(tmp_path) == []
+    with transaction(model, covers_nested=True) as outer:  # a nested step spills into the snapshot that covers it
+        with transaction(model) as inner:
+            assert inner is None and covering(model) is outer and covering(nn.Linear(2, 2)) is None
+    assert covering(model) is None
+    assert SMALL < 300 * 300
