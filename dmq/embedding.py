@@ -21,7 +21,6 @@ from torch import nn
 
 from dmq.calibration import CONTEXT
 from dmq.config import QuantSpec
-from dmq.held_weight import held
 from dmq.modules import PackedMixin, _float_weight, _register_empty_method_state
 from dmq.packed import WeightLayout
 from dmq.packed_weight import PackedWeight, lookup
@@ -58,12 +57,13 @@ class QuantEmbedding(PackedMixin, nn.Embedding):
 
     @classmethod
     def from_float(cls, mod: nn.Embedding, spec: QuantSpec) -> QuantEmbedding:
-        """The table ``mod.weight`` quantized by ``spec`` (round-to-nearest, held packed until :func:`dmq.freeze`)."""
+        """The table ``mod.weight`` quantized by ``spec`` (round-to-nearest, held packed from first use until
+        :func:`dmq.freeze`)."""
         if not isinstance(spec, QuantSpec) or spec.dynamic or spec.granularity == "token":
             raise ValueError(f"embedding table spec: a static weight QuantSpec with granularity 'tensor', 'channel', "
                              f"'group' or 'block', got {spec!r}")
         q = cls._skeleton(mod, spec)
-        q.register_buffer("weight_fq", held(mod.weight, spec), persistent=False)
+        q.register_buffer("weight_fq", None, persistent=False)  # built on first use: PackedMixin.weight_fq
         _register_empty_method_state(q)
         return q
 
