@@ -510,9 +510,11 @@ def quant_tables_table(data: dict) -> str:
             variants += [v for v in rows if v != "default" and v not in variants]
     lines = [
         f"`{data['command']}` (BF16 backbones; machine shared): ε SQNR against the BF16 model [final-sample PSNR, "
-        "bundled models, 8 samples, same seeds] and whole-backbone size against BF16, for the default (tables "
-        "INT8 group-wise) and with the tables in 16 bits or at the preset's own weight format (group-wise); the "
-        "variants as the change from the default. `dit-xl`: one DiT-XL/2 block at full width, random weights.",
+        "bundled models, 8 samples, same seeds] and whole-backbone size against BF16, for the default (INT8 "
+        "group-wise tables under 8-bit weights, 16-bit tables with 8-bit weights; the bundled U-Net keeps its table "
+        "with its embedders) and with the tables in 16 bits, in INT8 or at the preset's own weight format "
+        "(group-wise); the variants as the change from the default. `dit-xl`: one DiT-XL/2 block at full width, "
+        f"random weights. {data.get('note', '')}",
         "",
         "| model | preset | default: SQNR [PSNR], size | " + " | ".join(variants) + " |",
         "|---|---|---|" + "---:|" * len(variants),
