@@ -44,12 +44,15 @@ import torch.nn.functional as F
 
 from dmq import formats, kernels_cpu
 from dmq.calibration import CONTEXT, sample_timesteps, timestep_bins
+from dmq.formats.grid import DISABLED as _DISABLED
 from dmq.packed import _dequant_rows, int_codes, row_dequantizer
 
 logger = logging.getLogger(__name__)
 
-PATHS = ("onednn_int8", "int_gemm", "fp8_gemm", "int4_weight", "weight_cache", "tiled_dequant")
-_DISABLED: set[str] = set()
+# the Linear paths below, then the element-rounding lookups of every fake quantizer (dmq.formats.grid) and the fused
+# attention of quantized Q/K/V (dmq.modules.QuantAttnProcessor)
+PATHS = ("onednn_int8", "int_gemm", "fp8_gemm", "int4_weight", "weight_cache", "tiled_dequant", "grid_table",
+         "sdpa_attention")
 _WARNED: set[str] = set()
 
 
