@@ -40,6 +40,3 @@ class InputMemo:
         e = self._entry
         if e is not None and e[0] is ref:
             self._entry = None
-
-    def clear(self) -> None:
-        self._entry = None
