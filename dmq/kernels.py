@@ -43,14 +43,18 @@ import torch
 import torch.nn.functional as F
 
 from dmq import formats, kernels_cpu
-from dmq.calibration import CONTEXT, sample_timesteps, timestep_bins
+from dmq.formats.grid import DISABLED as _DISABLED
+from dmq.memo import InputMemo
 from dmq.packed import _dequant_rows, int_codes, row_dequantizer
 
 logger = logging.getLogger(__name__)
 
-PATHS = ("onednn_int8", "int_gemm", "fp8_gemm", "int4_weight", "weight_cache", "tiled_dequant")
-_DISABLED: set[str] = set()
+# the Linear paths below, then the element-rounding lookups of every fake quantizer (dmq.formats.grid) and the reuse
+# of one input's dynamic quantization and GEMM cast by the layers that share it (dmq.memo)
+PATHS = ("onednn_int8", "int_gemm", "fp8_gemm", "int4_weight", "weight_cache", "tiled_dequant", "grid_table",
+         "input_memo")
 _WARNED: set[str] = set()
+_CAST = InputMemo()  # the last tiled-path input in its GEMM dtype
 
 
 @contextlib.contextmanager
@@ -351,31 +355,6 @@ def cached_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-# one memo of the running call's timestep bins: keyed by the timestep tensor object itself (held, so its id is not
-# reused) and the bin layout; every layer of a call reads the same tensor, so the lookup runs once per call. The
-# (tensor, bins) pair is replaced as a whole, so a thread never reads another call's bins.
-_BIN_MEMO: list = [(None, {})]
-
-
-def _single_bin(q) -> int | None:
-    """The timestep bin of the whole call, or None when the samples differ or no timestep is known."""
-    if q.num_bins == 1:
-        return 0
-    t = CONTEXT.timestep
-    if t is None:
-        return None
-    memo = _BIN_MEMO[0]
-    if memo[0] is not t:
-        memo = (t, {})
-        _BIN_MEMO[0] = memo
-    key = (q.num_bins, *q.timestep_range)
-    b = memo[1].get(key)
-    if b is None:
-        bins = timestep_bins(sample_timesteps(t), q.num_bins, *q.timestep_range)  # as TensorQuantizer does
-        b = memo[1][key] = int(bins[0]) if bool((bins == bins[0]).all()) else -1
-    return None if b < 0 else b
-
-
 def frozen_linear(layer, x: torch.Tensor) -> torch.Tensor:
     """``Q_a(x) Q_w(W)^T + b`` of a packed Linear (``x`` after its input transform; the low-rank branch is the
     layer's), on the first execution path that applies (see the module docstring)."""
@@ -418,13 +397,16 @@ def frozen_linear(layer, x: torch.Tensor) -> torch.Tensor:
                 return _dequant_rows(part, lay, r0, r1)[:, : lay.cols]
 
         gemm = kernels_cpu.tile_gemm_dtype(xq.dtype) if xq.device.type == "cpu" else None
-        y = kernels_cpu.tiled_linear(xq.reshape(-1, plan.k), plan.n, rows, layer.bias, gemm_dtype=gemm)
+        xg = None
+        if gemm is not None and gemm != xq.dtype:  # Q, K and V projections share one input and its cast
+            xg = _CAST.get(xq, (gemm, plan.k), lambda t: t.reshape(-1, plan.k).to(gemm))
+        y = kernels_cpu.tiled_linear(xq.reshape(-1, plan.k), plan.n, rows, layer.bias, gemm_dtype=gemm, x_gemm=xg)
         return y.reshape(*x.shape[:-1], plan.n)
     return F.linear(xq, layer.dequantized_weight(x.dtype), layer.bias)
 
 
 def _int_path(layer, plan: _Plan, q, x: torch.Tensor) -> torch.Tensor | None:
-    b = _single_bin(q)
+    b = q.single_bin(x.shape[0])
     if b is not None and plan.onednn is not None and enabled("onednn_int8"):
         x2d = x.reshape(-1, plan.k)
         if x.dtype.itemsize == 2:  # one table lookup per element (see _code_table)

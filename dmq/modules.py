@@ -326,7 +326,7 @@ class QuantLinear(PackedMixin, nn.Linear):
         x = self.transform_input(x)  # online rotation (identity without one)
         branch = self.lowrank_branch(x)  # 16-bit low-rank branch on the unquantized input (0.0 without one)
         y = kernels.frozen_linear(self, x)
-        return y + branch + fused
+        return _plus(_plus(y, branch), fused)
 
     def effective_weight(self) -> torch.Tensor:
         """The float weight the quantized path approximates: ``W R`` under an input rotation ``R``."""
@@ -363,6 +363,11 @@ class QuantLinear(PackedMixin, nn.Linear):
         m = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         m.weight, m.bias = _float_weight(self), self.bias
         return m
+
+
+def _plus(y: torch.Tensor, branch: torch.Tensor | float) -> torch.Tensor:
+    """``y + branch``, without a pass over ``y`` for an absent (``0.0``) branch."""
+    return y if isinstance(branch, float) and branch == 0.0 else y + branch
 
 
 def _float_weight(mod: PackedMixin) -> nn.Parameter:
@@ -443,8 +448,8 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
         """A packed convolution: the fake-quantized input and the weight dequantized on the fly (bit-identical to
         the fake-quant path; no integer convolution kernel on CPU), plus the low-rank branch if there is one."""
-        return self._conv_forward(self._quant_input(x), self.dequantized_weight(x.dtype), self.bias) + \
-            self.lowrank_branch(x) + self.fused_branch(x)
+        y = self._conv_forward(self._quant_input(x), self.dequantized_weight(x.dtype), self.bias)
+        return _plus(_plus(y, self.lowrank_branch(x)), self.fused_branch(x))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Conv2d's argument name: model code passes input=
         x = input

@@ -12,9 +12,16 @@ from torch import nn
 from dmq.calibration import CONTEXT, sample_timesteps, timestep_bins
 from dmq.config import QuantSpec
 from dmq.fake_quant import fake_quant, from_rows, params_from_range, quantize_rows_dynamic, to_rows
+from dmq.memo import InputMemo
 from dmq.observers import StreamingObserver
 
 logger = logging.getLogger(__name__)
+# a dynamic quantizer's result depends only on its input and spec: Q, K and V projections share one computation
+_DYNAMIC = InputMemo()
+# one memo of the running call's timestep bins: keyed by the timestep tensor object itself (held, so its id is not
+# reused) and the bin layout; every quantizer of a call reads the same tensor, so the lookup runs once per call. The
+# (tensor, bins) pair is replaced as a whole, so a thread never reads another call's bins.
+_BIN_MEMO: list = [(None, {})]
 
 
 class NotCalibratedError(RuntimeError):
@@ -105,13 +112,60 @@ class TensorQuantizer(nn.Module):
     def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
         dim = self.channel_dim % x.ndim
-        rows = to_rows(x, dim)
-        q = quantize_rows_dynamic(rows, self.fmt, s.granularity, s.group_size, s.symmetric)
-        return from_rows(q, x, dim)
+
+        def quantize(t: torch.Tensor) -> torch.Tensor:
+            q = quantize_rows_dynamic(to_rows(t, dim), self.fmt, s.granularity, s.group_size, s.symmetric)
+            return from_rows(q, t, dim)
+
+        return _DYNAMIC.get(x, (s, dim), quantize)
 
     def _static(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.compiler.is_compiling() or self.scale.requires_grad):
+            b = self.single_bin(x.shape[0])
+            if b is not None:  # eager, one bin for the call: its scale in x's dtype, kept (the same values)
+                scale, zp = self._bin_params(b, x.dtype, x.device)
+                return fake_quant(x, self.fmt, scale, zp)
         scale, zp = self.static_params(x)
         return fake_quant(x, self.fmt, scale, zp)
+
+    def single_bin(self, batch: int) -> int | None:
+        """The one timestep bin of every sample of this call (what :meth:`current_bins` gives them all), or None
+        when the samples differ or no timestep applies; computed once per call and bin layout, eager only."""
+        if self.num_bins == 1:
+            return 0
+        t = CONTEXT.timestep
+        if t is None:
+            return None
+        memo = _BIN_MEMO[0]
+        if memo[0] is not t:
+            memo = (t, {})
+            _BIN_MEMO[0] = memo
+        key = (self.num_bins, *self.timestep_range)
+        hit = memo[1].get(key)
+        if hit is None:
+            bins = timestep_bins(sample_timesteps(t), self.num_bins, *self.timestep_range)
+            hit = memo[1][key] = (int(bins[0]) if bool((bins == bins[0]).all()) else -1, bins.numel())
+        b, n = hit
+        return None if b < 0 or not (n == 1 or batch % n == 0) else b  # current_bins' batch rule
+
+    def _bin_params(self, b: int, dtype: torch.dtype, device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Bin ``b``'s scale and zero point as one-element tensors in ``dtype`` (what :func:`fake_quant` rounds
+        them to), kept per dtype and device until the buffers change (a plain attribute, not state)."""
+        key = [dtype, device]
+        for t in (self.scale, self.zero_point):
+            try:
+                key += [t.data_ptr(), t._version]
+            except RuntimeError:  # an inference tensor has no version counter
+                key += [t.data_ptr(), -1]
+        key = tuple(key)
+        cache = self.__dict__.get("_dmq_bin_params")
+        if cache is None or cache[0] != key:
+            scales = [s.to(device=device, dtype=dtype).reshape(1) for s in self.scale]
+            zps = [None if self.spec.symmetric else z.to(device=device, dtype=dtype).reshape(1)
+                   for z in self.zero_point]
+            cache = self.__dict__["_dmq_bin_params"] = (key, scales, zps)
+        return cache[1][b], cache[2][b]
 
     def static_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The frozen ``scale`` and ``zero_point`` (None if symmetric) that apply to ``x``, shaped ``(B or 1, 1, ..)``

@@ -282,6 +282,11 @@ def _runtime_goals(model: str, layers: int | None, ok: dict, bf: dict, batches: 
             elif model.startswith("digits") and b >= 16 and "+" not in preset:
                 out.append(f"{model} b{b} {preset}: {ratio:.2f}x BF16 ({'meets' if ratio <= 1.5 else 'misses'} "
                            "<= 1.5x)")
+            elif model.startswith("digits") and b >= 16 and preset.endswith("+compile") and preset != "bf16+compile":
+                bfc, eager = ok.get("bf16+compile", {}), ok.get(preset.removesuffix("+compile"), {})
+                out.append(f"{model} b{b} {preset}: {ratio:.2f}x BF16" +
+                           (f", {r[k] / bfc[k]:.2f}x compiled BF16" if k in bfc else "") +
+                           (f" (eager: {eager[k] / bf[k]:.2f}x BF16)" if k in eager else ""))
     return out
 
 

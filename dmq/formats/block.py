@@ -41,7 +41,12 @@ def _pow2(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _finite_amax(w: torch.Tensor) -> torch.Tensor:
-    return w.abs().nan_to_num_(nan=0.0, posinf=0.0).amax(-1, keepdim=True)
+    a = w.abs()
+    if not torch.compiler.is_compiling():  # eager: drop non-finite values only when there are any
+        m = a.amax(-1, keepdim=True)  # a NaN or inf makes its block's maximum non-finite
+        if bool(torch.isfinite(m).all()):
+            return m
+    return a.nan_to_num_(nan=0.0, posinf=0.0).amax(-1, keepdim=True)
 
 
 @dataclass(frozen=True)
@@ -128,14 +133,16 @@ class NVFP4Format:
 
     def _scales(self, w: torch.Tensor, tensor_amax: float | torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         elem_max, scale_max = self.element.max, _E4M3.max
-        amax = _finite_amax(w.reshape(-1)).squeeze() if tensor_amax is None else torch.as_tensor(tensor_amax)
+        block_amax = _finite_amax(w)
+        # the tensor's finite maximum is the largest block maximum (zero padding changes neither)
+        amax = block_amax.amax() if tensor_amax is None else torch.as_tensor(tensor_amax)
         s_t = (amax.to(w.dtype) / (scale_max * elem_max)).reshape(())
         if not torch.compiler.is_compiling() and (not torch.isfinite(s_t) or s_t < 0):
             raise ValueError(f"tensor amax must be finite and non-negative, got {float(amax)}")
         # an all-zero tensor (s_t = 0) gets zero scales; no branch on s_t, so torch.compile traces it whole
         zero = s_t == 0
         safe = torch.where(zero, torch.ones_like(s_t), s_t)
-        s_b = _E4M3.quantize((_finite_amax(w) / elem_max / safe).clamp_(_E4M3.min_subnormal, scale_max))
+        s_b = _E4M3.quantize((block_amax / elem_max / safe).clamp_(_E4M3.min_subnormal, scale_max))
         return s_t, torch.where(zero, torch.zeros_like(s_b), s_b)
 
     def quantize(
@@ -143,6 +150,9 @@ class NVFP4Format:
     ) -> torch.Tensor:
         w, n = _to_blocks(x, dim, self.block_size)
         s_t, s_b = self._scales(w, tensor_amax)
+        if not torch.compiler.is_compiling() and bool(s_t != 0):  # eager, the usual case: no guard passes
+            denom = s_b * s_t
+            return _from_blocks(self.element.quantize(w / denom).mul_(denom), n, dim, x.dtype)
         zero = s_t == 0  # an all-zero tensor: keep NaN, zero the rest (branch-free, see _scales)
         denom = torch.where(zero, torch.ones_like(s_t), s_b * s_t)
         q = torch.where(zero, w * 0.0, self.element.quantize(w / denom) * denom)

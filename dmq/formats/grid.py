@@ -9,6 +9,16 @@ Rounding uses the float unit itself: adding ``S = 2^(max(e, emin) + W - man_bits
 for float64) to ``|x|`` leaves a sum whose unit in the last place is exactly the grid step, so the hardware's
 round-to-nearest-even rounds ``|x|`` to the grid; subtracting ``S`` is then exact. ``S`` comes from the exponent
 bits of ``|x|`` with a mask. The whole kernel is a handful of in-place elementwise passes.
+
+On the CPU two lookups replace those passes (on by default; ``dmq.kernels.disable("grid_table")`` turns them off):
+
+- a 16-bit input (bfloat16, float16) has 65536 bit patterns, so its result is one gather from a table of the
+  kernel's own result for every pattern (bit for bit the kernel, by construction);
+- a float32 input on a grid of at most 5 mantissa bits is first rounded to 16 bits *to odd* (truncated, with the
+  lowest kept bit set when any dropped bit is): bfloat16 keeps 7 mantissa bits, at least 2 more than the grid, so
+  rounding the round-to-odd value to the grid gives the same point as rounding the float32 value (Boldo and
+  Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using rounding to odd", IEEE TC 2008,
+  Theorem 1), and the bfloat16 table above gives it.
 """
 
 from __future__ import annotations
@@ -24,6 +34,10 @@ _LAYOUT = {
     torch.float64: (torch.int64, 52, 0x7FF0000000000000, 1023),
 }
 _CPU_CHUNK = 1 << 18
+# a round-to-odd 16-bit value rounds like its float32 source onto grids with at most this many mantissa bits
+_ODD_MAX_MAN_BITS = 5
+DISABLED: set[str] = set()  # execution paths turned off; shared with (and set through) dmq.kernels.disable
+_TABLES: dict = {}
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,52 @@ def round_to_grid(x: torch.Tensor, spec: GridSpec, out_dtype: torch.dtype | None
     The result is computed in float32 (float64 for float64 input) and rounded once to ``out_dtype``
     (default ``x.dtype``). ``x`` is never modified.
     """
+    out_dtype = out_dtype or x.dtype
+    if x.device.type == "cpu" and "grid_table" not in DISABLED and not torch.compiler.is_compiling():
+        if x.dtype in (torch.bfloat16, torch.float16) and out_dtype == x.dtype:
+            return _lookup16(x, _table(spec, x.dtype))
+        if (x.dtype == torch.float32 and out_dtype == torch.float32 and spec.man_bits <= _ODD_MAX_MAN_BITS
+                and spec.scale == 1.0 and spec.emin - spec.man_bits >= -126):
+            return _lookup_odd(x, _table(spec, torch.bfloat16, torch.float32, signed=True))
+    return _round_kernel(x, spec, out_dtype)
+
+
+def _table(spec: GridSpec, dtype: torch.dtype, out_dtype: torch.dtype | None = None, signed: bool = False
+           ) -> torch.Tensor:
+    """The kernel's result for every bit pattern of the 16-bit ``dtype``, indexed by the pattern read as uint16, or
+    (``signed``) by the pattern read as int16 plus 32768 (built once per grid, 128-256 KiB)."""
+    key = (spec, dtype, out_dtype, signed)
+    t = _TABLES.get(key)
+    if t is None:
+        every = torch.arange(-(1 << 15) if signed else 0, 1 << (15 if signed else 16), dtype=torch.int32)
+        every = every.to(torch.int16 if signed else torch.uint16).view(dtype)
+        t = _TABLES[key] = _round_kernel(every, spec, out_dtype or dtype)
+    return t
+
+
+def _lookup16(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    idx = x.view(torch.uint16).reshape(-1).to(torch.int32)
+    return table.index_select(0, idx).reshape(x.shape)
+
+
+def _lookup_odd(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` rounded to odd at 16 bits, then looked up (see the module docstring), in cache-sized chunks."""
+    flat = x.reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.float32)
+    scratch = torch.empty(min(_CPU_CHUNK, flat.numel()), dtype=torch.int32)
+    for i in range(0, flat.numel(), _CPU_CHUNK):
+        b = flat[i : i + _CPU_CHUNK].view(torch.int32)
+        s = scratch[: b.numel()]
+        # bit 16 of (low 16 bits + 0xFFFF) is set iff a dropped bit is: OR it into the kept bits' lowest one; the
+        # arithmetic shift leaves the 16 kept bits as an int16 value, offset to index the table
+        torch.bitwise_and(b, 0xFFFF, out=s)
+        s.add_(0xFFFF).bitwise_or_(b).bitwise_right_shift_(16).add_(1 << 15)
+        torch.index_select(table, 0, s, out=out[i : i + _CPU_CHUNK])
+    return out.reshape(x.shape)
+
+
+def _round_kernel(x: torch.Tensor, spec: GridSpec, out_dtype: torch.dtype) -> torch.Tensor:
+    """The arithmetic kernel of :func:`round_to_grid` (the module docstring)."""
     wd = work_dtype(x.dtype)
     int_dtype, width, exp_mask, exp_bias = _LAYOUT[wd]
     top = max(spec.emin, math.frexp(max(abs(spec.lo), abs(spec.hi)))[1] - 1)
@@ -58,7 +118,6 @@ def round_to_grid(x: torch.Tensor, spec: GridSpec, out_dtype: torch.dtype | None
     if torch.compiler.is_compiling():  # traced strides can disagree with eager ones: flatten a fresh copy
         x = x.clone(memory_format=torch.contiguous_format)
     flat = x.reshape(-1)
-    out_dtype = out_dtype or x.dtype
     out = torch.empty(flat.shape, dtype=out_dtype, device=x.device)
     # On the CPU the passes run chunk by chunk, so that they stay in cache: 1.6x faster than whole-tensor passes
     # on 16M elements here. Devices run the whole tensor at once.

@@ -1,0 +1,74 @@
+"""The CPU lookups of :func:`dmq.formats.round_to_grid` equal its arithmetic kernel bit for bit: every 16-bit pattern
+of bfloat16 and float16, and float32 values through the round-to-odd step (ties, their neighbours, random bit
+patterns with inf and NaN); the block formats built on them match with the lookups off."""
+
+import pytest
+import torch
+
+from dmq import formats, kernels
+from dmq.formats import grid
+from tests.dmq.formats.test_fp8_exact import assert_same_bits, random_inputs
+
+FORMATS = ["e4m3", "e5m2", "e2m1", "e3m2", "e2m3", "int8", "uint8", "int4"]
+ODD = ["e4m3", "e5m2", "e2m1", "e3m2", "e2m3"]  # at most 5 mantissa bits: the float32 round-to-odd lookup
+
+
+def kernel(fmt, x: torch.Tensor) -> torch.Tensor:
+    with kernels.disable("grid_table"):
+        return fmt.quantize(x)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_lookup_is_the_kernel_on_every_pattern(name, dtype):
+    fmt = formats.get(name)
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.uint16).view(dtype).reshape(256, 256)
+    assert_same_bits(fmt.quantize(every), kernel(fmt, every))
+    strided = every.t()  # any layout: the lookup reads bit patterns, not memory order
+    assert_same_bits(fmt.quantize(strided), kernel(fmt, strided))
+
+
+def ties_and_neighbours(fmt) -> torch.Tensor:
+    vals = fmt.values().to(torch.float32)
+    mids = ((vals[1:].double() + vals[:-1].double()) / 2).float()  # exact ties
+    up, down = torch.tensor(float("inf")), torch.tensor(-float("inf"))
+    pts = torch.cat([vals, mids])
+    return torch.cat([pts, torch.nextafter(pts, up), torch.nextafter(pts, down), pts * 2.0**-130])
+
+
+@pytest.mark.parametrize("name", ODD)
+def test_float32_round_to_odd_lookup_is_the_kernel(name):
+    fmt = formats.get(name)
+    x = torch.cat([random_inputs(fmt, 100_000, seed=3), ties_and_neighbours(fmt)])
+    got = fmt.quantize(x)
+    assert_same_bits(got, kernel(fmt, x))
+    assert_same_bits(fmt.quantize(-x), kernel(fmt, -x))
+
+
+def test_float32_lookup_only_where_round_to_odd_holds():
+    # int8 has 8 mantissa bits on its grid: a 16-bit intermediate would double-round, so the kernel runs
+    x = torch.tensor([100.5, 101.5, 127.49998474121094, -3.5])
+    assert torch.equal(formats.get("int8").quantize(x), torch.tensor([100.0, 102.0, 127.0, -4.0]))
+    assert grid._ODD_MAX_MAN_BITS + 2 <= 7  # bfloat16 keeps 7 mantissa bits
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_block_formats_match_with_the_lookups_off(name, dtype):
+    fmt = formats.get(name)
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(24, 80, generator=g) * torch.logspace(-3, 2, 80)).to(dtype)
+    special = x.clone()
+    special[0, 3], special[1, 17], special[2, 40] = float("nan"), float("inf"), -float("inf")
+    for t in (x, special, torch.zeros_like(x), x[:, :37]):
+        assert_same_bits(fmt.quantize(t), kernel(fmt, t))
+
+
+def test_disable_restores_the_kernel_and_is_scoped():
+    fmt = formats.get("e4m3")
+    x = torch.randn(64).to(torch.bfloat16)
+    with kernels.disable("grid_table"):
+        assert not kernels.enabled("grid_table")
+        assert "grid_table" in grid.DISABLED
+    assert kernels.enabled("grid_table")
+    assert_same_bits(fmt.quantize(x), kernel(fmt, x))
