@@ -121,7 +121,7 @@ class _KeywordInputs(torch.nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
-@pytest.mark.parametrize("method", [{"rounding": "gptq"}, {"smooth": 0.5}, {"memory_budget": 6.0}])
+@pytest.mark.parametrize("method", [{"rounding": "gptq"}, {"smooth": 0.5}, {"memory_budget": 7.0}])
 def test_layers_called_with_input_keyword_calibrate_as_positional(method, one_thread):
     """The hooks that read a layer's input (GPTQ's cache, SmoothQuant's statistics, the budget's second moments)
     see ``input=`` calls too: the quantized model equals the one called positionally, bit for bit."""

@@ -3,6 +3,7 @@ import pytest
 import dmq
 from dmq.calibration import NormalSteps
 from dmq.config import QuantSpec, config_from_json, config_to_json
+from dmq.embedding import QuantEmbedding
 
 
 def test_variants_compose_on_presets():
@@ -52,6 +53,13 @@ def test_quantize_applies_per_module_overrides():
 
     cfg = dmq.get_config("w4a8").replace(overrides=(("*attentions*", QuantSpec("int8", "channel")),))
     q = dmq.quantize(tiny_unet(), cfg)
+    tables = 0
     for n in q._dmq.modules:
+        m = q.get_submodule(n)
+        if isinstance(m, QuantEmbedding):  # a lookup table no override names: config.embedding_spec
+            assert m.weight_spec == cfg.embedding_spec
+            tables += 1
+            continue
         expect = "int8" if "attentions" in n else "int4"
-        assert q.get_submodule(n).weight_spec.format == expect
+        assert m.weight_spec.format == expect
+    assert len(q._dmq.modules) - tables > 10
