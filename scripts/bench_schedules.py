@@ -61,18 +61,24 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw) -> dict:
     """Search DEIS, UniPC and DC(UniPC schedule + ratios); return {name: scheduler with its config set}."""
     out, info = {}, {}
-    deis = DEISScheduler.from_config(VP)
-    r = search_schedule(den, deis, x_s, n, reference=exact_final, held_out=8, progress=False, **search_kw)
-    out["DEIS searched"], info["DEIS searched"] = deis, {"accepted": r.accepted, "reason": r.reason}
-    uni = DCSolverScheduler.from_config(VP)
-    r = search_schedule(den, uni, x_s, n, reference=exact_final, held_out=8, progress=False, **search_kw)
-    out["UniPC searched"], info["UniPC searched"] = uni, {"accepted": r.accepted, "reason": r.reason}
-    dc = DCSolverScheduler.from_config(uni.config)
+    for name, cls in (("DEIS searched", DEISScheduler), ("UniPC searched", DCSolverScheduler)):
+        sched = cls.from_config(VP)  # the solver variant is searched with the schedule (variants="auto")
+        t0 = time.perf_counter()
+        r = search_schedule(den, sched, x_s, n, reference=exact_final, held_out=8, progress=False, variants="auto",
+                            **search_kw)
+        out[name], info[name] = sched, {"accepted": r.accepted, "reason": r.reason, "variant": r.config,
+                                        "variant_search_rmse": [(c, e ** 0.5) for c, e in r.variant_errors],
+                                        "timesteps": r.timesteps if r.accepted else None,
+                                        "search_seconds": round(time.perf_counter() - t0, 1)}
+    uni = out["UniPC searched"]
+    dc = DCSolverScheduler.from_config(uni.config)  # keeps the searched schedule and variant (in-memory config)
     ref = ref_states_fn(dc)
+    t0 = time.perf_counter()
     with torch.enable_grad():
         ratios, _ = search_dc_ratios(den, dc, x_s, n, reference=ref, iters=20, held_out=8, progress=False)
     out["DC-Solver searched"] = dc
-    info["DC-Solver searched"] = {"ratios": ratios, "schedule_accepted": r.accepted}
+    info["DC-Solver searched"] = {"ratios": ratios, "schedule_accepted": info["UniPC searched"]["accepted"],
+                                  "search_seconds": round(time.perf_counter() - t0, 1)}
     return out, info
 
 
@@ -180,11 +186,11 @@ def _model_cells(name: str, backbone, null: int, backbone_ref=None, nfes=(5, 10)
     return cells
 
 
-def models_part(progress: bool = True) -> dict:
+def models_part(progress: bool = True, models: tuple[str, ...] = ("digits-dit", "digits-unet")) -> dict:
     from pipelines import DigitsPipeline
 
     cells = []
-    for name in ("digits-dit", "digits-unet"):
+    for name in models:
         pipe = DigitsPipeline.from_pretrained(ROOT / "assets" / name)
         cells += _model_cells(name, pipe.backbone.eval(), 10, progress=progress)
     return {"cells": cells}
@@ -213,6 +219,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="gmm,models,quant")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--models", default="digits-dit,digits-unet", help="bundled models of the models part")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
@@ -220,7 +227,8 @@ def main() -> None:
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report["command"] = "nice python scripts/bench_schedules.py"
     report["machine"] = "shared CPU (2 cores, 8 agents), one torch thread"
-    for part, fn in (("gmm", gmm_part), ("models", models_part), ("quant", quant_part)):
+    models = tuple(args.models.split(","))
+    for part, fn in (("gmm", gmm_part), ("models", lambda: models_part(models=models)), ("quant", quant_part)):
         if part in args.parts.split(","):
             t0 = time.perf_counter()
             report[part] = fn()
