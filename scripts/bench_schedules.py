@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import math
+import subprocess
 import sys
 import time
 import warnings
@@ -50,6 +51,9 @@ MIXTURES = [  # (classes, components per class, sample shape, seed)
 GUIDANCES = (1.0, 2.0, 4.0, 7.5)
 NFES = (5, 6, 8, 10)
 VP = bs.VP_CONFIG
+CACHE: Path | None = None  # --cache
+COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                        cwd=Path(__file__).parent).stdout.strip()  # cells of separate runs say which code made them
 log = logging.getLogger("bench_schedules")
 
 
@@ -147,7 +151,13 @@ def _model_cells(name: str, backbone, null: int, backbone_ref=None, nfes=(5, 10)
                                                       math.log10(float(sch.rho(0.0))), 249).double().numpy()))
     import numpy as np
 
-    final_e = fine_trajectory(ref_den_e, sch, "epsilon", x_e, np.array(grid), 4)[2].float()  # 1000 DDIM steps
+    cache = None if CACHE is None else CACHE / f"reference-{name}-g{guidance:g}.pt"  # the FP model's, so shared
+    if cache is not None and cache.is_file():
+        final_e = torch.load(cache)
+    else:
+        final_e = fine_trajectory(ref_den_e, sch, "epsilon", x_e, np.array(grid), 4)[2].float()  # 1000 DDIM steps
+        if cache is not None:
+            torch.save(final_e, cache)
     cells = []
     peers = bs.diffusers_candidates()
     for n in nfes:
@@ -178,7 +188,7 @@ def _model_cells(name: str, backbone, null: int, backbone_ref=None, nfes=(5, 10)
                 "ratio": dmq[best_dmq] / peer[best_peer],
                 "searched_vs_default": {"DEIS": dmq["DEIS searched"] / default["DEIS default"],
                                         "UniPC": dmq["UniPC searched"] / default["UniPC default"]},
-                "search_info": info, "seconds": round(time.perf_counter() - t0, 1)}
+                "search_info": info, "seconds": round(time.perf_counter() - t0, 1), "commit": COMMIT}
         cells.append(cell)
         if progress:
             print(f"{name}{label} n={n}: best dmq {best_dmq} {dmq[best_dmq]:.4f} vs {best_peer} "
@@ -186,17 +196,18 @@ def _model_cells(name: str, backbone, null: int, backbone_ref=None, nfes=(5, 10)
     return cells
 
 
-def models_part(progress: bool = True, models: tuple[str, ...] = ("digits-dit", "digits-unet")) -> dict:
+def models_part(progress: bool = True, models: tuple[str, ...] = ("digits-dit", "digits-unet"),
+                nfes: tuple[int, ...] = (5, 10)) -> dict:
     from pipelines import DigitsPipeline
 
     cells = []
     for name in models:
         pipe = DigitsPipeline.from_pretrained(ROOT / "assets" / name)
-        cells += _model_cells(name, pipe.backbone.eval(), 10, progress=progress)
+        cells += _model_cells(name, pipe.backbone.eval(), 10, nfes=nfes, progress=progress)
     return {"cells": cells}
 
 
-def quant_part(progress: bool = True) -> dict:
+def quant_part(progress: bool = True, nfes: tuple[int, ...] = (5, 10)) -> dict:
     import copy
 
     from pipelines import DigitsPipeline, quantize_pipeline
@@ -206,7 +217,8 @@ def quant_part(progress: bool = True) -> dict:
     q = copy.deepcopy(fp)
     quantize_pipeline(q, "w4a8", call_kwargs=[{"class_labels": list(range(10))}], num_inference_steps=20,
                       guidance_scale=2.0, progress=False)
-    cells = _model_cells("digits-dit", q.backbone.eval(), 10, backbone_ref=fp.backbone.eval(), progress=progress,
+    cells = _model_cells("digits-dit", q.backbone.eval(), 10, backbone_ref=fp.backbone.eval(), nfes=nfes,
+                         progress=progress,
                          label=" W4A8")
     for c in cells:
         best_fp_default = min(v for k, v in c["default"].items() if k.startswith("FP "))
@@ -220,6 +232,9 @@ def main() -> None:
     ap.add_argument("--parts", default="gmm,models,quant")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--models", default="digits-dit,digits-unet", help="bundled models of the models part")
+    ap.add_argument("--nfes", default="5,10", help="NFEs of the models and quant parts")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="folder for the 1000-step references (computed once, reused by later runs and parts)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
@@ -227,11 +242,20 @@ def main() -> None:
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report["command"] = "nice python scripts/bench_schedules.py"
     report["machine"] = "shared CPU (2 cores, 8 agents), one torch thread"
-    models = tuple(args.models.split(","))
-    for part, fn in (("gmm", gmm_part), ("models", lambda: models_part(models=models)), ("quant", quant_part)):
+    global CACHE
+    CACHE = args.cache
+    models, nfes = tuple(args.models.split(",")), tuple(int(n) for n in args.nfes.split(","))
+    parts = {"gmm": gmm_part, "models": lambda: models_part(models=models, nfes=nfes),
+             "quant": lambda: quant_part(nfes=nfes)}
+    for part, fn in parts.items():
         if part in args.parts.split(","):
             t0 = time.perf_counter()
-            report[part] = fn()
+            new = fn()
+            if part != "gmm" and part in report:  # cells of other models / NFEs (run separately) are kept
+                key = {(c["model"], c["nfe"]) for c in new["cells"]}
+                new["cells"] = sorted([c for c in report[part]["cells"] if (c["model"], c["nfe"]) not in key]
+                                      + new["cells"], key=lambda c: (c["model"], c["nfe"]))
+            report[part] = new
             report[part]["wall_seconds"] = round(time.perf_counter() - t0, 1)
             args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
