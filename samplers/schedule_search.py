@@ -44,6 +44,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 METHODS = ("dp", "dp+refine", "refine")
+# solver options a joint search may change (they only change the update plan, never the schedule or the state)
+VARIANT_KEYS = {
+    "DEISScheduler": ("deis_method", "deis_order", "deis_lower_order"),
+    "DCSolverScheduler": ("solver_order", "solver_type", "corrector", "lower_order_final", "disable_corrector"),
+}
+# ``variants="auto"``: alternatives worth trying at few steps, besides the scheduler as given. DEIS' default caps the
+# polynomial degree below 8 steps (degree 1 at NFE 5); UniPC's B(h) = h and order 3 are the UniPC paper's other
+# variants. Measured on the DiT at NFE 5 and trimmed (docs/samplers.md): DEIS degree 1 without the cap is the default
+# there, and iPNDM and UniPC-3 with B(h) = h never won.
+AUTO_VARIANTS = {
+    "DEISScheduler": ({"deis_order": 2, "deis_lower_order": False}, {"deis_order": 3, "deis_lower_order": False}),
+    "DCSolverScheduler": ({"solver_type": "bh1"}, {"solver_order": 3}),
+}
 Denoise = Callable[[torch.Tensor, Any], torch.Tensor]
 
 
@@ -60,6 +73,8 @@ class ScheduleSearchResult:
     default_held_out_error: float | None = None
     default_timesteps: list[float] = field(default_factory=list)
     model_evaluations: int = 0
+    config: dict = field(default_factory=dict)
+    variant_errors: list[tuple[dict, float]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -258,6 +273,21 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.to(torch.float64) - b.to(torch.float64)).pow(2).mean())
 
 
+def _variant(scheduler: Any, overrides: dict) -> Any:
+    """A copy of ``scheduler`` (one of ours) with solver ``overrides`` (:data:`VARIANT_KEYS`); ``{}``: itself."""
+    if not overrides:
+        return scheduler
+    name = type(scheduler).__name__
+    allowed = next((v for k, v in VARIANT_KEYS.items() if k == name), None)
+    if allowed is None or not _is_ours(scheduler):
+        raise ValueError(f"variants apply to {sorted(VARIANT_KEYS)}, got a {name}")
+    bad = sorted(set(overrides) - set(allowed))
+    if bad or overrides.get("deis_method") == "rhork":
+        raise ValueError(f"variants of {name} may set {list(allowed)} (deis_method not 'rhork': its stages change "
+                         f"the number of model evaluations), got {overrides!r}")
+    return type(scheduler).from_config(scheduler.config, **{"searched_timesteps": None, **overrides})
+
+
 def search_schedule(
     denoise: Denoise,
     scheduler: Any,
@@ -268,6 +298,7 @@ def search_schedule(
     reference_denoise: Denoise | None = None,
     held_out: float | int | None = 0.5,
     method: str = "dp+refine",
+    variants: Sequence[dict] | str | None = None,
     grid_points: int = 64,
     substeps: int = 4,
     refine_rounds: int = 4,
@@ -291,6 +322,13 @@ def search_schedule(
             worse on them than the default grid is rejected. ``None``: no check.
         method: ``"dp"`` (GITS), ``"dp+refine"`` (the pattern search on the real solver, started from the better
             of the DP schedule and the default grid) or ``"refine"`` (pattern search from the default grid).
+        variants: solver options searched jointly with the schedule (our schedulers only), e.g.
+            ``[{"deis_order": 2, "deis_lower_order": False}]``: the scheduler as given and each variant are refined
+            on the shared teacher and DP result; the lowest search error wins and is written into the config with
+            the schedule
+            (keys: :data:`VARIANT_KEYS`); ``"auto"``: :data:`AUTO_VARIANTS` (none for diffusers' schedulers).
+            The checks compare the winner with the scheduler *as given* on its
+            default grid.
         grid_points, substeps: the fine grid (points uniform in ``log ρ``) and DDIM sub-steps per interval of the
             teacher (``grid_points * substeps`` model evaluations per latent).
         refine_rounds: sweeps of the pattern search over the nodes.
@@ -299,7 +337,8 @@ def search_schedule(
             diffusers scheduler pass :func:`searched_timesteps_kwargs` to the pipeline.
         progress: show tqdm bars.
 
-    Returns a :class:`ScheduleSearchResult`.
+    Returns a :class:`ScheduleSearchResult` (``config``: the winning variant's options, ``{}`` for the scheduler as
+    given; ``variant_errors``: each variant's search error).
     """
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
         raise TypeError(f"num_inference_steps must be an int >= 2, got {num_inference_steps!r}")
@@ -318,6 +357,14 @@ def search_schedule(
         raise TypeError(f"reference must be None, a tensor or a callable, got {type(reference).__name__}")
     if isinstance(reference, torch.Tensor) and reference.shape != latents.shape:
         raise ValueError(f"reference has shape {tuple(reference.shape)} but latents {tuple(latents.shape)}")
+    if variants == "auto":
+        variants = AUTO_VARIANTS.get(type(scheduler).__name__, ()) if _is_ours(scheduler) else ()
+    if variants is not None and (isinstance(variants, (str, dict)) or not all(isinstance(v, dict) for v in variants)
+                                 or len(variants) == 0):
+        raise TypeError(f"variants must be None, 'auto' or a non-empty list of dicts of solver options, "
+                        f"got {variants!r}")
+    # the scheduler as given is always a candidate (index 0), and the baseline of the acceptance checks
+    trials = [({}, scheduler)] + [(dict(v), _variant(scheduler, dict(v))) for v in variants or () if v]
     n = int(num_inference_steps)
     sch = noise_schedule_of(scheduler)
     pred = _prediction_type(scheduler)
@@ -341,36 +388,38 @@ def search_schedule(
         evals += len(grid)
     finals: dict[tuple, torch.Tensor] = {}
 
-    def sample(ts: Sequence[float]) -> torch.Tensor:
+    def sample(v: int, ts: Sequence[float]) -> torch.Tensor:
         nonlocal evals
-        key = tuple(float(t) for t in ts)
+        key = (v, *(float(t) for t in ts))
         if key not in finals:
             evals += n * order
-            finals[key] = run_sampler(denoise, scheduler, latents, timesteps=ts).to(torch.float64)
+            finals[key] = run_sampler(denoise, trials[v][1], latents, timesteps=ts).to(torch.float64)
         return finals[key]
 
-    def objective(ts: Sequence[float]) -> float:
-        return _mse(sample(ts)[:rows], ref[:rows])
+    dp = None if method == "refine" else _dp_schedule(
+        sch, pred, grid, [x[:rows] for x in states], [o[:rows] for o in outputs], ref[:rows], n)
+    found = []  # (search error, variant index, timesteps)
+    for v in range(len(trials)):
+        def objective(ts: Sequence[float], v: int = v) -> float:
+            return _mse(sample(v, ts)[:rows], ref[:rows])
 
-    default_err = objective(default)
-    if method == "refine":
-        ts = list(default)
-    else:
-        ts = _dp_schedule(sch, pred, grid, [x[:rows] for x in states], [o[:rows] for o in outputs], ref[:rows], n)
-    err = objective(ts)
-    if method == "dp+refine" and default_err < err:  # refine from the better start (DEIS' own grid is often good)
-        ts, err = list(default), default_err
-    if method != "dp" and refine_rounds > 0:
-        ts, err = _refine(objective, sch, ts, err, refine_rounds, integer, progress)
-
-    ts = [float(np.float32(t)) for t in ts]  # what the scheduler feeds the model (and what was measured)
-    result = ScheduleSearchResult(ts, True, "", err, default_err, default_timesteps=default)
+        default_err_v = objective(default)
+        ts, err = (list(default), default_err_v) if dp is None else (list(dp), objective(dp))
+        if method == "dp+refine" and default_err_v < err:  # refine from the better start (DEIS' grid is often good)
+            ts, err = list(default), default_err_v
+        if method != "dp" and refine_rounds > 0:
+            ts, err = _refine(objective, sch, ts, err, refine_rounds, integer, progress)
+        found.append((err, v, [float(np.float32(t)) for t in ts]))  # what the scheduler feeds the model
+    err, v, ts = min(found, key=lambda f: f[0])
+    default_err = _mse(sample(0, default)[:rows], ref[:rows])
+    result = ScheduleSearchResult(ts, True, "", err, default_err, default_timesteps=default, config=trials[v][0],
+                                  variant_errors=[(trials[f[1]][0], f[0]) for f in found])
     if err >= default_err:
         result.accepted, result.reason = False, (
             f"searched schedule is no better than the default on the search latents ({err:.3e} >= {default_err:.3e})")
     elif k:
-        result.held_out_error = _mse(sample(ts)[rows:], ref[rows:])
-        result.default_held_out_error = _mse(sample(default)[rows:], ref[rows:])
+        result.held_out_error = _mse(sample(v, ts)[rows:], ref[rows:])
+        result.default_held_out_error = _mse(sample(0, default)[rows:], ref[rows:])
         if result.held_out_error >= result.default_held_out_error:
             result.accepted, result.reason = False, (
                 f"searched schedule is worse than the default on {k} held-out latents "
@@ -379,6 +428,8 @@ def search_schedule(
     if not result.accepted:
         logger.warning("search_schedule: keeping the default grid: %s", result.reason)
     elif store:
+        if result.config:
+            scheduler.register_to_config(**result.config)
         _store(scheduler, result.timesteps)
     return result
 

@@ -258,6 +258,15 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
             kwargs["prediction_type"] = "flow_prediction"
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
+    def register_to_config(self, **kwargs: Any) -> None:
+        """diffusers' ``register_to_config``; a key set after ``__init__`` (a searched schedule, DC ratios, a solver
+        variant) also leaves ``_use_default_values``, else ``from_config(self.config)`` would drop it in memory
+        (``save_pretrained`` does not write that list, so only the in-memory copy lost it)."""
+        super().register_to_config(**kwargs)
+        used = self._internal_dict.get("_use_default_values")
+        if "_use_default_values" not in kwargs and used and any(k in used for k in kwargs):
+            super().register_to_config(_use_default_values=[k for k in used if k not in kwargs])
+
     # ----------------------------------------------------------------------------------------------------------------
     @property
     def is_flow(self) -> bool:

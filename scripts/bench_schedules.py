@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import math
+import subprocess
 import sys
 import time
 import warnings
@@ -50,6 +51,9 @@ MIXTURES = [  # (classes, components per class, sample shape, seed)
 GUIDANCES = (1.0, 2.0, 4.0, 7.5)
 NFES = (5, 6, 8, 10)
 VP = bs.VP_CONFIG
+CACHE: Path | None = None  # --cache
+COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                        cwd=Path(__file__).parent).stdout.strip()  # cells of separate runs say which code made them
 log = logging.getLogger("bench_schedules")
 
 
@@ -61,18 +65,24 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw) -> dict:
     """Search DEIS, UniPC and DC(UniPC schedule + ratios); return {name: scheduler with its config set}."""
     out, info = {}, {}
-    deis = DEISScheduler.from_config(VP)
-    r = search_schedule(den, deis, x_s, n, reference=exact_final, held_out=8, progress=False, **search_kw)
-    out["DEIS searched"], info["DEIS searched"] = deis, {"accepted": r.accepted, "reason": r.reason}
-    uni = DCSolverScheduler.from_config(VP)
-    r = search_schedule(den, uni, x_s, n, reference=exact_final, held_out=8, progress=False, **search_kw)
-    out["UniPC searched"], info["UniPC searched"] = uni, {"accepted": r.accepted, "reason": r.reason}
-    dc = DCSolverScheduler.from_config(uni.config)
+    for name, cls in (("DEIS searched", DEISScheduler), ("UniPC searched", DCSolverScheduler)):
+        sched = cls.from_config(VP)  # the solver variant is searched with the schedule (variants="auto")
+        t0 = time.perf_counter()
+        r = search_schedule(den, sched, x_s, n, reference=exact_final, held_out=8, progress=False, variants="auto",
+                            **search_kw)
+        out[name], info[name] = sched, {"accepted": r.accepted, "reason": r.reason, "variant": r.config,
+                                        "variant_search_rmse": [(c, e ** 0.5) for c, e in r.variant_errors],
+                                        "timesteps": r.timesteps if r.accepted else None,
+                                        "search_seconds": round(time.perf_counter() - t0, 1)}
+    uni = out["UniPC searched"]
+    dc = DCSolverScheduler.from_config(uni.config)  # keeps the searched schedule and variant (in-memory config)
     ref = ref_states_fn(dc)
+    t0 = time.perf_counter()
     with torch.enable_grad():
         ratios, _ = search_dc_ratios(den, dc, x_s, n, reference=ref, iters=20, held_out=8, progress=False)
     out["DC-Solver searched"] = dc
-    info["DC-Solver searched"] = {"ratios": ratios, "schedule_accepted": r.accepted}
+    info["DC-Solver searched"] = {"ratios": ratios, "schedule_accepted": info["UniPC searched"]["accepted"],
+                                  "search_seconds": round(time.perf_counter() - t0, 1)}
     return out, info
 
 
@@ -141,7 +151,13 @@ def _model_cells(name: str, backbone, null: int, backbone_ref=None, nfes=(5, 10)
                                                       math.log10(float(sch.rho(0.0))), 249).double().numpy()))
     import numpy as np
 
-    final_e = fine_trajectory(ref_den_e, sch, "epsilon", x_e, np.array(grid), 4)[2].float()  # 1000 DDIM steps
+    cache = None if CACHE is None else CACHE / f"reference-{name}-g{guidance:g}.pt"  # the FP model's, so shared
+    if cache is not None and cache.is_file():
+        final_e = torch.load(cache)
+    else:
+        final_e = fine_trajectory(ref_den_e, sch, "epsilon", x_e, np.array(grid), 4)[2].float()  # 1000 DDIM steps
+        if cache is not None:
+            torch.save(final_e, cache)
     cells = []
     peers = bs.diffusers_candidates()
     for n in nfes:
@@ -172,7 +188,7 @@ def _model_cells(name: str, backbone, null: int, backbone_ref=None, nfes=(5, 10)
                 "ratio": dmq[best_dmq] / peer[best_peer],
                 "searched_vs_default": {"DEIS": dmq["DEIS searched"] / default["DEIS default"],
                                         "UniPC": dmq["UniPC searched"] / default["UniPC default"]},
-                "search_info": info, "seconds": round(time.perf_counter() - t0, 1)}
+                "search_info": info, "seconds": round(time.perf_counter() - t0, 1), "commit": COMMIT}
         cells.append(cell)
         if progress:
             print(f"{name}{label} n={n}: best dmq {best_dmq} {dmq[best_dmq]:.4f} vs {best_peer} "
@@ -180,17 +196,18 @@ def _model_cells(name: str, backbone, null: int, backbone_ref=None, nfes=(5, 10)
     return cells
 
 
-def models_part(progress: bool = True) -> dict:
+def models_part(progress: bool = True, models: tuple[str, ...] = ("digits-dit", "digits-unet"),
+                nfes: tuple[int, ...] = (5, 10)) -> dict:
     from pipelines import DigitsPipeline
 
     cells = []
-    for name in ("digits-dit", "digits-unet"):
+    for name in models:
         pipe = DigitsPipeline.from_pretrained(ROOT / "assets" / name)
-        cells += _model_cells(name, pipe.backbone.eval(), 10, progress=progress)
+        cells += _model_cells(name, pipe.backbone.eval(), 10, nfes=nfes, progress=progress)
     return {"cells": cells}
 
 
-def quant_part(progress: bool = True) -> dict:
+def quant_part(progress: bool = True, nfes: tuple[int, ...] = (5, 10)) -> dict:
     import copy
 
     from pipelines import DigitsPipeline, quantize_pipeline
@@ -200,7 +217,8 @@ def quant_part(progress: bool = True) -> dict:
     q = copy.deepcopy(fp)
     quantize_pipeline(q, "w4a8", call_kwargs=[{"class_labels": list(range(10))}], num_inference_steps=20,
                       guidance_scale=2.0, progress=False)
-    cells = _model_cells("digits-dit", q.backbone.eval(), 10, backbone_ref=fp.backbone.eval(), progress=progress,
+    cells = _model_cells("digits-dit", q.backbone.eval(), 10, backbone_ref=fp.backbone.eval(), nfes=nfes,
+                         progress=progress,
                          label=" W4A8")
     for c in cells:
         best_fp_default = min(v for k, v in c["default"].items() if k.startswith("FP "))
@@ -213,6 +231,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="gmm,models,quant")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--models", default="digits-dit,digits-unet", help="bundled models of the models part")
+    ap.add_argument("--nfes", default="5,10", help="NFEs of the models and quant parts")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="folder for the 1000-step references (computed once, reused by later runs and parts)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
@@ -220,10 +242,20 @@ def main() -> None:
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report["command"] = "nice python scripts/bench_schedules.py"
     report["machine"] = "shared CPU (2 cores, 8 agents), one torch thread"
-    for part, fn in (("gmm", gmm_part), ("models", models_part), ("quant", quant_part)):
+    global CACHE
+    CACHE = args.cache
+    models, nfes = tuple(args.models.split(",")), tuple(int(n) for n in args.nfes.split(","))
+    parts = {"gmm": gmm_part, "models": lambda: models_part(models=models, nfes=nfes),
+             "quant": lambda: quant_part(nfes=nfes)}
+    for part, fn in parts.items():
         if part in args.parts.split(","):
             t0 = time.perf_counter()
-            report[part] = fn()
+            new = fn()
+            if part != "gmm" and part in report:  # cells of other models / NFEs (run separately) are kept
+                key = {(c["model"], c["nfe"]) for c in new["cells"]}
+                new["cells"] = sorted([c for c in report[part]["cells"] if (c["model"], c["nfe"]) not in key]
+                                      + new["cells"], key=lambda c: (c["model"], c["nfe"]))
+            report[part] = new
             report[part]["wall_seconds"] = round(time.perf_counter() - t0, 1)
             args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -711,9 +711,18 @@ def samplers_fit_table(data: dict) -> str:
                   "|---|---:|---|---:|---|---:|---:|---|"]
         for c in rows:
             sv = c["searched_vs_default"]
-            lines.append(f"| {c['model']} | {c['nfe']} | {c['best_dmq']} | {c['dmq'][c['best_dmq']]:.4f} | "
+            tag = "" if "commit" in c else " †"
+            lines.append(f"| {c['model']}{tag} | {c['nfe']} | {c['best_dmq']} | {c['dmq'][c['best_dmq']]:.4f} | "
                          f"{c['best_peer'].replace('|', ', ')} | {c['best_peer_rmse']:.4f} | {mark(c['ratio'])} | "
                          f"{sv['DEIS']:.2f}, {sv['UniPC']:.2f} |")
+        if any("commit" not in c for c in rows):
+            lines.append("\n† measured by an earlier run, before the solver-variant search and the fix that kept a "
+                         "searched schedule in `from_config(config)` (its DC-Solver row ran on the default grid).")
+        for c in rows:
+            won = {k: v["variant"] for k, v in c["search_info"].items() if v.get("variant")}
+            if won:
+                lines.append(f"\n{c['model']}, NFE {c['nfe']}: solver variants chosen by the search: "
+                             + "; ".join(f"{k.split()[0]} {v}" for k, v in won.items()) + ".")
         for c in rows:
             if "goal" in c:
                 gl = c["goal"]

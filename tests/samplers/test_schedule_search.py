@@ -154,3 +154,73 @@ def test_dc_ratios_default_reference_and_held_out_rejection(problem, caplog):
         ratios, _ = search_dc_ratios(den, sched, x, 6, reference=states, iters=10, held_out=8, progress=False)
     assert ratios == [1.0] * 6 and sched.config.dc_ratios == [1.0] * 6
     assert "worse on 8 held-out latents" in caplog.text
+
+
+def test_ddim_search_reaches_the_closed_form_optimum_on_unit_gaussian_data():
+    """Data ~ N(0, I) under VP: the exact model is ε̂ = σ x, the PF-ODE leaves x unchanged (x_0 = x_T), and one DDIM
+    step from angle θ = arctan(σ/α) to θ' multiplies x by cos(θ - θ'). The final error is (1 - Π cos Δθ_i) |x|,
+    smallest (log cos is concave) for equal Δθ_i = θ_T / N: the optimal schedule and its error are known exactly."""
+    n = 5
+    sched = DEISScheduler.from_config(VP, deis_order=0)  # DDIM
+    vp = sched.schedule
+
+    def den(x, t):
+        rho = float(vp.rho(float(t)))
+        return x * (rho / np.sqrt(1 + rho**2))
+
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    res = search_schedule(den, sched, x, n, reference=x, held_out=None, grid_points=96, refine_rounds=8,
+                          progress=False)
+    theta_T = float(np.arctan(vp.rho(999.0)))
+    best = (1 - np.cos(theta_T / n) ** n) * float(x.pow(2).mean().sqrt())
+    assert res.accepted
+    assert best * (1 - 1e-9) <= res.search_error**0.5 <= best * 1.002
+    assert res.default_search_error**0.5 > 1.1 * best  # the default time^1.5 grid is clearly off the optimum
+    thetas = np.arctan(vp.rho(np.array(res.timesteps)))
+    assert thetas == pytest.approx(theta_T * (1 - np.arange(n) / n), abs=0.01)
+
+
+def test_variant_search_keeps_the_best_solver_variant_and_its_config_survives(problem, tmp_path):
+    """`variants=` refines each solver variant on the shared teacher; the lowest search error wins and is stored with
+    the schedule, in memory (from_config of the config) and through save_pretrained."""
+    model, x, labels, den, ref = problem
+    sched = DEISScheduler.from_config(VP)
+    bad = {"deis_method": "ipndm", "deis_order": 3, "deis_lower_order": False}
+    good = {"deis_order": 2, "deis_lower_order": False}
+    res = search_schedule(den, sched, x, 6, reference=ref, held_out=8, variants=[bad, good], progress=False)
+    assert [c for c, _ in res.variant_errors] == [{}, bad, good]
+    assert res.search_error == min(e for _, e in res.variant_errors)
+    assert res.accepted and res.config == next(c for c, e in res.variant_errors if e == res.search_error)
+    for key, value in res.config.items():
+        assert sched.config[key] == value
+    got = run_sampler(den, sched, x, 6)
+    assert _rmse(got, ref, slice(8, None)) == pytest.approx(res.held_out_error**0.5, rel=1e-9)
+    for again in (DEISScheduler.from_config(sched.config), None):
+        if again is None:
+            sched.save_pretrained(tmp_path)
+            again = DEISScheduler.from_pretrained(tmp_path)
+        assert torch.equal(run_sampler(den, again, x, 6), got)
+    with pytest.raises(ValueError, match=r"variants of DEISScheduler may set \['deis_method', 'deis_order'"):
+        search_schedule(den, sched, x, 6, variants=[{"time_grid": "rho"}])
+    with pytest.raises(ValueError, match="deis_method not 'rhork'"):
+        search_schedule(den, sched, x, 6, variants=[{"deis_method": "rhork"}])
+    with pytest.raises(TypeError, match="variants must be None, 'auto' or a non-empty list"):
+        search_schedule(den, sched, x, 6, variants={"deis_order": 2})
+    dpm = diffusers.DPMSolverMultistepScheduler.from_config(VP)
+    with pytest.raises(ValueError, match="variants apply to"):
+        search_schedule(den, dpm, x, 6, variants=[{"solver_order": 3}])
+
+
+def test_settings_made_after_init_survive_an_in_memory_from_config():
+    """diffusers' from_config drops keys listed in `_use_default_values`; a searched schedule, DC ratios or a solver
+    variant set after __init__ must not be dropped (a DC-Solver built from a searched UniPC config lost its
+    schedule)."""
+    uni = DCSolverScheduler.from_config(VP)
+    uni.set_searched_timesteps([999.0, 500.0, 100.0])
+    uni.set_dc_ratios([1.0, 1.1, 0.9])
+    uni.register_to_config(solver_order=3)
+    again = DCSolverScheduler.from_config(uni.config)
+    assert again.config.searched_timesteps == [999.0, 500.0, 100.0] and again.config.dc_ratios == [1.0, 1.1, 0.9]
+    assert again.config.solver_order == 3
+    again.set_timesteps(3)
+    assert again.timesteps.tolist() == [999, 500, 100]
