@@ -21,7 +21,7 @@ from torch import nn
 
 from dmq.calibration import CONTEXT
 from dmq.config import QuantSpec
-from dmq.modules import PackedMixin, _float_weight, _register_empty_method_state
+from dmq.modules import PackedMixin, _float_weight, _plus, _register_empty_method_state
 from dmq.packed import WeightLayout
 from dmq.packed_weight import PackedWeight, lookup
 
@@ -87,7 +87,7 @@ class QuantEmbedding(PackedMixin, nn.Embedding):
         return 0.0 if d is None else F.embedding(x, d)
 
     def frozen_forward(self, input: torch.Tensor) -> torch.Tensor:
-        return lookup(self.weight, input) + self.fused_branch(input)
+        return _plus(lookup(self.weight, input), self.fused_branch(input))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Embedding's argument name
         if self.packed:
