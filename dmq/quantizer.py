@@ -152,19 +152,20 @@ class TensorQuantizer(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Bin ``b``'s scale and zero point as one-element tensors in ``dtype`` (what :func:`fake_quant` rounds
         them to), kept per dtype and device until the buffers change (a plain attribute, not state)."""
-        key = [dtype, device]
-        for t in (self.scale, self.zero_point):
-            try:
-                key += [t.data_ptr(), t._version]
-            except RuntimeError:  # an inference tensor has no version counter
-                key += [t.data_ptr(), -1]
-        key = tuple(key)
-        cache = self.__dict__.get("_dmq_bin_params")
-        if cache is None or cache[0] != key:
+        def convert() -> tuple[list, list]:
             scales = [s.to(device=device, dtype=dtype).reshape(1) for s in self.scale]
             zps = [None if self.spec.symmetric else z.to(device=device, dtype=dtype).reshape(1)
                    for z in self.zero_point]
-            cache = self.__dict__["_dmq_bin_params"] = (key, scales, zps)
+            return scales, zps
+
+        if self.scale.is_inference() or self.zero_point.is_inference():
+            # no version counter: an in-place load under inference mode would go unseen, so nothing is kept
+            scales, zps = convert()
+            return scales[b], zps[b]
+        key = (dtype, device, *((t.data_ptr(), t._version) for t in (self.scale, self.zero_point)))
+        cache = self.__dict__.get("_dmq_bin_params")
+        if cache is None or cache[0] != key:
+            cache = self.__dict__["_dmq_bin_params"] = (key, *convert())
         return cache[1][b], cache[2][b]
 
     def static_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -103,3 +103,17 @@ def test_static_bin_params_follow_a_reload():
         scale, _ = q.static_params(x)
         assert torch.equal(again, dmq.fake_quant.fake_quant(x, q.fmt, scale, None))
         assert not torch.equal(first, again)
+
+
+def test_static_bin_params_follow_a_reload_of_inference_tensors():
+    """Buffers made under inference mode have no version counter: an in-place load there is still seen."""
+    with torch.inference_mode():
+        q = _static_quantizer("e4m3", True)
+        x = torch.randn(2, 16).to(torch.bfloat16)
+        with call_scope(calibrating=False, timestep=torch.full((2,), 100.0)):
+            first = q(x)
+            q.scale.copy_(torch.tensor([0.5, 0.5, 0.5, 0.5]))
+            again = q(x)
+            scale, _ = q.static_params(x)
+    assert torch.equal(again, dmq.fake_quant.fake_quant(x, q.fmt, scale, None))
+    assert not torch.equal(first, again)
