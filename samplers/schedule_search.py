@@ -278,7 +278,7 @@ def _variant(scheduler: Any, overrides: dict) -> Any:
     if not overrides:
         return scheduler
     name = type(scheduler).__name__
-    allowed = next((v for k, v in VARIANT_KEYS.items() if k == name), None)
+    allowed = VARIANT_KEYS.get(name)
     if allowed is None or not _is_ours(scheduler):
         raise ValueError(f"variants apply to {sorted(VARIANT_KEYS)}, got a {name}")
     bad = sorted(set(overrides) - set(allowed))
