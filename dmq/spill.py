@@ -15,6 +15,8 @@ caller keeps the tensor in memory.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import tempfile
@@ -77,3 +79,21 @@ def release_weight(module: nn.Module, directory: str | os.PathLike | None = None
 def is_released(module: nn.Module, t: torch.Tensor) -> bool:
     """Whether ``t`` (``module``'s weight, or what it was) is the file mapping :func:`release_weight` made."""
     return t.numel() > 0 and module.__dict__.get(_MARK) == t.data_ptr()
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to call
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``). A weight of a few MB freed
+    inside the heap otherwise stays resident: the allocator keeps it for later requests that fit in its hole, and
+    the larger working sets that follow (GPTQ's K x K matrices) do not, so the process keeps the float model's
+    footprint after its weights are gone (measured: 2.35x instead of 1.70x on DiT-XL/2, docs/memory.md)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

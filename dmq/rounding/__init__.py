@@ -42,7 +42,7 @@ def reconstruct(model: nn.Module, state: QuantState, run_loop: Callable[[], None
     peak is the float model plus the smaller layers' working sets, not the float model plus the quantized one plus
     the largest working set (docs/memory.md). Each layer's result does not depend on the order."""
     from dmq.format_search import search_format
-    from dmq.spill import release_weight
+    from dmq.spill import release_weight, return_freed_memory
 
     cfg = state.config
     t0 = time.perf_counter()
@@ -103,8 +103,8 @@ def reconstruct(model: nn.Module, state: QuantState, run_loop: Callable[[], None
         elif not cfg.format_search:
             continue
         del x, w, rows
-        if release:
-            release_weight(m, spill_dir)
+        if release and release_weight(m, spill_dir):
+            return_freed_memory()
     ratios = {n: ratios[n] for n in mods if n in ratios}  # reported in model order, whatever the rounding order
     formats = {n: formats[n] for n in mods if n in formats}
     report = {"cache_passes": stats.passes, "cache_peak_bytes": stats.peak_bytes, "error_vs_rtn": ratios}

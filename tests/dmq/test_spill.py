@@ -112,11 +112,14 @@ def test_learned_rounding_spilled_gives_the_same_model_bit_for_bit(config, tmp_p
     cfg = dmq.get_config(config)
     ref, _ = _calibrated(cfg, monkeypatch, False, tmp_path)
     assert spill_maps(tmp_path) == []
+    trims = []
+    monkeypatch.setattr(spill, "return_freed_memory", lambda: trims.append(1))
     model, floats = _calibrated(cfg.replace(cache_mb=1e-3), monkeypatch, True, tmp_path)
     learned = model._dmq.report["error_vs_rtn"]
     assert learned and learned == ref._dmq.report["error_vs_rtn"]
     released = [n for n in learned if spill.is_released(model.get_submodule(n), model.get_submodule(n).weight)]
     assert released == list(learned)  # every rounded layer, none of the others
+    assert len(trims) == len(released)  # the heap gives each released weight back
     assert len(spill_maps(tmp_path)) >= len(released)
     for n in model._dmq.modules:
         a, b = model.get_submodule(n), ref.get_submodule(n)
@@ -130,6 +133,12 @@ def test_learned_rounding_spilled_gives_the_same_model_bit_for_bit(config, tmp_p
     gc.collect()
     assert spill_maps(tmp_path) == []
     assert torch.equal(x(model)[0], x(ref)[0])
+
+
+def test_return_freed_memory_without_glibc(monkeypatch):
+    spill.return_freed_memory()  # glibc here: malloc_trim runs
+    monkeypatch.setattr(spill, "_malloc_trim", lambda: None)
+    spill.return_freed_memory()  # another C library: nothing to call, no error
 
 
 def test_calibrate_names_a_spill_dir_that_is_not_a_directory(tmp_path):
