@@ -97,6 +97,32 @@ def test_learned_rounding_is_packed_from_the_layer_weight():
     assert torch.equal(unpack_weight(tensors, layout), learned)
 
 
+def _layer_deviation(packed, loop) -> float:
+    """The largest relative difference of any quantized Linear's output on its fast path from the reference on the
+    same input, over one run of ``loop``."""
+    from dmq.modules import QuantLinear
+
+    worst, busy = [0.0], []
+
+    def hook(mod, args, out):
+        if busy:
+            return
+        busy.append(1)
+        with dmq.kernels.disable("all"):
+            ref = mod(args[0])
+        busy.pop()
+        worst[0] = max(worst[0], float((ref - out).abs().max() / ref.abs().max().clamp_min(1e-30)))
+
+    handles = [m.register_forward_hook(hook) for m in packed.modules() if isinstance(m, QuantLinear)]
+    try:
+        with torch.no_grad():
+            loop(packed)
+    finally:
+        for h in handles:
+            h.remove()
+    return worst[0]
+
+
 def _frozen_pair(preset, build, steps=(900, 100)):
     model = build()
     loop = backbone_loop(model, list(steps))
@@ -123,10 +149,18 @@ def test_frozen_matches_fake_quant_for_every_preset(preset, build, one_thread):
     paths = {packed.get_submodule(n).exec_path for n in packed._dmq.modules}
     if preset in ("w8a8", "w4a8", "w6a6"):
         assert "int_gemm" in paths
-    # integer GEMM: exact integer sums, so it differs from the float fake-quant path only by float32 roundings that
-    # compound through the network; per layer the bound is stated and asserted in test_kernels.py
+    # integer GEMM: exact integer sums, so per layer it differs from the float fake-quant path only by float32
+    # roundings (each layer on the inputs it sees, below; the bound per kernel is in test_kernels.py). Through the
+    # network a rounding can move a downstream activation across a code boundary, one quantization step: the two
+    # models then differ by far less than the quantization itself, never by more
     for r, o in zip(ref, fast):
-        assert (r - o).abs().max() <= 1e-4 * r.abs().max()
+        assert (r - o).abs().max() <= 1e-4 * r.abs().max() or preset in ("w8a8", "w4a8", "w6a6")
+    with torch.no_grad():
+        fp = loop(build())  # the float model (the builders are seeded)
+    for r, o, f in zip(ref, fast, fp):
+        assert (r - o).pow(2).mean() <= 0.25 * (r - f).pow(2).mean()
+    worst = _layer_deviation(packed, loop)
+    assert worst <= 1e-6, worst
 
 
 def test_w4_weight_bytes_below_bound():
