@@ -685,7 +685,9 @@ def samplers_fit_table(data: dict) -> str:
     if "gmm" in data:
         cells = data["gmm"]["cells"]
         nfes = sorted({c["nfe"] for c in cells})
-        lines += ["", "Gaussian mixtures (exact PF-ODE reference):", "",
+        g = data["gmm"]
+        run = f"; `{g['command']}` at commit {g['commit']}, {g['machine']}" if "command" in g else ""
+        lines += ["", f"Gaussian mixtures (exact PF-ODE reference{run}):", "",
                   "| mixture | guidance | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
                   "|---|---:|" + "---:|" * len(nfes)]
         for mix in dict.fromkeys(c["mixture"] for c in cells):
