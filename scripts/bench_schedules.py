@@ -4,7 +4,8 @@ Three parts, all errors measured on latents that no search saw:
 
 * ``gmm``: 4 Gaussian mixtures (dimension, component count and seed vary) x guidance {1, 2, 4, 7.5} x NFE {5, 6, 8,
   10}. Reference: the exact PF-ODE solution (``pipelines.gmm.reference_sample``, DOP853 1e-10). dmq options, each
-  searched on 24 latents (16 search + 8 held out for the rejection check): DEIS, UniPC (``DCSolverScheduler`` with
+  searched on ``--search-latents`` latents (default 96: 64 search + 32 held out for the rejection check; the first
+  runs used 24 = 16 + 8): DEIS, UniPC (``DCSolverScheduler`` with
   ratios 1) and DC-Solver (ratios searched on the searched UniPC schedule). Peers: the 19 diffusers scheduler/grid
   pairs of ``scripts/bench_samplers.py``. Evaluation: 32 other latents.
 * ``models``: the bundled DiT and U-Net at NFE 5 and 10, guidance 2, against a 1000-step DDIM reference of the same
@@ -62,14 +63,14 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return v if math.isfinite(v) else float("inf")
 
 
-def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw) -> dict:
+def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: int = 8) -> dict:
     """Search DEIS, UniPC and DC(UniPC schedule + ratios); return {name: scheduler with its config set}."""
     out, info = {}, {}
     for name, cls in (("DEIS searched", DEISScheduler), ("UniPC searched", DCSolverScheduler)):
         sched = cls.from_config(VP)  # the solver variant is searched with the schedule (variants="auto")
         t0 = time.perf_counter()
-        r = search_schedule(den, sched, x_s, n, reference=exact_final, held_out=8, progress=False, variants="auto",
-                            **search_kw)
+        r = search_schedule(den, sched, x_s, n, reference=exact_final, held_out=held_out, progress=False,
+                            variants="auto", **search_kw)
         out[name], info[name] = sched, {"accepted": r.accepted, "reason": r.reason, "variant": r.config,
                                         "variant_search_rmse": [(c, e ** 0.5) for c, e in r.variant_errors],
                                         "timesteps": r.timesteps if r.accepted else None,
@@ -79,14 +80,19 @@ def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw) -> dict:
     ref = ref_states_fn(dc)
     t0 = time.perf_counter()
     with torch.enable_grad():
-        ratios, _ = search_dc_ratios(den, dc, x_s, n, reference=ref, iters=20, held_out=8, progress=False)
+        ratios, _ = search_dc_ratios(den, dc, x_s, n, reference=ref, iters=20, held_out=held_out,
+                                     progress=False)
     out["DC-Solver searched"] = dc
     info["DC-Solver searched"] = {"ratios": ratios, "schedule_accepted": info["UniPC searched"]["accepted"],
                                   "search_seconds": round(time.perf_counter() - t0, 1)}
     return out, info
 
 
-def gmm_part(progress: bool = True) -> dict:
+def gmm_part(progress: bool = True, search_latents: int = 24) -> dict:
+    """``search_latents`` latents per search, the last third held out; beyond the first 24 they come from a separate
+    generator placed before them, so the 24 and the 32 evaluation latents are the same for every count."""
+    if search_latents < 24:
+        raise ValueError(f"search_latents must be >= 24, got {search_latents}")
     cells = []
     peers = bs.diffusers_candidates()
     t_start = time.perf_counter()
@@ -96,7 +102,10 @@ def gmm_part(progress: bool = True) -> dict:
         gen = torch.Generator().manual_seed(100 + seed)
         x_s = torch.randn(24, *shape, generator=gen, dtype=torch.float64)
         x_e = torch.randn(32, *shape, generator=gen, dtype=torch.float64)
-        lab_s, lab_e = torch.arange(24) % C, torch.arange(32) % C
+        more = torch.randn(search_latents - 24, *shape, generator=torch.Generator().manual_seed(5000 + seed),
+                           dtype=torch.float64)
+        x_s = torch.cat([more, x_s])
+        lab_s, lab_e = torch.arange(search_latents) % C, torch.arange(32) % C
         for g in GUIDANCES:
             den = gmm_denoise(model, lab_s, g)
             final_s = reference_sample(model, x_s, lab_s, g)
@@ -111,7 +120,8 @@ def gmm_part(progress: bool = True) -> dict:
                         peer[f"{cand.name}|{cand.grid}"] = _rmse(x, final_e)
                 best_peer = min(peer, key=peer.get)
                 opts, info = _dmq_options(den, x_s, n, final_s,
-                                          lambda s: gmm_reference(model, s, x_s, lab_s, g, n), {})
+                                          lambda s: gmm_reference(model, s, x_s, lab_s, g, n), {},
+                                          held_out=search_latents // 3)
                 dmq = {}
                 for name, sched in opts.items():
                     x, _ = bs.sample(sched, n, model, x_e, lab_e, g)
@@ -132,7 +142,8 @@ def gmm_part(progress: bool = True) -> dict:
                     print(f"gmm {C},{K},{shape},{seed} g={g} n={n}: best dmq {best_dmq} {dmq[best_dmq]:.4f} vs "
                           f"{best_peer} {peer[best_peer]:.4f} -> {cell['ratio']:.2f}x ({cell['seconds']}s)",
                           flush=True)
-    return {"cells": cells, "seconds": round(time.perf_counter() - t_start, 1)}
+    return {"cells": cells, "seconds": round(time.perf_counter() - t_start, 1), "search_latents": search_latents,
+            "held_out": search_latents // 3}
 
 
 def _model_cells(name: str, backbone, null: int, backbone_ref=None, nfes=(5, 10), guidance: float = 2.0,
@@ -233,6 +244,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--models", default="digits-dit,digits-unet", help="bundled models of the models part")
     ap.add_argument("--nfes", default="5,10", help="NFEs of the models and quant parts")
+    ap.add_argument("--search-latents", type=int, default=96,
+                    help="latents per search in the gmm part, a third held out (the first runs used 24)")
     ap.add_argument("--cache", type=Path, default=None,
                     help="folder for the 1000-step references (computed once, reused by later runs and parts)")
     args = ap.parse_args()
@@ -245,8 +258,8 @@ def main() -> None:
     global CACHE
     CACHE = args.cache
     models, nfes = tuple(args.models.split(",")), tuple(int(n) for n in args.nfes.split(","))
-    parts = {"gmm": gmm_part, "models": lambda: models_part(models=models, nfes=nfes),
-             "quant": lambda: quant_part(nfes=nfes)}
+    parts = {"gmm": lambda: gmm_part(search_latents=args.search_latents),
+             "models": lambda: models_part(models=models, nfes=nfes), "quant": lambda: quant_part(nfes=nfes)}
     for part, fn in parts.items():
         if part in args.parts.split(","):
             t0 = time.perf_counter()
