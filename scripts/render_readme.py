@@ -10,6 +10,7 @@ markers is left alone. A table may appear in several pages; every copy is rebuil
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from pathlib import Path
@@ -734,6 +735,23 @@ def samplers_fit_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def samplers_objectives_table(data: dict) -> str:
+    """Schedule-search objectives (issue 17): evaluation RMSE of each robust objective relative to "mse"."""
+    lines = [f"`{data['command']}` ({data['machine']}). {data['note'][0].upper()}{data['note'][1:]}", "",
+             "| solver | objective | cells | lower RMSE than `mse` in | geometric mean of RMSE / `mse` | range |",
+             "|---|---|---:|---:|---:|---|"]
+    for solver in ("DEIS", "UniPC"):
+        rows = [r for r in data["rows"] if f"{solver} mse" in r]
+        for objective in ("geomean", "median"):
+            ratios = [r[f"{solver} {objective}"][0] / r[f"{solver} mse"][0] for r in rows]
+            if not ratios:
+                continue
+            gmean = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
+            lines.append(f"| {solver} | `{objective}` | {len(ratios)} | {sum(v < 1 for v in ratios)} | {gmean:.2f} | "
+                         f"{min(ratios):.2f}-{max(ratios):.2f} |")
+    return "\n".join(lines)
+
+
 def lora_table(data: dict) -> str:
     """``benchmarks/lora.json`` (scripts/bench_lora.py): LoRA latency on dmq-quantized backbones against BF16 with
     the same adapters."""
@@ -754,7 +772,7 @@ RENDERERS = {
     "formats": formats_table, "samplers_gmm": samplers_gmm_table, "samplers_deis_grids": samplers_deis_grids_table,
     "samplers_digits": samplers_digits_table, "samplers_dc": samplers_dc_table,
     "samplers_dc_digits": samplers_dc_digits_table, "runtime": runtime_table,
-    "samplers_fit": samplers_fit_table, "lora": lora_table,
+    "samplers_fit": samplers_fit_table, "samplers_objectives": samplers_objectives_table, "lora": lora_table,
 }
 SOURCES = {"digits": (load_digits_quality, digits_table), "headline": (load_headline, headline_table)}
 
