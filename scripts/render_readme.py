@@ -732,6 +732,13 @@ def samplers_fit_table(data: dict) -> str:
                 lines.append(f"\nW4A8 DiT, NFE {c['nfe']}: quantized + searched {gl['quantized_searched_rmse']:.4f} "
                              f"vs full precision on its default grid {gl['fp_default_rmse']:.4f}: "
                              + ("goal met." if gl["met"] else "goal missed."))
+    if "floor" in data:
+        fl = data["floor"]
+        lines.append(f"\nThe W4A8 DiT's own 1000-step solve is {fl['q_fine_rmse']:.4f} RMSE from the full-precision "
+                     f"reference (`--parts floor`, commit {fl['commit']}): no sampler of the quantized model gets "
+                     "below that by solving its ODE more exactly. Default grids on the same latents, RMSE (median "
+                     "per-latent RMSE): " + "; ".join(f"{k} {v['rmse']:.4f} ({v['median_latent_rmse']:.4f})"
+                                                      for k, v in fl["defaults"].items()) + ".")
     return "\n".join(lines)
 
 
