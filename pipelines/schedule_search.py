@@ -73,8 +73,9 @@ def search_schedule(
     with classifier-free guidance ``guidance_scale`` and store it in that scheduler's config (when accepted).
 
     ``num_latents`` latents (seed ``seed``) cycle through the labels; ``held_out`` of them check the result.
-    ``search_options`` go to :func:`samplers.search_schedule` (``method``, ``grid_points``, ``substeps``,
-    ``refine_rounds``). Cost on the bundled models on one CPU thread: about a minute at NFE 10 (docs/samplers.md).
+    ``search_options`` go to :func:`samplers.search_schedule` (``method``, ``objective``, ``variants``,
+    ``grid_points``, ``substeps``, ``refine_rounds``). Cost on the bundled models on one CPU thread: minutes,
+    growing with the NFE and the number of variants (measured in docs/samplers.md).
     """
     x_T, den, ref_den = _setup(pipe, labels_or_prompts, num_latents, guidance_scale, seed, reference_pipe,
                                reference_backbone)

@@ -14,6 +14,12 @@ Two stages, chosen by measurement (docs/samplers.md, ``scripts/bench_samplers.py
 
 Robustness: part of the latents is held out. A schedule that is worse on them than the scheduler's own default grid
 is rejected, the default is kept, and the reason is logged (the DC ratio search does the same).
+
+The objective pools the per-latent mean squared errors ``e_b``: ``"mse"`` is their mean (the final-sample MSE),
+``"geomean"`` their geometric mean ``exp(mean log e_b)`` and ``"median"`` their median. Few-step errors are
+heavy-tailed (a latent near a mode boundary lands in the other mode), and one such latent sets the mean; the
+geometric mean and the median weigh every latent's relative improvement alike. The held-out check uses the same
+objective.
 """
 
 from __future__ import annotations
@@ -33,9 +39,11 @@ from .schedules import NoiseSchedule, VPSchedule
 
 __all__ = [
     "METHODS",
+    "OBJECTIVES",
     "ScheduleSearchResult",
     "fine_trajectory",
     "noise_schedule_of",
+    "pooled_error",
     "run_sampler",
     "search_schedule",
     "searched_timesteps_kwargs",
@@ -44,6 +52,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 METHODS = ("dp", "dp+refine", "refine")
+# how the per-latent mean squared errors of the final samples are pooled into one number (module docstring)
+OBJECTIVES = ("mse", "geomean", "median")
 # solver options a joint search may change (they only change the update plan, never the schedule or the state)
 VARIANT_KEYS = {
     "DEISScheduler": ("deis_method", "deis_order", "deis_lower_order"),
@@ -62,7 +72,8 @@ Denoise = Callable[[torch.Tensor, Any], torch.Tensor]
 
 @dataclass
 class ScheduleSearchResult:
-    """What :func:`search_schedule` found. Errors are mean squared final-sample errors against the reference."""
+    """What :func:`search_schedule` found. Errors are the per-latent mean squared final-sample errors against the
+    reference, pooled by ``objective`` (``"mse"``: their mean)."""
 
     timesteps: list[float]
     accepted: bool
@@ -75,6 +86,7 @@ class ScheduleSearchResult:
     model_evaluations: int = 0
     config: dict = field(default_factory=dict)
     variant_errors: list[tuple[dict, float]] = field(default_factory=list)
+    objective: str = "mse"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -269,8 +281,20 @@ def _dp_path(cost: np.ndarray, steps: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.to(torch.float64) - b.to(torch.float64)).pow(2).mean())
+def pooled_error(a: torch.Tensor, b: torch.Tensor, objective: str = "mse") -> float:
+    """The per-latent mean squared errors of ``a`` against ``b`` (rows = latents) pooled by ``objective``
+    (:data:`OBJECTIVES`): their mean, geometric mean or median. A non-finite error counts as ``inf``."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    per = (a.to(torch.float64) - b.to(torch.float64)).pow(2).reshape(a.shape[0], -1).mean(1)
+    per = torch.where(torch.isfinite(per), per, torch.full_like(per, math.inf))
+    if objective == "mse":
+        v = per.mean()
+    elif objective == "median":  # the mean of the two middle values for an even count (torch.median takes the lower)
+        v = per.sort().values[(per.numel() - 1) // 2:per.numel() // 2 + 1].mean()
+    else:  # exact zeros (a latent the solver reproduces exactly) would send log to -inf
+        v = per.clamp_min(torch.finfo(torch.float64).tiny).log().mean().exp()
+    return float(v)
 
 
 def _variant(scheduler: Any, overrides: dict) -> Any:
@@ -298,6 +322,7 @@ def search_schedule(
     reference_denoise: Denoise | None = None,
     held_out: float | int | None = 0.5,
     method: str = "dp+refine",
+    objective: str = "mse",
     variants: Sequence[dict] | str | None = None,
     grid_points: int = 64,
     substeps: int = 4,
@@ -322,6 +347,9 @@ def search_schedule(
             worse on them than the default grid is rejected. ``None``: no check.
         method: ``"dp"`` (GITS), ``"dp+refine"`` (the pattern search on the real solver, started from the better
             of the DP schedule and the default grid) or ``"refine"`` (pattern search from the default grid).
+        objective: how the per-latent errors are pooled, for the search and the held-out check alike:
+            ``"mse"`` (mean), ``"geomean"`` or ``"median"`` (robust to a few latents that change mode; module
+            docstring). The result's errors are in these units.
         variants: solver options searched jointly with the schedule (our schedulers only), e.g.
             ``[{"deis_order": 2, "deis_lower_order": False}]``: the scheduler as given and each variant are refined
             on the shared teacher and DP result; the lowest search error wins and is written into the config with
@@ -347,6 +375,8 @@ def search_schedule(
                          f"got {num_inference_steps}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     for name, v, lo in (("grid_points", grid_points, 2), ("substeps", substeps, 1),
                         ("refine_rounds", refine_rounds, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -396,30 +426,34 @@ def search_schedule(
             finals[key] = run_sampler(denoise, trials[v][1], latents, timesteps=ts).to(torch.float64)
         return finals[key]
 
+    def pooled(x: torch.Tensor, part: slice) -> float:
+        return pooled_error(x[part], ref[part], objective)
+
+    search, check = slice(None, rows), slice(rows, None)
     dp = None if method == "refine" else _dp_schedule(
-        sch, pred, grid, [x[:rows] for x in states], [o[:rows] for o in outputs], ref[:rows], n)
+        sch, pred, grid, [x[search] for x in states], [o[search] for o in outputs], ref[search], n, objective)
     found = []  # (search error, variant index, timesteps)
     for v in range(len(trials)):
-        def objective(ts: Sequence[float], v: int = v) -> float:
-            return _mse(sample(v, ts)[:rows], ref[:rows])
+        def loss(ts: Sequence[float], v: int = v) -> float:
+            return pooled(sample(v, ts), search)
 
-        default_err_v = objective(default)
-        ts, err = (list(default), default_err_v) if dp is None else (list(dp), objective(dp))
+        default_err_v = loss(default)
+        ts, err = (list(default), default_err_v) if dp is None else (list(dp), loss(dp))
         if method == "dp+refine" and default_err_v < err:  # refine from the better start (DEIS' grid is often good)
             ts, err = list(default), default_err_v
         if method != "dp" and refine_rounds > 0:
-            ts, err = _refine(objective, sch, ts, err, refine_rounds, integer, progress)
+            ts, err = _refine(loss, sch, ts, err, refine_rounds, integer, progress)
         found.append((err, v, [float(np.float32(t)) for t in ts]))  # what the scheduler feeds the model
     err, v, ts = min(found, key=lambda f: f[0])
-    default_err = _mse(sample(0, default)[:rows], ref[:rows])
+    default_err = pooled(sample(0, default), search)
     result = ScheduleSearchResult(ts, True, "", err, default_err, default_timesteps=default, config=trials[v][0],
-                                  variant_errors=[(trials[f[1]][0], f[0]) for f in found])
+                                  variant_errors=[(trials[f[1]][0], f[0]) for f in found], objective=objective)
     if err >= default_err:
         result.accepted, result.reason = False, (
             f"searched schedule is no better than the default on the search latents ({err:.3e} >= {default_err:.3e})")
     elif k:
-        result.held_out_error = _mse(sample(v, ts)[rows:], ref[rows:])
-        result.default_held_out_error = _mse(sample(0, default)[rows:], ref[rows:])
+        result.held_out_error = pooled(sample(v, ts), check)
+        result.default_held_out_error = pooled(sample(0, default), check)
         if result.held_out_error >= result.default_held_out_error:
             result.accepted, result.reason = False, (
                 f"searched schedule is worse than the default on {k} held-out latents "
@@ -442,8 +476,9 @@ def _store(scheduler: Any, timesteps: list[float]) -> None:
 
 
 def _dp_schedule(sch: NoiseSchedule, pred: str, grid: np.ndarray, states: list[torch.Tensor],
-                 outputs: list[torch.Tensor], final: torch.Tensor, n: int) -> list[float]:
-    """GITS: cost[i, j] = MSE of one DDIM step from teacher state i to point j against the teacher there."""
+                 outputs: list[torch.Tensor], final: torch.Tensor, n: int, objective: str = "mse") -> list[float]:
+    """GITS: cost[i, j] = error (pooled by ``objective``) of one DDIM step from teacher state i to point j against
+    the teacher there."""
     m = len(grid)
     targets = states + [final]
     cost = np.full((m + 1, m + 1), np.inf)
@@ -453,7 +488,7 @@ def _dp_schedule(sch: NoiseSchedule, pred: str, grid: np.ndarray, states: list[t
         for j in range(i + 1, m + 1):
             rho_j = 0.0 if j == m else float(sch.rho(grid[j]))
             a2, s2 = (float(v) for v in sch.alpha_sigma(rho_j))
-            cost[i, j] = _mse(a2 * x0 + s2 * eps, targets[j])
+            cost[i, j] = pooled_error(a2 * x0 + s2 * eps, targets[j], objective)
     path = _dp_path(cost, n)
     return [float(grid[i]) for i in path[:-1]]
 

@@ -10,6 +10,7 @@ markers is left alone. A table may appear in several pages; every copy is rebuil
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from pathlib import Path
@@ -688,7 +689,9 @@ def samplers_fit_table(data: dict) -> str:
     if "gmm" in data:
         cells = data["gmm"]["cells"]
         nfes = sorted({c["nfe"] for c in cells})
-        lines += ["", "Gaussian mixtures (exact PF-ODE reference):", "",
+        g = data["gmm"]
+        run = f"; `{g['command']}` at commit {g['commit']}, {g['machine']}" if "command" in g else ""
+        lines += ["", f"Gaussian mixtures (exact PF-ODE reference{run}):", "",
                   "| mixture | guidance | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
                   "|---|---:|" + "---:|" * len(nfes)]
         for mix in dict.fromkeys(c["mixture"] for c in cells):
@@ -706,6 +709,15 @@ def samplers_fit_table(data: dict) -> str:
                   f"UniPC). Best dmq option: " + ", ".join(f"{k} {v}x" for k, v in wins.items()) + f". {kept} of "
                   f"{2 * len(cells)} schedule searches were rejected by their held-out check (default grid kept). "
                   f"Wall time {data['gmm']['seconds'] / 60:.0f} min on the shared machine."]
+        if "gmm_search96" in data:
+            more = data["gmm_search96"]["cells"]
+            ratios = [b["ratio"] / a["ratio"] for a, b in zip(cells, more)]
+            gm = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+            lines += ["", f"Searched on 96 latents instead of 24 (`{data['gmm_search96']['command']}`, a third held "
+                      f"out, same evaluation latents): goal met in {sum(c['ratio'] <= 0.7 for c in more)} of "
+                      f"{len(more)} cells; the ratio fell in {sum(r < 1 for r in ratios)} cells and rose in the "
+                      f"others (geometric mean of the change {gm:.2f}x, from {min(ratios):.2f}x to "
+                      f"{max(ratios):.2f}x)."]
     rows = [c for part in ("models", "quant") if part in data for c in data[part]["cells"]]
     if rows:
         lines += ["", "Bundled models (1000-step DDIM reference of the full-precision model, guidance 2):", "",
@@ -732,6 +744,30 @@ def samplers_fit_table(data: dict) -> str:
                 lines.append(f"\nW4A8 DiT, NFE {c['nfe']}: quantized + searched {gl['quantized_searched_rmse']:.4f} "
                              f"vs full precision on its default grid {gl['fp_default_rmse']:.4f}: "
                              + ("goal met." if gl["met"] else "goal missed."))
+    if "floor" in data:
+        fl = data["floor"]
+        lines.append(f"\nThe W4A8 DiT's own 1000-step solve is {fl['q_fine_rmse']:.4f} RMSE from the full-precision "
+                     f"reference (`--parts floor`, commit {fl['commit']}): no sampler of the quantized model gets "
+                     "below that by solving its ODE more exactly. Default grids on the same latents, RMSE (median "
+                     "per-latent RMSE): " + "; ".join(f"{k} {v['rmse']:.4f} ({v['median_latent_rmse']:.4f})"
+                                                      for k, v in fl["defaults"].items()) + ".")
+    return "\n".join(lines)
+
+
+def samplers_objectives_table(data: dict) -> str:
+    """Schedule-search objectives (issue 17): evaluation RMSE of each robust objective relative to "mse"."""
+    lines = [f"`{data['command']}` ({data['machine']}). {data['note'][0].upper()}{data['note'][1:]}", "",
+             "| solver | objective | cells | lower RMSE than `mse` in | geometric mean of RMSE / `mse` | range |",
+             "|---|---|---:|---:|---:|---|"]
+    for solver in ("DEIS", "UniPC"):
+        rows = [r for r in data["rows"] if f"{solver} mse" in r]
+        for objective in ("geomean", "median"):
+            ratios = [r[f"{solver} {objective}"][0] / r[f"{solver} mse"][0] for r in rows]
+            if not ratios:
+                continue
+            gmean = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
+            lines.append(f"| {solver} | `{objective}` | {len(ratios)} | {sum(v < 1 for v in ratios)} | {gmean:.2f} | "
+                         f"{min(ratios):.2f}-{max(ratios):.2f} |")
     return "\n".join(lines)
 
 
@@ -755,7 +791,7 @@ RENDERERS = {
     "formats": formats_table, "samplers_gmm": samplers_gmm_table, "samplers_deis_grids": samplers_deis_grids_table,
     "samplers_digits": samplers_digits_table, "samplers_dc": samplers_dc_table,
     "samplers_dc_digits": samplers_dc_digits_table, "runtime": runtime_table,
-    "samplers_fit": samplers_fit_table, "lora": lora_table,
+    "samplers_fit": samplers_fit_table, "samplers_objectives": samplers_objectives_table, "lora": lora_table,
 }
 SOURCES = {"digits": (load_digits_quality, digits_table), "headline": (load_headline, headline_table)}
 

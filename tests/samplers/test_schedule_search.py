@@ -13,7 +13,7 @@ import torch
 from pipelines.dc_search import gmm_denoise, gmm_reference
 from pipelines.gmm import GaussianMixture, GMMDenoiser, reference_sample
 from samplers import DCSolverScheduler, DEISScheduler, run_sampler, search_dc_ratios, search_schedule
-from samplers.schedule_search import _dp_path, held_out_rows, searched_timesteps_kwargs
+from samplers.schedule_search import _dp_path, held_out_rows, pooled_error, searched_timesteps_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VP = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
@@ -128,6 +128,8 @@ def test_search_arguments_are_validated(problem):
         search_schedule(den, s, x, 5, reference=ref[:3])
     with pytest.raises(ValueError, match="grid_points must be an int >= 2"):
         search_schedule(den, s, x, 5, grid_points=1)
+    with pytest.raises(ValueError, match=r"objective must be one of \('mse', 'geomean', 'median'\), got 'l1'"):
+        search_schedule(den, s, x, 5, objective="l1")
     assert held_out_rows(16, 0.25) == 4 and held_out_rows(16, 3) == 3 and held_out_rows(16, None) == 0
     for bad in (0.0, 1.0, 16, 0):
         with pytest.raises(ValueError, match="must leave at least one search and one held-out row"):
@@ -156,11 +158,10 @@ def test_dc_ratios_default_reference_and_held_out_rejection(problem, caplog):
     assert "worse on 8 held-out latents" in caplog.text
 
 
-def test_ddim_search_reaches_the_closed_form_optimum_on_unit_gaussian_data():
+def _unit_gaussian_ddim():
     """Data ~ N(0, I) under VP: the exact model is ε̂ = σ x, the PF-ODE leaves x unchanged (x_0 = x_T), and one DDIM
-    step from angle θ = arctan(σ/α) to θ' multiplies x by cos(θ - θ'). The final error is (1 - Π cos Δθ_i) |x|,
-    smallest (log cos is concave) for equal Δθ_i = θ_T / N: the optimal schedule and its error are known exactly."""
-    n = 5
+    step from angle θ = arctan(σ/α) to θ' multiplies x by cos(θ - θ'). After N steps x becomes c x with
+    c = Π cos Δθ_i, largest (log cos is concave) for equal Δθ_i = θ_T / N."""
     sched = DEISScheduler.from_config(VP, deis_order=0)  # DDIM
     vp = sched.schedule
 
@@ -168,16 +169,73 @@ def test_ddim_search_reaches_the_closed_form_optimum_on_unit_gaussian_data():
         rho = float(vp.rho(float(t)))
         return x * (rho / np.sqrt(1 + rho**2))
 
+    return sched, den, float(np.arctan(vp.rho(999.0)))
+
+
+@pytest.mark.parametrize("objective", ["mse", "geomean", "median"])
+def test_ddim_search_reaches_the_closed_form_optimum_on_unit_gaussian_data(objective):
+    """Every latent's error (1 - c)² |x_b|² / d falls as c grows, so every objective has the equal-angle optimum, and
+    its value is (1 - cos(θ_T/N)^N)² times the objective pooled over |x_b|² / d."""
+    n = 5
+    sched, den, theta_T = _unit_gaussian_ddim()
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     res = search_schedule(den, sched, x, n, reference=x, held_out=None, grid_points=96, refine_rounds=8,
-                          progress=False)
-    theta_T = float(np.arctan(vp.rho(999.0)))
-    best = (1 - np.cos(theta_T / n) ** n) * float(x.pow(2).mean().sqrt())
-    assert res.accepted
-    assert best * (1 - 1e-9) <= res.search_error**0.5 <= best * 1.002
-    assert res.default_search_error**0.5 > 1.1 * best  # the default time^1.5 grid is clearly off the optimum
-    thetas = np.arctan(vp.rho(np.array(res.timesteps)))
+                          objective=objective, progress=False)
+    per_latent = x.pow(2).mean(1).numpy()
+    pooled = {"mse": per_latent.mean(), "geomean": np.exp(np.log(per_latent).mean()),
+              "median": np.median(per_latent)}[objective]
+    best = (1 - np.cos(theta_T / n) ** n) ** 2 * pooled
+    assert res.accepted and res.objective == objective
+    assert best * (1 - 1e-9) <= res.search_error <= best * 1.004
+    assert res.default_search_error > 1.2 * best  # the default time^1.5 grid is clearly off the optimum
+    thetas = np.arctan(sched.schedule.rho(np.array(res.timesteps)))
     assert thetas == pytest.approx(theta_T * (1 - np.arange(n) / n), abs=0.01)
+
+
+def test_robust_objectives_ignore_a_latent_whose_target_is_far_off():
+    """One of 8 targets is moved 30 units against its latent: its error (1 - c)² |x₀|² + 60 (1 - c) |x₀| + 900 falls
+    as c shrinks, so the mean pulls the schedule off the optimum of the 7 clean latents. The median never sees that
+    latent; under the geometric mean its log changes by about 60 (1 - c) |x₀| / 900, far less than the clean
+    latents' 2 log(1 - c). The median keeps the exact equal-angle optimum; the geometric mean moves only slightly (the
+    clean error is flat at its optimum, so any pull moves it a little)."""
+    n = 4
+    x = torch.randn(8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    target = x.clone()
+    target[0] -= 30 * x[0] / x[0].norm()
+    rows = slice(1, None)
+    found = {}
+    for objective in ("mse", "geomean", "median"):
+        sched, den, theta_T = _unit_gaussian_ddim()
+        found[objective] = search_schedule(den, sched, x, n, reference=target, held_out=None, grid_points=64,
+                                           refine_rounds=6, objective=objective, progress=False)
+        got = run_sampler(den, sched, x, n)
+        c_best = np.cos(theta_T / n) ** n
+        clean = _rmse(got, x, rows) / _rmse(c_best * x, x, rows)  # 1 at the optimum
+        thetas = np.arctan(sched.schedule.rho(np.array(found[objective].timesteps)))
+        if objective == "mse":
+            assert clean > 2.0  # the mean is pulled far off (2.7x the clean optimum here)
+        else:
+            assert clean < (1.002 if objective == "median" else 1.05)
+            if objective == "median":
+                assert thetas == pytest.approx(theta_T * (1 - np.arange(n) / n), abs=0.01)
+            assert found[objective].search_error == pytest.approx(pooled_error(got, target, objective), rel=1e-12)
+
+
+def test_pooled_error_matches_numpy():
+    a = torch.randn(6, 3, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    b = torch.zeros_like(a)
+    per = a.pow(2).reshape(6, -1).mean(1).numpy()
+    assert pooled_error(a, b, "mse") == pytest.approx(float(a.pow(2).mean()), rel=1e-14)
+    assert pooled_error(a, b, "geomean") == pytest.approx(float(np.exp(np.log(per).mean())), rel=1e-12)
+    assert pooled_error(a, b, "median") == pytest.approx(float(np.median(per)), rel=1e-14)
+    assert pooled_error(a[:5], b[:5], "median") == pytest.approx(float(np.median(per[:5])), rel=1e-14)
+    a[0, 0, 0] = float("nan")
+    assert pooled_error(a, b, "mse") == float("inf") and pooled_error(a, b, "geomean") == float("inf")
+    assert pooled_error(a, b, "median") == pytest.approx(float(np.median(per[1:].tolist() + [np.inf])), rel=1e-14)
+    tiny = torch.finfo(torch.float64).tiny  # exact zeros are floored there, so log stays finite
+    assert pooled_error(b, b, "geomean") == pytest.approx(tiny, rel=1e-12)
+    with pytest.raises(ValueError, match=r"objective must be one of \('mse', 'geomean', 'median'\), got 'max'"):
+        pooled_error(a, b, "max")
 
 
 def test_variant_search_keeps_the_best_solver_variant_and_its_config_survives(problem, tmp_path):
