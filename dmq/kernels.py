@@ -49,10 +49,13 @@ from dmq.packed import _dequant_rows, int_codes, row_dequantizer
 
 logger = logging.getLogger(__name__)
 
-# the Linear paths below, then the element-rounding lookups of every fake quantizer (dmq.formats.grid) and the reuse
-# of one input's dynamic quantization and GEMM cast by the layers that share it (dmq.memo)
+# the Linear paths below, then the element-rounding lookups of every fake quantizer (dmq.formats.grid), the reuse
+# of one input's dynamic quantization and GEMM cast by the layers that share it (dmq.memo), a static quantizer's
+# whole fake quantization as one lookup per timestep bin (dmq.quantizer), absolute maxima of 16-bit tensors on their
+# bit patterns (dynamic and block scales, dmq.formats.grid.abs_amax) and MX blocks computed in bfloat16
+# (dmq.formats.block)
 PATHS = ("onednn_int8", "int_gemm", "fp8_gemm", "int4_weight", "weight_cache", "tiled_dequant", "grid_table",
-         "input_memo")
+         "input_memo", "static_table", "abs_amax", "mx_16bit")
 _WARNED: set[str] = set()
 _CAST = InputMemo()  # the last tiled-path input in its GEMM dtype
 
