@@ -121,6 +121,9 @@ def test_quantizer_uses_the_table_per_bin_and_rebuilds_it_after_a_reload():
         with kernels.disable("static_table"):
             ref = q(x)
         assert same_bits(fast, ref) and len(q._dmq_bin_tables) == 1
+        with call_scope(calibrating=False, timestep=torch.full((3,), 100.0)):  # another bin: its own table
+            assert same_bits(q(x), fake_quant(x, q.fmt, *q.static_params(x)))
+        assert len(q._dmq_bin_tables) == 1  # one table per dtype, the last bin used
         q.scale.copy_(torch.tensor([0.02, 0.01]))  # load_state_dict copies in place
         again = q(x)
         s, z = q.static_params(x)
