@@ -250,6 +250,10 @@ def measure_latency(args, names: list[str]) -> dict[str, dict[str, float]]:
                     continue
                 if r:
                     times[name][batch].append(time.perf_counter() - t0)
+                    # progress on stderr: a run stopped early (a 28-block DiT-XL/2 call at batch 32 takes minutes)
+                    # still leaves its timings in the log
+                    print(f"timed {name} b{batch} round {r}: {times[name][batch][-1]:.3f} s", file=sys.stderr,
+                          flush=True)
     return {n: {f"latency_b{b}_s": statistics.median(v) for b, v in t.items() if v} | {
         f"reps_b{b}": len(v) for b, v in t.items()} for n, t in times.items()}
 
