@@ -23,6 +23,7 @@ from dmq.embedding import QuantEmbedding, quantizable
 from dmq.modules import AttentionQuantizers, QuantConv2d, QuantLinear
 from dmq.nonfinite import nonfinite_report, warn_nonfinite
 from dmq.quantizer import NotCalibratedError, TensorQuantizer
+from dmq.spill import is_released
 from dmq.transaction import Snapshot, covering, transaction
 
 logger = logging.getLogger(__name__)
@@ -225,7 +226,7 @@ def quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
 
 
 def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], object], *,
-              steps: str | StepPolicy | None = None) -> nn.Module:
+              steps: str | StepPolicy | None = None, spill_dir: str | os.PathLike | None = None) -> nn.Module:
     """Run ``forward_loop(model)`` with observers active.
 
     Every backbone call is a calibration point, at the timestep its forward receives, if the step policy
@@ -239,12 +240,19 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], object], *,
     into a bounded cache for format search and AdaRound / GPTQ (:func:`dmq.rounding.reconstruct`). What they did
     is in ``dmq.summary(model)["methods"]``.
 
+    Learned rounding keeps its memory near the float model's (:func:`dmq.rounding.reconstruct`): captured layer
+    inputs beyond ``config.cache_mb`` wait in temporary files, and a layer's float weight moves to a file mapping
+    once its rounding is learned (same values, read back only if something reads it: :func:`restore`,
+    :func:`full_precision`, another calibration). Both go to ``spill_dir`` (default: ``$TMPDIR``); where it cannot
+    be written they stay in memory, with a warning.
+
     Non-finite activation values (NaN, inf) are skipped and counted per quantizer and timestep bin
     (``dmq.summary(model)["nonfinite"]``), with one warning naming the worst layers. If ``forward_loop`` (or
     anything else) raises, the model is left exactly as it was before the call, statistics included.
     """
     st = _state(model)
     check.function("forward_loop", forward_loop)
+    spill_dir = check.directory("spill_dir", spill_dir)
     if st.frozen:
         raise ValueError("model is frozen; calibrate before dmq.freeze")
     policy = get_policy(steps if steps is not None else st.config.steps)
@@ -255,13 +263,13 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], object], *,
     folds = cfg.smooth is not None or cfg.rotation is not None or bool(cfg.lowrank)
     before = nonfinite_report(model)
     with transaction(model, clone_all=folds and not st.transformed):
-        _calibrate(model, st, forward_loop, policy)
+        _calibrate(model, st, forward_loop, policy, spill_dir)
     warn_nonfinite(model, before)
     return model
 
 
 def _calibrate(model: nn.Module, st: QuantState, forward_loop: Callable[[nn.Module], object],
-               policy: StepPolicy) -> None:
+               policy: StepPolicy, spill_dir: str | None = None) -> None:
     cfg = st.config
     t0 = time.perf_counter()
     if (cfg.smooth is not None or cfg.rotation is not None or cfg.lowrank) and not st.transformed:
@@ -283,7 +291,7 @@ def _calibrate(model: nn.Module, st: QuantState, forward_loop: Callable[[nn.Modu
     if cfg.rounding != "rtn" or cfg.format_search or (st.per_sample and cfg.per_sample_rounding != "rtn"):
         from dmq.rounding import reconstruct
 
-        st.report.update(reconstruct(model, st, lambda: _run(model, forward_loop, policy, observe=False)))
+        st.report.update(reconstruct(model, st, lambda: _run(model, forward_loop, policy, observe=False), spill_dir))
     st.calibration_points += points
     st.calibration_seconds += time.perf_counter() - t0
     logger.info("dmq: calibrated on %d backbone calls in %.1f s", points, time.perf_counter() - t0)
@@ -433,7 +441,8 @@ def _freeze(model: nn.Module, st: QuantState, params: dict, pack: bool, unobserv
                 mod.pack(prepare=False)  # kernel state after the transaction (freeze), not beside the float weights
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
-            if snap is not None and mod.weight is not old and uses[id(old)] == 1:  # to the journal, not tied
+            # to the journal, unless tied or mapped from a file already (calibration's learned rounding did that)
+            if snap is not None and mod.weight is not old and uses[id(old)] == 1 and not is_released(mod, old):
                 snap.spill(old, journal_dir)
         st.packed = True
         logger.info("dmq: packed %d layers", len(st.modules))

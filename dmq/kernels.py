@@ -14,11 +14,13 @@ Execution paths of a frozen ``QuantLinear``, tried in this order (each can be tu
 each falls back to the next when its kernel is missing or declines the shape):
 
 - ``onednn_int8``: INT weights (8 or 4 bit, per channel) x static per-tensor INT activations (<= 8 bit) on oneDNN's
-  u8 x s8 VNNI GEMM with the scales and bias fused (:mod:`dmq.kernels_cpu`); CPU, one timestep bin per call.
+  u8 x s8 VNNI GEMM with the scales and bias fused (:mod:`dmq.kernels_cpu`); CPU, one timestep bin per call; only
+  after :func:`prepack_weights` (its weight is a second copy, in oneDNN's blocked int8 layout).
 - ``int_gemm``: the same on ``torch._int_mm`` with the epilogue below (CPU and CUDA; per-sample timestep bins).
 - ``fp8_gemm``: FP8 E4M3 on ``torch._scaled_mm`` (CUDA, compute capability 8.9+).
 - ``int4_weight``: weight-only INT4 group-wise (W4A16) dequantized inside the GEMM (``_weight_int4pack_mm_for_cpu``),
-  for inputs of fewer than ``kernels_cpu.INT4_MAX_ROWS`` rows (more rows amortize a tile dequantization better).
+  for inputs of fewer than ``kernels_cpu.INT4_MAX_ROWS`` rows (more rows amortize a tile dequantization better);
+  only after :func:`prepack_weights` (its weight is a second copy, in the kernel's int4pack layout).
 - ``weight_cache``: a dequantized copy of the weight in the compute dtype, only after :func:`cache_weights`
   (a memory trade-off the user sets; off by default; bit-identical to the reference).
 - ``tiled_dequant``: any other packed weight, one cache-sized tile of rows at a time: one table lookup per code byte
@@ -27,10 +29,13 @@ each falls back to the next when its kernel is missing or declines the shape):
 - otherwise the reference: the fake-quantized input times the whole weight dequantized (bit for bit the fake-quant
   model).
 
-Per-layer kernel state (prepacked oneDNN / int4pack weights, the weight row sums, float32 scales, the per-bin
-activation scales) is built once at freeze or load (:func:`prepare`) and kept in a plain attribute that is neither
-a parameter nor a buffer: the state_dict and the checkpoint format do not change, and a moved or reloaded layer
-rebuilds it.
+Per-layer kernel state (the weight row sums, float32 scales, the per-bin activation scales; the prepacked oneDNN /
+int4pack weights and the dequantized copies where the user asked for them) is built once at freeze or load
+(:func:`prepare`) and kept in a plain attribute that is neither a parameter nor a buffer: the state_dict and the
+checkpoint format do not change, and a moved or reloaded layer rebuilds it. By default no path keeps a second copy
+of a weight, so a frozen model's memory is its packed tensors plus a few vectors per layer (:func:`kernel_bytes`);
+the copies that buy speed (:func:`prepack_weights`, :func:`cache_weights`) are the user's memory trade-off, measured
+in docs/runtime.md and docs/memory.md.
 """
 
 from __future__ import annotations
@@ -210,19 +215,21 @@ class _Plans:
     def __init__(self) -> None:
         self.by_key: dict = {}
         self.cache_weights = False
+        self.prepack = False
         self.lock = threading.Lock()
 
     def __deepcopy__(self, memo) -> _Plans:
         out = _Plans()
-        out.cache_weights = self.cache_weights
+        out.cache_weights, out.prepack = self.cache_weights, self.prepack
         return out
 
     def __getstate__(self) -> dict:
-        return {"cache_weights": self.cache_weights}
+        return {"cache_weights": self.cache_weights, "prepack": self.prepack}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__()
         self.cache_weights = state.get("cache_weights", False)
+        self.prepack = state.get("prepack", False)
 
 
 class _Plan:
@@ -267,7 +274,7 @@ def _plan(layer, device: torch.device, dtype: torch.dtype) -> _Plan:
         with plans.lock:
             plan = plans.by_key.get(key)
             if plan is None:
-                plan = _build_plan(layer, device, dtype, plans.cache_weights)
+                plan = _build_plan(layer, device, dtype, plans.cache_weights, plans.prepack)
                 plans.by_key = {key: plan}  # one device and dtype at a time: a move frees the old state
     return plan
 
@@ -292,13 +299,13 @@ def _int_act_plan(plan: _Plan, layer, q, dtype: torch.dtype, part: int = 0) -> t
     return codes
 
 
-def _build_plan(layer, device: torch.device, dtype: torch.dtype, cache: bool) -> _Plan:
+def _build_plan(layer, device: torch.device, dtype: torch.dtype, cache: bool, prepack: bool) -> _Plan:
     plan = _Plan()
     lays = layer.weight_layouts or ()
     q = getattr(layer, "input_quantizer", None)
     if isinstance(layer, torch.nn.Conv2d):  # one sub-plan per weight part (two for a shortcut split)
         plan.parts = []
-        if (device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and int_conv_ok(layer)
+        if (prepack and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and int_conv_ok(layer)
                 and enabled("onednn_int8") and kernels_cpu.onednn_conv_ok()):
             conv = (layer.stride, layer.padding, layer.dilation, layer.groups)
             for i, qi in enumerate(_conv_quantizers(layer)):
@@ -315,13 +322,13 @@ def _build_plan(layer, device: torch.device, dtype: torch.dtype, cache: bool) ->
         codes = _int_act_plan(plan, layer, q, dtype)
         plan.codes = codes if lay.storage == "int8" else None  # 4-bit codes are unpacked again only on fallback
         plan.rowsum = codes.to(torch.int32).sum(1)
-        if (device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and enabled("onednn_int8")
+        if (prepack and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and enabled("onednn_int8")
                 and kernels_cpu.onednn_int8_ok()):
             plan.onednn = kernels_cpu.prepack_int8(codes)
         return plan
     if len(lays) == 1:  # the tiled path's one-pass dequantization (None: a layout it does not cover)
         plan.rows = row_dequantizer(layer._part(0), lays[0])
-    if len(lays) == 1 and q is None and device.type == "cpu":
+    if prepack and len(lays) == 1 and q is None and device.type == "cpu":
         lay = lays[0]
         fmt = lay.fmt
         if (isinstance(fmt, formats.IntFormat) and fmt.bits == 4 and fmt.signed and lay.symmetric
@@ -367,6 +374,67 @@ def cache_weights(model: torch.nn.Module, enabled: bool = True) -> int:
             plans.cache_weights = enabled
             plans.by_key.clear()
     return cached_bytes(model)
+
+
+def prepack_weights(model: torch.nn.Module, enabled: bool = True) -> int:
+    """Keep (or drop) a second copy of every packed Linear and Conv2d weight in the layout of its fastest CPU kernel:
+    oneDNN's blocked int8 for INT weights x static INT activations (W8A8, W4A8, Linear and convolutions: the
+    ``onednn_int8`` path; a convolution has no zero-copy integer path, so without it it runs the fake-quant
+    convolution), int4pack for
+    group-wise INT4 weights (W4A16, below ``kernels_cpu.INT4_MAX_ROWS`` input rows: ``int4_weight``). Off by
+    default: the copy costs about a quarter of the BF16 model for W8A8, W4A8 and W4A16 alike (docs/memory.md),
+    and the zero-copy paths (``torch._int_mm`` on the stored codes, the tiled dequantization) compute the same
+    integer sums / the same products. Returns :func:`kernel_bytes` once every layer's state is built."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    for mod in model.modules():
+        if getattr(mod, "weight_layouts", None) is not None and isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            plans = _plans(mod)
+            with plans.lock:
+                plans.prepack = enabled
+                plans.by_key = {}
+            prepare(mod)
+    return kernel_bytes(model)
+
+
+def kernel_bytes(model: torch.nn.Module) -> int:
+    """Bytes of kernel state the model's packed layers hold right now beside their parameters and buffers:
+    prepacked weights, dequantized caches, activation code tables, row sums and scales (views of the layer's own
+    tensors are not counted)."""
+    total = 0
+    for mod in model.modules():
+        plans = mod.__dict__.get("_dmq_kernel_plans")
+        if not plans:
+            continue
+        own = {t.untyped_storage().data_ptr() for t in _layer_tensors(mod)}
+        for plan in plans.by_key.values():
+            total += _tensor_bytes(vars(plan), own)
+    return total
+
+
+def _layer_tensors(mod: torch.nn.Module) -> list[torch.Tensor]:
+    out = []
+    for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+        out += list(t.tensors().values()) if hasattr(t, "tensors") else [t]
+    return [t for t in out if not t.is_mkldnn]
+
+
+def _tensor_bytes(obj: object, seen: set[int]) -> int:
+    if isinstance(obj, torch.Tensor):
+        if obj.is_mkldnn:  # opaque storage: its element count is its size
+            return obj.numel() * obj.element_size()
+        key = obj.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    if isinstance(obj, _Plan):  # a convolution's per-part plans
+        return _tensor_bytes(vars(obj), seen)
+    return 0
 
 
 def cached_bytes(model: torch.nn.Module) -> int:

@@ -355,8 +355,9 @@ def main() -> None:
             raise SystemExit(f"--append: {out} was made with a different protocol")
         old.setdefault("appended_commands", []).append(report["command"])
         for kind, rows in report["models"].items():
-            old["models"].setdefault(kind, {}).update({k: v for k, v in rows.items() if k not in old["models"][kind]
-                                                       or k not in ("fp",) + tuple(args.presets)})
+            # this run's rows replace the earlier ones of the same name; the full-precision reference stays
+            old["models"].setdefault(kind, {}).update({k: v for k, v in rows.items() if k != "fp"
+                                                       or k not in old["models"][kind]})
         report = old
     out.write_text(json.dumps(report, indent=2))
     print_table(report)

@@ -84,13 +84,18 @@ def make_variant(model: nn.Module, variant: str, shape, ckpt_dir: str, estimator
     """The variant of ``model`` and its checkpoint size in bytes (None when it cannot be saved here).
 
     ``name+compile`` is ``torch.compile`` of variant ``name`` (compiled in the warm-up round); ``preset+cache`` keeps
-    a dequantized weight copy for the layers without a fused low-bit kernel (:func:`dmq.kernels.cache_weights`)."""
+    a dequantized weight copy for the layers without a fused low-bit kernel (:func:`dmq.kernels.cache_weights`);
+    ``preset+prepack`` keeps the oneDNN / int4pack copies of the weights (:func:`dmq.kernels.prepack_weights`)."""
     if variant.endswith("+compile"):
         m, size = make_variant(model, variant.removesuffix("+compile"), shape, ckpt_dir, estimator)
         return torch.compile(m, fullgraph=True), size  # one graph: a frozen dmq model has no graph break
     if variant.endswith("+cache"):
         m, size = make_variant(model, variant.removesuffix("+cache"), shape, ckpt_dir, estimator)
         dmq.kernels.cache_weights(m)
+        return m, size
+    if variant.endswith("+prepack"):
+        m, size = make_variant(model, variant.removesuffix("+prepack"), shape, ckpt_dir, estimator)
+        dmq.kernels.prepack_weights(m)
         return m, size
     if variant == "fp32":
         return model, _safetensors_bytes(model, ckpt_dir)
@@ -220,6 +225,7 @@ def measure_memory(args, variant_name: str) -> dict:
     row["peak_rss_running"] = _status("VmHWM")
     if hasattr(variant, "_dmq"):
         row["weight_cache_bytes"] = dmq.kernels.cached_bytes(variant)  # built on the first call
+        row["kernel_bytes"] = dmq.kernels.kernel_bytes(variant)  # every copy and table beside the packed weights
     return row
 
 
@@ -347,6 +353,8 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true", help="latency only (no per-variant memory phase)")
     ap.add_argument("--append", action="store_true", help="add the rows to --out instead of replacing it")
     ap.add_argument("--cached", nargs="*", default=[], help="presets also timed with dmq.kernels.cache_weights")
+    ap.add_argument("--prepacked", nargs="*", default=[],
+                    help="presets also timed with dmq.kernels.prepack_weights (oneDNN / int4pack weight copies)")
     ap.add_argument("--gemm", action="store_true", help="also time one GEMM on every candidate kernel")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -362,7 +370,7 @@ def main() -> None:
             print(f"GEMM {name:55s} {t * 1e3:8.2f} ms  {t / gemm['bf16 F.linear']:.2f}x BF16", flush=True)
     rows, t_start = [], time.perf_counter()
     variants = ["fp32", "bf16", *args.presets, *args.peers, *(f"{v}+compile" for v in args.compile),
-                *(f"{v}+cache" for v in args.cached)]
+                *(f"{v}+cache" for v in args.cached), *(f"{v}+prepack" for v in args.prepacked)]
     for model in args.models:
         cmd = [sys.executable, __file__, "--child", "--model", model, "--variants", *variants, "--estimator",
                args.estimator, *(["--skip-memory"] if args.skip_memory else []),

@@ -8,7 +8,8 @@ each repeated block list (at least one block) and extrapolates the whole-model b
 bytes. Each (model, preset) runs in its own subprocess, so that its peak RSS is its own:
 
 - whole-backbone resident bytes (every parameter and buffer after ``dmq.freeze``) and checkpoint bytes
-  (``dmq.save``) against the BF16 model;
+  (``dmq.save``) against the BF16 model, and the kernel state held beside them (:func:`dmq.kernels.kernel_bytes`:
+  row sums and scales; no weight copy unless :func:`dmq.kernels.prepack_weights` asks for one);
 - ``dmq.quantize``, ``dmq.calibrate`` (a few backbone calls at spread timesteps) and ``dmq.freeze`` time;
 - peak RSS while quantizing (VmHWM reset after the BF16 model is built, and between the stages) minus the RSS of
   the interpreter and libraries (measured after every import, diffusers' lazy model modules included, before the
@@ -186,7 +187,9 @@ def one_case(name: str, preset: str, args) -> dict:
     with tempfile.TemporaryDirectory() as d:
         dmq.save(fp, Path(d) / "model.safetensors")
         res["checkpoint_bytes"] = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
+    res["kernel_bytes"] = dmq.kernels.kernel_bytes(fp)  # kernel state beside the packed tensors (no weight copies)
     res["resident_vs_bf16"] = res["resident_bytes"] / bf16
+    res["resident_with_kernels_vs_bf16"] = (res["resident_bytes"] + res["kernel_bytes"]) / bf16
     res["checkpoint_vs_bf16"] = res["checkpoint_bytes"] / bf16
     if lists:
         res.update(extrapolate(fp, lists, bf16, block_bf16, res["resident_bytes"], res["checkpoint_bytes"]))

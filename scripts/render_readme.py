@@ -545,20 +545,23 @@ def scale_table(data: dict) -> str:
         f"`{data['command']}` ({data['machine']}; random BF16 weights; size-only rows: round-to-nearest, one "
         "calibration call, no accuracy). Sizes are the whole backbone against BF16; peak RSS is the high-water mark "
         "while quantizing, minus the interpreter and libraries (measured apart, after every import), against the "
-        "BF16 model's bytes, overall and in each of quantize / calibrate / freeze.",
+        "BF16 model's bytes, overall and in each of quantize / calibrate / freeze. Kernel state: what the frozen "
+        "layers hold beside their parameters and buffers (`dmq.kernels.kernel_bytes`; no weight copy by default), "
+        "against BF16 (– : a row measured before it was recorded).",
         "",
-        "| model | preset | params | resident | checkpoint | quantize s | calibrate s | freeze s | peak RSS "
-        "| q / c / f | ε SQNR |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| model | preset | params | resident | kernel state | checkpoint | quantize s | calibrate s | freeze s "
+        "| peak RSS | q / c / f | ε SQNR |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for c in data["cases"]:
         if "error" in c:
-            lines.append(f"| {c['model']} | {c['preset']} | failed | | | | | | | | |")
+            lines.append(f"| {c['model']} | {c['preset']} | failed | | | | | | | | | |")
             continue
         sq = "size only" if c["size_only"] else f"{c['eps_sqnr_db']:.1f} dB"
         stages = " / ".join(f"{v:.2f}" for v in c.get("stage_peak_rss_vs_bf16", {}).values()) or "–"
+        kern = f"{c['kernel_bytes'] / c['bf16_bytes']:.4f}×" if "kernel_bytes" in c else "–"
         lines.append(f"| {c['model']} | {c['preset']} | {c['params'] / 1e6:.0f}M | {c['resident_vs_bf16']:.3f}× | "
-                     f"{c['checkpoint_vs_bf16']:.3f}× | {c['quantize_s']:.0f} | {c['calibrate_s']:.0f} | "
+                     f"{kern} | {c['checkpoint_vs_bf16']:.3f}× | {c['quantize_s']:.0f} | {c['calibrate_s']:.0f} | "
                      f"{c['freeze_s']:.0f} | {c['peak_rss_vs_bf16']:.2f}× | {stages} | {sq} |")
     ext = [c for c in data["cases"] if "full_resident_vs_bf16" in c]
     if ext:

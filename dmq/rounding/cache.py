@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmq.calibration import CONTEXT, layer_input
+from dmq.spill import to_file
 
 logger = logging.getLogger(__name__)
 
@@ -121,3 +122,33 @@ def iter_layer_inputs(model: nn.Module, run_loop: Callable[[], None], modules: d
         logger.debug("captured inputs of %d layers", len(group))
         for n in group:
             yield n, cache.pop(n)
+
+
+class SpilledInputs:
+    """Captured inputs of many layers, held until their layer is processed: the first ``budget_bytes`` in memory,
+    the rest in file mappings (:func:`dmq.spill.to_file`), so that capturing every layer before rounding any costs
+    disk, not memory."""
+
+    def __init__(self, budget_bytes: float, directory: str | None = None):
+        self.budget, self.directory = budget_bytes, directory
+        self.resident = 0
+        self._items: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (rows, resident bytes)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._items)
+
+    def put(self, name: str, x: torch.Tensor) -> None:
+        nbytes = x.numel() * x.element_size()
+        if self.resident + nbytes > self.budget:
+            mapped = to_file(x, self.directory)
+            if mapped is not None:
+                self._items[name] = (mapped, 0)
+                return
+        self.resident += nbytes
+        self._items[name] = (x, nbytes)
+
+    def take(self, name: str) -> torch.Tensor:
+        x, nbytes = self._items.pop(name)
+        self.resident -= nbytes
+        return x

@@ -45,6 +45,7 @@ def _frozen_unet(preset: str):
 
     dmq.calibrate(q, run)
     dmq.freeze(q)
+    assert kernels.prepack_weights(q) > 0  # the oneDNN weight copies are opt-in
     return q
 
 
@@ -107,6 +108,25 @@ def test_unet_convolutions_on_int8_within_the_stated_bounds(preset):
             fast_layers += 1
             split_layers += layer.split is not None
     assert fast_layers >= 4 and split_layers >= 1
+
+
+@ONEDNN_CONV
+def test_int8_convolution_weights_are_opt_in_and_counted():
+    model = tiny_unet().to(torch.bfloat16)
+    q = dmq.quantize(model, "w8a8")
+    dmq.calibrate(q, lambda m: m(torch.randn(2, 1, 8, 8).to(torch.bfloat16), torch.full((2,), 500.0),
+                                 class_labels=torch.tensor([1, 2])))
+    dmq.freeze(q)
+    conv = next(m for m in q.modules() if isinstance(m, QuantConv2d) and m.packed and kernels.int_conv_ok(m))
+    x = torch.randn(2, conv.in_channels, 8, 8).to(torch.bfloat16)
+    with torch.no_grad(), call_scope(calibrating=False, timestep=torch.full((2,), 500.0)):
+        default = conv(x)
+        with kernels.disable("onednn_int8"):
+            assert torch.equal(default, conv(x))  # no copy by default: the fake-quant convolution
+        before = kernels.kernel_bytes(q)
+        after = kernels.prepack_weights(q)
+        assert after > before and not torch.equal(conv(x), default)  # the int8 convolution, its copy counted
+        assert kernels.prepack_weights(q, False) < after
 
 
 @ONEDNN_CONV

@@ -117,6 +117,7 @@ def _packed_layer(preset, k, dtype=torch.bfloat16, zero=False, n=40):
     q = dmq.quantize(nn.Sequential(lin), cfg)
     dmq.calibrate(q, lambda m: m(torch.randn(4, k).to(dtype)))
     dmq.freeze(q)
+    kernels.prepack_weights(q)  # the prepacked kernels' paths (test_prepacked_weights_are_opt_in: the default)
     return q[0]
 
 
@@ -167,7 +168,7 @@ def test_weight_only_layers_take_the_tiled_path_within_its_bound(preset, monkeyp
 
 
 # ---------------------------------------------------------------------------------------------- layers
-def _frozen(preset_or_cfg, dtype=torch.float32, k=64, seed=0):
+def _frozen(preset_or_cfg, dtype=torch.float32, k=64, seed=0, prepack=True):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(k, 96), nn.GELU(), nn.Linear(96, 48)).to(dtype)
     cfg = dmq.get_config(preset_or_cfg) if isinstance(preset_or_cfg, str) else preset_or_cfg
@@ -177,6 +178,8 @@ def _frozen(preset_or_cfg, dtype=torch.float32, k=64, seed=0):
     x = (torch.randn(3, 10, k) * 2).to(dtype)
     dmq.calibrate(q, lambda m: m(x))
     dmq.freeze(q)
+    if prepack:
+        kernels.prepack_weights(q)
     return q, (torch.randn(3, 10, k) * 2).to(dtype)
 
 
@@ -266,9 +269,7 @@ def test_fallback_when_kernels_are_missing(monkeypatch):
         monkeypatch.setattr(kernels_cpu, "onednn_int8_ok", lambda: False)
         monkeypatch.setattr(kernels_cpu, "int4_weight_ok", lambda: False)
         for m in (q8, q4):
-            for lin in (m[0], m[2]):
-                lin.__dict__.pop("_dmq_kernel_plans", None)
-                lin._setup_exec()
+            kernels.prepack_weights(m)  # rebuilt where the kernels are missing
         assert q8[0].__dict__["_dmq_kernel_plans"].by_key and all(
             p.onednn is None for p in q8[0].__dict__["_dmq_kernel_plans"].by_key.values())
         assert torch.equal(q8(x8), mm) and torch.equal(q4(x4), tiled)
@@ -296,3 +297,33 @@ def test_kernel_state_stays_out_of_the_state_dict_and_follows_reloads(preset):
         q.load_state_dict(other.state_dict())  # copy_ into the same buffers: the kernel state is rebuilt
         after = q(x)
         assert torch.equal(after, other(x)) and not torch.equal(after, before)
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "w4a16"])
+def test_prepacked_weights_are_opt_in(preset):
+    """A frozen model holds no second copy of its weights until prepack_weights: the default runs the zero-copy
+    path (torch._int_mm on the stored codes, the tiled dequantization), the copy is counted by kernel_bytes, and
+    turning it off again frees it. deepcopy keeps the choice."""
+    q, x = _frozen(preset, dtype=torch.bfloat16, prepack=False)
+    lins = [q[0], q[2]]
+    weights = sum(m.out_features * m.in_features for m in lins)
+    with torch.no_grad():
+        default = q(x)
+        small = kernels.kernel_bytes(q)
+        assert small <= 16 * sum(m.out_features for m in lins)  # row sums and scales, no weight
+        plans = [p for m in lins for p in m.__dict__["_dmq_kernel_plans"].by_key.values()]
+        assert plans and all(p.onednn is None and p.int4 is None for p in plans)
+        assert kernels.prepack_weights(q) > small
+        fast = q(x)
+        copy_bytes = kernels.kernel_bytes(q)  # with what the first call built (oneDNN's activation code tables)
+        with kernels.disable("onednn_int8", "int4_weight"):
+            assert torch.equal(q(x), default)  # the default is the path the copies bypass
+        if preset in ("w8a8", "w4a8") and kernels_cpu.onednn_int8_ok():
+            assert copy_bytes >= small + weights  # an int8 copy
+        elif preset == "w4a16" and kernels_cpu.int4_weight_ok():
+            assert copy_bytes >= small + weights // 2  # a 4-bit copy
+        clone = copy.deepcopy(q)
+        assert torch.equal(clone(x), fast) and kernels.kernel_bytes(clone) == copy_bytes
+        assert kernels.prepack_weights(q, False) == small and torch.equal(q(x), default)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        kernels.prepack_weights(q, "yes")
