@@ -15,7 +15,8 @@ each falls back to the next when its kernel is missing or declines the shape):
 
 - ``onednn_int8``: INT weights (8 or 4 bit, per channel) x static per-tensor INT activations (<= 8 bit) on oneDNN's
   u8 x s8 VNNI GEMM with the scales and bias fused (:mod:`dmq.kernels_cpu`); CPU, one timestep bin per call; only
-  after :func:`prepack_weights` (its weight is a second copy, in oneDNN's blocked int8 layout).
+  after :func:`prepack_weights` (its weight is a second copy, in oneDNN's blocked int8 layout). Frozen ``Conv2d``
+  layers of the same kind use oneDNN's int8 convolution the same way (:func:`frozen_conv`).
 - ``int_gemm``: the same on ``torch._int_mm`` with the epilogue below (CPU and CUDA; per-sample timestep bins).
 - ``fp8_gemm``: FP8 E4M3 on ``torch._scaled_mm`` (CUDA, compute capability 8.9+).
 - ``int4_weight``: weight-only INT4 group-wise (W4A16) dequantized inside the GEMM (``_weight_int4pack_mm_for_cpu``),
