@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dmq import formats
+from dmq.formats.grid import abs_amax, every16, lookup16
 
 # formats whose fake quantization is torch's own float8 cast (after saturating to the format's max)
 NATIVE_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -64,6 +65,27 @@ def fake_quant(
     return t.round_().clamp_(fmt.qmin, fmt.qmax).mul_(s)
 
 
+def fake_quant_table(fmt: formats.Format, scale: torch.Tensor, zp: torch.Tensor | None, dtype: torch.dtype
+                     ) -> torch.Tensor:
+    """:func:`fake_quant` with one scalar ``scale`` (and ``zp``) applied to every value of the 16-bit ``dtype``, in
+    the order of :func:`dmq.formats.grid.lookup16`: an elementwise function of a 16-bit input is one lookup in it."""
+    return fake_quant(every16(dtype), fmt, scale.reshape(()), None if zp is None else zp.reshape(()))
+
+
+def fake_quant_lookup(x: torch.Tensor, fmt: formats.Format, table: torch.Tensor) -> torch.Tensor:
+    """:func:`fake_quant` of a 16-bit ``x`` through its :func:`fake_quant_table`, bit for bit, in the memory layout
+    :func:`fake_quant` gives (INT grids compute in place on ``x / s``, which keeps ``x``'s strides; the other grids
+    return a contiguous tensor), so that the matmuls after it see the same operands."""
+    if isinstance(fmt, formats.IntFormat) and not x.is_contiguous():
+        order = sorted(range(x.ndim), key=lambda d: -x.stride(d))
+        xp = x.permute(order)
+        if xp.is_contiguous():  # x is a permuted dense tensor: look up in memory order, permute back
+            return lookup16(xp, table).permute([order.index(d) for d in range(x.ndim)])
+        out = torch.empty_like(x)
+        return out.copy_(lookup16(x, table))
+    return lookup16(x, table)
+
+
 def to_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``x`` with ``dim`` moved last and the rest flattened: ``(R, K)``."""
     x = x.movedim(dim, -1)
@@ -101,6 +123,11 @@ def quantize_rows_dynamic(rows: torch.Tensor, fmt: formats.Format, granularity: 
     if fmt.is_block:
         return fmt.quantize(rows, dim=-1)
     g = grouped(rows, granularity, group_size)
+    amax = abs_amax(g) if symmetric else None  # 16-bit rows: max |x| on int16 patterns, no finite copy
+    if amax is not None and bool(torch.isfinite(amax).all()):
+        # max(|amin|, |amax|) of the finite values is max |x| when every value is finite: the same scale
+        scale, zp = params_from_range(amax, amax, fmt, True)
+        return ungrouped(fake_quant(g, fmt, scale, zp), rows.shape)
     finite = g.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
     scale, zp = params_from_range(finite.amin(-1, keepdim=True), finite.amax(-1, keepdim=True), fmt, symmetric)
     return ungrouped(fake_quant(g, fmt, scale, zp), rows.shape)

@@ -15,7 +15,8 @@ each falls back to the next when its kernel is missing or declines the shape):
 
 - ``onednn_int8``: INT weights (8 or 4 bit, per channel) x static per-tensor INT activations (<= 8 bit) on oneDNN's
   u8 x s8 VNNI GEMM with the scales and bias fused (:mod:`dmq.kernels_cpu`); CPU, one timestep bin per call; only
-  after :func:`prepack_weights` (its weight is a second copy, in oneDNN's blocked int8 layout).
+  after :func:`prepack_weights` (its weight is a second copy, in oneDNN's blocked int8 layout). Frozen ``Conv2d``
+  layers of the same kind use oneDNN's int8 convolution the same way (:func:`frozen_conv`).
 - ``int_gemm``: the same on ``torch._int_mm`` with the epilogue below (CPU and CUDA; per-sample timestep bins).
 - ``fp8_gemm``: FP8 E4M3 on ``torch._scaled_mm`` (CUDA, compute capability 8.9+).
 - ``int4_weight``: weight-only INT4 group-wise (W4A16) dequantized inside the GEMM (``_weight_int4pack_mm_for_cpu``),
@@ -54,10 +55,13 @@ from dmq.packed import _dequant_rows, int_codes, row_dequantizer
 
 logger = logging.getLogger(__name__)
 
-# the Linear paths below, then the element-rounding lookups of every fake quantizer (dmq.formats.grid) and the reuse
-# of one input's dynamic quantization and GEMM cast by the layers that share it (dmq.memo)
+# the Linear paths below, then the element-rounding lookups of every fake quantizer (dmq.formats.grid), the reuse
+# of one input's dynamic quantization and GEMM cast by the layers that share it (dmq.memo), a static quantizer's
+# whole fake quantization as one lookup per timestep bin (dmq.quantizer), absolute maxima of 16-bit tensors on their
+# bit patterns (dynamic and block scales, dmq.formats.grid.abs_amax) and MX blocks computed in bfloat16
+# (dmq.formats.block)
 PATHS = ("onednn_int8", "int_gemm", "fp8_gemm", "int4_weight", "weight_cache", "tiled_dequant", "grid_table",
-         "input_memo")
+         "input_memo", "static_table", "abs_amax", "mx_16bit")
 _WARNED: set[str] = set()
 _CAST = InputMemo()  # the last tiled-path input in its GEMM dtype
 
@@ -251,9 +255,10 @@ def _state_key(layer, device: torch.device, dtype: torch.dtype) -> tuple:
     key = [device, dtype]
     w = layer._parameters.get("weight")
     tensors = list(w.tensors().values()) if hasattr(w, "tensors") else []
-    q = getattr(layer, "input_quantizer", None)
-    if q is not None:
-        tensors += [q.scale, q.zero_point]
+    for name in ("input_quantizer", "input_quantizer_skip"):  # the second: a split convolution's skip half
+        q = getattr(layer, name, None)
+        if q is not None:
+            tensors += [q.scale, q.zero_point]
     for t in tensors:
         try:
             key += [t.data_ptr(), t._version]
@@ -275,28 +280,49 @@ def _plan(layer, device: torch.device, dtype: torch.dtype) -> _Plan:
     return plan
 
 
+def _int_act_plan(plan: _Plan, layer, q, dtype: torch.dtype, part: int = 0) -> torch.Tensor:
+    """Fill the INT-activation fields of ``plan`` (per-bin scales and zero points, the weight's float32 scales) for
+    weight part ``part`` read by quantizer ``q``; returns that part's int8 codes ``(N, K)``."""
+    lay = layer.weight_layouts[part]
+    plan.int_act = True
+    af = q.fmt
+    plan.a_bits, plan.a_signed = af.bits, af.signed
+    plan.off = 2 ** (af.bits - 1) if af.signed else 0  # signed codes + off = unsigned codes for oneDNN
+    plan.qmin, plan.qmax = (af.qmin, af.qmax)
+    codes = int_codes(layer._part(part), lay)
+    plan.w_scale = layer._part(part)["weight_scale"].to(torch.float32).reshape(-1).expand(lay.rows).contiguous()
+    # per timestep bin: the scale in the compute dtype (what the fake quantizer uses) and the zero point
+    plan.s_t = [s.to(dtype).reshape(1, 1) for s in q.scale]
+    plan.s_f = [float(s) for s in plan.s_t]
+    sym = q.spec.symmetric
+    plan.z_t = [None if sym else z.to(dtype).reshape(1, 1) for z in q.zero_point]
+    plan.z_i = [0 if sym else int(z) for z in q.zero_point]
+    return codes
+
+
 def _build_plan(layer, device: torch.device, dtype: torch.dtype, cache: bool, prepack: bool) -> _Plan:
     plan = _Plan()
     lays = layer.weight_layouts or ()
-    plan.n, plan.k = layer.out_features, layer.in_features
     q = getattr(layer, "input_quantizer", None)
+    if isinstance(layer, torch.nn.Conv2d):  # one sub-plan per weight part (two for a shortcut split)
+        plan.parts = []
+        if (prepack and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and int_conv_ok(layer)
+                and enabled("onednn_int8") and kernels_cpu.onednn_conv_ok()):
+            conv = (layer.stride, layer.padding, layer.dilation, layer.groups)
+            for i, qi in enumerate(_conv_quantizers(layer)):
+                sub = _Plan()
+                codes = _int_act_plan(sub, layer, qi, dtype, i)
+                sub.onednn = kernels_cpu.prepack_conv(codes.reshape(layer.out_channels, -1, *layer.kernel_size),
+                                                      conv)
+                sub.conv = conv
+                plan.parts.append(sub)
+        return plan
+    plan.n, plan.k = layer.out_features, layer.in_features
     if getattr(layer, "exec_path", "dequant") == "int_gemm" and len(lays) == 1:
         lay = lays[0]
-        plan.int_act = True
-        af = q.fmt
-        plan.a_bits, plan.a_signed = af.bits, af.signed
-        plan.off = 2 ** (af.bits - 1) if af.signed else 0  # signed codes + off = unsigned codes for oneDNN
-        plan.qmin, plan.qmax = (af.qmin, af.qmax)
-        codes = int_codes(layer._part(0), lay)
+        codes = _int_act_plan(plan, layer, q, dtype)
         plan.codes = codes if lay.storage == "int8" else None  # 4-bit codes are unpacked again only on fallback
         plan.rowsum = codes.to(torch.int32).sum(1)
-        plan.w_scale = layer._part(0)["weight_scale"].to(torch.float32).reshape(-1).expand(lay.rows).contiguous()
-        # per timestep bin: the scale in the compute dtype (what the fake quantizer uses) and the zero point
-        plan.s_t = [s.to(dtype).reshape(1, 1) for s in q.scale]
-        plan.s_f = [float(s) for s in plan.s_t]
-        sym = q.spec.symmetric
-        plan.z_t = [None if sym else z.to(dtype).reshape(1, 1) for z in q.zero_point]
-        plan.z_i = [0 if sym else int(z) for z in q.zero_point]
         if (prepack and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and enabled("onednn_int8")
                 and kernels_cpu.onednn_int8_ok()):
             plan.onednn = kernels_cpu.prepack_int8(codes)
@@ -352,8 +378,10 @@ def cache_weights(model: torch.nn.Module, enabled: bool = True) -> int:
 
 
 def prepack_weights(model: torch.nn.Module, enabled: bool = True) -> int:
-    """Keep (or drop) a second copy of every packed Linear weight in the layout of its fastest CPU kernel: oneDNN's
-    blocked int8 for INT weights x static INT activations (W8A8, W4A8: the ``onednn_int8`` path), int4pack for
+    """Keep (or drop) a second copy of every packed Linear and Conv2d weight in the layout of its fastest CPU kernel:
+    oneDNN's blocked int8 for INT weights x static INT activations (W8A8, W4A8, Linear and convolutions: the
+    ``onednn_int8`` path; a convolution has no zero-copy integer path, so without it it runs the fake-quant
+    convolution), int4pack for
     group-wise INT4 weights (W4A16, below ``kernels_cpu.INT4_MAX_ROWS`` input rows: ``int4_weight``). Off by
     default: the copy costs about a quarter of the BF16 model for W8A8, W4A8 and W4A16 alike (docs/memory.md),
     and the zero-copy paths (``torch._int_mm`` on the stored codes, the tiled dequantization) compute the same
@@ -361,7 +389,7 @@ def prepack_weights(model: torch.nn.Module, enabled: bool = True) -> int:
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
     for mod in model.modules():
-        if getattr(mod, "weight_layouts", None) is not None and isinstance(mod, torch.nn.Linear):
+        if getattr(mod, "weight_layouts", None) is not None and isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
             plans = _plans(mod)
             with plans.lock:
                 plans.prepack = enabled
@@ -405,6 +433,8 @@ def _tensor_bytes(obj: object, seen: set[int]) -> int:
         return sum(_tensor_bytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
         return sum(_tensor_bytes(v, seen) for v in obj)
+    if isinstance(obj, _Plan):  # a convolution's per-part plans
+        return _tensor_bytes(vars(obj), seen)
     return 0
 
 
@@ -467,6 +497,61 @@ def frozen_linear(layer, x: torch.Tensor) -> torch.Tensor:
         y = kernels_cpu.tiled_linear(xq.reshape(-1, plan.k), plan.n, rows, layer.bias, gemm_dtype=gemm, x_gemm=xg)
         return y.reshape(*x.shape[:-1], plan.n)
     return F.linear(xq, layer.dequantized_weight(x.dtype), layer.bias)
+
+
+def int_conv_ok(layer) -> bool:
+    """A packed ``Conv2d`` that oneDNN's int8 convolution computes exactly: one part (no shortcut split), INT
+    weights per output channel (or tensor), a static per-tensor INT input quantizer of at most 8 bits, zero
+    padding given as numbers."""
+    lays = layer.weight_layouts or ()
+    qs = _conv_quantizers(layer)
+    if len(lays) != len(qs) or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        return False
+    for lay, q in zip(lays, qs):
+        if q is None or q.spec.dynamic or q.spec.granularity != "tensor":
+            return False
+        wf, af = lay.fmt, q.fmt
+        if not (isinstance(wf, formats.IntFormat) and wf.signed and lay.granularity in ("channel", "tensor")
+                and lay.padded_cols == lay.cols and isinstance(af, formats.IntFormat) and af.bits <= 8):
+            return False
+    return True
+
+
+def _conv_quantizers(layer) -> list:
+    """The input quantizer of each weight part: one, or two for a shortcut split (``x[:, :s]``, ``x[:, s:]``)."""
+    if layer.split is None:
+        return [layer.input_quantizer]
+    return [layer.input_quantizer, layer.input_quantizer_skip]
+
+
+def frozen_conv(layer, x: torch.Tensor) -> torch.Tensor:
+    """``conv(Q_a(x), Q_w(W)) + b`` of a packed ``Conv2d`` (the low-rank and LoRA branches are the layer's): on
+    oneDNN's u8 x s8 convolution for static INT activations with one timestep bin per call (path ``onednn_int8``;
+    the bound of the integer Linear path), otherwise the fake-quantized input and the weight dequantized on the fly,
+    bit for bit the fake-quant convolution."""
+    q = layer.input_quantizer
+    if (x.device.type == "cpu" and x.dtype.itemsize == 2 and q is not None and q.enabled and q.frozen
+            and enabled("onednn_int8") and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        parts = _plan(layer, x.device, x.dtype).parts
+        qs = _conv_quantizers(layer)
+        bins = [qi.single_bin(x.shape[0]) if qi.enabled and qi.frozen else None for qi in qs] if parts else [None]
+        if None not in bins:
+            xs = [x] if len(parts) == 1 else [x[:, : layer.split], x[:, layer.split :]]
+            if len(parts) == 1:
+                return _int_conv(parts[0], bins[0], xs[0], layer.bias, x.dtype)
+            # a shortcut split: the two halves' convolutions in float32, summed, rounded once
+            y = _int_conv(parts[0], bins[0], xs[0], None, torch.float32)
+            return y.add_(_int_conv(parts[1], bins[1], xs[1], layer.bias, torch.float32)).to(x.dtype)
+    return layer._conv_forward(layer._quant_input(x), layer.dequantized_weight(x.dtype), layer.bias)
+
+
+def _int_conv(plan: _Plan, b: int, x: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+              ) -> torch.Tensor:
+    idx = x.view(torch.int16).to(torch.int32).add_(32768)
+    u8 = _code_table(plan, b).index_select(0, idx.reshape(-1)).reshape(x.shape)
+    return kernels_cpu.onednn_int8_conv(u8, plan.s_f[b], plan.z_i[b] + plan.off, plan.onednn, plan.w_scale, bias,
+                                        plan.conv, out_dtype)
 
 
 def _int_path(layer, plan: _Plan, q, x: torch.Tensor) -> torch.Tensor | None:

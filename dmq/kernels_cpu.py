@@ -3,6 +3,8 @@
 - :func:`onednn_int8_linear`: u8 activations x s8 weights on oneDNN's VNNI int8 GEMM
   (``torch.ops.onednn.qlinear_pointwise``), with the dequantization ``acc * (s_a s_w[n]) + b`` fused into its
   epilogue. The weight is reordered once into oneDNN's blocked layout (:func:`prepack_int8`).
+- :func:`onednn_int8_conv`: the same for a convolution (``torch.ops.onednn.qconv2d_pointwise``); on this CPU it
+  ran 4x faster than the float32 convolution and 30x faster than the BF16 one of a U-Net layer (docs/runtime.md).
 - :func:`int4_weight_linear`: weight-only INT4 group-wise, dequantized inside the GEMM
   (``torch.ops.aten._weight_int4pack_mm_for_cpu``): no float copy of the weight ever exists.
 - :func:`tiled_linear`: any other packed weight (and INT4 from ``INT4_MAX_ROWS`` input rows on), dequantized
@@ -68,6 +70,49 @@ def onednn_int8_linear(a_u8: torch.Tensor, a_scale: float, a_zp: int, w_packed: 
     zeros = _zeros(w_scale.shape[0])
     return torch.ops.onednn.qlinear_pointwise(a_u8, a_scale, a_zp, w_packed, w_scale, zeros, bias, 1.0, 0, out_dtype,
                                               "none", [None], "")
+
+
+@functools.cache
+def onednn_conv_ok() -> bool:
+    """oneDNN's int8 convolution exists and sums exactly here (the worst case of :func:`onednn_int8_ok`, as a 1x1
+    convolution over 4096 input channels)."""
+    if not (_has(torch.ops.onednn, "qconv2d_pointwise") and _has(torch.ops.onednn, "qconv_prepack")):
+        return False
+    try:
+        k = 4096
+        a = torch.full((1, k, 1, 2), 255, dtype=torch.uint8)
+        a[0, ::3, 0, 1] = 0
+        w = torch.full((3, k, 1, 1), 127, dtype=torch.int8)
+        w[1] = -128
+        w[2, ::2] = -128
+        ref = torch.einsum("kp,nk->np", a[0].reshape(k, 2).double() - 3.0, w.reshape(3, k).double())
+        conv = (1, 1), (0, 0), (1, 1), 1
+        y = onednn_int8_conv(a, 1.0, 3, prepack_conv(w, conv), torch.ones(3), None, conv, torch.float32)
+        return bool(torch.equal(y.double().reshape(3, 2), ref.float().double()))
+    except (RuntimeError, TypeError) as e:
+        logger.info("oneDNN int8 convolution unavailable: %s", e)
+        return False
+
+
+def prepack_conv(w_codes: torch.Tensor, conv: tuple) -> torch.Tensor:
+    """int8 ``(O, C / groups, kh, kw)`` weight codes -> oneDNN's blocked convolution weight; ``conv`` is
+    ``(stride, padding, dilation, groups)``. The packing does not depend on the activation scale or zero point."""
+    stride, padding, dilation, groups = conv
+    n = w_codes.shape[0]
+    return torch.ops.onednn.qconv_prepack(w_codes.contiguous(), torch.ones(n), 1.0, 0, list(stride), list(padding),
+                                          list(dilation), groups, None)
+
+
+def onednn_int8_conv(a_u8: torch.Tensor, a_scale: float, a_zp: int, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None, conv: tuple, out_dtype: torch.dtype) -> torch.Tensor:
+    """The convolution of :func:`onednn_int8_linear`: ``y = s_a s_w[o] * sum (a - z) w + b[o]``, exact int32 sums,
+    float32 epilogue, one rounding to ``out_dtype``; ``a_u8`` is ``(N, C, H, W)`` uint8. The result is contiguous
+    (oneDNN writes channels-last; the fake-quant convolution it replaces returns the default layout)."""
+    stride, padding, dilation, groups = conv
+    y = torch.ops.onednn.qconv2d_pointwise(a_u8, a_scale, a_zp, w_packed, w_scale, _zeros(w_scale.shape[0]), bias,
+                                           list(stride), list(padding), list(dilation), groups, 1.0, 0, out_dtype,
+                                           "none", [], "")
+    return y.contiguous()
 
 
 @functools.lru_cache(maxsize=256)

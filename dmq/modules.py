@@ -446,9 +446,9 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
         return torch.cat([self.input_quantizer(x[:, :s]), self.input_quantizer_skip(x[:, s:])], dim=1)
 
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """A packed convolution: the fake-quantized input and the weight dequantized on the fly (bit-identical to
-        the fake-quant path; no integer convolution kernel on CPU), plus the low-rank branch if there is one."""
-        y = self._conv_forward(self._quant_input(x), self.dequantized_weight(x.dtype), self.bias)
+        """A packed convolution (:func:`dmq.kernels.frozen_conv`: oneDNN's int8 convolution where it applies,
+        otherwise bit for bit the fake-quant path), plus the low-rank branch if there is one."""
+        y = kernels.frozen_conv(self, x)
         return _plus(_plus(y, self.lowrank_branch(x)), self.fused_branch(x))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Conv2d's argument name: model code passes input=

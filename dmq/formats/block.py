@@ -14,7 +14,7 @@ from functools import cached_property
 import torch
 
 from dmq.formats.element import FloatFormat
-from dmq.formats.grid import work_dtype
+from dmq.formats.grid import DISABLED, abs_amax, work_dtype
 
 E8M0_BIAS = 127
 _E4M3 = FloatFormat(4, 3)
@@ -28,6 +28,23 @@ def _to_blocks(x: torch.Tensor, dim: int, block: int) -> tuple[torch.Tensor, int
     if pad:
         w = torch.nn.functional.pad(w, (0, pad))
     return w.reshape(*w.shape[:-1], -1, block), n
+
+
+def _blocks16(x: torch.Tensor, dim: int, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The eager shortcut of :func:`_to_blocks` and :func:`_finite_amax` for a 16-bit ``x`` whose length is a
+    multiple of ``block``: its blocks in ``x``'s own dtype (no float32 copy) and their float32 absolute maxima from
+    :func:`dmq.formats.grid.abs_amax` (the same values). None where it does not apply or a block is not finite (the
+    reference then handles the non-finite values)."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.numel() == 0:
+        return None
+    v = x.movedim(dim, -1)
+    if v.shape[-1] % block:
+        return None
+    b = v.reshape(*v.shape[:-1], -1, block)
+    amax = abs_amax(b)
+    if amax is None or not bool(torch.isfinite(amax).all()):
+        return None
+    return b, amax.to(torch.float32)
 
 
 def _from_blocks(w: torch.Tensor, n: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -74,14 +91,28 @@ class MXFormat:
         return self._exponents(w)
 
     def _exponents(self, w: torch.Tensor) -> torch.Tensor:
-        amax = _finite_amax(w)
+        return self._exponents_of(_finite_amax(w))
+
+    def _exponents_of(self, amax: torch.Tensor) -> torch.Tensor:
         # frexp gives amax = m * 2^k with m in [0.5, 1), so floor(log2 amax) = k - 1; amax = 0 takes the smallest scale
         e = torch.frexp(amax).exponent - 1 - self.element.emax
         e = torch.where(amax > 0, e, -E8M0_BIAS)
         return e.clamp_(-E8M0_BIAS, E8M0_BIAS)
 
     def quantize(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """Fake quantization along ``dim``: ``X * RNE(V / X)`` per block, in ``x``'s dtype."""
+        """Fake quantization along ``dim``: ``X * RNE(V / X)`` per block, in ``x``'s dtype.
+
+        A bfloat16 input is divided, rounded and multiplied in bfloat16 (path ``mx_16bit``), bit for bit the float32
+        computation: ``X`` is a power of two that bfloat16 holds exactly (``X >= 2^-127``); ``V / X`` keeps ``V``'s 8
+        significant bits unless it falls below ``2^-126``, far under half the smallest step of every MX element
+        grid, where both round to a zero of ``V``'s sign; and ``RNE(V / X) * X`` is exact in float32, so rounding it
+        to bfloat16 once, as the bfloat16 multiply does, is the reference's final cast."""
+        fast = _blocks16(x, dim, self.block_size) if x.dtype == torch.bfloat16 and "mx_16bit" not in DISABLED else None
+        if fast is not None:
+            b, amax = fast
+            scale = _pow2(self._exponents_of(amax), torch.float32).to(x.dtype)
+            q = self.element.quantize(b / scale).mul_(scale)
+            return _from_blocks(q, b.shape[-2] * b.shape[-1], dim, x.dtype)
         w, n = _to_blocks(x, dim, self.block_size)
         scale = _pow2(self._exponents(w), w.dtype)
         q = self.element.quantize(w / scale) * scale  # both exact: scale is a power of two
@@ -132,11 +163,14 @@ class NVFP4Format:
         return 4 + 8 / self.block_size
 
     def _scales(self, w: torch.Tensor, tensor_amax: float | torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._scales_of(_finite_amax(w), tensor_amax, w.dtype)
+
+    def _scales_of(self, block_amax: torch.Tensor, tensor_amax: float | torch.Tensor | None, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         elem_max, scale_max = self.element.max, _E4M3.max
-        block_amax = _finite_amax(w)
         # the tensor's finite maximum is the largest block maximum (zero padding changes neither)
         amax = block_amax.amax() if tensor_amax is None else torch.as_tensor(tensor_amax)
-        s_t = (amax.to(w.dtype) / (scale_max * elem_max)).reshape(())
+        s_t = (amax.to(dtype) / (scale_max * elem_max)).reshape(())
         if not torch.compiler.is_compiling() and (not torch.isfinite(s_t) or s_t < 0):
             raise ValueError(f"tensor amax must be finite and non-negative, got {float(amax)}")
         # an all-zero tensor (s_t = 0) gets zero scales; no branch on s_t, so torch.compile traces it whole
@@ -148,6 +182,14 @@ class NVFP4Format:
     def quantize(
         self, x: torch.Tensor, dim: int = -1, tensor_amax: float | torch.Tensor | None = None
     ) -> torch.Tensor:
+        fast = _blocks16(x, dim, self.block_size)
+        if fast is not None:  # a 16-bit input: no float32 copy, the block maxima on int16 (see _blocks16)
+            b, block_amax = fast
+            s_t, s_b = self._scales_of(block_amax, tensor_amax, torch.float32)
+            if bool(s_t != 0):
+                denom = s_b * s_t
+                q = self.element.quantize(b / denom).mul_(denom)  # 16-bit / float32: the float32 quotient
+                return _from_blocks(q, b.shape[-2] * b.shape[-1], dim, x.dtype)
         w, n = _to_blocks(x, dim, self.block_size)
         s_t, s_b = self._scales(w, tensor_amax)
         if not torch.compiler.is_compiling() and bool(s_t != 0):  # eager, the usual case: no guard passes

@@ -38,6 +38,8 @@ _CPU_CHUNK = 1 << 18
 _ODD_MAX_MAN_BITS = 5
 DISABLED: set[str] = set()  # execution paths turned off; shared with (and set through) dmq.kernels.disable
 _TABLES: dict = {}
+# a 16-bit float's bit pattern with the sign bit cleared, read as int16, orders like its magnitude (NaN above inf)
+_MAGNITUDE_BITS = {torch.bfloat16: 0x7FFF, torch.float16: 0x7FFF}
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,32 @@ def round_to_grid(x: torch.Tensor, spec: GridSpec, out_dtype: torch.dtype | None
     return _round_kernel(x, spec, out_dtype)
 
 
+def abs_amax(x: torch.Tensor) -> torch.Tensor | None:
+    """``x.abs().amax(-1, keepdim=True)`` of a 16-bit float ``x``, bit for bit, or None when the fast form does not
+    apply (another dtype, a gradient, a trace, or the ``abs_amax`` path turned off).
+
+    Clearing the sign bit of an IEEE-style pattern leaves an integer that orders like the magnitude (NaN patterns
+    above inf), so the reduction runs on int16: one masking pass and an integer maximum, about 3x faster here than
+    a float ``abs`` and ``amax`` over 16-element blocks. A NaN anywhere in a row gives a NaN maximum, as ``amax``.
+    """
+    mask = _MAGNITUDE_BITS.get(x.dtype)
+    if (mask is None or "abs_amax" in DISABLED or (x.requires_grad and torch.is_grad_enabled())
+            or torch.compiler.is_compiling()):
+        return None
+    return torch.bitwise_and(x.view(torch.int16), mask).amax(-1, keepdim=True).view(x.dtype)
+
+
+def every16(dtype: torch.dtype) -> torch.Tensor:
+    """All 65536 values of a 16-bit float ``dtype``, in the order of their bit patterns read as uint16 (the index of
+    :func:`lookup16`)."""
+    return torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.uint16).view(dtype)
+
+
+def lookup16(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``table[pattern of x]`` for a 16-bit ``x`` (a contiguous result of ``x``'s shape)."""
+    return _lookup16(x, table)
+
+
 def _table(spec: GridSpec, dtype: torch.dtype, out_dtype: torch.dtype | None = None, signed: bool = False
            ) -> torch.Tensor:
     """The kernel's result for every bit pattern of the 16-bit ``dtype``, indexed by the pattern read as uint16, or
@@ -81,8 +109,10 @@ def _table(spec: GridSpec, dtype: torch.dtype, out_dtype: torch.dtype | None = N
     key = (spec, dtype, out_dtype, signed)
     t = _TABLES.get(key)
     if t is None:
-        every = torch.arange(-(1 << 15) if signed else 0, 1 << (15 if signed else 16), dtype=torch.int32)
-        every = every.to(torch.int16 if signed else torch.uint16).view(dtype)
+        if signed:
+            every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+        else:
+            every = every16(dtype)
         t = _TABLES[key] = _round_kernel(every, spec, out_dtype or dtype)
     return t
 
