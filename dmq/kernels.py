@@ -399,11 +399,14 @@ def prepack_weights(model: torch.nn.Module, enabled: bool = True) -> int:
 
 
 def kernel_bytes(model: torch.nn.Module) -> int:
-    """Bytes of kernel state the model's packed layers hold right now beside their parameters and buffers:
-    prepacked weights, dequantized caches, activation code tables, row sums and scales (views of the layer's own
-    tensors are not counted)."""
+    """Bytes of kernel state the model's packed layers and quantizers hold right now beside their parameters and
+    buffers: prepacked weights, dequantized caches, activation code tables, the static quantizers' fake-quant
+    tables, row sums and scales (views of the layer's own tensors are not counted)."""
     total = 0
     for mod in model.modules():
+        tables = mod.__dict__.get("_dmq_bin_tables")  # a static quantizer's lookup table (dmq.quantizer)
+        if tables:
+            total += _tensor_bytes([hit[2] for hit in tables.values()], set())
         plans = mod.__dict__.get("_dmq_kernel_plans")
         if not plans:
             continue
