@@ -25,7 +25,7 @@ from dmq import formats, kernels
 from dmq.calibration import CONTEXT
 from dmq.config import QuantConfig, QuantSpec
 from dmq.held_weight import dense, held
-from dmq.packed import WeightLayout, int_codes
+from dmq.packed import WeightLayout
 from dmq.packed_weight import PackedWeight, dequantize, weight_part
 from dmq.quantizer import TensorQuantizer
 
@@ -272,8 +272,6 @@ class PackedMixin:
         if (isinstance(wf, formats.IntFormat) and wf.signed and lay.granularity in ("channel", "tensor")
                 and isinstance(af, formats.IntFormat) and af.bits <= 8 and q.spec.granularity == "tensor"):
             self.exec_path = "int_gemm"
-            codes = int_codes(self._part(0), lay)  # the traceable path under torch.compile reads it
-            self.register_buffer("weight_rowsum", codes.to(torch.int32).sum(1), persistent=False)
         elif lay.storage == "float8_e4m3fn" and lay.granularity in ("channel", "tensor") and af.name == "e4m3":
             self.exec_path = "fp8_gemm"
 
