@@ -659,10 +659,10 @@ def headline_table(data: dict) -> str:
         "with random weights: the whole backbone's resident bytes (every parameter and buffer) against BF16, from "
         "[memory](docs/memory.md) (`scripts/bench_scale.py`), and the latency of one denoiser call at batch 1 with "
         "guidance against BF16 in the same run on this CPU, all 28 blocks unless marked, from "
-        "[runtime](docs/runtime.md) (`scripts/bench_runtime.py`). These DiT-XL/2 latencies were measured while "
-        "W8A8, W4A8 and W4A16 kept the oneDNN / int4pack weight copies by default; those copies are now opt-in "
-        "(`dmq.kernels.prepack_weights(model)`, +0.30 to 0.42x BF16 of memory, see docs/memory.md), and on this "
-        "machine BF16 GEMMs ran slower than FP32 ones (docs/runtime.md).",
+        "[runtime](docs/runtime.md) (`scripts/bench_runtime.py`). W8A8 and W4A8 run the default path, with no "
+        "second copy of the weights (`dmq.kernels.prepack_weights(model)` keeps oneDNN's, faster in the same run "
+        "and +0.30 / +0.42x BF16 of memory: docs/runtime.md, docs/memory.md). On this machine BF16 GEMMs ran slower "
+        "than FP32 ones, in the same runs (docs/runtime.md).",
         "",
         "| preset | ε SQNR dB | naive rounding dB | ΔFID vs FP | class acc. | DiT-XL/2 size x BF16 | latency x BF16 |",
         "|---|---:|---:|---:|---:|---:|---:|",
