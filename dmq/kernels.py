@@ -381,11 +381,11 @@ def prepack_weights(model: torch.nn.Module, enabled: bool = True) -> int:
     """Keep (or drop) a second copy of every packed Linear and Conv2d weight in the layout of its fastest CPU kernel:
     oneDNN's blocked int8 for INT weights x static INT activations (W8A8, W4A8, Linear and convolutions: the
     ``onednn_int8`` path; a convolution has no zero-copy integer path, so without it it runs the fake-quant
-    convolution), int4pack for
-    group-wise INT4 weights (W4A16, below ``kernels_cpu.INT4_MAX_ROWS`` input rows: ``int4_weight``). Off by
-    default: the copy costs about a quarter of the BF16 model for W8A8, W4A8 and W4A16 alike (docs/memory.md),
-    and the zero-copy paths (``torch._int_mm`` on the stored codes, the tiled dequantization) compute the same
-    integer sums / the same products. Returns :func:`kernel_bytes` once every layer's state is built."""
+    convolution), int4pack for group-wise INT4 weights (W4A16, below ``kernels_cpu.INT4_MAX_ROWS`` input rows:
+    ``int4_weight``). Off by default: measured on DiT-XL/2 blocks, the copies cost 0.30x the BF16 model for W8A8
+    and W4A16 and 0.42x for W4A8, whose 4-bit codes are held as INT8 (docs/memory.md), and the zero-copy paths
+    (``torch._int_mm`` on the stored codes, the tiled dequantization) compute the same integer sums / the same
+    products. Returns :func:`kernel_bytes` once every layer's state is built."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
     for mod in model.modules():
@@ -502,22 +502,24 @@ def frozen_linear(layer, x: torch.Tensor) -> torch.Tensor:
     return F.linear(xq, layer.dequantized_weight(x.dtype), layer.bias)
 
 
+def int_act_ok(lay, q) -> bool:
+    """Whether a weight part of layout ``lay`` read through quantizer ``q`` has an integer GEMM: signed INT weights
+    per output channel (or tensor) and a static per-tensor INT input quantizer of at most 8 bits."""
+    if q is None or q.spec.dynamic or q.spec.granularity != "tensor":
+        return False
+    wf, af = lay.fmt, q.fmt
+    return (isinstance(wf, formats.IntFormat) and wf.signed and lay.granularity in ("channel", "tensor")
+            and isinstance(af, formats.IntFormat) and af.bits <= 8)
+
+
 def int_conv_ok(layer) -> bool:
-    """A packed ``Conv2d`` that oneDNN's int8 convolution computes exactly: one part (no shortcut split), INT
-    weights per output channel (or tensor), a static per-tensor INT input quantizer of at most 8 bits, zero
-    padding given as numbers."""
+    """A packed ``Conv2d`` that oneDNN's int8 convolution computes exactly: every part (two for a shortcut split)
+    with an integer GEMM (:func:`int_act_ok`) and unpadded rows, zero padding given as numbers."""
     lays = layer.weight_layouts or ()
     qs = _conv_quantizers(layer)
     if len(lays) != len(qs) or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
         return False
-    for lay, q in zip(lays, qs):
-        if q is None or q.spec.dynamic or q.spec.granularity != "tensor":
-            return False
-        wf, af = lay.fmt, q.fmt
-        if not (isinstance(wf, formats.IntFormat) and wf.signed and lay.granularity in ("channel", "tensor")
-                and lay.padded_cols == lay.cols and isinstance(af, formats.IntFormat) and af.bits <= 8):
-            return False
-    return True
+    return all(int_act_ok(lay, q) and lay.padded_cols == lay.cols for lay, q in zip(lays, qs))
 
 
 def _conv_quantizers(layer) -> list:
@@ -551,8 +553,7 @@ def frozen_conv(layer, x: torch.Tensor) -> torch.Tensor:
 
 def _int_conv(plan: _Plan, b: int, x: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
               ) -> torch.Tensor:
-    idx = x.view(torch.int16).to(torch.int32).add_(32768)
-    u8 = _code_table(plan, b).index_select(0, idx.reshape(-1)).reshape(x.shape)
+    u8 = _table_codes(plan, b, x)
     return kernels_cpu.onednn_int8_conv(u8, plan.s_f[b], plan.z_i[b] + plan.off, plan.onednn, plan.w_scale, bias,
                                         plan.conv, out_dtype)
 
@@ -561,9 +562,8 @@ def _int_path(layer, plan: _Plan, q, x: torch.Tensor) -> torch.Tensor | None:
     b = q.single_bin(x.shape[0])
     if b is not None and plan.onednn is not None and enabled("onednn_int8"):
         x2d = x.reshape(-1, plan.k)
-        if x.dtype.itemsize == 2:  # one table lookup per element (see _code_table)
-            idx = x2d.view(torch.int16).to(torch.int32).add_(32768)
-            u8 = _code_table(plan, b).index_select(0, idx.reshape(-1)).reshape(x2d.shape)
+        if x.dtype.itemsize == 2:
+            u8 = _table_codes(plan, b, x2d)
         else:
             u8 = act_codes(x2d, plan.s_t[b], plan.z_t[b], plan.qmin, plan.qmax).add_(plan.off).to(torch.uint8)
         y = kernels_cpu.onednn_int8_linear(u8, plan.s_f[b], plan.z_i[b] + plan.off, plan.onednn, plan.w_scale,
@@ -577,6 +577,12 @@ def _int_path(layer, plan: _Plan, q, x: torch.Tensor) -> torch.Tensor | None:
         scale, zp = q.static_params(x)
     codes = plan.codes if plan.codes is not None else int_codes(layer._part(0), layer.weight_layouts[0])
     return int_linear(x, scale, zp, plan.a_bits, plan.a_signed, codes, plan.w_scale, plan.rowsum, layer.bias)
+
+
+def _table_codes(plan: _Plan, b: int, x: torch.Tensor) -> torch.Tensor:
+    """The uint8 activation codes of the 16-bit ``x`` for bin ``b``: one lookup per element in :func:`_code_table`."""
+    idx = x.view(torch.int16).to(torch.int32).add_(32768)
+    return _code_table(plan, b).index_select(0, idx.reshape(-1)).reshape(x.shape)
 
 
 def _code_table(plan: _Plan, b: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmq import formats, kernels
+from dmq import kernels
 from dmq.calibration import CONTEXT
 from dmq.config import QuantConfig, QuantSpec
 from dmq.held_weight import dense, held
@@ -267,12 +267,9 @@ class PackedMixin:
             kernels.prepare(self)
 
     def _pick_int_path(self, lay: WeightLayout, q: TensorQuantizer) -> None:
-        af = q.fmt
-        wf = lay.fmt
-        if (isinstance(wf, formats.IntFormat) and wf.signed and lay.granularity in ("channel", "tensor")
-                and isinstance(af, formats.IntFormat) and af.bits <= 8 and q.spec.granularity == "tensor"):
+        if kernels.int_act_ok(lay, q):
             self.exec_path = "int_gemm"
-        elif lay.storage == "float8_e4m3fn" and lay.granularity in ("channel", "tensor") and af.name == "e4m3":
+        elif lay.storage == "float8_e4m3fn" and lay.granularity in ("channel", "tensor") and q.fmt.name == "e4m3":
             self.exec_path = "fp8_gemm"
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
