@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dmq import formats
-from dmq.formats.grid import abs_amax, every16, lookup16
+from dmq.formats.grid import abs_amax, every16, lookup16, round_div16
 
 # formats whose fake quantization is torch's own float8 cast (after saturating to the format's max)
 NATIVE_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -55,6 +55,10 @@ def fake_quant(
     # on the CPU the grid kernel beats torch's float8 casts (float8 -> bfloat16 is slow there); devices cast
     native = NATIVE_FP8.get(fmt.name) if isinstance(fmt, formats.FloatFormat) and x.device.type != "cpu" else None
     if x.requires_grad or s.requires_grad or not (native is not None or isinstance(fmt, formats.IntFormat)):
+        if z is None and isinstance(fmt, formats.FloatFormat):
+            q = round_div16(x, s, fmt.grid)  # one scale per row of the last dimension: chunk by chunk
+            if q is not None:
+                return q
         return fmt.quantize(x / s) * s if z is None else (fmt.quantize(x / s + z) - z) * s
     t = x / s
     if native is not None:  # FP8 (zero point only for INT): torch's saturated cast rounds exactly like the grid

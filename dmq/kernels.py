@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 # bit patterns (dynamic and block scales, dmq.formats.grid.abs_amax) and MX blocks computed in bfloat16
 # (dmq.formats.block)
 PATHS = ("onednn_int8", "int_gemm", "fp8_gemm", "int4_weight", "weight_cache", "tiled_dequant", "grid_table",
-         "input_memo", "static_table", "abs_amax", "mx_16bit")
+         "input_memo", "static_table", "abs_amax", "mx_16bit", "block_chunked")
 _WARNED: set[str] = set()
 _CAST = InputMemo()  # the last tiled-path input in its GEMM dtype
 

@@ -14,7 +14,7 @@ from functools import cached_property
 import torch
 
 from dmq.formats.element import FloatFormat
-from dmq.formats.grid import DISABLED, abs_amax, work_dtype
+from dmq.formats.grid import DISABLED, abs_amax, round_div16, round_scaled16, work_dtype
 
 E8M0_BIAS = 127
 _E4M3 = FloatFormat(4, 3)
@@ -111,7 +111,9 @@ class MXFormat:
         if fast is not None:
             b, amax = fast
             scale = _pow2(self._exponents_of(amax), torch.float32).to(x.dtype)
-            q = self.element.quantize(b / scale).mul_(scale)
+            q = round_div16(b, scale, self.element.grid)  # the same, chunk by chunk in cache
+            if q is None:
+                q = self.element.quantize(b / scale).mul_(scale)
             return _from_blocks(q, b.shape[-2] * b.shape[-1], dim, x.dtype)
         w, n = _to_blocks(x, dim, self.block_size)
         scale = _pow2(self._exponents(w), w.dtype)
@@ -188,7 +190,9 @@ class NVFP4Format:
             s_t, s_b = self._scales_of(block_amax, tensor_amax, torch.float32)
             if bool(s_t != 0):
                 denom = s_b * s_t
-                q = self.element.quantize(b / denom).mul_(denom)  # 16-bit / float32: the float32 quotient
+                q = round_scaled16(b, denom, self.element.grid)  # the same, chunk by chunk in cache
+                if q is None:
+                    q = self.element.quantize(b / denom).mul_(denom)  # 16-bit / float32: the float32 quotient
                 return _from_blocks(q, b.shape[-2] * b.shape[-1], dim, x.dtype)
         w, n = _to_blocks(x, dim, self.block_size)
         s_t, s_b = self._scales(w, tensor_amax)

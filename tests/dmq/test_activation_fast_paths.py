@@ -1,7 +1,8 @@
 """The eager fast paths of the activation quantizers equal the computation they replace, bit for bit, and each one
 turns off through ``dmq.kernels.disable``: absolute maxima on int16 bit patterns (``abs_amax``: NVFP4 / MX block
-scales, per-token dynamic scales), MX blocks in bfloat16 (``mx_16bit``) and a static quantizer's fake quantization
-as one lookup per timestep bin (``static_table``), including the memory layout it returns."""
+scales, per-token dynamic scales), MX blocks in bfloat16 (``mx_16bit``), NVFP4 / MX blocks quantized one cache-sized
+chunk of rows at a time (``block_chunked``) and a static quantizer's fake quantization as one lookup per timestep
+bin (``static_table``), including the memory layout it returns."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dmq.fake_quant import fake_quant, fake_quant_lookup, fake_quant_table, quan
 from dmq.formats import grid
 from dmq.quantizer import TensorQuantizer
 
-SLOW = ("static_table", "abs_amax", "mx_16bit")
+SLOW = ("static_table", "abs_amax", "mx_16bit", "block_chunked")
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -82,6 +83,40 @@ def test_mx_bfloat16_path_keeps_zeros_signed_and_tiny_blocks_exact():
     assert torch.equal(got.signbit(), ref.signbit())
 
 
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4", "mxfp6_e2m3"])
+@pytest.mark.parametrize("chunk", [96, 1000, 1 << 18])
+def test_chunked_blocks_equal_the_whole_tensor_passes(name, chunk, monkeypatch):
+    """Chunk sizes that split rows unevenly (a ragged last chunk), one block row per chunk, and one chunk."""
+    monkeypatch.setattr(grid, "_CPU_CHUNK", chunk)
+    fmt = formats.get(name)
+    x = wide_range(37, 160, torch.bfloat16, seed=6)
+    for t in (x, x.reshape(37, 5, 32), x.t(), x * 1e-30, torch.zeros_like(x)):
+        with kernels.disable("block_chunked"):
+            ref = fmt.quantize(t)
+        assert same_bits(fmt.quantize(t), ref)
+    if name == "nvfp4":
+        with kernels.disable("block_chunked"):
+            ref = fmt.quantize(x, tensor_amax=2.5)  # elements above the calibrated maximum saturate
+        assert same_bits(fmt.quantize(x, tensor_amax=2.5), ref)
+
+
+def test_chunked_kernels_decline_what_they_do_not_cover():
+    spec = formats.get("e2m1").grid
+    b = wide_range(4, 32, torch.bfloat16).reshape(4, 2, 16)
+    d = torch.full((4, 2, 1), 0.37)
+    assert grid.round_scaled16(b.float(), d, spec) is None  # a 32-bit input
+    assert grid.round_scaled16(b, d.double(), spec) is None
+    assert grid.round_scaled16(b, d, formats.get("e4m7").grid) is None  # too many mantissa bits for round-to-odd
+    three = torch.full((4, 2, 1), 3.0, dtype=torch.bfloat16)
+    assert grid.round_div16(b, three.float(), spec) is None  # the scale in another dtype
+    assert grid.round_div16(b, three[:, :1], spec) is None  # a scale that broadcasts is left to the reference
+    with kernels.disable("block_chunked"):
+        assert grid.round_scaled16(b, d, spec) is None
+    exact = (b.float() / d).to(torch.float32)
+    ref = (formats.get("e2m1").quantize(exact) * d).to(torch.bfloat16)
+    assert same_bits(grid.round_scaled16(b, d, spec), ref)
+
+
 @pytest.mark.parametrize("name,granularity", [("e4m3", "token"), ("e3m2", "token"), ("int8", "tensor"),
                                               ("e4m3", "group")])
 def test_dynamic_symmetric_scales_from_bit_patterns(name, granularity):
@@ -90,9 +125,24 @@ def test_dynamic_symmetric_scales_from_bit_patterns(name, granularity):
     special = x.clone()
     special[4, 9], special[6, 1] = float("nan"), -float("inf")
     for t in (x, special, torch.zeros_like(x)):
-        with kernels.disable("abs_amax"):
+        with kernels.disable("abs_amax", "block_chunked"):
             ref = quantize_rows_dynamic(t, fmt, granularity, 16, True)
         assert same_bits(quantize_rows_dynamic(t, fmt, granularity, 16, True), ref)
+
+
+@pytest.mark.parametrize("name,granularity", [("e4m3", "token"), ("e3m2", "group"), ("e2m1", "tensor")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunked_float_rows_equal_the_whole_tensor_passes(name, granularity, dtype, monkeypatch):
+    monkeypatch.setattr(grid, "_CPU_CHUNK", 200)  # several rows' groups per chunk, a ragged last chunk
+    fmt = formats.get(name)
+    x = wide_range(45, 64, dtype, seed=7)
+    x[4, 9] = float("nan")
+    for t in (x, x * 1e-3):
+        with kernels.disable("block_chunked"):
+            ref = quantize_rows_dynamic(t, fmt, granularity, 16, True)
+        got = quantize_rows_dynamic(t, fmt, granularity, 16, True)
+        assert torch.equal(got.isnan(), ref.isnan())
+        assert same_bits(got.nan_to_num(), ref.nan_to_num())
 
 
 @pytest.mark.parametrize("name,symmetric", [("e4m3", True), ("int8", True), ("uint8", False), ("e2m1", True)])
