@@ -475,6 +475,15 @@ def frozen_linear(layer, x: torch.Tensor) -> torch.Tensor:
         y = fp8_linear(x, scale, part["qweight"], w_scale, layer.bias)
         if y is not None:
             return y
+    if (ready and plan.rows is not None and plan.cache is None and plan.int4 is None and x.device.type == "cpu"
+            and enabled("tiled_dequant")):
+        gemm = kernels_cpu.tile_gemm_dtype(x.dtype)
+        # a static input quantizer straight into the float32 GEMM's operand: one lookup, no cast after it
+        xg = q.lookup_as(x, gemm) if gemm != x.dtype else None
+        if xg is not None:
+            y = kernels_cpu.tiled_linear(xg.reshape(-1, plan.k), plan.n, plan.rows.rows, layer.bias, gemm_dtype=gemm,
+                                         x_gemm=xg.reshape(-1, plan.k), dtype=x.dtype)
+            return y.reshape(*x.shape[:-1], plan.n)
     xq = q(x) if q is not None else x
     if plan.cache is not None and enabled("weight_cache"):
         return F.linear(xq, plan.cache, layer.bias)

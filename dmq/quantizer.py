@@ -13,7 +13,7 @@ from dmq import fake_quant as fq
 from dmq.calibration import CONTEXT, sample_timesteps, timestep_bins
 from dmq.config import QuantSpec
 from dmq.fake_quant import fake_quant, from_rows, params_from_range, quantize_rows_dynamic, to_rows
-from dmq.formats.grid import DISABLED
+from dmq.formats.grid import DISABLED, lookup16
 from dmq.memo import InputMemo
 from dmq.observers import StreamingObserver
 
@@ -173,23 +173,39 @@ class TensorQuantizer(nn.Module):
             cache = self.__dict__["_dmq_bin_params"] = (key, *convert())
         return cache[1][b], cache[2][b]
 
-    def _bin_table(self, b: int, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None
-                   ) -> torch.Tensor | None:
+    def lookup_as(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """This frozen static quantizer's output for a 16-bit CPU ``x``, bit for bit ``self(x).to(dtype)`` but in
+        one lookup in a ``dtype`` table (a contiguous result; path ``static_table``): a float32 GEMM after it needs no
+        cast of its input. None where the single-bin table path does not apply."""
+        if (not self.enabled or self.spec.dynamic or not self.frozen or CONTEXT.calibrating
+                or torch.compiler.is_compiling() or self.scale.requires_grad):
+            return None
+        b = self.single_bin(x.shape[0])
+        if b is None:
+            return None
+        scale, zp = self._bin_params(b, x.dtype, x.device)
+        table = self._bin_table(b, x, scale, zp, dtype)
+        return None if table is None else lookup16(x, table)
+
+    def _bin_table(self, b: int, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """Bin ``b``'s :func:`~dmq.fake_quant.fake_quant_table` for a 16-bit CPU ``x`` (path ``static_table``): one
-        lookup per element instead of the divide, round, clamp and multiply passes. One table (128 KiB) is kept per
-        quantizer and dtype, for the last bin used: a sampler walks the bins in order, so each is built once per
-        sampling run (about 0.3 ms), and a 28-block DiT-XL/2 holds about 35 MiB of them rather than four times
-        that. It is kept with the very ``scale`` / ``zp`` tensors :meth:`_bin_params` keeps, so a reload (new
-        tensors) rebuilds it; None where it does not apply (inference-mode buffers, whose parameters are rebuilt on
-        every call, or a gradient)."""
+        lookup per element instead of the divide, round, clamp and multiply passes. One table (128 KiB; 256 KiB for
+        a float32 result, :meth:`lookup_as`) is kept per quantizer, dtype and result dtype, for the last bin used: a
+        sampler walks the bins in order, so each is built once per sampling run (about 0.3 ms), and a 28-block
+        DiT-XL/2 holds about 35 MiB of them rather than four times that. It is kept with the very ``scale`` /
+        ``zp`` tensors :meth:`_bin_params` keeps, so a reload (new tensors) rebuilds it; None where it does not apply
+        (inference-mode buffers, whose parameters are rebuilt on every call, or a gradient)."""
         if (x.dtype.itemsize != 2 or x.device.type != "cpu" or "static_table" in DISABLED
                 or (x.requires_grad and torch.is_grad_enabled()) or self.scale.is_inference()
                 or self.zero_point.is_inference()):
             return None
         tables = self.__dict__.setdefault("_dmq_bin_tables", {})
-        hit = tables.get(x.dtype)
+        key = x.dtype if out_dtype in (None, x.dtype) else (x.dtype, out_dtype)
+        hit = tables.get(key)
         if hit is None or hit[0] is not scale or hit[1] is not zp:
-            hit = tables[x.dtype] = (scale, zp, fq.fake_quant_table(self.fmt, scale, zp, x.dtype))
+            t = fq.fake_quant_table(self.fmt, scale, zp, x.dtype)
+            hit = tables[key] = (scale, zp, t if key is x.dtype else t.to(out_dtype))
         return hit[2]
 
     def static_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -167,6 +167,29 @@ def test_weight_only_layers_take_the_tiled_path_within_its_bound(preset, monkeyp
         assert ((y.double() - exact).abs() <= (72 + 1) * U32 * mag + 2.0**-8 * exact.abs()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_static_input_lookup_feeds_the_float32_gemm_bit_for_bit(dtype):
+    q, x = _frozen("fp8", dtype, prepack=False)
+    lin = q[0]
+    aq = lin.input_quantizer
+    with torch.no_grad():
+        wide = aq.lookup_as(x, torch.float32)
+        assert wide.dtype == torch.float32 and torch.equal(wide, aq(x).float())
+        fast = lin(x)
+        with kernels.disable("static_table"):  # the arithmetic quantizer, then the cast to the GEMM's dtype
+            assert aq.lookup_as(x, torch.float32) is None
+            assert torch.equal(lin(x).view(torch.int16), fast.view(torch.int16))
+        with kernels.disable("tiled_dequant"):  # the reference: the same products, another summation order
+            ref = lin(x)
+        assert (fast.float() - ref.float()).abs().max() <= 2.0**-7 * ref.float().abs().max()
+        # a 32-bit input, an input that needs a gradient and a dynamic quantizer take the usual paths
+        assert aq.lookup_as(x.float(), torch.float32) is None
+    x.requires_grad_()
+    assert aq.lookup_as(x, torch.float32) is None
+    nv, xn = _frozen("nvfp4", dtype, prepack=False)
+    assert nv[0].input_quantizer.lookup_as(xn, torch.float32) is None
+
+
 # ---------------------------------------------------------------------------------------------- layers
 def _frozen(preset_or_cfg, dtype=torch.float32, k=64, seed=0, prepack=True):
     torch.manual_seed(seed)
