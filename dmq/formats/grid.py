@@ -132,16 +132,17 @@ def round_scaled16(blocks: torch.Tensor, denom: torch.Tensor, spec: GridSpec) ->
     if ("block_chunked" in DISABLED or "grid_table" in DISABLED or blocks.device.type != "cpu"
             or blocks.dtype not in (torch.bfloat16, torch.float16) or denom.dtype != torch.float32
             or spec.man_bits > _ODD_MAX_MAN_BITS or spec.scale != 1.0 or spec.emin - spec.man_bits < -126
-            or torch.compiler.is_compiling() or (blocks.requires_grad and torch.is_grad_enabled())):
+            or blocks.dim() < 2 or torch.compiler.is_compiling()
+            or (blocks.requires_grad and torch.is_grad_enabled())):
         return None
     n, b = blocks.shape[-2], blocks.shape[-1]
+    if n * b == 0 or denom.shape != blocks.shape[:-1] + (1,):
+        return None
     x = blocks.reshape(-1, n, b)
     d = denom.reshape(-1, n, 1)
-    if d.shape[0] != x.shape[0]:
-        return None
-    table = _table(spec, torch.bfloat16, torch.float32, signed=True)
+    table = _table(spec, torch.bfloat16, torch.float32, signed=True)  # the quotient is float32 for both dtypes
     out = torch.empty(x.shape, dtype=x.dtype)
-    step = max(1, _CPU_CHUNK // max(1, n * b))
+    step = max(1, _CPU_CHUNK // (n * b))
     rows = min(step, x.shape[0])
     w = torch.empty((rows, n, b), dtype=torch.float32)
     s = torch.empty((rows, n, b), dtype=torch.int32)
@@ -167,12 +168,11 @@ def round_div16(blocks: torch.Tensor, scale: torch.Tensor, spec: GridSpec) -> to
     a multiply is cheaper than a divide. None where the path does not apply."""
     if ("block_chunked" in DISABLED or "grid_table" in DISABLED or blocks.device.type != "cpu"
             or blocks.dtype not in (torch.bfloat16, torch.float16) or scale.dtype != blocks.dtype
-            or blocks.dim() < 2 or scale.dim() != blocks.dim() or scale.shape[-1] != 1
-            or torch.compiler.is_compiling() or (blocks.requires_grad and torch.is_grad_enabled())
-            or scale.requires_grad):
+            or blocks.dim() < 2 or torch.compiler.is_compiling()
+            or (blocks.requires_grad and torch.is_grad_enabled()) or scale.requires_grad):
         return None
     n, b = blocks.shape[-2], blocks.shape[-1]
-    if n * b == 0 or scale.shape[:-1] != blocks.shape[:-1]:
+    if n * b == 0 or scale.shape != blocks.shape[:-1] + (1,):
         return None
     x = blocks.reshape(-1, n, b)
     sc = scale.reshape(-1, n, 1)

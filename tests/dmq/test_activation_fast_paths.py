@@ -107,6 +107,9 @@ def test_chunked_kernels_decline_what_they_do_not_cover():
     assert grid.round_scaled16(b.float(), d, spec) is None  # a 32-bit input
     assert grid.round_scaled16(b, d.double(), spec) is None
     assert grid.round_scaled16(b, d, formats.get("e4m7").grid) is None  # too many mantissa bits for round-to-odd
+    assert grid.round_scaled16(b, d[:1], spec) is None  # a divisor that broadcasts is left to the reference
+    assert grid.round_scaled16(b[:, :0], d[:, :0], spec) is None
+    assert grid.round_scaled16(b.reshape(-1), d.reshape(-1), spec) is None
     three = torch.full((4, 2, 1), 3.0, dtype=torch.bfloat16)
     assert grid.round_div16(b, three.float(), spec) is None  # the scale in another dtype
     assert grid.round_div16(b, three[:, :1], spec) is None  # a scale that broadcasts is left to the reference
