@@ -127,8 +127,8 @@ INT_ROWS = 256
 
 
 def int_linear(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None, a_bits: int, a_signed: bool,
-               w_codes: torch.Tensor, w_scale: torch.Tensor, w_rowsum: torch.Tensor, bias: torch.Tensor | None
-               ) -> torch.Tensor:
+               w_codes: torch.Tensor, w_scale: torch.Tensor, w_rowsum: torch.Tensor, bias: torch.Tensor | None,
+               a_codes: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """``y = Q_a(x) Q_w(W)^T + b`` through an integer GEMM.
 
     Args:
@@ -137,15 +137,21 @@ def int_linear(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None
         a_bits, a_signed: the activation INT grid (unsigned codes are offset by ``2^(bits-1)``).
         w_codes: int8 ``(N, K)`` weight codes; ``w_scale``: float32 ``(N,)``; ``w_rowsum``: int32 ``(N,)``.
 
+        a_codes: ``(q_a - c, c)``, the int8 codes ``(M, K)`` already offset by ``c`` (a lookup,
+            :func:`_table_codes`), instead of computing them from ``x``.
+
     Per row: ``acc = int_mm(q_a - c, q_w)`` (exact int32), ``acc += (c - z) * rowsum`` (exact), then
     ``y = float32(acc) * (float32(s_a) * s_w) + b``, rounded once to ``x``'s dtype. Rows go in chunks of ``INT_ROWS``.
     """
     k, n = x.shape[-1], w_codes.shape[0]
     lead = x.shape[:-1]
-    qmin, qmax = (-(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1) if a_signed else (0, 2**a_bits - 1)
-    off = 0 if a_signed else 2 ** (a_bits - 1)
-    q = act_codes(x, a_scale, a_zp, qmin, qmax)
-    a = q.sub_(off).to(torch.int8).reshape(-1, k)
+    if a_codes is not None:
+        a, off = a_codes
+    else:
+        qmin, qmax = (-(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1) if a_signed else (0, 2**a_bits - 1)
+        off = 0 if a_signed else 2 ** (a_bits - 1)
+        a = act_codes(x, a_scale, a_zp, qmin, qmax).sub_(off).to(torch.int8).reshape(-1, k)
+    w_rowsum = w_rowsum.to(torch.int32)  # an int64 sum would make every correction a promoting add
     m = a.shape[0]
     z = torch.zeros_like(a_scale) if a_zp is None else a_zp.reshape(a_scale.shape)
     # per-row activation scale and zero-point offset (one value per sample, repeated over its tokens); the scale is
@@ -322,7 +328,7 @@ def _build_plan(layer, device: torch.device, dtype: torch.dtype, cache: bool, pr
         lay = lays[0]
         codes = _int_act_plan(plan, layer, q, dtype)
         plan.codes = codes if lay.storage == "int8" else None  # 4-bit codes are unpacked again only on fallback
-        plan.rowsum = codes.to(torch.int32).sum(1)
+        plan.rowsum = codes.to(torch.int32).sum(1, dtype=torch.int32)
         if (prepack and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and enabled("onednn_int8")
                 and kernels_cpu.onednn_int8_ok()):
             plan.onednn = kernels_cpu.prepack_int8(codes)
@@ -580,34 +586,42 @@ def _int_path(layer, plan: _Plan, q, x: torch.Tensor) -> torch.Tensor | None:
         return y.reshape(*x.shape[:-1], plan.n)
     if not enabled("int_gemm"):
         return None
+    a_codes = None
     if b is not None:
         scale, zp = plan.s_t[b], plan.z_t[b]
+        if x.dtype.itemsize == 2 and x.device.type == "cpu" and enabled("static_table"):
+            # one lookup instead of the quantizer's five passes: the unsigned code (plus plan.off) - 128 is the
+            # code minus c = 128 - plan.off, in int8
+            a_codes = (_table_codes(plan, b, x.reshape(-1, plan.k), signed=True), 128 - plan.off)
     else:
         scale, zp = q.static_params(x)
     codes = plan.codes if plan.codes is not None else int_codes(layer._part(0), layer.weight_layouts[0])
-    return int_linear(x, scale, zp, plan.a_bits, plan.a_signed, codes, plan.w_scale, plan.rowsum, layer.bias)
+    return int_linear(x, scale, zp, plan.a_bits, plan.a_signed, codes, plan.w_scale, plan.rowsum, layer.bias,
+                      a_codes)
 
 
-def _table_codes(plan: _Plan, b: int, x: torch.Tensor) -> torch.Tensor:
-    """The uint8 activation codes of the 16-bit ``x`` for bin ``b``: one lookup per element in :func:`_code_table`."""
+def _table_codes(plan: _Plan, b: int, x: torch.Tensor, signed: bool = False) -> torch.Tensor:
+    """The uint8 activation codes of the 16-bit ``x`` for bin ``b``: one lookup per element in :func:`_code_table`
+    (``signed``: those codes minus 128, as int8, for ``torch._int_mm``)."""
     idx = x.view(torch.int16).to(torch.int32).add_(32768)
-    return _code_table(plan, b).index_select(0, idx.reshape(-1)).reshape(x.shape)
+    return _code_table(plan, b, signed).index_select(0, idx.reshape(-1)).reshape(x.shape)
 
 
-def _code_table(plan: _Plan, b: int) -> torch.Tensor:
+def _code_table(plan: _Plan, b: int, signed: bool = False) -> torch.Tensor:
     """The uint8 activation code (plus the signed offset) of every one of the 65536 bfloat16 / float16 values, for
-    timestep bin ``b``: :func:`act_codes` itself applied to every bit pattern, so a lookup is bit-identical to the
-    fake quantizer's codes and replaces its five elementwise passes (NaN, which has no code, maps to the zero point).
-    Built on first use of the bin: 64 KiB."""
+    timestep bin ``b`` (``signed``: minus 128, as int8): :func:`act_codes` itself applied to every bit pattern, so a
+    lookup is bit-identical to the fake quantizer's codes and replaces its five elementwise passes (NaN, which has no
+    code, maps to the zero point). 64 KiB, built on first use of the bin; one is kept per kind, for the last bin
+    used (a sampler walks the bins in order)."""
     tables = plan.__dict__.setdefault("tables", {})
-    t = tables.get(b)
-    if t is None:
+    hit = tables.get(signed)
+    if hit is None or hit[0] != b:
         dtype = plan.s_t[b].dtype
         every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 1)
         codes = act_codes(every, plan.s_t[b], plan.z_t[b], plan.qmin, plan.qmax)
-        codes = torch.where(codes.isnan(), float(plan.z_i[b] - plan.off), codes)
-        t = tables[b] = codes.add_(plan.off).to(torch.uint8).reshape(-1)
-    return t
+        codes = torch.where(codes.isnan(), float(plan.z_i[b] - plan.off), codes).add_(plan.off).reshape(-1)
+        hit = tables[signed] = (b, codes.sub_(128).to(torch.int8) if signed else codes.to(torch.uint8))
+    return hit[1]
 
 
 def _traceable(layer, x: torch.Tensor, q, ready: bool) -> torch.Tensor:
@@ -619,7 +633,7 @@ def _traceable(layer, x: torch.Tensor, q, ready: bool) -> torch.Tensor:
         w_scale = part["weight_scale"].to(torch.float32).reshape(-1).expand(lay.rows)
         # the row sums in the graph (one pass over the codes), not a buffer beside them: 4 bytes a row, 1.7% of the
         # bundled DiT at W8A8 (the eager plan keeps its own, counted by kernel_bytes)
-        rowsum = codes.to(torch.int32).sum(1)
+        rowsum = codes.to(torch.int32).sum(1, dtype=torch.int32)
         return int_linear(x, scale, zp, q.fmt.bits, q.fmt.signed, codes, w_scale, rowsum, layer.bias)
     return _reference(layer, x, q)
 

@@ -217,6 +217,8 @@ def test_int8_layer_paths_agree_with_the_exact_integer_result(preset, dtype):
         fast = lin(x)
         with kernels.disable("onednn_int8"):
             mm = lin(x)
+        with kernels.disable("onednn_int8", "static_table"):  # the codes computed, not looked up: the same sums
+            assert torch.equal(lin(x), mm)
         with kernels.disable("all"):
             ref = lin(x)
         # the exact value of Q_a(x) Q_w(W)^T + b with the fake quantizer's own (dtype-rounded) scale
@@ -333,10 +335,11 @@ def test_prepacked_weights_are_opt_in(preset):
     with torch.no_grad():
         default = q(x)
         small = kernels.kernel_bytes(q)
-        assert small <= 16 * sum(m.out_features for m in lins)  # row sums and scales, no weight
+        # row sums, scales and one 64 KiB activation-code table per layer, no weight
+        assert small <= 16 * sum(m.out_features for m in lins) + 65536 * len(lins)
         plans = [p for m in lins for p in m.__dict__["_dmq_kernel_plans"].by_key.values()]
         assert plans and all(p.onednn is None and p.int4 is None for p in plans)
-        assert kernels.prepack_weights(q) > small
+        assert kernels.prepack_weights(q) > 16 * sum(m.out_features for m in lins)  # a weight copy
         fast = q(x)
         copy_bytes = kernels.kernel_bytes(q)  # with what the first call built (oneDNN's activation code tables)
         with kernels.disable("onednn_int8", "int4_weight"):
@@ -347,6 +350,7 @@ def test_prepacked_weights_are_opt_in(preset):
             assert copy_bytes >= small + weights // 2  # a 4-bit copy
         clone = copy.deepcopy(q)
         assert torch.equal(clone(x), fast) and kernels.kernel_bytes(clone) == copy_bytes
-        assert kernels.prepack_weights(q, False) == small and torch.equal(q(x), default)
+        kernels.prepack_weights(q, False)
+        assert torch.equal(q(x), default) and kernels.kernel_bytes(q) == small
     with pytest.raises(TypeError, match="enabled must be a bool"):
         kernels.prepack_weights(q, "yes")
