@@ -366,6 +366,13 @@ class RowDequantizer:
 
     def __init__(self, tensors: dict[str, torch.Tensor], table: torch.Tensor, layout: WeightLayout) -> None:
         self.codes = tensors["qweight"].view(torch.uint8)  # indexed by the stored byte
+        # an INT8 / UINT8 code is its own value: one widening cast instead of the index conversion and the gather
+        # (the widening is vectorized, the gather is not: about 4x faster on a 512 x 1152 tile here)
+        self.direct = None
+        if layout.storage == "int8":
+            self.direct = tensors["qweight"].view(torch.int8)
+        elif layout.storage == "uint8" and isinstance(layout.fmt, formats.IntFormat):
+            self.direct = self.codes
         # a (256, 2) table of both nibbles' values is looked up as one 8-byte word per byte: a 1-D index_select,
         # about 5x faster here than gathering 2-element rows, with the same bits
         self.pairs = table.dim() == 2
@@ -389,8 +396,11 @@ class RowDequantizer:
     def rows(self, r0: int, r1: int) -> torch.Tensor:
         """float32 rows ``r0:r1``, ``(r1 - r0, cols)``."""
         n, padded, cols = r1 - r0, self.layout.padded_cols, self.layout.cols
-        v = self.table.index_select(0, self.codes[r0:r1].reshape(-1).to(torch.int32))
-        v = (v.view(torch.float32) if self.pairs else v).reshape(n, -1)
+        if self.direct is not None:
+            v = self.direct[r0:r1].to(torch.float32)
+        else:
+            v = self.table.index_select(0, self.codes[r0:r1].reshape(-1).to(torch.int32))
+            v = (v.view(torch.float32) if self.pairs else v).reshape(n, -1)
         if v.shape[1] != padded:  # 4-bit rows are stored padded to whole bytes of 8 codes
             v = v[:, :padded].contiguous()
         v = v.reshape(n, -1, self.group).mul_(self.scales(r0, r1).unsqueeze(-1)).reshape(n, padded)
