@@ -136,8 +136,7 @@ def int_linear(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None
         a_scale, a_zp: the activation quantizer's scale and zero point, shaped ``(B or 1, 1, ..., 1)``.
         a_bits, a_signed: the activation INT grid (unsigned codes are offset by ``2^(bits-1)``).
         w_codes: int8 ``(N, K)`` weight codes; ``w_scale``: float32 ``(N,)``; ``w_rowsum``: int32 ``(N,)``.
-
-        a_codes: ``(q_a - c, c)``, the int8 codes ``(M, K)`` already offset by ``c`` (a lookup,
+        a_codes: ``(q_a - c, c)``, the int8 activation codes ``(M, K)`` already offset by ``c`` (a lookup,
             :func:`_table_codes`), instead of computing them from ``x``.
 
     Per row: ``acc = int_mm(q_a - c, q_w)`` (exact int32), ``acc += (c - z) * rowsum`` (exact), then

@@ -245,7 +245,7 @@ def measure_latency(args, names: list[str]) -> dict[str, dict[str, float]]:
         del model
         gc.collect()
         return_freed_memory()
-        print(f"built {name}: RSS {_status('VmRSS') / 2**20:.2f} GiB", file=sys.stderr, flush=True)
+        print(f"built {name}: RSS {_status('VmRSS') / 2**30:.2f} GiB", file=sys.stderr, flush=True)
     times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in args.batches} for n in names}
     for batch in args.batches:
         reps = args.reps if batch <= 2 else args.reps_large_batch
