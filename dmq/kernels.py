@@ -486,8 +486,9 @@ def frozen_linear(layer, x: torch.Tensor) -> torch.Tensor:
         # a static input quantizer straight into the float32 GEMM's operand: one lookup, no cast after it
         xg = q.lookup_as(x, gemm) if gemm != x.dtype else None
         if xg is not None:
-            y = kernels_cpu.tiled_linear(xg.reshape(-1, plan.k), plan.n, plan.rows.rows, layer.bias, gemm_dtype=gemm,
-                                         x_gemm=xg.reshape(-1, plan.k), dtype=x.dtype)
+            y = kernels_cpu.tiled_linear(xg.reshape(-1, plan.k), plan.n, _rows_in(plan.rows, x.dtype, gemm),
+                                         layer.bias, gemm_dtype=gemm, x_gemm=xg.reshape(-1, plan.k), dtype=x.dtype,
+                                         rounded=True)
             return y.reshape(*x.shape[:-1], plan.n)
     xq = q(x) if q is not None else x
     if plan.cache is not None and enabled("weight_cache"):
@@ -499,21 +500,28 @@ def frozen_linear(layer, x: torch.Tensor) -> torch.Tensor:
         y = kernels_cpu.int4_weight_linear(xq.reshape(-1, plan.k), packed, sz, g, layer.bias)
         return y.reshape(*x.shape[:-1], plan.n)
     if len(lays) == 1 and enabled("tiled_dequant"):
+        gemm = kernels_cpu.tile_gemm_dtype(xq.dtype) if xq.device.type == "cpu" else None
         if plan.rows is not None:
-            rows = plan.rows.rows
+            rows = _rows_in(plan.rows, xq.dtype, gemm or xq.dtype)
         else:
             part, lay = layer._part(0), lays[0]
 
             def rows(r0: int, r1: int) -> torch.Tensor:
-                return _dequant_rows(part, lay, r0, r1)[:, : lay.cols]
+                return _dequant_rows(part, lay, r0, r1)[:, : lay.cols].to(xq.dtype).to(gemm or xq.dtype)
 
-        gemm = kernels_cpu.tile_gemm_dtype(xq.dtype) if xq.device.type == "cpu" else None
         xg = None
         if gemm is not None and gemm != xq.dtype:  # Q, K and V projections share one input and its cast
             xg = _CAST.get(xq, (gemm, plan.k), lambda t: t.reshape(-1, plan.k).to(gemm))
-        y = kernels_cpu.tiled_linear(xq.reshape(-1, plan.k), plan.n, rows, layer.bias, gemm_dtype=gemm, x_gemm=xg)
+        y = kernels_cpu.tiled_linear(xq.reshape(-1, plan.k), plan.n, rows, layer.bias, gemm_dtype=gemm, x_gemm=xg,
+                                     rounded=True)
         return y.reshape(*x.shape[:-1], plan.n)
     return F.linear(xq, layer.dequantized_weight(x.dtype), layer.bias)
+
+
+def _rows_in(rows, dtype: torch.dtype, gemm: torch.dtype):
+    """The tiled path's weight tiles, rounded to the compute dtype and held in the GEMM's (see
+    :meth:`dmq.packed.RowDequantizer.rows_in`)."""
+    return lambda r0, r1: rows.rows_in(r0, r1, dtype, gemm)
 
 
 def int_act_ok(lay, q) -> bool:

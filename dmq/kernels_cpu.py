@@ -186,19 +186,20 @@ def tile_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def tiled_linear(x2d: torch.Tensor, n: int, dequant_rows, bias: torch.Tensor | None,
                  tile_elems: int | None = None, gemm_dtype: torch.dtype | None = None,
-                 x_gemm: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+                 x_gemm: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                 rounded: bool = False) -> torch.Tensor:
     """``x W^T + b`` where ``dequant_rows(r0, r1)`` gives rows ``r0:r1`` of ``W`` (float32 or ``x``'s dtype). Each
     tile of rows is rounded to ``x``'s dtype (the weight the reference multiplies by), multiplied in ``gemm_dtype``
     (default: ``x``'s) into its output columns at once, and the result rounded once to ``x``'s dtype. ``x_gemm``:
     ``x2d`` already cast to ``gemm_dtype``; ``dtype``: ``x``'s dtype when ``x2d`` is that cast (default
-    ``x2d.dtype``)."""
+    ``x2d.dtype``); ``rounded``: ``dequant_rows`` gives its rows already rounded to ``dtype``, in ``gemm_dtype``."""
     k, dtype = x2d.shape[1], (x2d.dtype if dtype is None else dtype)
     gd = dtype if gemm_dtype is None else gemm_dtype
     xg = x2d.to(gd) if x_gemm is None else x_gemm
     bg = None if bias is None else bias.detach().to(gd)  # inference kernel: no autograd graph
 
     def tile(r0: int, r1: int) -> torch.Tensor:
-        return dequant_rows(r0, r1).to(dtype).to(gd)
+        return dequant_rows(r0, r1) if rounded else dequant_rows(r0, r1).to(dtype).to(gd)
 
     step = max(TILE_MIN_ROWS, (tile_elems or TILE_ELEMS) // max(1, k) // 16 * 16)
     if step >= n:

@@ -406,6 +406,30 @@ class RowDequantizer:
         v = v.reshape(n, -1, self.group).mul_(self.scales(r0, r1).unsqueeze(-1)).reshape(n, padded)
         return v if cols == padded else v[:, :cols]
 
+    def rows_in(self, r0: int, r1: int, dtype: torch.dtype, gemm_dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``r0:r1`` rounded to ``dtype`` (the reference's weight) and held in ``gemm_dtype``: bit for bit
+        ``rows(r0, r1).to(dtype).to(gemm_dtype)``.
+
+        With one scale per row and rows much longer than the 256-entry table (FP8 and FP4 weights per output
+        channel, from 512 stored bytes a row on), each row's table is scaled and rounded first, ``256`` products per
+        row instead of one per element, and the codes index the tile's tables directly: one gather replaces the
+        gather, the scale pass and the two casts (the product ``table[code] * s`` is the same float32 product)."""
+        n, padded, cols = r1 - r0, self.layout.padded_cols, self.layout.cols
+        per_row = self.sc.shape[1] == 1 and not self.layout.fmt.is_block and self.direct is None
+        if not per_row or self.codes.shape[1] < 512:
+            return self.rows(r0, r1).to(dtype).to(gemm_dtype)
+        table = self.table.view(torch.float32).reshape(256, -1)  # (256, 1), or (256, 2) for both nibbles
+        s = self.scales(r0, r1).reshape(-1, 1, 1).expand(n, 1, 1)
+        tables = (table.unsqueeze(0) * s).to(dtype).to(gemm_dtype).contiguous()  # (n, 256, 1 or 2)
+        # both nibbles' values of a byte as one word (see __init__)
+        word = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tables.shape[-1] * gemm_dtype.itemsize]
+        idx = self.codes[r0:r1].to(torch.int32)
+        idx += torch.arange(0, n * 256, 256, dtype=torch.int32, device=idx.device).unsqueeze(1)
+        v = tables.view(word).reshape(-1).index_select(0, idx.reshape(-1)).view(gemm_dtype).reshape(n, -1)
+        if v.shape[1] != padded:
+            v = v[:, :padded]
+        return v if cols == padded else v[:, :cols]
+
 
 def row_dequantizer(tensors: dict[str, torch.Tensor], layout: WeightLayout) -> RowDequantizer | None:
     """A :class:`RowDequantizer` for ``layout``, or ``None`` for the layouts it does not cover (zero points,

@@ -271,9 +271,10 @@ def _runtime_goals(model: str, layers: int | None, ok: dict, bf: dict, batches: 
             if k not in r or k not in bf or preset.startswith(("bf16", "fp32", "torchao", "quanto")):
                 continue
             ratio = r[k] / bf[k]
-            if model == "dit-1152" and preset in RUNTIME_GOALS:
-                goal = RUNTIME_GOALS[preset][0 if b <= 2 else 1]
-                peers = [p for p in RUNTIME_PEERS.get(preset, ()) if p in ok]
+            base = preset.removesuffix("+prepack")  # with the opt-in weight copies: the same goal
+            if model == "dit-1152" and base in RUNTIME_GOALS:
+                goal = RUNTIME_GOALS[base][0 if b <= 2 else 1]
+                peers = [p for p in RUNTIME_PEERS.get(base, ()) if p in ok]
                 faster = [p for p in peers if k in ok[p] and r[k] < ok[p][k]]
                 slower = [p for p in peers if k in ok[p] and r[k] >= ok[p][k]]
                 out.append(f"{model} ({layers} blocks) b{b} {preset}: {ratio:.2f}x BF16 "

@@ -135,6 +135,20 @@ def test_row_dequantizer_is_the_reference_dequantization_bit_for_bit(preset, k):
     assert torch.equal(rd.rows(0, 40).to(torch.bfloat16), lin.dequantized_weight(torch.bfloat16))
 
 
+# K = 1152 / 1160: rows of at least 512 stored bytes, where per-channel FP8 / FP4 rows are gathered from per-row
+# tables; K = 72 and the group / block layouts take rows() and the casts
+@pytest.mark.parametrize("preset", ["fp8", "w4a8-fp", "w4a16", "nvfp4", "w8a8"])
+@pytest.mark.parametrize("k", [72, 1152, 1160])
+def test_rows_rounded_in_the_gemm_dtype_are_the_rows_cast_twice(preset, k):
+    lin = _packed_layer(preset, k)
+    rd = packed.row_dequantizer(lin._part(0), lin.weight_layouts[0])
+    for dtype in (torch.bfloat16, torch.float16):
+        for r0, r1 in ((0, 40), (8, 24), (39, 40)):
+            ref = rd.rows(r0, r1).to(dtype)
+            assert torch.equal(rd.rows_in(r0, r1, dtype, torch.float32), ref.float())
+            assert torch.equal(rd.rows_in(r0, r1, dtype, dtype).view(torch.int16), ref.view(torch.int16))
+
+
 def test_row_dequantizer_zero_nvfp4_weight_and_declined_layouts():
     lin = _packed_layer("nvfp4", 64, zero=True)  # tensor scale 0: zeros whatever the block scales hold
     part, lay = lin._part(0), lin.weight_layouts[0]
