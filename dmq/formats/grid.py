@@ -122,6 +122,15 @@ def _lookup16(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, idx).reshape(x.shape)
 
 
+def _chunkable(blocks: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether the ``block_chunked`` kernels take 16-bit CPU ``blocks`` ``(..., n, b)`` with one ``scale`` per row
+    ``(..., n, 1)`` (eager, no gradient, not empty)."""
+    return not ("block_chunked" in DISABLED or "grid_table" in DISABLED or blocks.device.type != "cpu"
+                or blocks.dtype not in (torch.bfloat16, torch.float16) or blocks.dim() < 2 or blocks.numel() == 0
+                or scale.shape != blocks.shape[:-1] + (1,) or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and (blocks.requires_grad or scale.requires_grad)))
+
+
 def round_scaled16(blocks: torch.Tensor, denom: torch.Tensor, spec: GridSpec) -> torch.Tensor | None:
     """``(round_to_grid(float32(blocks) / denom) * denom)`` rounded once to ``blocks``' 16-bit dtype, bit for bit,
     for 16-bit CPU ``blocks`` ``(..., n, b)`` and float32 ``denom`` ``(..., n, 1)`` (block-scaled formats with a
@@ -129,15 +138,10 @@ def round_scaled16(blocks: torch.Tensor, denom: torch.Tensor, spec: GridSpec) ->
     :func:`round_to_grid`, the product, the narrowing) runs on one cache-sized chunk of rows before the next chunk,
     instead of once over the whole tensor (path ``block_chunked``): the whole-tensor passes, the mixed-dtype quotient
     above all, spent about 10 ns an element here. None where the path does not apply."""
-    if ("block_chunked" in DISABLED or "grid_table" in DISABLED or blocks.device.type != "cpu"
-            or blocks.dtype not in (torch.bfloat16, torch.float16) or denom.dtype != torch.float32
-            or spec.man_bits > _ODD_MAX_MAN_BITS or spec.scale != 1.0 or spec.emin - spec.man_bits < -126
-            or blocks.dim() < 2 or torch.compiler.is_compiling()
-            or (blocks.requires_grad and torch.is_grad_enabled())):
+    if (not _chunkable(blocks, denom) or denom.dtype != torch.float32 or spec.man_bits > _ODD_MAX_MAN_BITS
+            or spec.scale != 1.0 or spec.emin - spec.man_bits < -126):
         return None
     n, b = blocks.shape[-2], blocks.shape[-1]
-    if n * b == 0 or denom.shape != blocks.shape[:-1] + (1,):
-        return None
     x = blocks.reshape(-1, n, b)
     d = denom.reshape(-1, n, 1)
     table = _table(spec, torch.bfloat16, torch.float32, signed=True)  # the quotient is float32 for both dtypes
@@ -166,14 +170,9 @@ def round_div16(blocks: torch.Tensor, scale: torch.Tensor, spec: GridSpec) -> to
     the product run one cache-sized chunk of rows at a time. When every scale is a power of two with an exact
     reciprocal (MX), the quotient is the product with ``1 / scale``: the same exact value, rounded the same way, and
     a multiply is cheaper than a divide. None where the path does not apply."""
-    if ("block_chunked" in DISABLED or "grid_table" in DISABLED or blocks.device.type != "cpu"
-            or blocks.dtype not in (torch.bfloat16, torch.float16) or scale.dtype != blocks.dtype
-            or blocks.dim() < 2 or torch.compiler.is_compiling()
-            or (blocks.requires_grad and torch.is_grad_enabled()) or scale.requires_grad):
+    if not _chunkable(blocks, scale) or scale.dtype != blocks.dtype:
         return None
     n, b = blocks.shape[-2], blocks.shape[-1]
-    if n * b == 0 or scale.shape != blocks.shape[:-1] + (1,):
-        return None
     x = blocks.reshape(-1, n, b)
     sc = scale.reshape(-1, n, 1)
     inv = sc.reciprocal()
