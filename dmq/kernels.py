@@ -58,8 +58,9 @@ logger = logging.getLogger(__name__)
 # the Linear paths below, then the element-rounding lookups of every fake quantizer (dmq.formats.grid), the reuse
 # of one input's dynamic quantization and GEMM cast by the layers that share it (dmq.memo), a static quantizer's
 # whole fake quantization as one lookup per timestep bin (dmq.quantizer), absolute maxima of 16-bit tensors on their
-# bit patterns (dynamic and block scales, dmq.formats.grid.abs_amax) and MX blocks computed in bfloat16
-# (dmq.formats.block)
+# bit patterns (dynamic and block scales, dmq.formats.grid.abs_amax), MX blocks computed in bfloat16
+# (dmq.formats.block), and NVFP4 / MX / per-token FP quantization one cache-sized chunk of rows at a time
+# (dmq.formats.grid.round_scaled16, round_div16)
 PATHS = ("onednn_int8", "int_gemm", "fp8_gemm", "int4_weight", "weight_cache", "tiled_dequant", "grid_table",
          "input_memo", "static_table", "abs_amax", "mx_16bit", "block_chunked")
 _WARNED: set[str] = set()
