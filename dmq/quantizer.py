@@ -122,16 +122,27 @@ class TensorQuantizer(nn.Module):
         return _DYNAMIC.get(x, (s, dim), quantize)
 
     def _static(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.compiler.is_compiling() or self.scale.requires_grad):
-            b = self.single_bin(x.shape[0])
-            if b is not None:  # eager, one bin for the call: its scale in x's dtype, kept (the same values)
-                scale, zp = self._bin_params(b, x.dtype, x.device)
-                table = self._bin_table(b, x, scale, zp)
-                if table is not None:
-                    return fq.fake_quant_lookup(x, self.fmt, table)
-                return fake_quant(x, self.fmt, scale, zp)
+        one = self._one_bin(x)
+        if one is not None:
+            scale, zp, table = one
+            if table is not None:
+                return fq.fake_quant_lookup(x, self.fmt, table)
+            return fake_quant(x, self.fmt, scale, zp)
         scale, zp = self.static_params(x)
         return fake_quant(x, self.fmt, scale, zp)
+
+    def _one_bin(self, x: torch.Tensor, out_dtype: torch.dtype | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+        """Eager, one timestep bin for the whole call: that bin's scale and zero point in ``x``'s dtype (kept, the
+        same values) and its lookup table with results in ``out_dtype`` (None where the table path does not
+        apply); None when the call has no single bin, or under tracing or a gradient on the scale."""
+        if torch.compiler.is_compiling() or self.scale.requires_grad:
+            return None
+        b = self.single_bin(x.shape[0])
+        if b is None:
+            return None
+        scale, zp = self._bin_params(b, x.dtype, x.device)
+        return scale, zp, self._bin_table(b, x, scale, zp, out_dtype)
 
     def single_bin(self, batch: int) -> int | None:
         """The one timestep bin of every sample of this call (what :meth:`current_bins` gives them all), or None
@@ -177,15 +188,10 @@ class TensorQuantizer(nn.Module):
         """This frozen static quantizer's output for a 16-bit CPU ``x``, bit for bit ``self(x).to(dtype)`` but in
         one lookup in a ``dtype`` table (a contiguous result; path ``static_table``): a float32 GEMM after it needs no
         cast of its input. None where the single-bin table path does not apply."""
-        if (not self.enabled or self.spec.dynamic or not self.frozen or CONTEXT.calibrating
-                or torch.compiler.is_compiling() or self.scale.requires_grad):
+        if not self.enabled or self.spec.dynamic or not self.frozen or CONTEXT.calibrating:
             return None
-        b = self.single_bin(x.shape[0])
-        if b is None:
-            return None
-        scale, zp = self._bin_params(b, x.dtype, x.device)
-        table = self._bin_table(b, x, scale, zp, dtype)
-        return None if table is None else lookup16(x, table)
+        one = self._one_bin(x, dtype)
+        return None if one is None or one[2] is None else lookup16(x, one[2])
 
     def _bin_table(self, b: int, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
                    out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
