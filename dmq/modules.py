@@ -438,7 +438,9 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
         if self.split is None:
             return self.input_quantizer(x)
         s = self.split
-        return torch.cat([self.input_quantizer(x[:, :s]), self.input_quantizer_skip(x[:, s:])], dim=1)
+        y = torch.cat([self.input_quantizer(x[:, :s]), self.input_quantizer_skip(x[:, s:])], dim=1)
+        # the halves are strided slices, so a channel-wise quantizer hands them back channels-last: keep x's layout
+        return y.contiguous() if x.is_contiguous() else y
 
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
         """A packed convolution (:func:`dmq.kernels.frozen_conv`: oneDNN's int8 convolution where it applies,

@@ -117,7 +117,11 @@ class TensorQuantizer(nn.Module):
 
         def quantize(t: torch.Tensor) -> torch.Tensor:
             q = quantize_rows_dynamic(to_rows(t, dim), self.fmt, s.granularity, s.group_size, s.symmetric)
-            return from_rows(q, t, dim)
+            q = from_rows(q, t, dim)
+            # rows along a dimension other than the last come back dim-last (channels-last for a convolution's
+            # channels): a dense input gets a dense result, or the layers after it (GroupNorm above all) take
+            # their slow strided paths
+            return q.contiguous() if t.is_contiguous() else q
 
         return _DYNAMIC.get(x, (s, dim), quantize)
 
