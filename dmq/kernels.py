@@ -129,7 +129,8 @@ INT_ROWS = 256
 
 def int_linear(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None, a_bits: int, a_signed: bool,
                w_codes: torch.Tensor, w_scale: torch.Tensor, w_rowsum: torch.Tensor, bias: torch.Tensor | None,
-               a_codes: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+               a_codes: tuple[torch.Tensor, int] | None = None,
+               epilogue: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
     """``y = Q_a(x) Q_w(W)^T + b`` through an integer GEMM.
 
     Args:
@@ -139,6 +140,8 @@ def int_linear(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None
         w_codes: int8 ``(N, K)`` weight codes; ``w_scale``: float32 ``(N,)``; ``w_rowsum``: int32 ``(N,)``.
         a_codes: ``(q_a - c, c)``, the int8 activation codes ``(M, K)`` already offset by ``c`` (a lookup,
             :func:`_table_codes`), instead of computing them from ``x``.
+        epilogue: ``(s_w', corr)`` for one scale and zero point per call, as :func:`_epilogue` builds them (the
+            same values this function computes; a layer's plan keeps them per timestep bin).
 
     Per row: ``acc = int_mm(q_a - c, q_w)`` (exact int32), ``acc += (c - z) * rowsum`` (exact), then
     ``y = float32(acc) * (float32(s_a) * s_w) + b``, rounded once to ``x``'s dtype. Rows go in chunks of ``INT_ROWS``.
@@ -151,19 +154,19 @@ def int_linear(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None
         qmin, qmax = (-(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1) if a_signed else (0, 2**a_bits - 1)
         off = 0 if a_signed else 2 ** (a_bits - 1)
         a = act_codes(x, a_scale, a_zp, qmin, qmax).sub_(off).to(torch.int8).reshape(-1, k)
-    w_rowsum = w_rowsum.to(torch.int32)  # an int64 sum would make every correction a promoting add
     m = a.shape[0]
-    z = torch.zeros_like(a_scale) if a_zp is None else a_zp.reshape(a_scale.shape)
-    # per-row activation scale and zero-point offset (one value per sample, repeated over its tokens); the scale is
-    # the one the fake quantizer uses, rounded to x's dtype (a float32 scale here was a systematic mismatch of up to
-    # 2^-9 relative per layer in bfloat16)
-    per_sample = a_scale.numel() > 1
-    rows_per_sample = m // a_scale.shape[0]
-    s_rows = a_scale.to(x.dtype).to(torch.float32).reshape(-1, 1).repeat_interleave(rows_per_sample, 0)
-    c_rows = (off - z.to(torch.int32)).reshape(-1, 1).repeat_interleave(rows_per_sample, 0)
-    if not per_sample:
-        sw = s_rows[:1] * w_scale  # (1, N)
-        corr = c_rows[:1] * w_rowsum
+    per_sample = epilogue is None and a_scale.numel() > 1
+    if epilogue is not None:
+        sw, corr = epilogue
+    elif not per_sample:
+        sw, corr = _epilogue(a_scale, a_zp, off, x.dtype, w_scale, w_rowsum)
+    else:
+        w_rowsum = w_rowsum.to(torch.int32)  # an int64 sum would make every correction a promoting add
+        z = torch.zeros_like(a_scale) if a_zp is None else a_zp.reshape(a_scale.shape)
+        # per-row activation scale and zero-point offset (one value per sample, repeated over its tokens)
+        rows_per_sample = m // a_scale.shape[0]
+        s_rows = a_scale.to(x.dtype).to(torch.float32).reshape(-1, 1).repeat_interleave(rows_per_sample, 0)
+        c_rows = (off - z.to(torch.int32)).reshape(-1, 1).repeat_interleave(rows_per_sample, 0)
     b = None if bias is None else bias.detach().to(torch.float32)  # inference kernel: no autograd graph
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     for r0 in range(0, m, INT_ROWS):
@@ -171,8 +174,8 @@ def int_linear(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None
         acc = int_mm(a[r0:r1], w_codes)
         if per_sample:
             sw = s_rows[r0:r1] * w_scale
-            corr = c_rows[r0:r1] * w_rowsum
-        if off or a_zp is not None:
+            corr = c_rows[r0:r1] * w_rowsum if off or a_zp is not None else None
+        if corr is not None:
             acc.add_(corr)
         f = acc.to(torch.float32)
         if b is None:
@@ -181,6 +184,20 @@ def int_linear(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None
             torch.addcmul(b, f, sw, out=f)
         out[r0:r1] = f
     return out.reshape(*lead, n)
+
+
+def _epilogue(a_scale: torch.Tensor, a_zp: torch.Tensor | None, off: int, dtype: torch.dtype,
+              w_scale: torch.Tensor, w_rowsum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The per-call constants of :func:`int_linear` for one activation scale and zero point: ``float32(s_a) * s_w``
+    ``(1, N)``, with ``s_a`` rounded to the compute ``dtype`` first, as the fake quantizer uses it (a float32 scale
+    here was a systematic mismatch of up to 2^-9 relative per layer in bfloat16), and the zero-point correction
+    ``(c - z) * rowsum`` ``(1, N)`` in int32 (None when it is 0)."""
+    sw = a_scale.reshape(-1)[:1].to(dtype).to(torch.float32).reshape(1, 1) * w_scale
+    if not off and a_zp is None:
+        return sw, None
+    z = 0 if a_zp is None else a_zp.reshape(-1)[:1].to(torch.int32).reshape(1, 1)
+    # int32: an int64 row sum would make every correction a promoting add
+    return sw, (off - z) * w_rowsum.to(torch.int32)
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -604,8 +621,15 @@ def _int_path(layer, plan: _Plan, q, x: torch.Tensor) -> torch.Tensor | None:
     else:
         scale, zp = q.static_params(x)
     codes = plan.codes if plan.codes is not None else int_codes(layer._part(0), layer.weight_layouts[0])
+    epilogue = None
+    if b is not None:  # the bin's epilogue constants, built once (a sampler walks the bins in order)
+        off = a_codes[1] if a_codes is not None else 0 if plan.a_signed else 2 ** (plan.a_bits - 1)
+        hit = plan.__dict__.get("epilogue")
+        if hit is None or hit[0] != (b, x.dtype, off):
+            hit = plan.epilogue = ((b, x.dtype, off), _epilogue(scale, zp, off, x.dtype, plan.w_scale, plan.rowsum))
+        epilogue = hit[1]
     return int_linear(x, scale, zp, plan.a_bits, plan.a_signed, codes, plan.w_scale, plan.rowsum, layer.bias,
-                      a_codes)
+                      a_codes, epilogue)
 
 
 def _table_codes(plan: _Plan, b: int, x: torch.Tensor, signed: bool = False) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 
 import dmq
 from dmq import formats, kernels, kernels_cpu, packed
+from dmq.calibration import call_scope
 from dmq.config import QuantSpec
 from dmq.fake_quant import fake_quant
 from dmq.packed import int_codes
@@ -257,6 +258,39 @@ def test_int8_layer_paths_agree_with_the_exact_integer_result(preset, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int_path_epilogue_kept_per_bin_is_the_per_call_one(dtype):
+    """The integer path keeps its epilogue constants (the scale product and the zero-point correction) for the last
+    timestep bin; walking the bins back and forth gives bit for bit what int_linear computes from scratch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48)).to(dtype)
+    cfg = dmq.get_config("w8a8")
+    cfg = cfg.replace(act=QuantSpec("int8", "tensor", symmetric=False, timestep_bins=4), keep_fp=())
+    q = dmq.quantize(model, cfg, inplace=False)
+    x = (torch.randn(2, 7, 64) * 2).to(dtype)
+    dmq.calibrate(q, lambda m: m(x))
+    dmq.freeze(q)
+    lin, aq = q[0], q[0].input_quantizer
+    with torch.no_grad():  # a different scale and zero point in every bin
+        aq.scale.mul_(torch.tensor([1.0, 0.5, 2.0, 1.5]).reshape(aq.scale.shape))
+        aq.zero_point.copy_(torch.tensor([128.0, 100.0, 140.0, 90.0]).reshape(aq.zero_point.shape))
+    part = lin._part(0)
+    codes = int_codes(part, lin.weight_layouts[0])
+    w_scale = part["weight_scale"].to(torch.float32).reshape(-1)
+    results = {}
+    with torch.no_grad():
+        for t in (100.0, 600.0, 100.0, 900.0, 600.0):  # bins 0, 2, 0, 3, 2
+            with call_scope(calibrating=False, timestep=torch.tensor([t])):
+                b = aq.single_bin(x.shape[0])
+                y = lin(x)
+            s, z = aq.scale[b].reshape(1, 1, 1), aq.zero_point[b].reshape(1, 1, 1)
+            ref = kernels.int_linear(x, s, z, 8, False, codes, w_scale, codes.to(torch.int32).sum(1), lin.bias)
+            assert torch.equal(y, ref)
+            results.setdefault(b, y)
+            assert torch.equal(results[b], y)
+    assert sorted(results) == [0, 2, 3] and not torch.equal(results[0], results[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_weight_only_paths_and_their_fallbacks(dtype):
     q, x = _frozen("w4a16", dtype)
     lin = q[0]
@@ -359,7 +393,9 @@ def test_prepacked_weights_are_opt_in(preset):
         with kernels.disable("onednn_int8", "int4_weight"):
             assert torch.equal(q(x), default)  # the default is the path the copies bypass
         if preset in ("w8a8", "w4a8") and kernels_cpu.onednn_int8_ok():
-            assert copy_bytes >= small + weights  # an int8 copy
+            # an int8 copy; the oneDNN path builds no int_linear epilogue (a float32 scale and an int32
+            # correction per output), which the default path keeps
+            assert copy_bytes >= small - 8 * sum(m.out_features for m in lins) + weights
         elif preset == "w4a16" and kernels_cpu.int4_weight_ok():
             assert copy_bytes >= small + weights // 2  # a 4-bit copy
         clone = copy.deepcopy(q)
