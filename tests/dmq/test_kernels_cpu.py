@@ -13,6 +13,7 @@ from dmq import formats, kernels, kernels_cpu, packed
 from dmq.calibration import call_scope
 from dmq.config import QuantSpec
 from dmq.fake_quant import fake_quant
+from dmq.modules import QuantConv2d
 from dmq.packed import int_codes
 
 U32 = 2.0**-24  # float32 unit roundoff
@@ -404,3 +405,28 @@ def test_prepacked_weights_are_opt_in(preset):
         assert torch.equal(q(x), default) and kernels.kernel_bytes(q) == small
     with pytest.raises(TypeError, match="enabled must be a bool"):
         kernels.prepack_weights(q, "yes")
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "fp8", "nvfp4", "mxfp4", "w4a8-fp", "w4a16"])
+def test_conv_weight_from_row_dequantizers_is_the_packed_weight_bit_for_bit(preset):
+    """A frozen convolution without oneDNN's integer path dequantizes its weight through the plan's row
+    dequantizers (both parts of a shortcut split), bit for bit the packed weight's own dequantization."""
+    torch.manual_seed(0)
+    cfg = dmq.get_config(preset).replace(keep_fp=())
+    model = nn.Sequential(nn.Conv2d(24, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 8, 1)).to(torch.bfloat16)
+    q = dmq.quantize(model, cfg, inplace=False)
+    q[0] = QuantConv2d.from_float(model[0], cfg, split=8)  # a shortcut split: two weight parts
+    x = torch.randn(2, 24, 6, 6, dtype=torch.bfloat16)
+    dmq.calibrate(q, lambda m: m(x))
+    dmq.freeze(q)
+    assert len(q[0].weight_layouts) == 2
+    with torch.no_grad():
+        for conv in (q[0], q[2]):
+            xi = torch.zeros(1, conv.in_channels, 2, 2, dtype=torch.bfloat16)
+            ref = conv.dequantized_weight(torch.bfloat16)
+            got = kernels._conv_weight(conv, xi)
+            assert kernels._plan(conv, xi.device, xi.dtype).conv_rows  # the row path ran
+            assert got.shape == ref.shape and torch.equal(got.view(torch.int16), ref.view(torch.int16))
+        y = q(x)
+        with kernels.disable("tiled_dequant"):
+            assert torch.equal(q(x), y)
