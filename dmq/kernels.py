@@ -591,7 +591,37 @@ def frozen_conv(layer, x: torch.Tensor) -> torch.Tensor:
             # a shortcut split: the two halves' convolutions in float32, summed, rounded once
             y = _int_conv(parts[0], bins[0], xs[0], None, torch.float32)
             return y.add_(_int_conv(parts[1], bins[1], xs[1], layer.bias, torch.float32)).to(x.dtype)
-    return layer._conv_forward(layer._quant_input(x), _conv_weight(layer, x), layer.bias)
+    xq = _split_lookup(layer, x) if layer.split is not None else None
+    xq = layer._quant_input(x) if xq is None else xq
+    return layer._conv_forward(xq, _conv_weight(layer, x), layer.bias)
+
+
+def _split_lookup(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """A shortcut split's input through both static quantizers' tables in one lookup (the skip half's bit patterns
+    offset into the second table, path ``static_table``): bit for bit the two halves' lookups and their
+    concatenation, without the half-size copies. None where either table does not apply."""
+    qa, qb = layer.input_quantizer, layer.input_quantizer_skip
+    if qa is None or qb is None or not x.is_contiguous() or torch.compiler.is_compiling():
+        return None
+    ta = qa.static_table(x)
+    tb = qb.static_table(x) if ta is not None else None
+    if tb is None:
+        return None
+    plan = _plan(layer, x.device, x.dtype)
+    key = plan.__dict__.get("split_key")
+    if key is None or key.a is not ta or key.b is not tb:  # the bins' tables change as a sampler walks them
+        plan.split_key, plan.split_table = _Pair(ta, tb), torch.cat([ta, tb])
+    idx = x.view(torch.uint16).to(torch.int32)
+    idx[:, layer.split :] += 1 << 16
+    return plan.split_table.index_select(0, idx.reshape(-1)).reshape(x.shape)
+
+
+class _Pair:
+    """The two tables a joint split table was built from (held, so that identity means the same tables; not
+    counted by :func:`kernel_bytes`, which counts them with their quantizers)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.a, self.b = a, b
 
 
 def _conv_weight(layer, x: torch.Tensor) -> torch.Tensor:

@@ -192,10 +192,16 @@ class TensorQuantizer(nn.Module):
         """This frozen static quantizer's output for a 16-bit CPU ``x``, bit for bit ``self(x).to(dtype)`` but in
         one lookup in a ``dtype`` table (a contiguous result; path ``static_table``): a float32 GEMM after it needs no
         cast of its input. None where the single-bin table path does not apply."""
+        table = self.static_table(x, dtype)
+        return None if table is None else lookup16(x, table)
+
+    def static_table(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """The 65536-entry table this frozen static quantizer looks the 16-bit CPU ``x`` up in (results in
+        ``dtype``, default ``x.dtype``), or None where the single-bin table path does not apply."""
         if not self.enabled or self.spec.dynamic or not self.frozen or CONTEXT.calibrating:
             return None
         one = self._one_bin(x, dtype)
-        return None if one is None or one[2] is None else lookup16(x, one[2])
+        return None if one is None else one[2]
 
     def _bin_table(self, b: int, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
                    out_dtype: torch.dtype | None = None) -> torch.Tensor | None:

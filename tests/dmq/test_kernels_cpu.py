@@ -430,3 +430,38 @@ def test_conv_weight_from_row_dequantizers_is_the_packed_weight_bit_for_bit(pres
         y = q(x)
         with kernels.disable("tiled_dequant"):
             assert torch.equal(q(x), y)
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "fp8"])
+def test_split_input_in_one_joint_lookup_is_both_halves_bit_for_bit(preset):
+    """A frozen shortcut-split convolution looks both halves of its input up in one joint table (the skip half's
+    patterns offset into the second); walking the timestep bins rebuilds it, and a channels-last input, whose
+    halves' layout the joint lookup would not keep, takes the two lookups."""
+    torch.manual_seed(0)
+    cfg = dmq.get_config(preset)
+    cfg = cfg.replace(act=dataclasses.replace(cfg.act, timestep_bins=4), keep_fp=())
+    conv = nn.Conv2d(24, 16, 3, padding=1).to(torch.bfloat16)
+    q = nn.Sequential(QuantConv2d.from_float(conv, cfg, split=8))
+    q._dmq = dmq.api.QuantState(cfg, None)
+    x = torch.randn(2, 24, 6, 6, dtype=torch.bfloat16) * torch.logspace(-1, 1, 24, dtype=torch.bfloat16)[:, None, None]
+    dmq.calibrate(q, lambda m: m(x))
+    dmq.freeze(q)
+    layer = q[0]
+    with torch.no_grad():
+        for qi in (layer.input_quantizer, layer.input_quantizer_skip):  # distinct scales per bin
+            qi.scale.mul_(torch.tensor([1.0, 0.7, 1.3, 1.9]).reshape(qi.scale.shape))  # not powers of two (FP8)
+        joint = {}
+        for t in (100.0, 600.0, 100.0, 900.0):  # bins 0, 2, 0, 3
+            with call_scope(calibrating=False, timestep=torch.tensor([t])):
+                got = kernels._split_lookup(layer, x)
+                ref = torch.cat([layer.input_quantizer(x[:, :8]), layer.input_quantizer_skip(x[:, 8:])], dim=1)
+                assert got is not None and got.is_contiguous()
+                assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
+                joint.setdefault(t, got)
+                assert torch.equal(joint[t], got)
+                y = layer(x)
+                with kernels.disable("static_table"):  # the quantizers' arithmetic, the same values
+                    assert torch.equal(layer(x), y)
+                cl = x.contiguous(memory_format=torch.channels_last)
+                assert kernels._split_lookup(layer, cl) is None
+        assert not torch.equal(joint[100.0], joint[600.0])
