@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from dmq import formats, kernels_cpu
 from dmq.formats.grid import DISABLED as _DISABLED
+from dmq.formats.grid import gather16
 from dmq.memo import InputMemo
 from dmq.packed import _dequant_rows, int_codes, row_dequantizer
 
@@ -679,8 +680,7 @@ def _int_path(layer, plan: _Plan, q, x: torch.Tensor) -> torch.Tensor | None:
 def _table_codes(plan: _Plan, b: int, x: torch.Tensor, signed: bool = False) -> torch.Tensor:
     """The uint8 activation codes of the 16-bit ``x`` for bin ``b``: one lookup per element in :func:`_code_table`
     (``signed``: those codes minus 128, as int8, for ``torch._int_mm``)."""
-    idx = x.view(torch.int16).to(torch.int32).add_(32768)
-    return _code_table(plan, b, signed).index_select(0, idx.reshape(-1)).reshape(x.shape)
+    return gather16(_code_table(plan, b, signed), x.view(torch.int16).reshape(-1), 32768).reshape(x.shape)
 
 
 def _code_table(plan: _Plan, b: int, signed: bool = False) -> torch.Tensor:
