@@ -86,3 +86,30 @@ def test_gather16_in_chunks_is_one_index_select(offset, dtype, monkeypatch):
         ref = table.index_select(0, bits.to(torch.int32) + offset)
         got = grid.gather16(table, bits, offset)
         assert got.shape == (n,) and torch.equal(got, ref)
+
+
+def test_chunk_scratch_is_reused_per_thread_and_bounded():
+    """The chunked kernels' work buffers are kept per thread and slot, grown to the largest chunk, and never above
+    one chunk (a longer row gets a buffer of its own); results do not depend on what a buffer held before."""
+    import threading
+
+    a = grid._scratch("test", (4, 8), torch.float32)
+    b = grid._scratch("test", (2, 8), torch.float32)
+    assert b.data_ptr() == a.data_ptr() and b.shape == (2, 8)
+    c = grid._scratch("test", (64, 8), torch.float32)  # grows
+    assert c.shape == (64, 8) and grid._scratch("test", (4, 8), torch.float32).data_ptr() == c.data_ptr()
+    big = grid._scratch("test", (grid._CPU_CHUNK + 1,), torch.float32)
+    assert big.data_ptr() != c.data_ptr() and grid._scratch("test", (8,), torch.float32).data_ptr() == c.data_ptr()
+    other = []
+    t = threading.Thread(target=lambda: other.append(grid._scratch("test", (4, 8), torch.float32).data_ptr()))
+    t.start()
+    t.join()
+    assert other[0] != c.data_ptr()
+    # the kernels that use them: the same result with the buffers full of garbage
+    x = torch.randn(64, 4, 16, dtype=torch.bfloat16)
+    s = x.abs().amax(-1, keepdim=True).float() / 6
+    spec = formats.get("e2m1").grid
+    ref = grid.round_scaled16(x, s, spec)
+    for slot, dtype in (("w", torch.float32), ("s", torch.int32)):
+        grid._scratch(slot, (grid._CPU_CHUNK,), dtype).fill_(7)
+    assert torch.equal(grid.round_scaled16(x, s, spec), ref)
