@@ -208,7 +208,9 @@ def runtime_table(data: dict) -> str:
               for i, r in enumerate(runs)]
     lines += ["", "`dit-1152` is DiT-XL/2's shape (16 heads x 72, patch 2, 32x32x4 latents, 256 tokens) with random "
               "weights; batch 2 is one image with classifier-free guidance, batch 32 sixteen. Latency: median over "
-              "rounds that call every variant once in turn after a warm-up round; `+compile` is `torch.compile` of "
+              "rounds that call every variant once in turn after a warm-up round (from run 17 on, each timed call "
+              "right after one untimed call of the same variant: `--warm-calls 1`, as a sampler's next call finds "
+              "the model; earlier runs timed a variant right after another model); `+compile` is `torch.compile` of "
               "that variant (default Inductor), `+cache` keeps a dequantized weight copy (memory trade-off, "
               "`dmq.kernels.cache_weights`). Calibration: min-max ranges (the estimator moves scales, not kernels)."]
     gemm = data.get("gemm_512x1152x4608_s")
