@@ -78,7 +78,7 @@ def test_disable_restores_the_kernel_and_is_scoped():
 def test_gather16_in_chunks_is_one_index_select(offset, dtype, monkeypatch):
     """Above its chunk size gather16 goes through one small reused index buffer; the result is the whole-tensor
     gather, at every length around the chunk boundaries."""
-    monkeypatch.setattr(grid, "_GATHER_CHUNK", 1000)
+    monkeypatch.setattr(grid, "_GATHER_CHUNK", 1000)  # the scratch holds up to _CPU_CHUNK
     g = torch.Generator().manual_seed(0)
     table = torch.randn(65536, generator=g)
     for n in (1, 999, 1000, 1001, 3007):
