@@ -142,6 +142,7 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
 
 # elements per chunk of gather16 (measured: 24k-element chunks were 1.4x slower, a whole-tensor index up to 2.7x)
 _GATHER_CHUNK = _CPU_CHUNK
+_GATHER_SMALL = 8192  # an index this small (32 KiB) comes from glibc's heap: no scratch needed
 
 
 def gather16(table: torch.Tensor, bits: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -150,11 +151,11 @@ def gather16(table: torch.Tensor, bits: torch.Tensor, offset: int = 0) -> torch.
     (twice the input's bytes) is a fresh allocation above glibc's mmap threshold on every call, and its first touch
     page-faulted (about 14 MB of faults per call of the bundled DiT under FP8, a quarter of the call's time)."""
     n = bits.numel()
-    if bits.device.type != "cpu" or n <= _GATHER_CHUNK:
+    if bits.device.type != "cpu" or n <= _GATHER_SMALL:
         idx = bits.to(torch.int32)
         return table.index_select(0, idx.add_(offset) if offset else idx)
     out = torch.empty(n, dtype=table.dtype)
-    idx = _scratch("gather", (_GATHER_CHUNK,), torch.int32)
+    idx = _scratch("gather", (min(n, _GATHER_CHUNK),), torch.int32)
     for i in range(0, n, _GATHER_CHUNK):
         j = min(n, i + _GATHER_CHUNK)
         ii = idx[: j - i].copy_(bits[i:j])

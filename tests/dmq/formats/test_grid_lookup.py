@@ -79,9 +79,10 @@ def test_gather16_in_chunks_is_one_index_select(offset, dtype, monkeypatch):
     """Above its chunk size gather16 goes through one small reused index buffer; the result is the whole-tensor
     gather, at every length around the chunk boundaries."""
     monkeypatch.setattr(grid, "_GATHER_CHUNK", 1000)  # the scratch holds up to _CPU_CHUNK
+    monkeypatch.setattr(grid, "_GATHER_SMALL", 500)
     g = torch.Generator().manual_seed(0)
     table = torch.randn(65536, generator=g)
-    for n in (1, 999, 1000, 1001, 3007):
+    for n in (1, 500, 501, 999, 1000, 1001, 3007):
         bits = torch.randint(0, 65536, (n,), generator=g, dtype=torch.int32).to(dtype)
         ref = table.index_select(0, bits.to(torch.int32) + offset)
         got = grid.gather16(table, bits, offset)
