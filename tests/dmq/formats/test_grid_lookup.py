@@ -76,8 +76,8 @@ def test_disable_restores_the_kernel_and_is_scoped():
 
 @pytest.mark.parametrize("offset, dtype", [(0, torch.uint16), (32768, torch.int16)])
 def test_gather16_in_chunks_is_one_index_select(offset, dtype, monkeypatch):
-    """Above its chunk size gather16 goes through one small reused index buffer; the result is the whole-tensor
-    gather, at every length around the chunk boundaries."""
+    """Above its small size gather16 goes chunk by chunk through one reused index buffer; the result is the
+    whole-tensor gather, at every length around the size and chunk boundaries."""
     monkeypatch.setattr(grid, "_GATHER_CHUNK", 1000)  # the scratch holds up to _CPU_CHUNK
     monkeypatch.setattr(grid, "_GATHER_SMALL", 500)
     g = torch.Generator().manual_seed(0)
