@@ -195,11 +195,7 @@ def round_scaled16(blocks: torch.Tensor, denom: torch.Tensor, spec: GridSpec) ->
         r1 = min(r0 + step, x.shape[0])
         wi, si = w[: r1 - r0], s[: r1 - r0]
         wi.copy_(x[r0:r1]).div_(d[r0:r1])
-        bits = wi.view(torch.int32)
-        # round to odd at 16 bits, offset to index the table (as in _lookup_odd)
-        torch.bitwise_and(bits, 0xFFFF, out=si)
-        si.add_(0xFFFF).bitwise_or_(bits).bitwise_right_shift_(16).add_(1 << 15)
-        torch.index_select(table, 0, si.reshape(-1), out=wi.reshape(-1))
+        _odd_lookup(wi.reshape(-1), si.reshape(-1), table, wi.reshape(-1))  # in place: the index is read first
         out[r0:r1].copy_(wi.mul_(d[r0:r1]))
     return out.reshape(blocks.shape)
 
@@ -243,14 +239,20 @@ def _lookup_odd(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     out = torch.empty(flat.shape, dtype=torch.float32)
     scratch = _scratch("s", (min(_CPU_CHUNK, flat.numel()),), torch.int32)
     for i in range(0, flat.numel(), _CPU_CHUNK):
-        b = flat[i : i + _CPU_CHUNK].view(torch.int32)
-        s = scratch[: b.numel()]
-        # bit 16 of (low 16 bits + 0xFFFF) is set iff a dropped bit is: OR it into the kept bits' lowest one; the
-        # arithmetic shift leaves the 16 kept bits as an int16 value, offset to index the table
-        torch.bitwise_and(b, 0xFFFF, out=s)
-        s.add_(0xFFFF).bitwise_or_(b).bitwise_right_shift_(16).add_(1 << 15)
-        torch.index_select(table, 0, s, out=out[i : i + _CPU_CHUNK])
+        b = flat[i : i + _CPU_CHUNK]
+        _odd_lookup(b, scratch[: b.numel()], table, out[i : i + _CPU_CHUNK])
     return out.reshape(x.shape)
+
+
+def _odd_lookup(x: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = table[round_to_odd16(x)]`` for flat float32 ``x``, through the int32 scratch ``idx`` (``out`` may be
+    ``x`` itself: the index is complete before the gather writes)."""
+    b = x.view(torch.int32)
+    # bit 16 of (low 16 bits + 0xFFFF) is set iff a dropped bit is: OR it into the kept bits' lowest one; the
+    # arithmetic shift leaves the 16 kept bits as an int16 value, offset to index the table
+    torch.bitwise_and(b, 0xFFFF, out=idx)
+    idx.add_(0xFFFF).bitwise_or_(b).bitwise_right_shift_(16).add_(1 << 15)
+    torch.index_select(table, 0, idx, out=out)
 
 
 def _round_kernel(x: torch.Tensor, spec: GridSpec, out_dtype: torch.dtype) -> torch.Tensor:
