@@ -579,12 +579,12 @@ def frozen_conv(layer, x: torch.Tensor) -> torch.Tensor:
     the bound of the integer Linear path), otherwise the fake-quantized input and the weight dequantized on the fly,
     bit for bit the fake-quant convolution."""
     q = layer.input_quantizer
-    if (x.device.type == "cpu" and x.dtype.itemsize == 2 and q is not None and q.enabled and q.frozen
-            and enabled("onednn_int8") and not torch.compiler.is_compiling()
+    plan = None if torch.compiler.is_compiling() else _plan(layer, x.device, x.dtype)  # once per call
+    if (plan is not None and plan.parts and x.device.type == "cpu" and x.dtype.itemsize == 2 and q is not None
+            and q.enabled and q.frozen and enabled("onednn_int8")
             and not (torch.is_grad_enabled() and x.requires_grad)):
-        parts = _plan(layer, x.device, x.dtype).parts
-        qs = _conv_quantizers(layer)
-        bins = [qi.single_bin(x.shape[0]) if qi.enabled and qi.frozen else None for qi in qs] if parts else [None]
+        parts = plan.parts
+        bins = [qi.single_bin(x.shape[0]) if qi.enabled and qi.frozen else None for qi in _conv_quantizers(layer)]
         if None not in bins:
             xs = [x] if len(parts) == 1 else [x[:, : layer.split], x[:, layer.split :]]
             if len(parts) == 1:
@@ -592,23 +592,22 @@ def frozen_conv(layer, x: torch.Tensor) -> torch.Tensor:
             # a shortcut split: the two halves' convolutions in float32, summed, rounded once
             y = _int_conv(parts[0], bins[0], xs[0], None, torch.float32)
             return y.add_(_int_conv(parts[1], bins[1], xs[1], layer.bias, torch.float32)).to(x.dtype)
-    xq = _split_lookup(layer, x) if layer.split is not None else None
+    xq = _split_lookup(layer, plan, x) if plan is not None and layer.split is not None else None
     xq = layer._quant_input(x) if xq is None else xq
-    return layer._conv_forward(xq, _conv_weight(layer, x), layer.bias)
+    return layer._conv_forward(xq, _conv_weight(layer, plan, x), layer.bias)
 
 
-def _split_lookup(layer, x: torch.Tensor) -> torch.Tensor | None:
+def _split_lookup(layer, plan: _Plan, x: torch.Tensor) -> torch.Tensor | None:
     """A shortcut split's input through both static quantizers' tables in one lookup (the skip half's bit patterns
     offset into the second table, path ``static_table``): bit for bit the two halves' lookups and their
     concatenation, without the half-size copies. None where either table does not apply."""
     qa, qb = layer.input_quantizer, layer.input_quantizer_skip
-    if qa is None or qb is None or not x.is_contiguous() or torch.compiler.is_compiling():
+    if qa is None or qb is None or not x.is_contiguous():
         return None
     ta = qa.static_table(x)
     tb = qb.static_table(x) if ta is not None else None
     if tb is None:
         return None
-    plan = _plan(layer, x.device, x.dtype)
     key = plan.__dict__.get("split_key")
     if key is None or key.a is not ta or key.b is not tb:  # the bins' tables change as a sampler walks them
         plan.split_key, plan.split_table = _Pair(ta, tb), torch.cat([ta, tb])
@@ -625,11 +624,11 @@ class _Pair:
         self.a, self.b = a, b
 
 
-def _conv_weight(layer, x: torch.Tensor) -> torch.Tensor:
-    """``layer.dequantized_weight(x.dtype)`` bit for bit: through the plan's row dequantizers (path
+def _conv_weight(layer, plan: _Plan | None, x: torch.Tensor) -> torch.Tensor:
+    """``layer.dequantized_weight(x.dtype)`` bit for bit: through the row dequantizers of the eager ``plan`` (path
     ``tiled_dequant``; about a third of the small operations of the general unpacking) where they cover the layout."""
-    if enabled("tiled_dequant") and not torch.compiler.is_compiling():
-        rows = _plan(layer, x.device, x.dtype).__dict__.get("conv_rows")
+    if plan is not None and enabled("tiled_dequant"):
+        rows = plan.__dict__.get("conv_rows")
         if rows:
             ws = [r.rows_in(0, r.layout.rows, x.dtype, x.dtype).reshape(r.layout.shape) for r in rows]
             return ws[0] if len(ws) == 1 else torch.cat(ws, dim=1)

@@ -424,7 +424,7 @@ def test_conv_weight_from_row_dequantizers_is_the_packed_weight_bit_for_bit(pres
         for conv in (q[0], q[2]):
             xi = torch.zeros(1, conv.in_channels, 2, 2, dtype=torch.bfloat16)
             ref = conv.dequantized_weight(torch.bfloat16)
-            got = kernels._conv_weight(conv, xi)
+            got = kernels._conv_weight(conv, kernels._plan(conv, xi.device, xi.dtype), xi)
             assert kernels._plan(conv, xi.device, xi.dtype).conv_rows  # the row path ran
             assert got.shape == ref.shape and torch.equal(got.view(torch.int16), ref.view(torch.int16))
         y = q(x)
@@ -453,7 +453,7 @@ def test_split_input_in_one_joint_lookup_is_both_halves_bit_for_bit(preset):
         joint = {}
         for t in (100.0, 600.0, 100.0, 900.0):  # bins 0, 2, 0, 3
             with call_scope(calibrating=False, timestep=torch.tensor([t])):
-                got = kernels._split_lookup(layer, x)
+                got = kernels._split_lookup(layer, kernels._plan(layer, x.device, x.dtype), x)
                 ref = torch.cat([layer.input_quantizer(x[:, :8]), layer.input_quantizer_skip(x[:, 8:])], dim=1)
                 assert got is not None and got.is_contiguous()
                 assert torch.equal(got.view(torch.int16), ref.view(torch.int16))
@@ -463,5 +463,5 @@ def test_split_input_in_one_joint_lookup_is_both_halves_bit_for_bit(preset):
                 with kernels.disable("static_table"):  # the quantizers' arithmetic, the same values
                     assert torch.equal(layer(x), y)
                 cl = x.contiguous(memory_format=torch.channels_last)
-                assert kernels._split_lookup(layer, cl) is None
+                assert kernels._split_lookup(layer, kernels._plan(layer, cl.device, cl.dtype), cl) is None
         assert not torch.equal(joint[100.0], joint[600.0])
