@@ -116,7 +116,7 @@ def search_dc_ratios(
 
     rows = latents.shape[0] - held_out_rows(latents.shape[0], held_out)
     sched = scheduler
-    sched.register_to_config(dc_ratios=None, cpr=None)
+    sched.register_to_config(dc_ratios=None, cpr=None, fitted_coefficients=None, fitted_timesteps=None)
     if reference is None:
         reference = ddim_reference(denoise, sched, latents.detach(), num_inference_steps, fine_steps)
     sched.set_timesteps(num_inference_steps, device=latents.device)

@@ -394,7 +394,10 @@ def search_schedule(
         raise TypeError(f"variants must be None, 'auto' or a non-empty list of dicts of solver options, "
                         f"got {variants!r}")
     # the scheduler as given is always a candidate (index 0), and the baseline of the acceptance checks
-    trials = [({}, scheduler)] + [(dict(v), _variant(scheduler, dict(v))) for v in variants or () if v]
+    solver = scheduler  # the solver the schedule is searched for: without a fitted table (fitted to other nodes)
+    if _is_ours(scheduler) and scheduler.config.get("fitted_coefficients") is not None:
+        solver = type(scheduler).from_config(scheduler.config, fitted_coefficients=None, fitted_timesteps=None)
+    trials = [({}, solver)] + [(dict(v), _variant(solver, dict(v))) for v in variants or () if v]
     n = int(num_inference_steps)
     sch = noise_schedule_of(scheduler)
     pred = _prediction_type(scheduler)
@@ -469,7 +472,8 @@ def search_schedule(
 
 
 def _store(scheduler: Any, timesteps: list[float]) -> None:
-    if _is_ours(scheduler):
+    if _is_ours(scheduler):  # a fitted table belongs to the old schedule and solver
+        scheduler.register_to_config(fitted_coefficients=None, fitted_timesteps=None)
         scheduler.set_searched_timesteps(timesteps)
     else:  # survives save_pretrained/from_pretrained as a config entry diffusers keeps but does not use
         scheduler.register_to_config(searched_timesteps=[int(round(t)) for t in timesteps])

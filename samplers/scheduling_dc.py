@@ -109,6 +109,8 @@ class DCSolverScheduler(DEISScheduler):
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
         searched_timesteps: list[float] | None = None,
+        fitted_coefficients: list[list[float]] | None = None,
+        fitted_timesteps: list[float] | None = None,
         time_grid: str = "time",
         time_grid_power: float | None = 1.0,
         solver_order: int = 2,
@@ -155,6 +157,7 @@ class DCSolverScheduler(DEISScheduler):
         self._step_index: int | None = None
         self._history: list[torch.Tensor] = []  # x̂0, newest first (compensated entries replace the original)
         self._last_sample: torch.Tensor | None = None
+        self._fit_x0s: list[torch.Tensor] = []
 
     def state(self) -> tuple:
         """A snapshot of the multistep state (for :func:`samplers.search_dc_ratios`); tensors are never mutated."""
@@ -293,6 +296,8 @@ class DCSolverScheduler(DEISScheduler):
         k = self._step_index
         if k >= len(self._nodes):
             raise ValueError(f"step called {k + 1} times but there are only {len(self._nodes)} timesteps")
+        if self._fitted is not None:
+            return self._table_step(model_output, sample, k, return_dict)
         dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
         x = sample.to(dtype)
         x0 = self._x0(model_output, x, k)

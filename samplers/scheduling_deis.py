@@ -28,6 +28,7 @@ from .grids import (
     rho_power_grid,
     spacing_timesteps,
 )
+from .linear_solver import check_table, table_update
 from .schedules import (
     EDMSchedule,
     FlowSchedule,
@@ -94,7 +95,10 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
     ``use_exponential_sigmas`` / ``use_beta_sigmas`` select the ``"rho"`` (κ = 7) / ``"log_rho"`` / ``"beta"`` grid,
     bounded by ``sigma_min``/``sigma_max`` (ρ = σ/α; flow: σ); ``thresholding`` with ``dynamic_thresholding_ratio``
     and ``sample_max_value`` is Imagen's dynamic thresholding of x̂0; ``searched_timesteps`` is a schedule from
-    :func:`samplers.search_schedule`, used by ``set_timesteps`` for its own number of steps; ``snr_shift_scale`` is
+    :func:`samplers.search_schedule`, used by ``set_timesteps`` for its own number of steps;
+    ``fitted_coefficients`` with ``fitted_timesteps`` is a solver fitted to a model by
+    :func:`samplers.fit_coefficients` (:mod:`samplers.linear_solver`, Eq. 1), used instead of the solver's own
+    update whenever a run starts at the first of exactly those timesteps; ``snr_shift_scale`` is
     CogVideoX's SNR shift of ``ᾱ`` (:func:`samplers.schedules.alphas_cumprod_from_config`); ``timestep_type=
     "continuous"`` with v-prediction is EDM's ``c_noise = ln(σ)/4`` on ``[sigma_min, sigma_max]`` as diffusers' Euler
     has it (Stable Video Diffusion; :class:`~samplers.schedules.EDMSchedule`).
@@ -143,6 +147,8 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
         searched_timesteps: list[float] | None = None,
+        fitted_coefficients: list[list[float]] | None = None,
+        fitted_timesteps: list[float] | None = None,
         deis_method: str = "tab",
         deis_order: int = 3,
         time_grid: str = "time",
@@ -217,6 +223,11 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
         self._check_sigma_bounds()
         if cfg.searched_timesteps is not None:
             self._user_timesteps(cfg.searched_timesteps)  # validates
+        check_table(cfg.fitted_coefficients, cfg.fitted_timesteps)
+        if cfg.fitted_coefficients is not None and cfg.get("deis_method") == "rhork":
+            raise ValueError("fitted_coefficients need one model evaluation per step; deis_method='rhork' has "
+                             "several (use 'tab', 'rhoab' or 'ipndm')")
+        self._fitted: list[list[float]] | None = None
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         T, sch = self.schedule.num_train_timesteps, self.schedule
@@ -294,11 +305,14 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
         if self._plan is not None:
             self._check_start(self._begin_index)
             self._build_plan(self._begin_index)
+            if self._begin_index != 0:  # a fitted table starts from x_T (see _init_step_index)
+                self._fitted = None
 
     def _reset_state(self) -> None:
         self._step_index: int | None = None
         self._history: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._anchor: torch.Tensor | None = None
+        self._fit_x0s: list[torch.Tensor] = []
 
     def __len__(self) -> int:
         return self.schedule.num_train_timesteps
@@ -417,6 +431,7 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(nodes)
         self._begin_index = None
         self._build_plan(0)
+        self._fitted = self._fitted_rows()
         ts = self._plan.timesteps
         if not self.is_flow and np.all(ts == np.round(ts)):
             self.timesteps = torch.from_numpy(ts.astype(np.int64)).to(device)
@@ -424,6 +439,16 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
             self.timesteps = torch.from_numpy(ts.astype(np.float32)).to(device)
         level = self._plan.sigmas if self.is_flow else self._plan.rhos
         self.sigmas = torch.from_numpy(np.append(level, 0.0).astype(np.float32))
+
+    def _fitted_rows(self) -> list[list[float]] | None:
+        """The fitted table of the config when it was fitted on exactly the current timesteps, else ``None``."""
+        cfg = self.config
+        if cfg.fitted_coefficients is None:
+            return None
+        fitted = np.asarray(cfg.fitted_timesteps, dtype=np.float64).astype(np.float32)
+        if fitted.shape != self._nodes.shape or not np.array_equal(fitted, self._nodes.astype(np.float32)):
+            return None
+        return [[float(v) for v in row] for row in cfg.fitted_coefficients]
 
     def _searched(self, n: int) -> np.ndarray | None:
         """The searched schedule of the config (:func:`samplers.search_schedule`) when it has ``n`` steps."""
@@ -471,6 +496,7 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep {float(t)} is not in this scheduler's timesteps")
         index = int(matches[1 if matches.numel() > 1 else 0])  # diffusers' rule: the second of duplicates
         if index != 0:
+            self._fitted = None  # a fitted table is fitted from x_T; a run that starts later uses the solver's own
             self._check_start(index)
             self._build_plan(index)
         self._step_index = index
@@ -524,6 +550,8 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
         k = self._step_index
         if k >= len(self._plan.updates):
             raise ValueError(f"step called {k + 1} times but there are only {len(self._plan.updates)} timesteps")
+        if self._fitted is not None:
+            return self._table_step(model_output, sample, k, return_dict)
         upd = self._plan.updates[k]
         dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
         x = sample.to(dtype)
@@ -541,6 +569,20 @@ class DEISScheduler(SchedulerMixin, ConfigMixin):
                 prev = prev + c * z
         self._step_index = k + 1
         prev = prev.to(sample.dtype)
+        if not return_dict:
+            return (prev,)
+        return DEISSchedulerOutput(prev_sample=prev, pred_original_sample=x0.to(sample.dtype))
+
+    def _table_step(self, model_output: torch.Tensor, sample: torch.Tensor, k: int,
+                    return_dict: bool) -> DEISSchedulerOutput | tuple[torch.Tensor]:
+        """One step of the fitted table (:mod:`samplers.linear_solver`, Eq. 1), in the solvers' state dtype."""
+        dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        x = sample.to(dtype)
+        x0 = self.convert_output(model_output.to(device=x.device, dtype=dtype), x, self._alphas[k],
+                                 self._sigmas_f[k])[1]
+        self._fit_x0s.append(x0)
+        prev = table_update(self._fitted[k], x, self._fit_x0s).to(sample.dtype)
+        self._step_index = k + 1
         if not return_dict:
             return (prev,)
         return DEISSchedulerOutput(prev_sample=prev, pred_original_sample=x0.to(sample.dtype))

@@ -1,0 +1,170 @@
+"""Solver coefficients fitted to a model: each step's linear combination solved by least squares against a teacher.
+
+Learned solver coefficients are what the strongest few-step samplers add to a searched schedule (S4S: Frankel et
+al., "S4S: Solving for a Diffusion Model Solver", ICML 2025, learns the coefficients of a multistep solver against
+teacher samples; DPM-Solver-v3: Zheng et al., NeurIPS 2023, fits its coefficients to empirical model statistics).
+Our form is the table of :mod:`samplers.linear_solver`, Eq. (1): ``x_{i+1} = a_i x_i + sum_k b_{i,k} x̂0_k``.
+
+The fit is sequential and exact per step. Start from the scheduler's own rows (its schedule, solver, ratios), run the
+model at the current points of the search latents, and solve step ``i``'s ``i + 2`` numbers by least squares so that
+``x_{i+1}`` meets the teacher state at ``t_{i+1}`` (the last step: the teacher's final sample); then step on with
+the fitted row, so that every later step is fitted on the states the fitted solver really reaches. The cost is one
+sampling run (``N`` evaluations per latent) beyond the teacher. ``ridge`` pulls each row towards the solver's own
+(Tikhonov, scaled by the Gram diagonal). Part of the latents is held out: a table that is worse there than the
+solver it started from is rejected, as :func:`samplers.search_schedule` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .dc import ddim_reference
+from .linear_solver import solver_coefficients, table_update
+from .schedule_search import Denoise, _is_ours, held_out_rows, pooled_error, run_sampler
+
+__all__ = ["CoefficientFitResult", "fit_coefficients"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CoefficientFitResult:
+    """What :func:`fit_coefficients` found. Errors are final-sample MSEs against the teacher's final samples."""
+
+    coefficients: list[list[float]]
+    base_coefficients: list[list[float]]
+    timesteps: list[float]
+    accepted: bool
+    reason: str
+    search_error: float
+    base_search_error: float
+    held_out_error: float | None = None
+    base_held_out_error: float | None = None
+    model_evaluations: int = 0
+
+
+def _target(reference: Sequence[torch.Tensor] | Callable[[int, float], torch.Tensor], i: int,
+            t_next: float) -> torch.Tensor:
+    return (reference(i, t_next) if callable(reference) else reference[i]).to(torch.float64)
+
+
+@torch.no_grad()
+def fit_coefficients(
+    denoise: Denoise,
+    scheduler: Any,
+    latents: torch.Tensor,
+    num_inference_steps: int,
+    *,
+    reference: Sequence[torch.Tensor] | Callable[[int, float], torch.Tensor] | None = None,
+    reference_denoise: Denoise | None = None,
+    held_out: float | int | None = 0.5,
+    ridge: float = 0.0,
+    fine_steps: int = 250,
+    store: bool = True,
+    progress: bool = True,
+) -> CoefficientFitResult:
+    """Fit the ``num_inference_steps``-step solver of ``scheduler`` to ``denoise`` (module docstring).
+
+    Args:
+        denoise: ``denoise(x, t)``: the raw model output (guidance applied).
+        scheduler: a :class:`~samplers.DEISScheduler` or :class:`~samplers.DCSolverScheduler` (one model
+            evaluation per step). Its schedule (a searched one included), solver options and DC ratios are the
+            starting point; a table already in its config is replaced.
+        latents: ``x_T`` at the first timestep, ``(B, ...)``; the last ``held_out`` rows only check the result.
+        reference: the teacher state after each step, for all rows: ``reference[i]`` (or ``reference(i,
+            t_{i+1})``) at ``t_{i+1}``, the last at ``σ = 0`` (an exact ODE solution, e.g.
+            :func:`pipelines.dc_search.gmm_reference`). Default: :func:`samplers.ddim_reference` with ``fine_steps``
+            DDIM steps of ``reference_denoise or denoise``.
+        reference_denoise: the teacher model when it differs from ``denoise`` (quantization-aware: ``denoise``
+            quantized, ``reference_denoise`` full precision).
+        held_out: rows kept out of the fit (a fraction or a count; ``None``: no check).
+        ridge: ``λ >= 0``; row ``i`` minimises ``|F δ - r|² + λ sum_j G_jj δ_j²`` for the change ``δ`` from the
+            solver's own row (``G = FᵀF``).
+        store: write an accepted table into the config (``fitted_coefficients``/``fitted_timesteps``, saved by
+            ``save_pretrained``); the scheduler then uses it whenever it runs those timesteps from the start. A
+            rejected fit removes an older table.
+
+    Returns a :class:`CoefficientFitResult`.
+    """
+    if not _is_ours(scheduler):
+        raise TypeError(f"fit_coefficients needs a samplers.DEISScheduler or DCSolverScheduler, got "
+                        f"{type(scheduler).__name__} (build one with from_config(scheduler.config))")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (math.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    if isinstance(fine_steps, bool) or not isinstance(fine_steps, int) or fine_steps < 1:
+        raise ValueError(f"fine_steps must be an int >= 1, got {fine_steps!r}")
+    if not isinstance(latents, torch.Tensor) or latents.ndim < 1:
+        raise TypeError(f"latents must be a tensor (B, ...), got {type(latents).__name__}")
+    if reference is not None and not callable(reference) and not isinstance(reference, Sequence):
+        raise TypeError(f"reference must be None, a list of states or a callable (i, t) -> state, "
+                        f"got {type(reference).__name__}")
+    k = held_out_rows(latents.shape[0], held_out)
+    rows = latents.shape[0] - k
+    n = num_inference_steps
+    base = solver_coefficients(scheduler, n)  # also refuses Runge-Kutta stages
+    # the solver the table starts from: the scheduler without its old table
+    solver = type(scheduler).from_config(scheduler.config, fitted_coefficients=None, fitted_timesteps=None)
+    solver.set_timesteps(n, device=latents.device)
+    ts = solver.timesteps
+    evals = 0
+    if reference is None:
+        reference = ddim_reference(reference_denoise or denoise, solver, latents, n, fine_steps)
+        evals += fine_steps
+        solver.set_timesteps(n, device=latents.device)
+    targets = [_target(reference, i, float(ts[i + 1]) if i + 1 < n else -1.0) for i in range(n)]
+    for i, y in enumerate(targets):
+        if y.shape != latents.shape:
+            raise ValueError(f"reference state {i} has shape {tuple(y.shape)}, latents {tuple(latents.shape)}")
+    x = latents.to(torch.float64) * float(solver.init_noise_sigma)
+    x0s: list[torch.Tensor] = []
+    table: list[list[float]] = []
+    for i in tqdm(range(n), desc="coefficient fit", disable=not progress):
+        out = denoise(solver.scale_model_input(x, ts[i]).to(latents.dtype), ts[i]).to(torch.float64)
+        x0s.append(solver.convert_output(out, x, solver._alphas[i], solver._sigmas_f[i])[1])
+        feats = torch.stack([x] + x0s)[:, :rows].reshape(i + 2, -1)
+        own = torch.tensor(base[i], dtype=torch.float64)
+        resid = targets[i][:rows].reshape(-1) - own @ feats
+        gram = feats @ feats.T
+        lhs = gram + ridge * torch.diag(torch.diag(gram))
+        delta = torch.linalg.lstsq(lhs, (feats @ resid).unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        row = [float(v) for v in own + delta]
+        if not all(math.isfinite(v) for v in row):  # a degenerate step (all features zero): keep the solver's row
+            row = list(base[i])
+        table.append(row)
+        x = table_update(row, x, x0s)
+    evals += n
+    final = targets[-1]
+    base_x = run_sampler(denoise, solver, latents, n).to(torch.float64)
+    evals += n
+    search, check = slice(None, rows), slice(rows, None)
+    result = CoefficientFitResult(
+        table, base, [float(t) for t in ts.double().cpu()], True, "",
+        pooled_error(x[search], final[search]), pooled_error(base_x[search], final[search]))
+    if result.search_error >= result.base_search_error:
+        result.accepted, result.reason = False, (
+            f"fitted table is no better than the solver on the search latents "
+            f"({result.search_error:.3e} >= {result.base_search_error:.3e})")
+    elif k:
+        result.held_out_error = pooled_error(x[check], final[check])
+        result.base_held_out_error = pooled_error(base_x[check], final[check])
+        if result.held_out_error >= result.base_held_out_error:
+            result.accepted, result.reason = False, (
+                f"fitted table is worse than the solver on {k} held-out latents ({result.held_out_error:.3e} >= "
+                f"{result.base_held_out_error:.3e}): overfitted the search latents")
+    result.model_evaluations = evals * latents.shape[0]
+    if not result.accepted:
+        logger.warning("fit_coefficients: keeping the solver's own coefficients: %s", result.reason)
+    if store:  # a rejected fit also removes an older table: the scheduler is left with what was checked
+        scheduler.register_to_config(fitted_coefficients=table if result.accepted else None,
+                                     fitted_timesteps=result.timesteps if result.accepted else None)
+        scheduler.set_timesteps(n, device=latents.device)
+    return result
