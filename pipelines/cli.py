@@ -59,11 +59,14 @@ def load(source: str, *, allow_hub: bool = False, **kwargs: Any) -> Any:
 
 
 def search(pipe: Any, labels: list[int], steps: int, guidance: float, **options: Any) -> dict[str, Any]:
-    """Search the sampler's schedule, then DC-Solver's ratios on it, for ``pipe``, and install the result on it."""
+    """Search the sampler's schedule, then DC-Solver's ratios on it, then fit its coefficients, for ``pipe``, and
+    install the result on it."""
     found = fit_sampler(pipe, labels, steps, guidance, **{k: v for k, v in options.items() if v is not None})
-    schedule = found["schedule"]
+    schedule, fit = found["schedule"], found["coefficients"]
     return {"timesteps": schedule.timesteps, "schedule_accepted": schedule.accepted, "reason": schedule.reason,
-            "dc_ratios": found["ratios"], "losses": found["losses"]}
+            "dc_ratios": found["ratios"], "losses": found["losses"],
+            "coefficients_accepted": None if fit is None else fit.accepted,
+            "coefficients_reason": None if fit is None else fit.reason}
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -191,13 +194,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     pipe = load(args.dir)
     pipe.set_progress_bar_config(disable=True)
     found = search(pipe, args.labels, args.steps, args.guidance, num_latents=args.num_latents,
-                   fine_steps=args.reference_steps, iters=args.iterations, seed=args.seed, progress=_progress(args))
+                   fine_steps=args.reference_steps, iters=args.iterations, seed=args.seed, progress=_progress(args),
+                   coefficients=not args.no_coefficients)
     where = save_scheduler(pipe.scheduler, folder)
     ratios = ", ".join(f"{r:.4f}" for r in found["dc_ratios"])
     steps = ", ".join(f"{s:g}" for s in found["timesteps"])
     print(f"schedule for {args.steps} steps at guidance {args.guidance:g}: [{steps}] "
           f"({'searched' if found['schedule_accepted'] else 'default kept'}: {found['reason']})")
     print(f"DC-Solver ratios on it: [{ratios}]")
+    if found["coefficients_accepted"] is not None:
+        print("solver coefficients fitted on both: " + ("kept" if found["coefficients_accepted"] else
+                                                       f"not kept ({found['coefficients_reason']})"))
     print(f"wrote {where / 'scheduler_config.json'}: {folder} now samples with {type(pipe.scheduler).__name__}")
     return EXIT_OK
 
@@ -321,10 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=cmd_sample)
 
     r = sub.add_parser("search", parents=[common], formatter_class=fmt, epilog=_epilog("search"),
-                       help="search DC-Solver ratios and save them as the folder's sampler",
-                       description="Search DC-Solver's compensation ratios for the folder's backbone at --steps "
-                                   "steps against a fine DDIM run from the same noise, and write them into the "
-                                   "folder's scheduler config. Class-conditional pipelines.")
+                       help="search DC-Solver's schedule and ratios, fit its coefficients, and save them as "
+                            "the folder's sampler",
+                       description="Search DC-Solver's schedule and compensation ratios for the folder's backbone "
+                                   "at --steps steps against a fine DDIM run from the same noise, fit the "
+                                   "solver's coefficients on them, and write all three into the folder's "
+                                   "scheduler config. Class-conditional pipelines.")
     r.add_argument("dir", metavar="DIR", help="a pipeline folder; its scheduler config is rewritten")
     r.add_argument("--steps", type=positive_int, default=5, help="the step count to search for")
     r.add_argument("--guidance", type=float, default=2.0, help="guidance scale of the search")
@@ -333,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--iterations", type=positive_int, default=20, help="optimisation steps per ratio")
     r.add_argument("--reference-steps", type=positive_int, default=250, help="steps of the DDIM reference")
     r.add_argument("--seed", type=int, default=0, help="seed of the search latents")
+    r.add_argument("--no-coefficients", action="store_true",
+                   help="keep the solver's own coefficients (default: fit them on the schedule and ratios)")
     r.set_defaults(run=cmd_search)
 
     e = sub.add_parser("eval", formatter_class=fmt, epilog=_epilog("eval"),

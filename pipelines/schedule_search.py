@@ -4,7 +4,8 @@
 (``pipe.unet``/``pipe.transformer`` called as ``backbone(x, t, class_labels)``). With ``reference_pipe`` or
 ``reference_backbone`` (full precision) the teacher trajectory and the targets come from that model while the
 schedule is run on ``pipe``'s (quantized) backbone, so the schedule also absorbs quantization error.
-:func:`fit_sampler` searches the schedule and then the DC ratios on it (DC-Solver).
+:func:`fit_sampler` searches the schedule, then the DC ratios on it (DC-Solver), then fits the solver's coefficients
+on both (:func:`samplers.fit_coefficients`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 import dmq
-from samplers import DCSolverScheduler
+from samplers import DCSolverScheduler, fit_coefficients
 from samplers import search_dc_ratios as _search_ratios
 from samplers import search_schedule as _search_schedule
 from samplers.dc import ddim_reference
@@ -96,29 +97,37 @@ def fit_sampler(
     held_out: float | int | None = 0.5,
     seed: int = 0,
     ratios: bool = True,
+    coefficients: bool = True,
     iters: int = 20,
     fine_steps: int = 250,
     progress: bool = True,
     **search_options: Any,
 ) -> dict:
-    """Fit DC-Solver to ``pipe``: search the schedule (UniPC, all ratios 1), then the DC ratios on that schedule.
+    """Fit DC-Solver to ``pipe``: search the schedule (UniPC, all ratios 1), then the DC ratios on that schedule,
+    then (``coefficients``) the solver's coefficients on both, against the same ``fine_steps`` DDIM teacher.
 
     ``pipe.scheduler`` becomes a :class:`~samplers.DCSolverScheduler` (``from_config`` of the current one) holding
-    both in its config (saved by ``save_pretrained``). Each search keeps its default when the held-out latents say
-    so. A joint (alternating) search was measured and did not pay (docs/samplers.md). Returns
-    ``{"schedule": ScheduleSearchResult, "ratios": [...], "losses": [...]}``.
+    all three in its config (saved by ``save_pretrained``). Each stage keeps what it started from when the
+    held-out latents say so. A joint (alternating) schedule and ratio search was measured and did not pay
+    (docs/samplers.md). Returns ``{"schedule": ScheduleSearchResult, "ratios": [...], "losses": [...],
+    "coefficients": CoefficientFitResult | None}``.
     """
     x_T, den, ref_den = _setup(pipe, labels_or_prompts, num_latents, guidance_scale, seed, reference_pipe,
                                reference_backbone)
     sched = DCSolverScheduler.from_config(pipe.scheduler.config, dc_ratios=None, cpr=None)
     found = _search_schedule(den, sched, x_T, num_inference_steps, reference_denoise=ref_den, held_out=held_out,
                              progress=progress, **search_options)
-    out: dict[str, Any] = {"schedule": found, "ratios": [1.0] * num_inference_steps, "losses": []}
+    out: dict[str, Any] = {"schedule": found, "ratios": [1.0] * num_inference_steps, "losses": [],
+                           "coefficients": None}
+    ref = ddim_reference(ref_den or den, sched, x_T, num_inference_steps, fine_steps) if ratios or coefficients \
+        else None
     if ratios:
-        ref = ddim_reference(ref_den or den, sched, x_T, num_inference_steps, fine_steps)
         # back-propagates through the model: a packed backbone runs its dequantizing path (as search_dc_ratios does)
         with torch.enable_grad(), dmq.kernels.disable("int_gemm", "fp8_gemm"):
             out["ratios"], out["losses"] = _search_ratios(den, sched, x_T, num_inference_steps, reference=ref,
                                                           iters=iters, held_out=held_out, progress=progress)
+    if coefficients:
+        out["coefficients"] = fit_coefficients(den, sched, x_T, num_inference_steps, reference=ref,
+                                               held_out=held_out, progress=progress)
     pipe.scheduler = sched
     return out

@@ -690,8 +690,13 @@ def samplers_fit_table(data: dict) -> str:
         return f"{r:.2f}" + ("" if r <= 0.7 else " ✗")
 
     lines = [f"`{data['command']}` ({data['machine']}). Ratio = RMSE of the best dmq option (searched schedule with "
-             "DEIS, UniPC or DC-Solver) / RMSE of the best of 19 diffusers scheduler-and-grid pairs, on latents no "
-             "search saw; goal ≤ 0.70, ✗ marks a miss."]
+             "DEIS, UniPC or DC-Solver, each also with its coefficients fitted on that schedule) / RMSE of the best "
+             "of 19 diffusers scheduler-and-grid pairs, on latents no search or fit saw; goal ≤ 0.70, ✗ marks a "
+             "miss."]
+
+    def halved(cells: list, fitted: bool) -> int:
+        keys = ("DEIS + fitted", "UniPC + fitted") if fitted else ("DEIS", "UniPC")
+        return sum(min(c["searched_vs_default"][k] for k in keys) <= 0.5 for c in cells)
     if "gmm" in data:
         cells = data["gmm"]["cells"]
         nfes = sorted({c["nfe"] for c in cells})
@@ -706,15 +711,19 @@ def samplers_fit_table(data: dict) -> str:
                 lines.append(f"| {mix.replace('GaussianMixture.random', '')} | {g:g} | "
                              + " | ".join(mark(row[n]["ratio"]) if n in row else "–" for n in nfes) + " |")
         met = sum(c["ratio"] <= 0.7 for c in cells)
-        halved = [c for c in cells if c["nfe"] == 5]
-        half = sum(min(c["searched_vs_default"].values()) <= 0.5 for c in halved)
+        five = [c for c in cells if c["nfe"] == 5]
         wins = {k: sum(c["best_dmq"] == k for c in cells) for k in dict.fromkeys(c["best_dmq"] for c in cells)}
         kept = sum(not c["search_info"][k]["accepted"] for c in cells for k in ("DEIS searched", "UniPC searched"))
+        fits = [c["search_info"][k] for c in cells for k in c["search_info"] if k.endswith("+ fitted")]
         lines += ["", f"Goal met in {met} of {len(cells)} cells. At NFE 5 the searched schedule at least halves the "
-                  f"RMSE of the same solver on its default grid in {half} of {len(halved)} cells (best of DEIS and "
-                  f"UniPC). Best dmq option: " + ", ".join(f"{k} {v}x" for k, v in wins.items()) + f". {kept} of "
-                  f"{2 * len(cells)} schedule searches were rejected by their held-out check (default grid kept). "
-                  f"Wall time {data['gmm']['seconds'] / 60:.0f} min on the shared machine."]
+                  f"RMSE of the same solver on its default grid in {halved(five, False)} of {len(five)} cells (best "
+                  "of DEIS and UniPC)"
+                  + (f", and with fitted coefficients in {halved(five, True)} of {len(five)}" if fits else "")
+                  + ". Best dmq option: " + ", ".join(f"{k} {v}x" for k, v in wins.items()) + f". {kept} of "
+                  f"{2 * len(cells)} schedule searches were rejected by their held-out check (default grid kept)"
+                  + (f", and {sum(not f['accepted'] for f in fits)} of {len(fits)} coefficient fits (the solver's "
+                     "own coefficients kept)" if fits else "")
+                  + f". Wall time {data['gmm']['seconds'] / 60:.0f} min."]
         if "gmm_search96" in data:
             more = data["gmm_search96"]["cells"]
             ratios = [b["ratio"] / a["ratio"] for a, b in zip(cells, more)]
@@ -728,14 +737,15 @@ def samplers_fit_table(data: dict) -> str:
     if rows:
         lines += ["", "Bundled models (1000-step DDIM reference of the full-precision model, guidance 2):", "",
                   "| model | NFE | best dmq | RMSE | best diffusers | RMSE | ratio | searched / default (DEIS, UniPC) "
-                  "|",
-                  "|---|---:|---|---:|---|---:|---:|---|"]
+                  "| + fitted / default (DEIS, UniPC) |",
+                  "|---|---:|---|---:|---|---:|---:|---|---|"]
         for c in rows:
             sv = c["searched_vs_default"]
             tag = "" if "commit" in c else " †"
+            fit = (f"{sv['DEIS + fitted']:.2f}, {sv['UniPC + fitted']:.2f}" if "DEIS + fitted" in sv else "–")
             lines.append(f"| {c['model']}{tag} | {c['nfe']} | {c['best_dmq']} | {c['dmq'][c['best_dmq']]:.4f} | "
                          f"{c['best_peer'].replace('|', ', ')} | {c['best_peer_rmse']:.4f} | {mark(c['ratio'])} | "
-                         f"{sv['DEIS']:.2f}, {sv['UniPC']:.2f} |")
+                         f"{sv['DEIS']:.2f}, {sv['UniPC']:.2f} | {fit} |")
         if any("commit" not in c for c in rows):
             lines.append("\n† measured by an earlier run, before the solver-variant search and the fix that kept a "
                          "searched schedule in `from_config(config)` (its DC-Solver row ran on the default grid).")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipelines import DigitsPipeline, fit_sampler, search_schedule, use_sampler
-from samplers import DCSolverScheduler, DEISScheduler
+from samplers import CoefficientFitResult, DCSolverScheduler, DEISScheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"grid_points": 12, "substeps": 2, "refine_rounds": 1}
@@ -45,6 +45,18 @@ def test_fit_sampler_quantization_aware(pipe):
     assert isinstance(pipe.scheduler, DCSolverScheduler)
     assert pipe.scheduler.config.dc_ratios == out["ratios"] and len(out["ratios"]) == 4
     assert out["schedule"].search_error <= out["schedule"].default_search_error
+    fit = out["coefficients"]  # fitted last, on the schedule and ratios found
+    assert isinstance(fit, CoefficientFitResult)
+    assert fit.timesteps == [float(t) for t in pipe.scheduler.timesteps.double()]
+    stored = pipe.scheduler.config.fitted_coefficients
+    assert (stored == fit.coefficients) if fit.accepted else stored is None
+
+
+def test_fit_sampler_without_coefficients(pipe):
+    out = fit_sampler(pipe, [3], 3, 2.0, num_latents=4, ratios=False, coefficients=False, fine_steps=12,
+                      progress=False, **SMALL)
+    assert out["coefficients"] is None and out["ratios"] == [1.0] * 3
+    assert pipe.scheduler.config.fitted_coefficients is None
 
 
 def test_use_sampler_deis_fit(pipe):

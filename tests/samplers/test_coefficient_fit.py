@@ -1,0 +1,226 @@
+"""samplers.fit_coefficients: least-squares solver coefficients against teacher states, checked in closed form."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from pipelines.dc_search import gmm_denoise, gmm_reference
+from pipelines.gmm import GaussianMixture, GMMDenoiser
+from samplers import (
+    DCSolverScheduler,
+    DEISScheduler,
+    ddim_reference,
+    fit_coefficients,
+    run_sampler,
+    search_dc_ratios,
+    search_schedule,
+)
+from samplers.linear_solver import solver_coefficients
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+VP = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+
+
+def _gaussian(sched, variance):
+    """Data N(0, v I) per row (``variance``: (B,)): the exact ε-prediction, and the exact PF-ODE states.
+
+    x̂0 = α v x / (α² v + σ²), and the ODE only rescales: x_t = x_T s(t) / s(t_0) with s = sqrt(α² v + σ²)."""
+    sch = sched.schedule
+    v = torch.as_tensor(variance, dtype=torch.float64)
+
+    def alpha_sigma(t):
+        a, s = sch.alpha_sigma(sch.rho(float(t)))
+        return float(a), float(s)
+
+    def denoise(x, t):
+        a, s = alpha_sigma(t)
+        vv = v.reshape(-1, *[1] * (x.ndim - 1))
+        x0 = a * vv * x.double() / (a * a * vv + s * s)
+        return ((x.double() - a * x0) / s).to(x.dtype)
+
+    def states(x_T, n):
+        sched.set_timesteps(n)
+        ts = [float(t) for t in sched.timesteps.double()]
+        vv = v.reshape(-1, *[1] * (x_T.ndim - 1))
+        a0, s0 = alpha_sigma(ts[0])
+        scale0 = torch.sqrt(a0 * a0 * vv + s0 * s0)
+        out = []
+        for t in ts[1:]:
+            a, s = alpha_sigma(t)
+            out.append(x_T.double() * torch.sqrt(a * a * vv + s * s) / scale0)
+        out.append(x_T.double() * torch.sqrt(vv) / scale0)
+        return out
+
+    return denoise, states
+
+
+def _mse(a, b):
+    return float((a.double() - b.double()).pow(2).mean())
+
+
+@pytest.mark.parametrize("cls, n", [(DCSolverScheduler, 4), (DEISScheduler, 5)])
+def test_gaussian_data_is_solved_exactly(cls, n, tmp_path):
+    """On Gaussian data every step's target is a combination of x_i and x̂0_i, so the fitted table is exact
+    (the solver's own error is not), on held-out latents too; the stored table reproduces the fit's samples and
+    survives save_pretrained."""
+    sched = cls.from_config(VP)
+    x = torch.randn(12, 2, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    denoise, states = _gaussian(sched, torch.full((12,), 0.3))
+    ref = states(x, n)
+    res = fit_coefficients(denoise, sched, x, n, reference=ref, held_out=4, progress=False)
+    assert res.accepted and res.reason == ""
+    assert res.base_held_out_error > 1e-4
+    assert res.held_out_error < 1e-20 and res.search_error < 1e-20
+    assert res.base_coefficients == solver_coefficients(cls.from_config(VP), n)
+    assert sched.config.fitted_coefficients == res.coefficients
+    assert sched.config.fitted_timesteps == res.timesteps
+    got = run_sampler(denoise, sched, x, n)
+    assert _mse(got, ref[-1]) < 1e-20
+    sched.save_pretrained(tmp_path)
+    again = cls.from_pretrained(tmp_path)
+    assert torch.equal(run_sampler(denoise, again, x, n), got)
+
+
+def test_the_teacher_can_be_another_model():
+    """Quantization-aware: the fitted solver of a perturbed model (variance 0.36) meets the final samples of the
+    teacher (variance 0.3, its default 250-step DDIM solve) exactly, far closer to the teacher's exact solution
+    than an exact solve of the perturbed model gets."""
+    sched = DCSolverScheduler.from_config(VP)
+    x = torch.randn(12, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    student, student_states = _gaussian(sched, torch.full((12,), 0.36))
+    teacher, teacher_states = _gaussian(sched, torch.full((12,), 0.3))
+    res = fit_coefficients(student, sched, x, 5, reference_denoise=teacher, held_out=4, progress=False)
+    assert res.accepted
+    got = run_sampler(student, sched, x, 5)
+    ddim = ddim_reference(teacher, DCSolverScheduler.from_config(VP), x, 5, 250)[-1]
+    assert _mse(got, ddim) < 1e-20
+    exact = teacher_states(x, 5)[-1]
+    floor = _mse(student_states(x, 5)[-1], exact)  # the student's own exact ODE solution
+    assert _mse(got, exact) == pytest.approx(_mse(ddim, exact), rel=1e-6)  # the teacher solve's own error
+    assert _mse(got, exact) < 0.05 * floor
+
+
+def _solver_states(denoise, sched, x, n):
+    """The solver's own state after each step."""
+    sched.set_timesteps(n)
+    out, y = [], x.clone()
+    for t in sched.timesteps:
+        y = sched.step(denoise(y, t), t, y).prev_sample
+        out.append(y)
+    return out
+
+
+def test_a_table_worse_on_held_out_latents_is_rejected(caplog):
+    """The held-out rows' reference is the solver's own final sample, so any change of the coefficients is worse
+    there: the table (exact on the search rows) is rejected, and an older table is removed from the config."""
+    sched = DEISScheduler.from_config(VP)
+    sched.register_to_config(fitted_coefficients=solver_coefficients(sched, 4),
+                             fitted_timesteps=[999.0, 749.0, 499.0, 249.0])
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    denoise, states = _gaussian(sched, torch.full((8,), 0.3))
+    ref = states(x, 4)
+    ref[-1][4:] = run_sampler(denoise, DEISScheduler.from_config(VP), x, 4)[4:]
+    with caplog.at_level(logging.WARNING, logger="samplers.coefficient_fit"):
+        res = fit_coefficients(denoise, sched, x, 4, reference=ref, held_out=4, progress=False)
+    assert res.search_error < 1e-20  # exact where it was fitted
+    assert res.base_held_out_error == 0.0 < res.held_out_error
+    assert not res.accepted and "held-out" in res.reason
+    assert sched.config.fitted_coefficients is None and sched.config.fitted_timesteps is None
+    assert "keeping the solver's own coefficients" in caplog.text
+
+
+def test_a_solver_that_meets_its_reference_keeps_its_rows():
+    """With the solver's own states as the reference every residual is zero: the rows do not move, and a table no
+    better than the solver is not stored."""
+    sched = DCSolverScheduler.from_config(VP)
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    denoise, _ = _gaussian(sched, torch.full((6,), 0.3))
+    ref = _solver_states(denoise, DCSolverScheduler.from_config(VP), x, 4)
+    res = fit_coefficients(denoise, sched, x, 4, reference=ref, held_out=2, progress=False)
+    for got, own in zip(res.coefficients, res.base_coefficients):
+        assert got == pytest.approx(own, abs=1e-12)
+    assert not res.accepted and "no better" in res.reason
+    assert sched.config.fitted_coefficients is None
+
+
+def test_ridge_pulls_the_rows_to_the_solver():
+    sched = DCSolverScheduler.from_config(VP)
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    denoise, states = _gaussian(sched, torch.full((6,), 0.3))
+    ref = states(x, 4)
+    free = fit_coefficients(denoise, sched, x, 4, reference=ref, held_out=None, store=False, progress=False)
+    stiff = fit_coefficients(denoise, sched, x, 4, reference=ref, held_out=None, ridge=1e12, store=False,
+                             progress=False)
+    dist = [max(abs(a - b) for a, b in zip(r, s)) for r, s in zip(stiff.coefficients, stiff.base_coefficients)]
+    assert max(dist) < 1e-9
+    assert free.search_error < 1e-20 < stiff.search_error
+    assert stiff.search_error == pytest.approx(stiff.base_search_error, rel=1e-6)
+    assert sched.config.fitted_coefficients is None  # store=False
+
+
+def test_gmm_fit_beats_the_searched_schedule_on_held_out_latents():
+    """On a Gaussian mixture (exact reference), fitting the coefficients of UniPC on its searched NFE-5 schedule
+    lowers the error on latents that neither the search nor the fit saw."""
+    model = GMMDenoiser(GaussianMixture.random(3, 2, (2, 4, 4), seed=0))
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(24, 2, 4, 4, generator=gen, dtype=torch.float64)
+    x_eval = torch.randn(24, 2, 4, 4, generator=gen, dtype=torch.float64)
+    labels = torch.arange(24) % 3
+    den = gmm_denoise(model, labels, 1.0)
+    sched = DCSolverScheduler.from_config(VP)
+    search_schedule(den, sched, x, 5, reference=gmm_reference(model, sched, x, labels, 1.0, 5)[-1], held_out=8,
+                    progress=False)
+    searched = DCSolverScheduler.from_config(sched.config)
+    res = fit_coefficients(den, sched, x, 5, reference=gmm_reference(model, sched, x, labels, 1.0, 5), held_out=8,
+                           progress=False)
+    assert res.accepted
+    exact = gmm_reference(model, sched, x_eval, labels, 1.0, 5)[-1]
+    before = _mse(run_sampler(den, searched, x_eval, 5), exact)
+    after = _mse(run_sampler(den, sched, x_eval, 5), exact)
+    assert math.sqrt(after / before) < 0.75  # measured 0.62
+
+
+def test_a_new_schedule_or_new_ratios_drop_the_table():
+    sched = DCSolverScheduler.from_config(VP)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    denoise, states = _gaussian(sched, torch.full((8,), 0.3))
+    assert fit_coefficients(denoise, sched, x, 4, reference=states(x, 4), held_out=None, progress=False).accepted
+    fitted = dict(sched.config)
+    search_schedule(denoise, sched, x, 4, reference=states(x, 4)[-1], held_out=None, method="refine",
+                    refine_rounds=1, progress=False)
+    assert sched.config.fitted_coefficients is None
+    other = DCSolverScheduler.from_config(fitted)
+    with torch.enable_grad():
+        search_dc_ratios(denoise, other, x, 4, reference=states(x, 4), iters=1, held_out=None, progress=False)
+    assert other.config.fitted_coefficients is None
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"ridge": -1.0}, ValueError, "ridge"),
+    ({"ridge": math.inf}, ValueError, "ridge"),
+    ({"fine_steps": 0}, ValueError, "fine_steps"),
+    ({"num_inference_steps": 0}, ValueError, "num_inference_steps"),
+    ({"reference": 3.0}, TypeError, "reference"),
+    ({"reference": [torch.zeros(2, 3)] * 4}, ValueError, "shape"),
+    ({"held_out": 8}, ValueError, "held_out"),
+])
+def test_bad_arguments_are_refused(kwargs, exc, match):
+    sched = DCSolverScheduler.from_config(VP)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    denoise, _ = _gaussian(sched, torch.full((8,), 0.3))
+    args = {"num_inference_steps": 4, **kwargs}
+    n = args.pop("num_inference_steps")
+    with pytest.raises(exc, match=match):
+        fit_coefficients(denoise, sched, x, n, progress=False, **args)
+    assert sched.config.fitted_coefficients is None
+
+
+def test_diffusers_schedulers_are_refused():
+    from diffusers import DPMSolverMultistepScheduler
+
+    with pytest.raises(TypeError, match="DEISScheduler or DCSolverScheduler"):
+        fit_coefficients(lambda x, t: x, DPMSolverMultistepScheduler.from_config(VP), torch.zeros(4, 2), 4)
