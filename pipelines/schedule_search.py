@@ -104,7 +104,9 @@ def fit_sampler(
     **search_options: Any,
 ) -> dict:
     """Fit DC-Solver to ``pipe``: search the schedule (UniPC, all ratios 1), then the DC ratios on that schedule,
-    then (``coefficients``) the solver's coefficients on both, against the same ``fine_steps`` DDIM teacher.
+    then (``coefficients``) the solver's coefficients, on that schedule and the other grids of
+    :data:`samplers.coefficient_fit.AUTO_GRIDS` (the best one replaces the schedule), each against a ``fine_steps``
+    DDIM teacher.
 
     ``pipe.scheduler`` becomes a :class:`~samplers.DCSolverScheduler` (``from_config`` of the current one) holding
     all three in its config (saved by ``save_pretrained``). Each stage keeps what it started from when the
@@ -119,15 +121,20 @@ def fit_sampler(
                              progress=progress, **search_options)
     out: dict[str, Any] = {"schedule": found, "ratios": [1.0] * num_inference_steps, "losses": [],
                            "coefficients": None}
-    ref = ddim_reference(ref_den or den, sched, x_T, num_inference_steps, fine_steps) if ratios or coefficients \
-        else None
     if ratios:
+        ref = ddim_reference(ref_den or den, sched, x_T, num_inference_steps, fine_steps)
         # back-propagates through the model: a packed backbone runs its dequantizing path (as search_dc_ratios does)
         with torch.enable_grad(), dmq.kernels.disable("int_gemm", "fp8_gemm"):
             out["ratios"], out["losses"] = _search_ratios(den, sched, x_T, num_inference_steps, reference=ref,
                                                           iters=iters, held_out=held_out, progress=progress)
-    if coefficients:
-        out["coefficients"] = fit_coefficients(den, sched, x_T, num_inference_steps, reference=ref,
-                                               held_out=held_out, progress=progress)
+    if coefficients:  # on the schedule found and the other grids of grids="auto", each against its own teacher
+        out["coefficients"] = fit_coefficients(den, sched, x_T, num_inference_steps, reference_denoise=ref_den,
+                                               held_out=held_out, grids="auto", fine_steps=fine_steps,
+                                               progress=progress)
+        fit = out["coefficients"]
+        if fit.accepted and fit.timesteps != found.timesteps and out["ratios"] != [1.0] * num_inference_steps:
+            # the table moved to another grid; ratios searched for the old one would harm a run off the table
+            sched.set_dc_ratios(None)
+            out["ratios"] = [1.0] * num_inference_steps
     pipe.scheduler = sched
     return out

@@ -6,8 +6,9 @@ Three parts, all errors measured on latents that no search saw:
   10}. Reference: the exact PF-ODE solution (``pipelines.gmm.reference_sample``, DOP853 1e-10). dmq options, each
   searched on ``--search-latents`` latents (default 24: 16 search + 8 held out for the rejection check; 96 = 64 + 32
   was measured and did not pay, docs/samplers.md): DEIS, UniPC (``DCSolverScheduler`` with
-  ratios 1) and DC-Solver (ratios searched on the searched UniPC schedule), and each of the three with its
-  coefficients fitted on its schedule (``fit_coefficients``, exact reference states). Peers: the 19 diffusers
+  ratios 1) and DC-Solver (ratios searched on the searched UniPC schedule), and DEIS and UniPC with their
+  coefficients fitted (``fit_coefficients(grids="auto")``: on the searched schedule and six fixed grids, exact
+  reference states). Peers: the 19 diffusers
   scheduler/grid pairs of ``scripts/bench_samplers.py``. Evaluation: 32 other latents.
 * ``models``: the bundled DiT and U-Net at NFE 5 and 10, guidance 2, against a 1000-step DDIM reference of the same
   model; searches and fits on 16 latents (8 held out; fits against 250-step DDIM states), evaluation on 32 others.
@@ -73,8 +74,10 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return v if math.isfinite(v) else float("inf")
 
 
-def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: int = 8) -> dict:
-    """Search DEIS, UniPC and DC(UniPC schedule + ratios); return {name: scheduler with its config set}."""
+def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: int = 8, fit_reference=None) -> dict:
+    """Search DEIS, UniPC and DC(UniPC schedule + ratios), and fit the coefficients of DEIS and UniPC on their
+    searched schedules and the other grids of ``grids="auto"`` (``fit_reference``: exact states ``(i, t) -> x``,
+    else the 250-step DDIM teacher); return {name: scheduler with its config set}."""
     out, info = {}, {}
     for name, cls in (("DEIS searched", DEISScheduler), ("UniPC searched", DCSolverScheduler)):
         sched = cls.from_config(VP)  # the solver variant is searched with the schedule (variants="auto")
@@ -95,17 +98,18 @@ def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: i
     out["DC-Solver searched"] = dc
     info["DC-Solver searched"] = {"ratios": ratios, "schedule_accepted": info["UniPC searched"]["accepted"],
                                   "search_seconds": round(time.perf_counter() - t0, 1)}
-    for name in ("DEIS searched", "UniPC searched", "DC-Solver searched"):  # coefficients fitted on each
+    for name in ("DEIS searched", "UniPC searched"):  # coefficients fitted on the searched and 6 other grids
         fitted = type(out[name]).from_config(out[name].config)
         t0 = time.perf_counter()
-        r = fit_coefficients(den, fitted, x_s, n, reference=ref_states_fn(fitted), held_out=held_out,
-                             progress=False)
+        r = fit_coefficients(den, fitted, x_s, n, reference=fit_reference, held_out=held_out, grids="auto",
+                             progress=False, reference_denoise=search_kw.get("reference_denoise"))
         out[f"{name} + fitted"] = fitted
         info[f"{name} + fitted"] = {
-            "accepted": r.accepted, "reason": r.reason, "search_rmse": r.search_error ** 0.5,
+            "accepted": r.accepted, "reason": r.reason, "timesteps": r.timesteps, "search_rmse": r.search_error ** 0.5,
             "solver_search_rmse": r.base_search_error ** 0.5,
             "held_out_rmse": None if r.held_out_error is None else r.held_out_error ** 0.5,
             "solver_held_out_rmse": None if r.base_held_out_error is None else r.base_held_out_error ** 0.5,
+            "grid_search_rmse": [(ts, e ** 0.5) for ts, e in r.grid_errors],
             "seconds": round(time.perf_counter() - t0, 1)}
     return out, info
 
@@ -118,6 +122,22 @@ def _searched_vs_default(dmq: dict, default: dict) -> dict:
         out[solver] = dmq[f"{solver} searched"] / default[f"{solver} default"]
         out[f"{solver} + fitted"] = dmq[f"{solver} searched + fitted"] / default[f"{solver} default"]
     return out
+
+
+def _exact_states(model, x_T, labels, g):
+    """``(i, t) -> x_t`` of the exact PF-ODE from ``x_T`` at t = 999 (``t = -1``: σ = 0); the solve goes on from the
+    last state asked for when the next is lower, so one schedule costs one solve."""
+    last = {"t": 999.0, "x": x_T.to(torch.float64)}
+
+    def states(i: int, t: float) -> torch.Tensor:
+        t_end = 0.0 if t < 0 else float(t)
+        if t_end >= last["t"]:
+            last["t"], last["x"] = 999.0, x_T.to(torch.float64)
+        last["x"] = reference_sample(model, last["x"], labels, g, t_start=last["t"], t_end=t_end)
+        last["t"] = t_end
+        return last["x"]
+
+    return states
 
 
 def gmm_part(progress: bool = True, search_latents: int = 24) -> dict:
@@ -153,7 +173,8 @@ def gmm_part(progress: bool = True, search_latents: int = 24) -> dict:
                 best_peer = min(peer, key=peer.get)
                 opts, info = _dmq_options(den, x_s, n, final_s,
                                           lambda s: gmm_reference(model, s, x_s, lab_s, g, n), {},
-                                          held_out=search_latents // 3)
+                                          held_out=search_latents // 3,
+                                          fit_reference=_exact_states(model, x_s, lab_s, g))
                 dmq = {}
                 for name, sched in opts.items():
                     x, _ = bs.sample(sched, n, model, x_e, lab_e, g)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipelines.dc_search import gmm_denoise, gmm_reference
-from pipelines.gmm import GaussianMixture, GMMDenoiser
+from pipelines.gmm import GaussianMixture, GMMDenoiser, reference_sample
 from samplers import (
     DCSolverScheduler,
     DEISScheduler,
@@ -224,3 +224,34 @@ def test_diffusers_schedulers_are_refused():
 
     with pytest.raises(TypeError, match="DEISScheduler or DCSolverScheduler"):
         fit_coefficients(lambda x, t: x, DPMSolverMultistepScheduler.from_config(VP), torch.zeros(4, 2), 4)
+
+
+def test_grids_fit_each_schedule_and_keep_the_best():
+    """``grids``: every schedule is fitted against the exact states at its own nodes, the lowest search error wins,
+    and the winner's schedule is stored with its table (the scheduler then runs both for that step count)."""
+    model = GMMDenoiser(GaussianMixture.random(3, 2, (2, 4, 4), seed=0))
+    x = torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    labels = torch.arange(16) % 3
+    den = gmm_denoise(model, labels, 1.0)
+
+    def exact(i, t):
+        return reference_sample(model, x, labels, 1.0, t_end=max(float(t), 0.0))
+
+    grids = [{"time_grid": "time", "time_grid_power": 2.0}, {"time_grid": "log_rho"}, [999.0, 600.0, 300.0, 80.0]]
+    sched = DCSolverScheduler.from_config(VP)
+    res = fit_coefficients(den, sched, x, 4, reference=exact, grids=grids, held_out=None, progress=False)
+    own = DCSolverScheduler.from_config(VP)
+    own.set_timesteps(4)
+    assert len(res.grid_errors) == 4 and res.grid_errors[0][0] == [float(t) for t in own.timesteps.double()]
+    assert res.grid_errors[3][0] == [999.0, 600.0, 300.0, 80.0]
+    assert res.search_error == min(e for _, e in res.grid_errors) < res.base_search_error
+    assert res.accepted and res.timesteps == min(res.grid_errors, key=lambda g: g[1])[0]
+    assert [float(t) for t in sched.timesteps.double()] == res.timesteps  # stored: schedule and table
+    got = run_sampler(den, sched, x, 4)
+    assert _mse(got, exact(3, -1.0)) == pytest.approx(res.search_error, rel=1e-9)
+    with pytest.raises(ValueError, match="reference must be a callable"):
+        fit_coefficients(den, sched, x, 4, reference=[x] * 4, grids=grids, progress=False)
+    with pytest.raises(ValueError, match="each entry of grids"):
+        fit_coefficients(den, sched, x, 4, reference=exact, grids=[[999.0, 500.0]], progress=False)
+    with pytest.raises(TypeError, match="grids must be"):
+        fit_coefficients(den, sched, x, 4, reference=exact, grids="all", progress=False)
