@@ -128,11 +128,13 @@ def fit_sampler(
             out["ratios"], out["losses"] = _search_ratios(den, sched, x_T, num_inference_steps, reference=ref,
                                                           iters=iters, held_out=held_out, progress=progress)
     if coefficients:  # on the schedule found and the other grids of grids="auto", each against its own teacher
+        sched.set_timesteps(num_inference_steps)
+        before = [float(t) for t in sched.timesteps.double()]
         out["coefficients"] = fit_coefficients(den, sched, x_T, num_inference_steps, reference_denoise=ref_den,
                                                held_out=held_out, grids="auto", fine_steps=fine_steps,
                                                progress=progress)
         fit = out["coefficients"]
-        if fit.accepted and fit.timesteps != found.timesteps and out["ratios"] != [1.0] * num_inference_steps:
+        if fit.accepted and fit.timesteps != before and out["ratios"] != [1.0] * num_inference_steps:
             # the table moved to another grid; ratios searched for the old one would harm a run off the table
             sched.set_dc_ratios(None)
             out["ratios"] = [1.0] * num_inference_steps
