@@ -12,6 +12,10 @@ the fitted row, so that every later step is fitted on the states the fitted solv
 sampling run (``N`` evaluations per latent) beyond the teacher. ``ridge`` pulls each row towards the solver's own
 (Tikhonov, scaled by the Gram diagonal). Part of the latents is held out: a table that is worse there than the
 solver it started from is rejected, as :func:`samplers.search_schedule` does.
+
+The nodes that suit a fitted table are not those that suit its solver (a grid the solver uses badly can be the
+fitted table's best), so ``grids`` fits the table on other schedules too and keeps the one with the lowest error
+on the search latents.
 """
 
 from __future__ import annotations
