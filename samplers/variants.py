@@ -7,6 +7,13 @@
 
 from __future__ import annotations
 
+from .linear_solver import solver_coefficients
+from .scheduling_dc import DCSolverScheduler
+
+# a 5-step schedule with a coefficient table on it (UniPC's own rows on those nodes, in the default VP schedule)
+_FITTED_TIMESTEPS = [990.0, 700.0, 400.0, 150.0, 20.0]
+_FITTED_ROWS = solver_coefficients(DCSolverScheduler(searched_timesteps=_FITTED_TIMESTEPS), 5)
+
 SHARED: dict[str, dict] = {
     "vp": {},
     "flow": {"prediction_type": "flow_prediction", "shift": 3.0},
@@ -20,6 +27,8 @@ SHARED: dict[str, dict] = {
     "sample": {"prediction_type": "sample", "time_grid": "rho"},
     "cosine": {"beta_schedule": "squaredcos_cap_v2", "time_grid": "log_rho"},
     "searched": {"searched_timesteps": [990.0, 800.0, 600.0, 450.0, 300.0, 200.0, 120.0, 60.0, 20.0, 5.0]},
+    "fitted": {"searched_timesteps": _FITTED_TIMESTEPS, "fitted_timesteps": _FITTED_TIMESTEPS,
+               "fitted_coefficients": _FITTED_ROWS},
 }
 DEIS_ONLY: dict[str, dict] = {"rhork": {"deis_method": "rhork", "deis_order": 2}, "ipndm": {"deis_method": "ipndm"}}
 DC_ONLY: dict[str, dict] = {
