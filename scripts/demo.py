@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--search-model", default="unet", choices=["unet", "dit"])
     g.add_argument("--search-nfe", type=int, default=5)
     g.add_argument("--search-samplers", nargs="+", default=["deis", "dc-solver"], choices=["deis", "dc-solver"],
-                   help="deis: search_schedule; dc-solver: fit_sampler (schedule, then the DC ratios on it)")
+                   help="deis: search_schedule; dc-solver: fit_sampler (schedule, DC ratios, coefficients)")
     g.add_argument("--search-latents", type=int, default=12, help="search latents (half held out)")
     g = p.add_argument_group("flux part")
     g.add_argument("--flux-presets", nargs="+", default=["w8a8", "w4a8"])

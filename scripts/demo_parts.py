@@ -240,10 +240,13 @@ def schedule_part(args: Any, out: Path, refs: dict[str, torch.Tensor], dc_ratios
         default = sample(pipe, n, nfe, g, args.seed)
         set_sampler(pipe, base, sampler, {})
         t0 = time.perf_counter()
-        if sampler == "dc-solver":  # the schedule (UniPC, ratios 1), then the DC ratios on it
+        if sampler == "dc-solver":  # the schedule (UniPC, ratios 1), the DC ratios on it, then the coefficients
             found = fit_sampler(pipe, list(range(10)), nfe, g, num_latents=args.search_latents, seed=SEARCH_SEED,
                                 progress=progress)
-            result, extra = found["schedule"], {"ratios": found["ratios"]}
+            fit = found["coefficients"]
+            result, extra = found["schedule"], {"ratios": found["ratios"], "coefficients_accepted": fit.accepted,
+                                                "coefficients_reason": fit.reason,
+                                                "fitted_timesteps": fit.timesteps if fit.accepted else None}
         else:
             result = search_schedule(pipe, list(range(10)), nfe, g, num_latents=args.search_latents,
                                      seed=SEARCH_SEED, progress=progress)
