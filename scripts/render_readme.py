@@ -738,7 +738,7 @@ def samplers_fit_table(data: dict) -> str:
             lines += ["", f"Searched on 96 latents instead of 24 (`{data['gmm_search96']['command']}` at commit "
                       f"{data['gmm_search96']['commit']}, schedules only, a third held out, same evaluation "
                       f"latents): goal met in {sum(c['ratio'] <= 0.7 for c in more)} of {len(more)} cells; against "
-                      f"the 24-latent run of the same code the ratio fell in {sum(r < 1 for r in ratios)} cells and "
+                      f"the 24-latent schedules-only run the ratio fell in {sum(r < 1 for r in ratios)} cells and "
                       f"rose in the others (geometric mean of the change {gm:.2f}x, from {min(ratios):.2f}x to "
                       f"{max(ratios):.2f}x)."]
     rows = [c for part in ("models", "quant") if part in data for c in data[part]["cells"]]
