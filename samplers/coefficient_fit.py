@@ -142,7 +142,8 @@ def fit_coefficients(
             and the lowest search error wins; its timesteps are stored as ``searched_timesteps`` with the table.
             A fitted solver is best on other nodes than its own solver (measured in docs/samplers.md).
         ridge: ``λ >= 0``; row ``i`` minimises ``|F δ - r|² + λ sum_j G_jj δ_j²`` for the change ``δ`` from the
-            solver's own row (``G = FᵀF``).
+            solver's own row (``G = FᵀF``). With ``λ = 0`` the table depends on the schedule only, not on the
+            solver it starts from.
         store: write an accepted table into the config (``fitted_coefficients``/``fitted_timesteps``, and its
             schedule as ``searched_timesteps``; saved by ``save_pretrained``); the scheduler then uses it whenever it
             runs those timesteps from the start. A rejected fit removes an older table.
@@ -179,7 +180,7 @@ def fit_coefficients(
     own_ts = [float(t) for t in solver.timesteps.double().cpu()]
     schedules = [own_ts] + [ts for ts in (_grid(solver, n, g) for g in grids or ()) if ts != own_ts]
     evals = 0
-    found = []  # (search error, timesteps, table, final samples, targets' final)
+    found = []  # (search error, timesteps, table, its final samples, the teacher's final samples, solver rows)
     for ts in schedules:
         fit_solver = type(solver).from_config(solver.config, searched_timesteps=ts)
         fit_solver.set_timesteps(n, device=latents.device)
@@ -198,7 +199,7 @@ def fit_coefficients(
         evals += n
         found.append((pooled_error(x[:rows], targets[-1][:rows]), ts, table, x, targets[-1], base))
     err, ts, table, x, final, _ = min(found, key=lambda f: f[0])
-    own_final = found[0][4]
+    own_final = found[0][4]  # each schedule is scored against its own teacher (the same with an exact reference)
     base_x = run_sampler(denoise, solver, latents, n).to(torch.float64)
     evals += n
     search, check = slice(None, rows), slice(rows, None)
