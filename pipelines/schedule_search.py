@@ -98,15 +98,16 @@ def fit_sampler(
     seed: int = 0,
     ratios: bool = True,
     coefficients: bool = True,
+    grids: Any = "auto",
     iters: int = 20,
     fine_steps: int = 250,
     progress: bool = True,
     **search_options: Any,
 ) -> dict:
     """Fit DC-Solver to ``pipe``: search the schedule (UniPC, all ratios 1), then the DC ratios on that schedule,
-    then (``coefficients``) the solver's coefficients, on that schedule and the other grids of
-    :data:`samplers.coefficient_fit.AUTO_GRIDS` (the best one replaces the schedule), each against a ``fine_steps``
-    DDIM teacher.
+    then (``coefficients``) the solver's coefficients, on that schedule and the other ``grids`` (default
+    :data:`samplers.coefficient_fit.AUTO_GRIDS`; the best one replaces the schedule; ``None``: the schedule found
+    only, one teacher instead of seven), each against a ``fine_steps`` DDIM teacher.
 
     ``pipe.scheduler`` becomes a :class:`~samplers.DCSolverScheduler` (``from_config`` of the current one) holding
     all three in its config (saved by ``save_pretrained``). Each stage keeps what it started from when the
@@ -127,11 +128,11 @@ def fit_sampler(
         with torch.enable_grad(), dmq.kernels.disable("int_gemm", "fp8_gemm"):
             out["ratios"], out["losses"] = _search_ratios(den, sched, x_T, num_inference_steps, reference=ref,
                                                           iters=iters, held_out=held_out, progress=progress)
-    if coefficients:  # on the schedule found and the other grids of grids="auto", each against its own teacher
+    if coefficients:  # on the schedule found and the other grids, each against its own teacher
         sched.set_timesteps(num_inference_steps)
         before = [float(t) for t in sched.timesteps.double()]
         out["coefficients"] = fit_coefficients(den, sched, x_T, num_inference_steps, reference_denoise=ref_den,
-                                               held_out=held_out, grids="auto", fine_steps=fine_steps,
+                                               held_out=held_out, grids=grids, fine_steps=fine_steps,
                                                progress=progress)
         fit = out["coefficients"]
         if fit.accepted and fit.timesteps != before and out["ratios"] != [1.0] * num_inference_steps:

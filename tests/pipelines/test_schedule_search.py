@@ -59,6 +59,15 @@ def test_fit_sampler_without_coefficients(pipe):
     assert pipe.scheduler.config.fitted_coefficients is None
 
 
+def test_fit_sampler_on_the_found_schedule_only(pipe):
+    """grids=None: the coefficients are fitted on the schedule in use alone, which the scheduler keeps."""
+    out = fit_sampler(pipe, [3, 4], 3, 2.0, num_latents=6, ratios=False, grids=None, fine_steps=12,
+                      progress=False, **SMALL)
+    fit = out["coefficients"]
+    assert len(fit.grid_errors) == 1 and fit.grid_errors[0][0] == fit.timesteps
+    assert fit.timesteps == [float(t) for t in pipe.scheduler.timesteps.double()]
+
+
 def test_use_sampler_deis_fit(pipe):
     use_sampler(pipe, "deis", fit=True, fit_steps=4, fit_latents=2, fit_guidance_scale=2.0)
     assert isinstance(pipe.scheduler, DEISScheduler)
