@@ -690,9 +690,9 @@ def samplers_fit_table(data: dict) -> str:
         return f"{r:.2f}" + ("" if r <= 0.7 else " ✗")
 
     lines = [f"`{data['command']}` ({data['machine']}). Ratio = RMSE of the best dmq option (searched schedule with "
-             "DEIS, UniPC or DC-Solver, each also with its coefficients fitted on that schedule) / RMSE of the best "
-             "of 19 diffusers scheduler-and-grid pairs, on latents no search or fit saw; goal ≤ 0.70, ✗ marks a "
-             "miss."]
+             "DEIS, UniPC or DC-Solver; DEIS and UniPC also with their coefficients fitted on that schedule or on "
+             "one of six fixed grids) / RMSE of the best of 19 diffusers scheduler-and-grid pairs, on latents no "
+             "search or fit saw; goal ≤ 0.70, ✗ marks a miss."]
 
     def halved(cells: list, fitted: bool) -> int:
         keys = ("DEIS + fitted", "UniPC + fitted") if fitted else ("DEIS", "UniPC")
