@@ -153,7 +153,7 @@ def int_linear(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None
         a, off = a_codes
     else:
         qmin, qmax = (-(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1) if a_signed else (0, 2**a_bits - 1)
-        off = 0 if a_signed else 2 ** (a_bits - 1)
+        off = _code_offset(a_bits, a_signed)
         a = act_codes(x, a_scale, a_zp, qmin, qmax).sub_(off).to(torch.int8).reshape(-1, k)
     m = a.shape[0]
     per_sample = epilogue is None and a_scale.numel() > 1
@@ -185,6 +185,11 @@ def int_linear(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None
             torch.addcmul(b, f, sw, out=f)
         out[r0:r1] = f
     return out.reshape(*lead, n)
+
+
+def _code_offset(a_bits: int, a_signed: bool) -> int:
+    """What :func:`int_linear` subtracts from unsigned activation codes to fit them in int8 (0 for signed ones)."""
+    return 0 if a_signed else 2 ** (a_bits - 1)
 
 
 def _epilogue(a_scale: torch.Tensor, a_zp: torch.Tensor | None, off: int, dtype: torch.dtype,
@@ -265,6 +270,10 @@ class _Plan:
     int4 = None  # (int4pack weight, scales-and-zeros, group size)
     rows = None  # packed.RowDequantizer of the tiled path
     cache = None  # dequantized weight (weight_cache)
+    conv_rows = None  # a float convolution's RowDequantizers, one per part (_conv_weight)
+    split_key = None  # _Pair of the two static tables split_table was built from (_split_lookup)
+    split_table = None  # those two tables, concatenated
+    epilogue = None  # ((bin, dtype, offset), int_linear's epilogue constants) of the last bin (_int_path)
 
 
 def _plans(layer) -> _Plans:
@@ -608,7 +617,7 @@ def _split_lookup(layer, plan: _Plan, x: torch.Tensor) -> torch.Tensor | None:
     tb = qb.static_table(x) if ta is not None else None
     if tb is None:
         return None
-    key = plan.__dict__.get("split_key")
+    key = plan.split_key
     if key is None or key.a is not ta or key.b is not tb:  # the bins' tables change as a sampler walks them
         plan.split_key, plan.split_table = _Pair(ta, tb), torch.cat([ta, tb])
     idx = x.view(torch.uint16).to(torch.int32)
@@ -628,7 +637,7 @@ def _conv_weight(layer, plan: _Plan | None, x: torch.Tensor) -> torch.Tensor:
     """``layer.dequantized_weight(x.dtype)`` bit for bit: through the row dequantizers of the eager ``plan`` (path
     ``tiled_dequant``; about a third of the small operations of the general unpacking) where they cover the layout."""
     if plan is not None and enabled("tiled_dequant"):
-        rows = plan.__dict__.get("conv_rows")
+        rows = plan.conv_rows
         if rows:
             ws = [r.rows_in(0, r.layout.rows, x.dtype, x.dtype).reshape(r.layout.shape) for r in rows]
             return ws[0] if len(ws) == 1 else torch.cat(ws, dim=1)
@@ -667,8 +676,8 @@ def _int_path(layer, plan: _Plan, q, x: torch.Tensor) -> torch.Tensor | None:
     codes = plan.codes if plan.codes is not None else int_codes(layer._part(0), layer.weight_layouts[0])
     epilogue = None
     if b is not None:  # the bin's epilogue constants, built once (a sampler walks the bins in order)
-        off = a_codes[1] if a_codes is not None else 0 if plan.a_signed else 2 ** (plan.a_bits - 1)
-        hit = plan.__dict__.get("epilogue")
+        off = a_codes[1] if a_codes is not None else _code_offset(plan.a_bits, plan.a_signed)
+        hit = plan.epilogue
         if hit is None or hit[0] != (b, x.dtype, off):
             hit = plan.epilogue = ((b, x.dtype, off), _epilogue(scale, zp, off, x.dtype, plan.w_scale, plan.rowsum))
         epilogue = hit[1]
