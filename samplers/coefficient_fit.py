@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .dc import ddim_reference
 from .linear_solver import solver_coefficients, table_update
-from .schedule_search import Denoise, _is_ours, held_out_rows, pooled_error, run_sampler
+from .schedule_search import Denoise, _is_ours, held_out_rows, held_out_verdict, pooled_error, run_sampler
 
 __all__ = ["AUTO_GRIDS", "CoefficientFitResult", "fit_coefficients"]
 
@@ -206,17 +206,10 @@ def fit_coefficients(
     result = CoefficientFitResult(
         table, found[0][5], ts, True, "", err, pooled_error(base_x[search], own_final[search]),
         grid_errors=[(f[1], f[0]) for f in found])
-    if result.search_error >= result.base_search_error:
-        result.accepted, result.reason = False, (
-            f"fitted table is no better than the solver on the search latents "
-            f"({result.search_error:.3e} >= {result.base_search_error:.3e})")
-    elif k:
-        result.held_out_error = pooled_error(x[check], final[check])
-        result.base_held_out_error = pooled_error(base_x[check], own_final[check])
-        if result.held_out_error >= result.base_held_out_error:
-            result.accepted, result.reason = False, (
-                f"fitted table is worse than the solver on {k} held-out latents ({result.held_out_error:.3e} >= "
-                f"{result.base_held_out_error:.3e}): overfitted the search latents")
+    result.reason, result.held_out_error, result.base_held_out_error = held_out_verdict(
+        "fitted table", "the solver", result.search_error, result.base_search_error, k,
+        lambda: (pooled_error(x[check], final[check]), pooled_error(base_x[check], own_final[check])))
+    result.accepted = not result.reason
     result.model_evaluations = evals * latents.shape[0]
     if not result.accepted:
         logger.warning("fit_coefficients: keeping the solver's own coefficients: %s", result.reason)

@@ -48,6 +48,7 @@ __all__ = [
     "search_schedule",
     "searched_timesteps_kwargs",
     "held_out_rows",
+    "held_out_verdict",
 ]
 
 logger = logging.getLogger(__name__)
@@ -206,6 +207,23 @@ def held_out_rows(batch: int, held_out: float | int | None) -> int:
         raise ValueError(f"held_out={held_out!r} of {batch} latents must leave at least one search and one held-out "
                          "row (a fraction in (0, 1) or a count in [1, batch - 1])")
     return k
+
+
+def held_out_verdict(what: str, baseline: str, err: float, base_err: float, k: int,
+                     held: Callable[[], tuple[float, float]]) -> tuple[str, float | None, float | None]:
+    """The acceptance rule of the searches and fits: ``what`` must beat ``baseline`` on the search latents
+    (``err < base_err``), then on the ``k`` held-out ones (``held()``: both errors there, computed only then).
+
+    Returns ``(reason, held-out error, baseline's held-out error)``; an empty reason accepts."""
+    if err >= base_err:
+        return f"{what} is no better than {baseline} on the search latents ({err:.3e} >= {base_err:.3e})", None, None
+    if not k:
+        return "", None, None
+    h, hb = held()
+    if h >= hb:
+        return (f"{what} is worse than {baseline} on {k} held-out latents ({h:.3e} >= {hb:.3e}): overfitted the "
+                "search latents", h, hb)
+    return "", h, hb
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -451,16 +469,10 @@ def search_schedule(
     default_err = pooled(sample(0, default), search)
     result = ScheduleSearchResult(ts, True, "", err, default_err, default_timesteps=default, config=trials[v][0],
                                   variant_errors=[(trials[f[1]][0], f[0]) for f in found], objective=objective)
-    if err >= default_err:
-        result.accepted, result.reason = False, (
-            f"searched schedule is no better than the default on the search latents ({err:.3e} >= {default_err:.3e})")
-    elif k:
-        result.held_out_error = pooled(sample(v, ts), check)
-        result.default_held_out_error = pooled(sample(0, default), check)
-        if result.held_out_error >= result.default_held_out_error:
-            result.accepted, result.reason = False, (
-                f"searched schedule is worse than the default on {k} held-out latents "
-                f"({result.held_out_error:.3e} >= {result.default_held_out_error:.3e}): overfitted the search latents")
+    result.reason, result.held_out_error, result.default_held_out_error = held_out_verdict(
+        "searched schedule", "the default", err, default_err, k,
+        lambda: (pooled(sample(v, ts), check), pooled(sample(0, default), check)))
+    result.accepted = not result.reason
     result.model_evaluations = evals * latents.shape[0]
     if not result.accepted:
         logger.warning("search_schedule: keeping the default grid: %s", result.reason)
