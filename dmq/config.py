@@ -421,6 +421,9 @@ VARIANTS = {
     "hadamard": "Hadamard rotation of Linear inputs",
     "rotate": "random orthogonal rotation of Linear inputs",
     "fsearch": "LLM-FP4 per-layer E/M split and exponent-bias search",
+    "sdpa": "attention matmuls left in the model's dtype (fused SDPA), as optimum-quanto and torchao leave them",
+    "uniform": "the one-token-per-sample layers (adaLN modulation, embedders) quantized like every other layer, "
+               "activations included, instead of weight-only group-wise",
 }
 
 
@@ -439,6 +442,10 @@ def _apply_variant(cfg: QuantConfig, variant: str) -> QuantConfig:
         return cfg.replace(rotation="orthogonal")
     if variant == "fsearch":
         return cfg.replace(format_search=True)
+    if variant == "sdpa":
+        return cfg.replace(attn=None, attn_probs=None)
+    if variant == "uniform":
+        return cfg.replace(per_sample=None)
     m = re.fullmatch(r"smooth(\d*\.?\d*)", variant)
     if m:
         return cfg.replace(smooth=float(m.group(1)) if m.group(1) else "search")

@@ -3,17 +3,18 @@
     OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_runtime.py --out benchmarks/runtime.json
 
 Backbones: the bundled digit U-Net and DiT, and a large DiT built from a config (width 1152 = 16 heads x 72, patch 2,
-32x32x4 latents, random weights, ``--large-layers`` blocks; DiT-XL/2 has 28). Variants: FP32, BF16, every frozen
-dmq preset listed in ``--presets`` (on the BF16 model), and the peers that run here: torchao int8 dynamic-activation
-+ int8 weight and int4 weight-only, optimum-quanto W8A8 and W4 weight-only (same layers as dmq: ``DEFAULT_KEEP_FP``
-stays in full precision for everyone). Each backbone runs in its own subprocess, in two phases. Memory: each variant
-is built from a freshly loaded backbone after the previous one is freed; its peak RSS is the Linux high-water mark
-over one call per batch size, reset once the variant is built (it includes the process's own ~1 GB of libraries).
-Latency: all variants are built again and timed in interleaved rounds (after a warm-up round), so that load from
-other processes on a shared machine slows all of them alike; medians are reported. In each round a variant runs
-``--warm-calls`` untimed calls right before its timed one (default 1), so that it is timed as a sampler's next call
-finds it, not in the caches and heap the previous variant left: with one call per round, an FP32 model timed just
-before made the bundled DiT's next W8A8 call about 4 ms (13%) slower.
+32x32x4 latents, random weights, ``--large-layers`` blocks; DiT-XL/2 has 28). Variants: FP32, BF16, every frozen dmq
+preset listed in ``--presets`` (on the BF16 model; ``preset+variant`` names too, such as ``w8a8+sdpa+uniform``, dmq
+laid out as the peers are: attention in SDPA, adaLN quantized like the other layers), and the peers that run here:
+torchao int8 dynamic-activation + int8 weight and int4 weight-only, optimum-quanto W8A8, W4A8 and W4 weight-only (same
+layers as dmq: ``DEFAULT_KEEP_FP`` stays in full precision for everyone). Each backbone runs in its own subprocess, in
+two phases. Memory: each variant is built from a freshly loaded backbone after the previous one is freed; its peak RSS
+is the Linux high-water mark over one call per batch size, reset once the variant is built (it includes the process's
+own ~1 GB of libraries). Latency: all variants are built again and timed in interleaved rounds (after a warm-up round),
+so that load from other processes on a shared machine slows all of them alike; medians are reported. In each round a
+variant runs ``--warm-calls`` untimed calls right before its timed one (default 1), so that it is timed as a sampler's
+next call finds it, not in the caches and heap the previous variant left: with one call per round, an FP32 model timed
+just before made the bundled DiT's next W8A8 call about 4 ms (13%) slower.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from dmq import structure  # noqa: E402
 from dmq.config import DEFAULT_KEEP_FP  # noqa: E402
 from dmq.spill import return_freed_memory  # noqa: E402
 
-PEERS = ("torchao-int8dyn", "torchao-int4wo", "quanto-w8a8", "quanto-w4")
+PEERS = ("torchao-int8dyn", "torchao-int4wo", "quanto-w8a8", "quanto-w4a8", "quanto-w4")
 DEFAULT_PRESETS = ("w8a8", "w4a8", "w4a16", "fp8", "w4a8-fp", "mxfp4", "nvfp4")
 
 
@@ -106,7 +107,7 @@ def make_variant(model: nn.Module, variant: str, shape, ckpt_dir: str, estimator
     bf16 = model.to(torch.bfloat16)
     if variant == "bf16":
         return bf16, _safetensors_bytes(bf16, ckpt_dir)
-    if variant in dmq.preset_names():
+    if variant.split("+")[0] in dmq.preset_names():  # a preset, or preset+variant (dmq.VARIANTS)
         q = dmq.quantize(bf16, _estimator(dmq.get_config(variant), estimator))
         dmq.calibrate(q, lambda m: [call(m, *inputs(shape, 2, torch.bfloat16, seed=s, t=t))
                                     for s, t in ((1, 900.0), (2, 500.0), (3, 100.0))])
@@ -125,8 +126,9 @@ def make_variant(model: nn.Module, variant: str, shape, ckpt_dir: str, estimator
     if variant.startswith("quanto"):
         from optimum.quanto import Calibration, freeze, qint4, qint8, quantize
 
-        if variant == "quanto-w8a8":
-            quantize(bf16, weights=qint8, activations=qint8, exclude=kept_layers(bf16))
+        if variant in ("quanto-w8a8", "quanto-w4a8"):
+            w = qint8 if variant == "quanto-w8a8" else qint4
+            quantize(bf16, weights=w, activations=qint8, exclude=kept_layers(bf16))
             with Calibration():
                 call(bf16, *inputs(shape, 2, torch.bfloat16, seed=1))
         else:

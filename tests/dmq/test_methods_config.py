@@ -16,6 +16,9 @@ def test_variants_compose_on_presets():
     assert dmq.get_config("w4a6-fp+smooth+fsearch").smooth == "search"
     assert not dmq.get_config("w4a8+rtn").learns_weights and cfg.learns_weights
     assert dmq.get_config("w8a8").learns_weights  # GPTQ rounding of the one-token-per-sample layers
+    cfg = dmq.get_config("w8a8+sdpa+uniform")
+    assert (cfg.attn, cfg.attn_probs, cfg.per_sample_spec, cfg.act) == (None, None, None, dmq.get_config("w8a8").act)
+    assert not cfg.learns_weights  # nothing left for GPTQ: the per-sample layers round like the rest (RTN)
 
 
 @pytest.mark.parametrize("name, match", [("w4a8+magic", "valid variants: adaround"), ("w3a3+gptq", "valid presets"),

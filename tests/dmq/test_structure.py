@@ -58,6 +58,22 @@ def test_default_config_quantizes_per_sample_layers_weight_only_and_keeps_first_
                                                if r in structure.PER_SAMPLE and n not in kept)
 
 
+def test_peer_layout_variants_quantize_per_sample_layers_fully_and_leave_attention_alone():
+    model = tb.build("flux")
+    roles = structure.classify(model)
+    kept = set(structure.expand_patterns(model, dmq.get_config("w8a8").keep_fp))
+    assert any(r in structure.PER_SAMPLE and n not in kept for n, r in roles.items())
+    q = dmq.quantize(model, "w8a8+sdpa+uniform", inplace=False)
+    assert not any(hasattr(m, "matmul_quantizers") for m in q.modules())  # diffusers' own attention processors
+    assert any(hasattr(m, "matmul_quantizers") for m in dmq.quantize(model, "w8a8", inplace=False).modules())
+    for name, role in roles.items():
+        if name not in kept:
+            mod = q.get_submodule(name)
+            assert isinstance(mod, (QuantLinear, QuantConv2d)) and mod.input_quantizer is not None, name
+            assert (mod.weight_spec.granularity, mod.weight_spec.format) == ("channel", "int8"), name
+    assert not q._dmq.per_sample
+
+
 def test_gptq_on_per_sample_layers_lowers_their_error():
     model = tb.build("sd3")
     cal = [tb.inputs("sd3", 2, seed=i) for i in range(4)]
