@@ -15,7 +15,7 @@ solver it started from is rejected, as :func:`samplers.search_schedule` does.
 
 The nodes that suit a fitted table are not those that suit its solver (a grid the solver uses badly can be the
 fitted table's best), so ``grids`` fits the table on other schedules too and keeps the one with the lowest error
-on the search latents.
+on the search latents that also passes the held-out check.
 """
 
 from __future__ import annotations
@@ -198,18 +198,25 @@ def fit_coefficients(
         table, x = _fit_table(denoise, fit_solver, latents, base, targets, rows, ridge, progress)
         evals += n
         found.append((pooled_error(x[:rows], targets[-1][:rows]), ts, table, x, targets[-1], base))
-    err, ts, table, x, final, _ = min(found, key=lambda f: f[0])
     own_final = found[0][4]  # each schedule is scored against its own teacher (the same with an exact reference)
     base_x = run_sampler(denoise, solver, latents, n).to(torch.float64)
     evals += n
     search, check = slice(None, rows), slice(rows, None)
-    result = CoefficientFitResult(
-        table, found[0][5], ts, True, "", err, pooled_error(base_x[search], own_final[search]),
-        grid_errors=[(f[1], f[0]) for f in found])
-    result.reason, result.held_out_error, result.base_held_out_error = held_out_verdict(
-        "fitted table", "the solver", result.search_error, result.base_search_error, k,
-        lambda: (pooled_error(x[check], final[check]), pooled_error(base_x[check], own_final[check])))
-    result.accepted = not result.reason
+    base_err = pooled_error(base_x[search], own_final[search])
+    base_held = pooled_error(base_x[check], own_final[check]) if k else None
+    result = None
+    # best search error first; a table that fails the held-out check gives way to the next schedule's (a steep grid
+    # can fit the search latents best and still send a held-out latent astray)
+    for err, ts, table, x, final, _ in sorted(found, key=lambda f: f[0]):
+        verdict = held_out_verdict("fitted table", "the solver", err, base_err, k,
+                                   lambda x=x, final=final: (pooled_error(x[check], final[check]), base_held))
+        if result is None or not verdict[0]:
+            result = CoefficientFitResult(table, found[0][5], ts, not verdict[0], verdict[0], err, base_err,
+                                          verdict[1], verdict[2], grid_errors=[(f[1], f[0]) for f in found])
+        if not verdict[0] or err >= base_err:  # accepted, or no later schedule can beat the solver either
+            break
+        logger.info("fit_coefficients: the table on %s is rejected (%s); trying the next schedule", ts, verdict[0])
+    ts, table = result.timesteps, result.coefficients
     result.model_evaluations = evals * latents.shape[0]
     if not result.accepted:
         logger.warning("fit_coefficients: keeping the solver's own coefficients: %s", result.reason)

@@ -260,9 +260,13 @@ def runtime_table(data: dict) -> str:
 # issue 16's latency goals on DiT-XL/2 (28 blocks): preset -> (max x BF16 at batch 1 with CFG, at batch 16 with CFG)
 RUNTIME_GOALS = {"w8a8": (0.75, 0.60), "w4a8": (0.80, 0.65), "w4a16": (1.0, 1.0), "fp8": (1.0, 1.0),
                  "nvfp4": (1.25, 1.25), "mxfp4": (1.25, 1.25), "w4a8-fp": (1.25, 1.25)}
-# the peer variants at the same setting as a preset (8-bit activations and weights; 4-bit weight-only)
-RUNTIME_PEERS = {"w8a8": ("torchao-int8dyn", "quanto-w8a8"), "w4a8": ("torchao-int8dyn", "quanto-w8a8"),
+# the peer variants at the same setting as a preset (8-bit activations and weights; 4-bit weights and 8-bit
+# activations; 4-bit weight-only); runs before quanto W4A8 was measured compared W4A8 with the W8A8 peers
+RUNTIME_PEERS = {"w8a8": ("torchao-int8dyn", "quanto-w8a8"), "w4a8": ("quanto-w4a8",),
                  "w4a16": ("torchao-int4wo", "quanto-w4")}
+RUNTIME_PEERS_BEFORE_W4A8 = {"w4a8": ("torchao-int8dyn", "quanto-w8a8")}
+# suffixes that keep a preset's goal: the opt-in weight copies, and dmq's peer layout (dmq.VARIANTS)
+SAME_GOAL = ("prepack", "sdpa", "uniform")
 
 
 def _runtime_goals(model: str, layers: int | None, ok: dict, bf: dict, batches: list[int]) -> list[str]:
@@ -273,10 +277,11 @@ def _runtime_goals(model: str, layers: int | None, ok: dict, bf: dict, batches: 
             if k not in r or k not in bf or preset.startswith(("bf16", "fp32", "torchao", "quanto")):
                 continue
             ratio = r[k] / bf[k]
-            base = preset.removesuffix("+prepack")  # with the opt-in weight copies: the same goal
-            if model == "dit-1152" and base in RUNTIME_GOALS:
+            base, *suffixes = preset.split("+")
+            if model == "dit-1152" and base in RUNTIME_GOALS and set(suffixes) <= set(SAME_GOAL):
                 goal = RUNTIME_GOALS[base][0 if b <= 2 else 1]
-                peers = [p for p in RUNTIME_PEERS.get(base, ()) if p in ok]
+                table = RUNTIME_PEERS if "quanto-w4a8" in ok else {**RUNTIME_PEERS, **RUNTIME_PEERS_BEFORE_W4A8}
+                peers = [p for p in table.get(base, ()) if p in ok]
                 faster = [p for p in peers if k in ok[p] and r[k] < ok[p][k]]
                 slower = [p for p in peers if k in ok[p] and r[k] >= ok[p][k]]
                 out.append(f"{model} ({layers} blocks) b{b} {preset}: {ratio:.2f}x BF16 "

@@ -255,3 +255,39 @@ def test_grids_fit_each_schedule_and_keep_the_best():
         fit_coefficients(den, sched, x, 4, reference=exact, grids=[[999.0, 500.0]], progress=False)
     with pytest.raises(TypeError, match="grids must be"):
         fit_coefficients(den, sched, x, 4, reference=exact, grids="all", progress=False)
+
+
+def test_a_grid_whose_table_fails_the_held_out_check_gives_way_to_the_next_best():
+    """The schedule with the lowest search error is rejected on the held-out latents (their teacher is moved away on
+    that schedule only): the next schedule by search error is checked, passes, and is stored."""
+    model = GMMDenoiser(GaussianMixture.random(3, 2, (2, 4, 4), seed=0))
+    x = torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    labels = torch.arange(16) % 3
+    den = gmm_denoise(model, labels, 1.0)
+    grids = [{"time_grid": "time", "time_grid_power": 2.0}, {"time_grid": "log_rho"}, [999.0, 600.0, 300.0, 80.0]]
+
+    def exact(i, t):
+        return reference_sample(model, x, labels, 1.0, t_end=max(float(t), 0.0))
+
+    first = fit_coefficients(den, DCSolverScheduler.from_config(VP), x, 4, reference=exact, grids=grids,
+                             held_out=8, progress=False)
+    ranked = sorted(first.grid_errors, key=lambda g: g[1])
+    assert first.accepted and first.timesteps == ranked[0][0] != first.grid_errors[0][0]  # not the own schedule
+    last_nodes = {}
+
+    def moved(i, t):  # the held-out rows' final teacher is far off on the winning schedule only
+        if t >= 0:
+            last_nodes["t"] = float(t)
+            return exact(i, t)
+        y = exact(i, t).clone()
+        if last_nodes["t"] == ranked[0][0][-1]:
+            y[8:] += 10.0
+        return y
+
+    assert ranked[0][0][-1] not in [g[0][-1] for g in ranked[1:]]  # its last node tells the schedule apart
+    sched = DCSolverScheduler.from_config(VP)
+    res = fit_coefficients(den, sched, x, 4, reference=moved, grids=grids, held_out=8, progress=False)
+    assert res.grid_errors == first.grid_errors  # the search rows' fits are unchanged
+    assert res.accepted and res.timesteps == ranked[1][0] and res.search_error == ranked[1][1]
+    assert res.held_out_error < res.base_held_out_error
+    assert sched.config.fitted_timesteps == ranked[1][0]
