@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 # (dmq.formats.block), and NVFP4 / MX / per-token FP quantization one cache-sized chunk of rows at a time
 # (dmq.formats.grid.round_scaled16, round_div16)
 PATHS = ("onednn_int8", "int_gemm", "fp8_gemm", "int4_weight", "weight_cache", "tiled_dequant", "grid_table",
-         "input_memo", "static_table", "abs_amax", "mx_16bit", "block_chunked")
+         "input_memo", "static_table", "abs_amax", "mx_16bit", "block_chunked", "native16")
 _WARNED: set[str] = set()
 _CAST = InputMemo()  # the last tiled-path input in its GEMM dtype
 

@@ -438,7 +438,10 @@ class QuantConv2d(PackedMixin, nn.Conv2d):
         if self.split is None:
             return self.input_quantizer(x)
         s = self.split
-        y = torch.cat([self.input_quantizer(x[:, :s]), self.input_quantizer_skip(x[:, s:])], dim=1)
+        a, b = x[:, :s], x[:, s:]
+        if x.is_contiguous() and self.input_quantizer.spec.dynamic and self.input_quantizer_skip.spec.dynamic:
+            a, b = a.contiguous(), b.contiguous()  # dense halves take the one-pass native quantizers (same values)
+        y = torch.cat([self.input_quantizer(a), self.input_quantizer_skip(b)], dim=1)
         # the halves are strided slices, so a channel-wise quantizer hands them back channels-last: keep x's layout
         return y.contiguous() if x.is_contiguous() else y
 

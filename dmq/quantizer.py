@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dmq import fake_quant as fq
+from dmq import native_quant
 from dmq.calibration import CONTEXT, sample_timesteps, timestep_bins
 from dmq.config import QuantSpec
 from dmq.fake_quant import fake_quant, from_rows, params_from_range, quantize_rows_dynamic, to_rows
@@ -116,6 +117,9 @@ class TensorQuantizer(nn.Module):
         dim = self.channel_dim % x.ndim
 
         def quantize(t: torch.Tensor) -> torch.Tensor:
+            q = native_quant.dynamic(t, dim, self.fmt, s.granularity, s.symmetric)  # one pass, in t's layout
+            if q is not None:
+                return q
             q = quantize_rows_dynamic(to_rows(t, dim), self.fmt, s.granularity, s.group_size, s.symmetric)
             q = from_rows(q, t, dim)
             # rows along a dimension other than the last come back dim-last (channels-last for a convolution's

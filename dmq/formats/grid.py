@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dmq import native
+
 # work dtype -> (integer view dtype, explicit mantissa bits, exponent-field mask, exponent bias)
 _LAYOUT = {
     torch.float32: (torch.int32, 23, 0x7F800000, 127),
@@ -89,6 +91,10 @@ def abs_amax(x: torch.Tensor) -> torch.Tensor | None:
     if (mask is None or "abs_amax" in DISABLED or (x.requires_grad and torch.is_grad_enabled())
             or torch.compiler.is_compiling()):
         return None
+    if "native16" not in DISABLED and x.device.type == "cpu":
+        out = native.absmax16(x)
+        if out is not None:
+            return out
     return torch.bitwise_and(x.view(torch.int16), mask).amax(-1, keepdim=True).view(x.dtype)
 
 
@@ -151,6 +157,11 @@ def gather16(table: torch.Tensor, bits: torch.Tensor, offset: int = 0) -> torch.
     (twice the input's bytes) is a fresh allocation above glibc's mmap threshold on every call, and its first touch
     page-faulted (about 14 MB of faults per call of the bundled DiT under FP8, a quarter of the call's time)."""
     n = bits.numel()
+    flip = {(torch.uint16, 0): 0, (torch.int16, 1 << 15): 1 << 15}.get((bits.dtype, offset))
+    if flip is not None and "native16" not in DISABLED and bits.device.type == "cpu":
+        out = native.gather16(table, bits.view(torch.uint16), flip)
+        if out is not None:
+            return out
     if bits.device.type != "cpu" or n <= _GATHER_SMALL:
         idx = bits.to(torch.int32)
         return table.index_select(0, idx.add_(offset) if offset else idx)
@@ -182,6 +193,10 @@ def round_scaled16(blocks: torch.Tensor, denom: torch.Tensor, spec: GridSpec) ->
     if (not _chunkable(blocks, denom) or denom.dtype != torch.float32 or spec.man_bits > _ODD_MAX_MAN_BITS
             or spec.scale != 1.0 or spec.emin - spec.man_bits < -126):
         return None
+    if "native16" not in DISABLED and blocks.dtype == torch.bfloat16:
+        out = native.round_scaled_bf16(blocks.reshape(-1, blocks.shape[-1]), denom.reshape(-1, 1), spec)
+        if out is not None:
+            return out.reshape(blocks.shape)
     n, b = blocks.shape[-2], blocks.shape[-1]
     x = blocks.reshape(-1, n, b)
     d = denom.reshape(-1, n, 1)
@@ -214,6 +229,10 @@ def round_div16(blocks: torch.Tensor, scale: torch.Tensor, spec: GridSpec) -> to
     sc = scale.reshape(-1, n, 1)
     inv = sc.reciprocal()
     pow2 = bool(((torch.frexp(sc.float()).mantissa == 0.5) & inv.isfinite()).all())
+    if "native16" not in DISABLED and blocks.dtype == torch.bfloat16:
+        out = native.round_div_bf16(x.reshape(-1, b), sc.reshape(-1, 1), spec, pow2)
+        if out is not None:
+            return out.reshape(blocks.shape)
     table = _table(spec, blocks.dtype, signed=True)
     out = torch.empty(x.shape, dtype=x.dtype)
     step = max(1, _CPU_CHUNK // (n * b))

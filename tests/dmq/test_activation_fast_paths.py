@@ -2,7 +2,8 @@
 turns off through ``dmq.kernels.disable``: absolute maxima on int16 bit patterns (``abs_amax``: NVFP4 / MX block
 scales, per-token dynamic scales), MX blocks in bfloat16 (``mx_16bit``), NVFP4 / MX blocks quantized one cache-sized
 chunk of rows at a time (``block_chunked``) and a static quantizer's fake quantization as one lookup per timestep
-bin (``static_table``), including the memory layout it returns."""
+bin (``static_table``), including the memory layout it returns. Every test runs twice: with the fused C loops of
+``dmq.native`` (path ``native16``) where they apply, and with their PyTorch form alone."""
 
 from __future__ import annotations
 
@@ -17,6 +18,16 @@ from dmq.formats import grid
 from dmq.quantizer import TensorQuantizer
 
 SLOW = ("static_table", "abs_amax", "mx_16bit", "block_chunked")
+
+
+@pytest.fixture(autouse=True, params=["native16", "pytorch"])
+def fast_form(request):
+    """The fast paths in their fused C form (where the library builds) and in their PyTorch form."""
+    if request.param == "native16":
+        yield
+    else:
+        with kernels.disable("native16"):
+            yield
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -1,0 +1,216 @@
+"""The fused CPU loops of ``native16.c``, compiled on first use and called through ``ctypes`` (path ``native16``).
+
+The eager fast paths of :mod:`dmq.formats.grid` (a table lookup per 16-bit pattern, NVFP4 / MX / per-token
+rounding, block maxima) spend several whole-tensor PyTorch passes per quantization: about 4 ns an element on this
+CPU, more than the BF16 convolutions of a small U-Net. Each C function does one of them in one pass, with the same
+roundings in the same order (bit for bit; ``tests/dmq/test_native.py``).
+
+The library is built with the system C compiler (``$CC``, else ``cc``) into ``$DMQ_CACHE_DIR`` (default
+``~/.cache/dmq``), under a name that hashes the source, the flags and the CPU's feature list, so a changed source or
+another CPU builds anew. No compiler, a failed build or ``DMQ_NATIVE=0`` leaves :func:`library` ``None``, and the
+callers keep their PyTorch form. ``dmq.kernels.disable("native16")`` turns the path off for a block of code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native16.c")
+# -ffp-contract=off: no fused multiply-add, so every float32 operation rounds once, as PyTorch's passes do
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-std=c99")
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}  # "lib": the loaded library or None once tried
+
+_P, _I64, _U32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_int
+_F, _I32 = ctypes.c_float, ctypes.c_int32
+_SIGNATURES = {
+    "dmq_gather16_2": (_P, _P, _P, _I64, _U32),
+    "dmq_gather16_4": (_P, _P, _P, _I64, _U32),
+    "dmq_absmax16": (_P, _P, _I64, _I64),
+    "dmq_round_div_bf16": (_P, _P, _P, _I64, _I64, _INT, _F, _F, _I32, _I32),  # returns 1 on a non-finite value
+    "dmq_round_scaled_bf16": (_P, _P, _P, _I64, _I64, _F, _F, _I32, _I32),  # the same
+}
+# dmq_quant_blocks_bf16 returns a status; its modes, in native16.c's order
+NVFP4, MX, TOKEN = 0, 1, 2
+
+
+class _Grid(ctypes.Structure):
+    _fields_ = [("lo", ctypes.c_float), ("hi", ctypes.c_float), ("s_min", ctypes.c_int32), ("s_add", ctypes.c_int32)]
+
+
+
+def _cpu_features() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # build beside the target and rename: concurrent processes (pytest-xdist workers) never load a partial file
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("DMQ_NATIVE", "1") == "0" or platform.system() != "Linux":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        logger.info("dmq.native: no C compiler found; the native16 path is off")
+        return None
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + repr((FLAGS, compiler, platform.machine(), _cpu_features())).encode()
+    ).hexdigest()[:16]
+    cache = Path(os.environ.get("DMQ_CACHE_DIR", Path.home() / ".cache" / "dmq"))
+    target = cache / f"native16-{key}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        logger.warning("dmq.native: building %s failed (%s %s); the native16 path is off", SOURCE.name, e,
+                       detail.decode(errors="replace")[:500])
+        return None
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, (_INT if name.startswith("dmq_round") else None)
+    grid = ctypes.POINTER(_Grid)
+    lib.dmq_quant_blocks_bf16.argtypes = (_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _F, grid, grid, _F, _INT)
+    lib.dmq_quant_blocks_bf16.restype = _INT
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library, or None where it cannot be built (built once per process, on first use)."""
+    if "lib" not in _STATE:
+        with _LOCK:
+            if "lib" not in _STATE:
+                _STATE["lib"] = _load()
+    return _STATE["lib"]  # type: ignore[return-value]
+
+
+def usable(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The library when every tensor is a contiguous CPU tensor outside a trace and outside autograd; else None
+    (the caller keeps its PyTorch form; the callers in :mod:`dmq.formats.grid` check ``"native16"`` themselves)."""
+    if torch.compiler.is_compiling():
+        return None
+    for t in tensors:
+        if t.device.type != "cpu" or not t.is_contiguous() or (t.requires_grad and torch.is_grad_enabled()):
+            return None
+    return library()
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def gather16(table: torch.Tensor, bits: torch.Tensor, flip: int) -> torch.Tensor | None:
+    """``table[bits ^ flip]`` for flat 16-bit ``bits`` and a 65536-entry table of 2- or 4-byte entries; None where
+    the path does not apply."""
+    lib = usable(table, bits)
+    size = table.element_size()
+    if lib is None or bits.element_size() != 2 or size not in (2, 4) or table.numel() != 1 << 16:
+        return None
+    out = torch.empty(bits.shape, dtype=table.dtype)
+    fn = lib.dmq_gather16_2 if size == 2 else lib.dmq_gather16_4
+    fn(_ptr(table), _ptr(bits), _ptr(out), bits.numel(), flip)
+    return out
+
+
+def absmax16(x: torch.Tensor) -> torch.Tensor | None:
+    """Per row of the last dimension, the 16-bit pattern of ``max |x|`` (``x``'s dtype, shape ``(..., 1)``)."""
+    lib = usable(x)
+    if lib is None or x.element_size() != 2 or x.dim() == 0 or x.shape[-1] == 0:
+        return None
+    out = torch.empty((*x.shape[:-1], 1), dtype=x.dtype)
+    lib.dmq_absmax16(_ptr(x), _ptr(out), out.numel(), x.shape[-1])
+    return out
+
+
+def _grid_args(spec) -> tuple[float, float, int, int] | None:
+    """``(lo, hi, s_min, s_add)`` of :func:`round_grid` in ``native16.c`` for a ``GridSpec``, or None for a grid the
+    C kernel does not take (a scale other than 1, or constants outside float32's exponent range)."""
+    if spec.scale != 1.0 or not 0 <= spec.man_bits <= 23 or not 1 <= spec.emin + 127 <= 254:
+        return None
+    top = max(spec.emin, math.frexp(max(abs(spec.lo), abs(spec.hi)))[1] - 1)
+    if top + 23 - spec.man_bits > 127:
+        return None
+    return float(spec.lo), float(spec.hi), (spec.emin + 127) << 23, (23 - spec.man_bits) << 23
+
+
+def round_div_bf16(x: torch.Tensor, scale: torch.Tensor, spec, pow2: bool) -> torch.Tensor | None:
+    """``bf16(bf16(grid(bf16(x / s))) * s)`` for bfloat16 rows ``x`` ``(R, k)`` and bfloat16 scales ``(R, 1)`` (the
+    quotient as ``x * bf16(1 / s)`` when ``pow2``); None where the path does not apply or a value or scale is not
+    finite (the eager path keeps torch's NaN patterns)."""
+    lib = usable(x, scale)
+    args = _grid_args(spec)
+    if lib is None or args is None or x.dtype != torch.bfloat16 or scale.dtype != torch.bfloat16:
+        return None
+    out = torch.empty_like(x)
+    bad = lib.dmq_round_div_bf16(_ptr(x), _ptr(scale), _ptr(out), scale.numel(), x.shape[-1], int(pow2), *args)
+    return None if bad else out
+
+
+def round_scaled_bf16(x: torch.Tensor, denom: torch.Tensor, spec) -> torch.Tensor | None:
+    """``bf16(grid(float32(x) / d) * d)`` for bfloat16 rows ``x`` ``(R, k)`` and float32 ``d`` ``(R, 1)``; None where
+    the path does not apply or a value is not finite or a denominator not finite and nonzero."""
+    lib = usable(x, denom)
+    args = _grid_args(spec)
+    if lib is None or args is None or x.dtype != torch.bfloat16 or denom.dtype != torch.float32:
+        return None
+    out = torch.empty_like(x)
+    bad = lib.dmq_round_scaled_bf16(_ptr(x), _ptr(denom), _ptr(out), denom.numel(), x.shape[-1], *args)
+    return None if bad else out
+
+
+def quant_blocks_bf16(x: torch.Tensor, dim: int, block: int, mode: int, elem_spec, elem_max: float,
+                      scale_spec=None, scale_min: float = 0.0, emax: int = 0) -> torch.Tensor | None:
+    """Dynamic fake quantization of a dense bfloat16 ``x`` in blocks of ``block`` along ``dim`` (``block`` = the
+    whole dimension: one scale per position of the others), in ``mode`` (:data:`NVFP4`, :data:`MX` or
+    :data:`TOKEN`; ``dmq_quant_blocks_bf16`` in ``native16.c`` gives each one's formula). A contiguous result of
+    ``x``'s shape, or None where the path does not apply or a value is not finite (the caller's eager path then
+    handles it)."""
+    lib = usable(x)
+    g = _grid_args(elem_spec)
+    sg = (0.0, 0.0, 0, 0) if scale_spec is None else _grid_args(scale_spec)
+    if lib is None or g is None or sg is None or x.dtype != torch.bfloat16 or x.numel() == 0:
+        return None
+    c = x.shape[dim]
+    if block <= 0 or c % block:
+        return None
+    outer, inner = math.prod(x.shape[:dim]), math.prod(x.shape[dim + 1:])
+    nb = x.numel() // block
+    amax = torch.empty(nb, dtype=torch.int16)
+    sa = torch.empty(nb, dtype=torch.float32)
+    sb = torch.empty(nb, dtype=torch.float32)
+    out = torch.empty_like(x)
+    status = lib.dmq_quant_blocks_bf16(
+        _ptr(x), _ptr(out), _ptr(amax), _ptr(sa), _ptr(sb), outer, c, inner, block, mode, elem_max,
+        ctypes.byref(_Grid(*g)), ctypes.byref(_Grid(*sg)), scale_min, emax)
+    return out if status == 0 else None

@@ -1,0 +1,232 @@
+/* Fused CPU loops for the 16-bit fast paths of dmq.formats.grid (built and loaded by dmq/native.py).
+ *
+ * Each function is one pass over its input that does what the eager path does in several whole-tensor passes, with
+ * the same roundings in the same order, so the results are bit for bit the eager ones (tests/dmq/test_native.py
+ * compares them over every 16-bit pattern):
+ *   - bfloat16 values widen to float32 exactly (a 16-bit shift);
+ *   - a float32 result narrows to bfloat16 round-to-nearest-even, as torch's conversion does for finite values
+ *     (the callers take these loops only for finite inputs, whose results are finite);
+ *   - float32 arithmetic is IEEE single precision with round-to-nearest-even: built without -ffast-math, and with
+ *     -ffp-contract=off so that no multiply and add fuse into one rounding.
+ * Indices are 16-bit bit patterns, so no table read is out of bounds. */
+#include <stdint.h>
+#include <math.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* out[i] = table[bits[i] ^ flip] for 2-byte table entries (flip = 0x8000: the pattern read as int16, offset by
+ * 32768). */
+void dmq_gather16_2(const uint16_t *table, const uint16_t *bits, uint16_t *out, int64_t n, uint32_t flip) {
+    for (int64_t i = 0; i < n; i++) out[i] = table[(uint16_t)(bits[i] ^ flip)];
+}
+
+/* The same for 4-byte table entries (float32 or int32 tables). */
+void dmq_gather16_4(const uint32_t *table, const uint16_t *bits, uint32_t *out, int64_t n, uint32_t flip) {
+    for (int64_t i = 0; i < n; i++) out[i] = table[(uint16_t)(bits[i] ^ flip)];
+}
+
+/* out[r] = max_j (x[r, j] & 0x7FFF) over rows of k 16-bit patterns: the magnitude pattern of each row's largest
+ * absolute value (NaN patterns order above inf). */
+void dmq_absmax16(const uint16_t *restrict x, uint16_t *restrict out, int64_t rows, int64_t k) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *p = x + r * k;
+        uint16_t m = 0;
+        for (int64_t j = 0; j < k; j++) {
+            uint16_t v = p[j] & 0x7FFFu;
+            m = v > m ? v : m;
+        }
+        out[r] = m;
+    }
+}
+
+/* The arithmetic grid rounding of dmq.formats.grid._round_kernel on one float32 value, for a grid with scale 1:
+ * saturate to [lo, hi] (NaN stays NaN), add and subtract S = 2^(max(e, emin) + 23 - man_bits) so that the float
+ * unit's round-to-nearest-even lands on the grid, and restore the sign. s_min and s_add are the exponent-field
+ * constants (emin + 127) << 23 and (23 - man_bits) << 23. */
+static inline float round_grid(float w, float lo, float hi, int32_t s_min, int32_t s_add, int sign) {
+    w = w < lo ? lo : (w > hi ? hi : w);
+    int32_t b;
+    memcpy(&b, &w, 4);
+    int32_t e = b & 0x7F800000;
+    e = (e < s_min ? s_min : e) + s_add;
+    float step;
+    memcpy(&step, &e, 4);
+    const float a = (fabsf(w) + step) - step;
+    return sign ? copysignf(a, w) : a;
+}
+
+/* bfloat16 rows of k values, one bfloat16 scale s per row: out = bf16(bf16(grid(bf16(x / s))) * s), the eager path
+ * of dmq.formats.grid.round_div16 (its table holds bf16(grid(v)) for every bfloat16 v). With pow2 set every scale is
+ * a power of two with an exact reciprocal, and the quotient is x * bf16(1 / s), as the eager path computes it.
+ * Returns 1, with `out` not to be used, when a value or scale is not finite (the eager path handles those). */
+int dmq_round_div_bf16(const uint16_t *restrict x, const uint16_t *restrict scale, uint16_t *restrict out,
+                       int64_t rows, int64_t k, int pow2, float lo, float hi, int32_t s_min, int32_t s_add) {
+    const int sign = lo < 0.0f;
+    unsigned bad = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const float s = bf16_to_f32(scale[r]);
+        const float inv = bf16_to_f32(f32_to_bf16(1.0f / s));
+        const uint16_t *restrict p = x + r * k;
+        uint16_t *restrict o = out + r * k;
+        bad |= (scale[r] & 0x7F80u) == 0x7F80u;
+        for (int64_t j = 0; j < k; j++) {
+            bad |= (p[j] & 0x7F80u) == 0x7F80u;
+            const float v = bf16_to_f32(p[j]);
+            const float q = bf16_to_f32(f32_to_bf16(pow2 ? v * inv : v / s));
+            const float g = bf16_to_f32(f32_to_bf16(round_grid(q, lo, hi, s_min, s_add, sign)));
+            o[j] = f32_to_bf16(g * s);
+        }
+    }
+    return bad != 0;
+}
+
+/* bfloat16 rows of k values, one float32 denominator d per row: out = bf16(grid(float32(x) / d) * d), the eager path
+ * of dmq.formats.grid.round_scaled16 (which rounds the quotient to odd at 16 bits and looks it up: the same point
+ * for grids of at most 5 mantissa bits, as that module shows). Returns 1, with `out` not to be used, when a value is
+ * not finite or a denominator is not finite and nonzero. */
+int dmq_round_scaled_bf16(const uint16_t *restrict x, const float *restrict denom, uint16_t *restrict out,
+                          int64_t rows, int64_t k, float lo, float hi, int32_t s_min, int32_t s_add) {
+    const int sign = lo < 0.0f;
+    unsigned bad = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const float d = denom[r];
+        const uint16_t *restrict p = x + r * k;
+        uint16_t *restrict o = out + r * k;
+        bad |= !isfinite(d) || d == 0.0f;
+        for (int64_t j = 0; j < k; j++) {
+            bad |= (p[j] & 0x7F80u) == 0x7F80u;
+            o[j] = f32_to_bf16(round_grid(bf16_to_f32(p[j]) / d, lo, hi, s_min, s_add, sign) * d);
+        }
+    }
+    return bad != 0;
+}
+
+/* Dynamic block quantization of a dense bfloat16 tensor viewed as (outer, c, inner), in blocks of `block` consecutive
+ * indices along c (block == c: one scale per position of outer x inner, a per-token or per-pixel scale). Each block
+ * takes its scale from its largest magnitude, as the eager quantizers compute it:
+ *   DMQ_NVFP4: s_t = amax / (scale_max * elem_max) over the whole tensor, d = e4m3(clamp(amax_b / elem_max / s_t,
+ *              smin, scale_max)) * s_t, out = bf16(grid(x / d) * d)                 (dmq.formats.block.NVFP4Format)
+ *   DMQ_MX:    s = 2^clamp(floor(log2 amax_b) - emax, -127, 127) (2^-127 for a zero block),
+ *              out = bf16(bf16(grid(bf16(x * (1 / s)))) * s)                         (dmq.formats.block.MXFormat)
+ *   DMQ_TOKEN: s = bf16(amax_b / elem_max) (1 where that is 0), out = bf16(bf16(grid(bf16(x / s))) * s)
+ *              (dmq.fake_quant.quantize_rows_dynamic, symmetric float formats)
+ * Returns 0, or 1 when a value is not finite and 2 when an NVFP4 tensor is all zeros: the caller then takes the
+ * eager path, which handles both, and `out` is not written. */
+enum { DMQ_NVFP4 = 0, DMQ_MX = 1, DMQ_TOKEN = 2 };
+
+typedef struct {
+    float lo, hi;
+    int32_t s_min, s_add;
+} dmq_grid;
+
+static inline float grid_at(float w, const dmq_grid *g, int sign) {
+    return round_grid(w, g->lo, g->hi, g->s_min, g->s_add, sign);
+}
+
+/* the per-block constants: a (NVFP4: d; MX: s; TOKEN: s) and b (MX: 1 / s) */
+static inline void block_scale(uint16_t m, int mode, float elem_max, float s_t, const dmq_grid *sg, float smin,
+                               int emax, float *a, float *b) {
+    const float amax = bf16_to_f32(m);
+    if (mode == DMQ_NVFP4) {
+        float t = (amax / elem_max) / s_t;
+        t = t < smin ? smin : (t > sg->hi ? sg->hi : t);
+        *a = grid_at(t, sg, 0) * s_t;
+        *b = 0.0f;
+    } else if (mode == DMQ_MX) {
+        int e;
+        frexpf(amax, &e);
+        e = amax > 0.0f ? e - 1 - emax : -127;
+        e = e < -127 ? -127 : (e > 127 ? 127 : e);
+        *a = bf16_to_f32(f32_to_bf16(ldexpf(1.0f, e)));
+        *b = bf16_to_f32(f32_to_bf16(1.0f / *a));
+    } else {
+        float s = bf16_to_f32(f32_to_bf16(amax / elem_max));
+        *a = s > 0.0f ? s : 1.0f;
+        *b = 0.0f;
+    }
+}
+
+static inline uint16_t quant_one(uint16_t h, int mode, float a, float b, const dmq_grid *g, int sign) {
+    const float v = bf16_to_f32(h);
+    if (mode == DMQ_NVFP4) return f32_to_bf16(grid_at(v / a, g, sign) * a);
+    const float q = bf16_to_f32(f32_to_bf16(mode == DMQ_MX ? v * b : v / a));
+    return f32_to_bf16(bf16_to_f32(f32_to_bf16(grid_at(q, g, sign))) * a);
+}
+
+/* the quantization loops, one copy per mode so that each inner loop is branch-free and vectorizes */
+#define DMQ_QUANT_LOOPS(MODE)                                                                                   \
+    if (inner == 1) {                                                                                           \
+        for (int64_t blk = 0; blk < nb; blk++) {                                                                \
+            const float a = sa[blk], b = sb[blk];                                                               \
+            const uint16_t *restrict p = x + blk * block;                                                       \
+            uint16_t *restrict o = out + blk * block;                                                           \
+            for (int64_t j = 0; j < block; j++) o[j] = quant_one(p[j], MODE, a, b, g, sign);                    \
+        }                                                                                                       \
+    } else {                                                                                                    \
+        for (int64_t ob = 0; ob < outer * (c / block); ob++) {                                                  \
+            const float *restrict ra = sa + ob * inner, *restrict rb = sb + ob * inner;                         \
+            for (int64_t j = 0; j < block; j++) {                                                               \
+                const uint16_t *restrict p = x + (ob * block + j) * inner;                                      \
+                uint16_t *restrict o = out + (ob * block + j) * inner;                                          \
+                for (int64_t i = 0; i < inner; i++) o[i] = quant_one(p[i], MODE, ra[i], rb[i], g, sign);        \
+            }                                                                                                   \
+        }                                                                                                       \
+    }
+
+int dmq_quant_blocks_bf16(const uint16_t *restrict x, uint16_t *restrict out, uint16_t *restrict amax,
+                          float *restrict sa, float *restrict sb, int64_t outer, int64_t c, int64_t inner,
+                          int64_t block, int mode, float elem_max, const dmq_grid *g, const dmq_grid *sg,
+                          float smin, int emax) {
+    const int64_t nb = outer * (c / block) * inner;  /* blocks, in (outer, c / block, inner) order */
+    /* the blocks' largest magnitudes, as 16-bit patterns (they order like the magnitudes) */
+    if (inner == 1) {
+        for (int64_t blk = 0; blk < nb; blk++) {
+            const uint16_t *restrict p = x + blk * block;
+            uint16_t m = 0;
+            for (int64_t j = 0; j < block; j++) {
+                const uint16_t v = p[j] & 0x7FFFu;
+                m = v > m ? v : m;
+            }
+            amax[blk] = m;
+        }
+    } else {
+        for (int64_t ob = 0; ob < outer * (c / block); ob++) {
+            uint16_t *restrict m = amax + ob * inner;
+            for (int64_t i = 0; i < inner; i++) m[i] = 0;
+            for (int64_t j = 0; j < block; j++) {
+                const uint16_t *restrict p = x + (ob * block + j) * inner;
+                for (int64_t i = 0; i < inner; i++) {
+                    const uint16_t v = p[i] & 0x7FFFu;
+                    m[i] = v > m[i] ? v : m[i];
+                }
+            }
+        }
+    }
+    uint16_t top = 0;
+    for (int64_t blk = 0; blk < nb; blk++) top = amax[blk] > top ? amax[blk] : top;
+    if (top >= 0x7F80u) return 1;
+    const float s_t = mode == DMQ_NVFP4 ? bf16_to_f32(top) / (sg->hi * elem_max) : 0.0f;
+    if (mode == DMQ_NVFP4 && s_t == 0.0f) return 2;
+    for (int64_t blk = 0; blk < nb; blk++) block_scale(amax[blk], mode, elem_max, s_t, sg, smin, emax, sa + blk, sb + blk);
+    const int sign = g->lo < 0.0f;
+    if (mode == DMQ_NVFP4) {
+        DMQ_QUANT_LOOPS(DMQ_NVFP4)
+    } else if (mode == DMQ_MX) {
+        DMQ_QUANT_LOOPS(DMQ_MX)
+    } else {
+        DMQ_QUANT_LOOPS(DMQ_TOKEN)
+    }
+    return 0;
+}

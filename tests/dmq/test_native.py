@@ -1,0 +1,166 @@
+"""The fused C loops of ``dmq.native`` equal the PyTorch passes they replace, bit for bit, over every 16-bit input
+pattern; they decline what they do not cover; and a missing compiler or a failed build leaves them off without
+changing any result."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from dmq import formats, kernels, native
+from dmq.formats import grid
+
+needs_lib = pytest.mark.skipif(native.library() is None, reason="no C compiler: the native16 path is off")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16)
+
+
+def test_the_library_builds_where_a_compiler_exists():
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler on this machine")
+    assert native.library() is not None
+
+
+@needs_lib
+@pytest.mark.parametrize("table_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int32])
+def test_gather_is_index_select_for_both_index_readings(table_dtype):
+    g = torch.Generator().manual_seed(0)
+    table = (torch.randn(1 << 16, generator=g) * 1000).to(table_dtype)
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.uint16)
+    shuffled = every[torch.randperm(1 << 16, generator=g)]
+    for b in (every, shuffled):
+        got = native.gather16(table, b, 0)
+        assert torch.equal(got, table.index_select(0, b.to(torch.int32)))
+        signed = b.view(torch.int16)
+        got = native.gather16(table, b, 1 << 15)
+        assert torch.equal(got, table.index_select(0, signed.to(torch.int32) + (1 << 15)))
+    # grid.gather16 takes the loop for both of its index forms, and its PyTorch form agrees
+    for b, off in ((shuffled, 0), (shuffled.view(torch.int16), 1 << 15)):
+        with kernels.disable("native16"):
+            ref = grid.gather16(table, b, off)
+        assert torch.equal(grid.gather16(table, b, off), ref)
+
+
+@needs_lib
+def test_gather_declines_other_tables_and_indices():
+    table = torch.randn(1 << 16)
+    b = torch.arange(100, dtype=torch.int32).to(torch.uint16)
+    assert native.gather16(table[:256], b, 0) is None  # not a 65536-entry table
+    assert native.gather16(table.double(), b, 0) is None  # 8-byte entries
+    assert native.gather16(table, b.to(torch.int32), 0) is None  # a 32-bit index
+    assert native.gather16(table, b[::2], 0) is None  # strided
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_absmax_is_the_masked_integer_maximum(dtype):
+    every = grid.every16(dtype).reshape(-1, 16)
+    ref = torch.bitwise_and(every.view(torch.int16), 0x7FFF).amax(-1, keepdim=True)
+    assert torch.equal(bits(native.absmax16(every)), ref)
+    rows = every.reshape(-1, 1024)
+    ref = torch.bitwise_and(rows.view(torch.int16), 0x7FFF).amax(-1, keepdim=True)
+    assert torch.equal(bits(native.absmax16(rows)), ref)
+    assert native.absmax16(every.float()) is None
+    assert native.absmax16(every.t()) is None  # not contiguous
+
+
+def _scales(n: int, pow2: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    e = torch.randint(-130, 120, (n, 1), generator=g).float()
+    m = torch.ones(n, 1) if pow2 else 1 + torch.rand(n, 1, generator=g)
+    return (m * torch.exp2(e)).to(torch.bfloat16)
+
+
+@needs_lib
+@pytest.mark.parametrize("name", ["e4m3", "e2m1", "e3m2", "e5m2", "int8"])
+@pytest.mark.parametrize("pow2", [True, False])
+def test_round_div_is_the_pytorch_chunk_loop_over_every_pattern(name, pow2):
+    spec = formats.get(name).grid
+    every = grid.every16(torch.bfloat16)
+    finite = every[(every.view(torch.int16) & 0x7F80) != 0x7F80].reshape(-1, 64)  # all finite patterns, 64 a row
+    s = _scales(finite.shape[0], pow2)
+    got = native.round_div_bf16(finite, s, spec, pow2)
+    table = grid._table(spec, torch.bfloat16, signed=True)
+    q = (finite * (1 / s) if pow2 else finite / s)  # the eager chunk loop's operations, whole-tensor
+    ref = table.index_select(0, q.view(torch.int16).reshape(-1).to(torch.int32) + (1 << 15)).reshape(q.shape) * s
+    assert torch.equal(bits(got), bits(ref))
+
+
+@needs_lib
+@pytest.mark.parametrize("name", ["e2m1", "e4m3", "e3m2"])
+def test_round_scaled_is_the_round_to_odd_lookup_over_every_pattern(name):
+    spec = formats.get(name).grid
+    every = grid.every16(torch.bfloat16)
+    finite = every[(every.view(torch.int16) & 0x7F80) != 0x7F80].reshape(-1, 16)
+    g = torch.Generator().manual_seed(4)
+    d = (1 + torch.rand(finite.shape[0], 1, generator=g)) * torch.exp2(
+        torch.randint(-100, 100, (finite.shape[0], 1), generator=g).float())
+    got = native.round_scaled_bf16(finite, d, spec)
+    ref = (formats.get(name).quantize(finite.float() / d) * d).to(torch.bfloat16)  # the arithmetic definition
+    assert torch.equal(bits(got), bits(ref))
+    with kernels.disable("native16"):
+        chunked = grid.round_scaled16(finite.reshape(-1, 1, 16), d.reshape(-1, 1, 1), spec)
+    assert torch.equal(bits(got), bits(chunked.reshape(got.shape)))
+
+
+@needs_lib
+def test_round_loops_hand_non_finite_values_back():
+    spec = formats.get("e4m3").grid
+    x = torch.ones(4, 16, dtype=torch.bfloat16)
+    s = torch.ones(4, 1, dtype=torch.bfloat16)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[2, 5] = bad
+        assert native.round_div_bf16(y, s, spec, False) is None
+        assert native.round_scaled_bf16(y, s.float(), spec) is None
+    s_bad = s.clone()
+    s_bad[1] = float("inf")
+    assert native.round_div_bf16(x, s_bad, spec, False) is None
+    d0 = s.float().clone()
+    d0[3] = 0.0
+    assert native.round_scaled_bf16(x, d0, spec) is None
+    # a grid with a scale (an exponent-biased format) is not one the C rounding takes
+    biased = formats.FloatFormat(4, 3).with_bias(9).grid
+    assert native.round_div_bf16(x, s, biased, False) is None
+
+
+def test_no_compiler_leaves_the_path_off_and_results_unchanged(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("DMQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setenv("CC", "dmq-no-such-compiler")
+    assert native.library() is None
+    x = torch.randn(64, 64).to(torch.bfloat16)
+    assert native.absmax16(x) is None and grid.abs_amax(x) is not None  # the PyTorch form runs
+    fmt = formats.get("nvfp4")
+    with kernels.disable("all"):
+        ref = fmt.quantize(x)
+    assert torch.equal(bits(fmt.quantize(x)), bits(ref))
+
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails: logged, and the path stays off
+    if shutil.which("false") is not None:
+        with caplog.at_level(logging.WARNING, logger="dmq.native"):
+            assert native.library() is None
+        assert "building native16.c failed" in caplog.text
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("DMQ_NATIVE", "0")
+    assert native.library() is None
+
+
+@needs_lib
+def test_a_build_is_cached_per_source_and_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("DMQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_STATE", {})
+    assert native.library() is not None
+    built = list(tmp_path.glob("native16-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(native, "_STATE", {})
+    assert native.library() is not None  # loaded, not rebuilt
+    assert list(tmp_path.glob("*")) == built and built[0].stat().st_mtime_ns == stamp
