@@ -43,6 +43,7 @@ _SIGNATURES = {
     "dmq_absmax16": (_P, _P, _I64, _I64),
     "dmq_round_div_bf16": (_P, _P, _P, _I64, _I64, _INT, _F, _F, _I32, _I32),  # returns 1 on a non-finite value
     "dmq_round_scaled_bf16": (_P, _P, _P, _I64, _I64, _F, _F, _I32, _I32),  # the same
+    "dmq_dequant_rows": (_P, _I64, _P, _INT, _P, _I64, _I64, _P, _I64, _I64, _INT),
 }
 # dmq_quant_blocks_bf16 returns a status; its modes, in native16.c's order
 NVFP4, MX, TOKEN = 0, 1, 2
@@ -214,3 +215,27 @@ def quant_blocks_bf16(x: torch.Tensor, dim: int, block: int, mode: int, elem_spe
         _ptr(x), _ptr(out), _ptr(amax), _ptr(sa), _ptr(sb), outer, c, inner, block, mode, elem_max,
         ctypes.byref(_Grid(*g)), ctypes.byref(_Grid(*sg)), scale_min, emax)
     return out if status == 0 else None
+
+
+# dmq_dequant_rows' output kinds: float32, float32 rounded to bfloat16, bfloat16
+_DEQUANT_KINDS = {(torch.float32, torch.float32): 0, (torch.bfloat16, torch.float32): 1,
+                  (torch.bfloat16, torch.bfloat16): 2}
+
+
+def dequant_rows(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, group: int, cols: int,
+                 dtype: torch.dtype, gemm_dtype: torch.dtype) -> torch.Tensor | None:
+    """Rows of a packed weight: ``codes`` ``(n, bytes)`` uint8, ``table`` the float32 values of a byte's codes
+    ``(256,)`` or ``(256, 2)`` (low nibble first), ``scales`` float32 ``(n, groups)``; each value times its group's
+    scale, rounded to ``dtype`` and held in ``gemm_dtype``: ``(n, cols)``. None where the path does not apply."""
+    lib = usable(codes, table, scales)
+    kind = _DEQUANT_KINDS.get((dtype, gemm_dtype))
+    vpb = 1 if table.dim() == 1 else table.shape[1]
+    n = codes.shape[0]
+    if (lib is None or kind is None or codes.dtype != torch.uint8 or table.dtype != torch.float32
+            or scales.dtype != torch.float32 or table.shape[0] != 256 or vpb not in (1, 2) or scales.dim() != 2
+            or scales.shape[0] != n or group <= 0 or scales.shape[1] * group < cols or codes.shape[1] * vpb < cols):
+        return None
+    out = torch.empty(n, cols, dtype=gemm_dtype)
+    lib.dmq_dequant_rows(_ptr(codes), codes.shape[1], _ptr(table), vpb, _ptr(scales), scales.shape[1], group,
+                         _ptr(out), n, cols, kind)
+    return out

@@ -4,8 +4,8 @@
  * the same roundings in the same order, so the results are bit for bit the eager ones (tests/dmq/test_native.py
  * compares them over every 16-bit pattern):
  *   - bfloat16 values widen to float32 exactly (a 16-bit shift);
- *   - a float32 result narrows to bfloat16 round-to-nearest-even, as torch's conversion does for finite values
- *     (the callers take these loops only for finite inputs, whose results are finite);
+ *   - a float32 result narrows to bfloat16 round-to-nearest-even, as torch's conversion does (a NaN becomes the
+ *     pattern 0xFFFF, as torch's does on x86; the rounding loops leave non-finite inputs to the eager path);
  *   - float32 arithmetic is IEEE single precision with round-to-nearest-even: built without -ffast-math, and with
  *     -ffp-contract=off so that no multiply and add fuse into one rounding.
  * Indices are 16-bit bit patterns, so no table read is out of bounds. */
@@ -23,7 +23,8 @@ static inline float bf16_to_f32(uint16_t h) {
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    const uint16_t r = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0xFFFFu : r;  /* NaN: the pattern torch's conversion gives here */
 }
 
 /* out[i] = table[bits[i] ^ flip] for 2-byte table entries (flip = 0x8000: the pattern read as int16, offset by
@@ -229,4 +230,95 @@ int dmq_quant_blocks_bf16(const uint16_t *restrict x, uint16_t *restrict out, ui
         DMQ_QUANT_LOOPS(DMQ_TOKEN)
     }
     return 0;
+}
+
+/* Rows of a packed weight, dequantized for the tiled GEMM (dmq.packed.RowDequantizer): each stored byte holds vpb
+ * (1 or 2) codes, whose float32 values are table[byte * vpb + i] (low nibble first); each value is multiplied by its
+ * group's float32 scale (scales: n x groups, `group` columns each), then written as float32 (kind 0), as float32
+ * rounded to bfloat16 (kind 1: the reference's bfloat16 weight held in float32 for the GEMM), or as bfloat16 (kind
+ * 2). `cols` columns of each row are written; a row's codes start every `nbytes` bytes. */
+/* Both nibbles of 16 code bytes at once (AVX-512): the 16-entry value table sits in one register and each nibble
+ * indexes it with a permute; the products are interleaved back into column order (low nibble first) and stored as
+ * 32 float32 values, rounded to bfloat16 first for kind 1. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline __m512 round_bf16_ps(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd);
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* bytes b0 .. of one row (columns 2 b0 ..) while whole 16-byte steps fit below b1; every 16 columns share a scale
+ * (group a multiple of 16, columns counted from the row start). Returns the first byte not done. */
+static int64_t nibbles_avx512(const uint8_t *restrict c, int64_t b0, int64_t b1, __m512 t16,
+                              const float *restrict s, int64_t group, float *o, int round) {
+    const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    int64_t b = b0;
+    for (; b + 16 <= b1; b += 16) {
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + b)));
+        const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), t16);
+        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), t16);
+        __m512 v0 = _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), _mm512_set1_ps(s[(2 * b) / group]));
+        __m512 v1 = _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), _mm512_set1_ps(s[(2 * b + 16) / group]));
+        if (round) {
+            v0 = round_bf16_ps(v0);
+            v1 = round_bf16_ps(v1);
+        }
+        _mm512_storeu_ps(o + 2 * b, v0);
+        _mm512_storeu_ps(o + 2 * b + 16, v1);
+    }
+    return b;
+}
+#endif
+
+/* the value of code j in a row (vpb codes a byte) times the scale: the loops below spell it per case, so that the
+ * one-code-a-byte loops vectorize with gathers */
+#define DMQ_DEQUANT_LOOP(STORE)                                                                                 \
+    if (vpb == 1) {                                                                                             \
+        for (int64_t j = j0; j < j1; j++) STORE(j, table[c[j]] * sg);                                         \
+    } else {                                                                                                    \
+        for (int64_t b = j0 >> 1; b < j1 >> 1; b++) {                                                           \
+            const float *restrict t = table + 2 * c[b];                                                         \
+            STORE(2 * b, t[0] * sg);                                                                            \
+            STORE(2 * b + 1, t[1] * sg);                                                                        \
+        }                                                                                                       \
+        if (j1 & 1) STORE(j1 - 1, table[2 * c[(j1 - 1) >> 1]] * sg);                                            \
+    }
+
+void dmq_dequant_rows(const uint8_t *restrict codes, int64_t nbytes, const float *restrict table, int vpb,
+                      const float *restrict scales, int64_t groups, int64_t group, void *restrict out, int64_t n,
+                      int64_t cols, int kind) {
+#if defined(__AVX512F__)
+    /* a 4-bit byte's two values are the 16-entry table of its nibbles (the caller checks that the table is so) */
+    float nib[16];
+    for (int i = 0; i < 16; i++) nib[i] = vpb == 2 ? table[2 * i] : 0.0f;
+    const __m512 t16 = _mm512_loadu_ps(nib);
+#endif
+    for (int64_t r = 0; r < n; r++) {
+        const uint8_t *restrict c = codes + r * nbytes;
+        const float *restrict s = scales + r * groups;
+        float *restrict of = (float *)out + r * cols;
+        uint16_t *restrict oh = (uint16_t *)out + r * cols;
+        int64_t g = 0;
+#if defined(__AVX512F__)
+        if (vpb == 2 && kind != 2 && group % 16 == 0)  /* whole 32-column steps, then the groups left */
+            g = nibbles_avx512(c, 0, cols >> 1, t16, s, group, of, kind == 1) * 2 / group;
+#endif
+        for (; g < groups && g * group < cols; g++) {
+            const int64_t j0 = g * group, j1 = (g + 1) * group < cols ? (g + 1) * group : cols;
+            const float sg = s[g];
+#define DMQ_F32(j, v) of[j] = (v)
+#define DMQ_F32_BF16(j, v) of[j] = bf16_to_f32(f32_to_bf16(v))
+#define DMQ_BF16(j, v) oh[j] = f32_to_bf16(v)
+            if (kind == 0) {
+                DMQ_DEQUANT_LOOP(DMQ_F32)
+            } else if (kind == 1) {
+                DMQ_DEQUANT_LOOP(DMQ_F32_BF16)
+            } else {
+                DMQ_DEQUANT_LOOP(DMQ_BF16)
+            }
+        }
+    }
 }

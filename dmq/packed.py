@@ -24,9 +24,10 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from dmq import formats
+from dmq import formats, native
 from dmq.config import QuantSpec
 from dmq.fake_quant import grouped, weight_qparams
+from dmq.formats.grid import DISABLED
 
 logger = logging.getLogger(__name__)
 
@@ -377,6 +378,11 @@ class RowDequantizer:
         # about 5x faster here than gathering 2-element rows, with the same bits
         self.pairs = table.dim() == 2
         self.table = table.contiguous().view(torch.int64).reshape(256) if self.pairs else table
+        # the fused C loop (dmq.native, path native16) reads a 4-bit byte's two values from its nibbles' table
+        self.values = table.contiguous()
+        self.native = not self.pairs or bool(
+            torch.equal(table[:, 0], table[:16, 0].repeat(16))
+            and torch.equal(table[:, 1], table[::16, 1].repeat_interleave(16)))
         self.layout = layout
         self.sc, self.s_t = tensors["weight_scale"], tensors.get("weight_scale2")
         self.group = layout.padded_cols // self.sc.shape[1]
@@ -415,6 +421,12 @@ class RowDequantizer:
         row instead of one per element, and the codes index the tile's tables directly: one gather replaces the
         gather, the scale pass and the two casts (the product ``table[code] * s`` is the same float32 product)."""
         n, padded, cols = r1 - r0, self.layout.padded_cols, self.layout.cols
+        if self.native and "native16" not in DISABLED and self.codes.device.type == "cpu":
+            sc = self.scales(r0, r1)
+            out = native.dequant_rows(self.codes[r0:r1], self.values, sc.expand(n, -1).contiguous(), self.group,
+                                      cols, dtype, gemm_dtype)
+            if out is not None:
+                return out
         per_row = self.sc.shape[1] == 1 and not self.layout.fmt.is_block and self.direct is None
         if not per_row or self.codes.shape[1] < 512:
             return self.rows(r0, r1).to(dtype).to(gemm_dtype)
