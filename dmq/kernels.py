@@ -48,7 +48,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from dmq import formats, kernels_cpu
+from dmq import formats, kernels_cpu, native
 from dmq.formats.grid import DISABLED as _DISABLED
 from dmq.formats.grid import gather16
 from dmq.memo import InputMemo
@@ -618,6 +618,10 @@ def _split_lookup(layer, plan: _Plan, x: torch.Tensor) -> torch.Tensor | None:
     if tb is None:
         return None
     key = plan.split_key
+    if enabled("native16"):
+        out = native.gather16_split(ta, tb, x, layer.split)
+        if out is not None:
+            return out
     if key is None or key.a is not ta or key.b is not tb:  # the bins' tables change as a sampler walks them
         plan.split_key, plan.split_table = _Pair(ta, tb), torch.cat([ta, tb])
     idx = x.view(torch.uint16).to(torch.int32)

@@ -44,6 +44,8 @@ _SIGNATURES = {
     "dmq_round_div_bf16": (_P, _P, _P, _I64, _I64, _INT, _F, _F, _I32, _I32),  # returns 1 on a non-finite value
     "dmq_round_scaled_bf16": (_P, _P, _P, _I64, _I64, _F, _F, _I32, _I32),  # the same
     "dmq_dequant_rows": (_P, _I64, _P, _INT, _P, _I64, _I64, _P, _I64, _I64, _INT),
+    "dmq_gather16_split_2": (_P, _P, _P, _P, _I64, _I64, _I64, _I64),
+    "dmq_unpack_s4": (_P, _P, _I64, _I64, _I64),
 }
 # dmq_quant_blocks_bf16 returns a status; its modes, in native16.c's order
 NVFP4, MX, TOKEN = 0, 1, 2
@@ -238,4 +240,27 @@ def dequant_rows(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor,
     out = torch.empty(n, cols, dtype=gemm_dtype)
     lib.dmq_dequant_rows(_ptr(codes), codes.shape[1], _ptr(table), vpb, _ptr(scales), scales.shape[1], group,
                          _ptr(out), n, cols, kind)
+    return out
+
+
+def gather16_split(ta: torch.Tensor, tb: torch.Tensor, x: torch.Tensor, split: int) -> torch.Tensor | None:
+    """``x`` (16-bit, dense, channels on dim 1) looked up in ``ta`` below channel ``split`` and in ``tb`` from it on
+    (65536-entry tables of 2-byte entries): a contiguous result of ``x``'s shape and the tables' dtype."""
+    lib = usable(ta, tb, x)
+    if (lib is None or x.dim() < 2 or x.element_size() != 2 or ta.element_size() != 2 or ta.dtype != tb.dtype
+            or ta.numel() != 1 << 16 or tb.numel() != 1 << 16):
+        return None
+    out = torch.empty(x.shape, dtype=ta.dtype)
+    lib.dmq_gather16_split_2(_ptr(ta), _ptr(tb), _ptr(x), _ptr(out), x.shape[0], x.shape[1],
+                             math.prod(x.shape[2:]), split)
+    return out
+
+
+def unpack_s4(q: torch.Tensor, cols: int) -> torch.Tensor | None:
+    """Signed 4-bit codes stored two a byte (low nibble first) in ``q`` ``(R, bytes)``, as int8 ``(R, cols)``."""
+    lib = usable(q)
+    if lib is None or q.dtype != torch.uint8 or q.dim() != 2 or not 0 < cols <= 2 * q.shape[1]:
+        return None
+    out = torch.empty(q.shape[0], cols, dtype=torch.int8)
+    lib.dmq_unpack_s4(_ptr(q), _ptr(out), q.shape[0], q.shape[1], cols)
     return out

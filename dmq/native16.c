@@ -322,3 +322,30 @@ void dmq_dequant_rows(const uint8_t *restrict codes, int64_t nbytes, const float
         }
     }
 }
+
+/* A shortcut split's input through two tables (dmq.kernels._split_lookup): x is dense (outer, c, inner) 16-bit
+ * patterns, and channels below `split` read table a, the rest table b (2-byte entries). */
+void dmq_gather16_split_2(const uint16_t *ta, const uint16_t *tb, const uint16_t *x, uint16_t *out, int64_t outer,
+                          int64_t c, int64_t inner, int64_t split) {
+    for (int64_t o = 0; o < outer; o++)
+        for (int64_t ch = 0; ch < c; ch++) {
+            const uint16_t *t = ch < split ? ta : tb;
+            const int64_t base = (o * c + ch) * inner;
+            for (int64_t i = 0; i < inner; i++) out[base + i] = t[x[base + i]];
+        }
+}
+
+/* Two's complement 4-bit codes, two a byte (low nibble first), sign-extended to int8: rows of `nbytes` bytes in,
+ * rows of `cols` codes out (dmq.packed.int_codes). */
+void dmq_unpack_s4(const uint8_t *restrict q, int8_t *restrict out, int64_t rows, int64_t nbytes, int64_t cols) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *restrict p = q + r * nbytes;
+        int8_t *restrict o = out + r * cols;
+        const int64_t whole = cols >> 1;
+        for (int64_t b = 0; b < whole; b++) {
+            o[2 * b] = (int8_t)((int8_t)(p[b] << 4) >> 4);
+            o[2 * b + 1] = (int8_t)((int8_t)p[b] >> 4);
+        }
+        if (cols & 1) o[cols - 1] = (int8_t)((int8_t)(p[whole] << 4) >> 4);
+    }
+}

@@ -205,6 +205,11 @@ def int_codes(tensors: dict[str, torch.Tensor], layout: WeightLayout) -> torch.T
     q = tensors["qweight"]
     if layout.storage == "int8":
         return q[:, : layout.cols] if layout.padded_cols != layout.cols else q
+    if (layout.storage == "packed4" and "native16" not in DISABLED and q.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
+        out = native.unpack_s4(q.view(torch.uint8), layout.cols)
+        if out is not None:
+            return out
     codes = unpack_codes(q, layout)[:, : layout.cols]
     b = layout.bits
     v = codes.view(torch.int8)
