@@ -166,9 +166,26 @@ static inline uint16_t quant_one(uint16_t h, int mode, float a, float b, const d
     return f32_to_bf16(bf16_to_f32(f32_to_bf16(grid_at(q, g, sign))) * a);
 }
 
+#define DMQ_FLAT 2048 /* elements a chunk of the short-row loop (a multiple of no block size in particular) */
+
 /* the quantization loops, one copy per mode so that each inner loop is branch-free and vectorizes */
 #define DMQ_QUANT_LOOPS(MODE)                                                                                   \
-    if (inner == 1) {                                                                                           \
+    if (inner == 1 && block < 64) { /* short rows: spread the scales over a chunk, then one flat loop */         \
+        float ea[DMQ_FLAT], eb[DMQ_FLAT];                                                                       \
+        const int64_t per = DMQ_FLAT / block;                                                                   \
+        for (int64_t b0 = 0; b0 < nb; b0 += per) {                                                              \
+            const int64_t b1 = b0 + per < nb ? b0 + per : nb;                                                   \
+            int64_t m = 0;                                                                                      \
+            for (int64_t blk = b0; blk < b1; blk++)                                                             \
+                for (int64_t j = 0; j < block; j++, m++) {                                                      \
+                    ea[m] = sa[blk];                                                                            \
+                    eb[m] = sb[blk];                                                                            \
+                }                                                                                               \
+            const uint16_t *restrict p = x + b0 * block;                                                        \
+            uint16_t *restrict o = out + b0 * block;                                                            \
+            for (int64_t i = 0; i < m; i++) o[i] = quant_one(p[i], MODE, ea[i], eb[i], g, sign);                \
+        }                                                                                                       \
+    } else if (inner == 1) {                                                                                    \
         for (int64_t blk = 0; blk < nb; blk++) {                                                                \
             const float a = sa[blk], b = sb[blk];                                                               \
             const uint16_t *restrict p = x + blk * block;                                                       \

@@ -32,21 +32,23 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
             and torch.equal(a.view(torch.int16), b.view(torch.int16)))
 
 
-def layouts(seed: int) -> list[tuple[torch.Tensor, int]]:
+def layouts(seed: int, short: int) -> list[tuple[torch.Tensor, int]]:
     """A Linear input, a convolution input (NCHW, channels-last, a channel slice of each), a sequence along its
-    last dimension, values over many binades with zeros and signed zeros."""
+    last dimension, rows of ``short`` elements (attention heads: the short-row loop, with a ragged last chunk),
+    values over many binades with zeros and signed zeros."""
     x = wide_range(16 * 64, 64, torch.bfloat16, seed=seed)
     nchw = x.reshape(16, 64, 8, 8)
     cl = nchw.contiguous(memory_format=torch.channels_last)
+    heads = x.reshape(-1)[: x.numel() // (4 * short) * 4 * short].reshape(4, -1, short)
     return [(x, 1), (nchw, 1), (cl, 1), (nchw[:, 16:48], 1), (cl[:, :32], 1), (x.reshape(8, 128, 64), 2),
-            (x.reshape(8, 128, 64) * 1e-30, 2)]
+            (x.reshape(8, 128, 64) * 1e-30, 2), (heads, 2), (heads.transpose(0, 1), 2)]
 
 
 @pytest.mark.parametrize("name,granularity", CASES)
 def test_native_dynamic_is_the_eager_quantizer_bit_for_bit(name, granularity):
     fmt = formats.get(name)
     for seed in (0, 1):
-        for x, dim in layouts(seed):
+        for x, dim in layouts(seed, short=32 if fmt.is_block else 24):
             got = native_quant.dynamic(x, dim, fmt, granularity, True)
             assert got is not None
             assert same(got, eager(x, dim, fmt, granularity))
