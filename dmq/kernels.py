@@ -519,7 +519,7 @@ def frozen_linear(layer, x: torch.Tensor) -> torch.Tensor:
         if xg is not None:
             y = kernels_cpu.tiled_linear(xg.reshape(-1, plan.k), plan.n, _rows_in(plan.rows, x.dtype, gemm),
                                          layer.bias, gemm_dtype=gemm, x_gemm=xg.reshape(-1, plan.k), dtype=x.dtype,
-                                         rounded=True)
+                                         rounded=True, gemv=_gemv(plan.rows, x.dtype))
             return y.reshape(*x.shape[:-1], plan.n)
     xq = q(x) if q is not None else x
     if plan.cache is not None and enabled("weight_cache"):
@@ -543,8 +543,9 @@ def frozen_linear(layer, x: torch.Tensor) -> torch.Tensor:
         xg = None
         if gemm is not None and gemm != xq.dtype:  # Q, K and V projections share one input and its cast
             xg = _CAST.get(xq, (gemm, plan.k), lambda t: t.reshape(-1, plan.k).to(gemm))
+        gemv = _gemv(plan.rows, xq.dtype) if plan.rows is not None else None
         y = kernels_cpu.tiled_linear(xq.reshape(-1, plan.k), plan.n, rows, layer.bias, gemm_dtype=gemm, x_gemm=xg,
-                                     rounded=True)
+                                     rounded=True, gemv=gemv)
         return y.reshape(*x.shape[:-1], plan.n)
     return F.linear(xq, layer.dequantized_weight(x.dtype), layer.bias)
 
@@ -553,6 +554,11 @@ def _rows_in(rows, dtype: torch.dtype, gemm: torch.dtype):
     """The tiled path's weight tiles, rounded to the compute dtype and held in the GEMM's (see
     :meth:`dmq.packed.RowDequantizer.rows_in`)."""
     return lambda r0, r1: rows.rows_in(r0, r1, dtype, gemm)
+
+
+def _gemv(rows, dtype: torch.dtype):
+    """The tiled path's product for a few input rows without tiles (see :meth:`dmq.packed.RowDequantizer.gemv`)."""
+    return lambda x, bias: rows.gemv(x, bias, dtype)
 
 
 def int_act_ok(lay, q) -> bool:

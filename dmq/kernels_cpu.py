@@ -166,6 +166,8 @@ def int4_weight_linear(x2d: torch.Tensor, packed: torch.Tensor, scales_zeros: to
 # 0.77x / 0.69x; 128 and 256 rows were in between and 1024 within noise of 512.
 TILE_ELEMS = 1 << 16
 TILE_MIN_ROWS = 512
+# at most this many input rows (the per-sample layers at small batch) take the fused dequantize-and-multiply loop
+GEMV_MAX_ROWS = 8
 
 
 @functools.cache
@@ -187,12 +189,14 @@ def tile_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
 def tiled_linear(x2d: torch.Tensor, n: int, dequant_rows, bias: torch.Tensor | None,
                  tile_elems: int | None = None, gemm_dtype: torch.dtype | None = None,
                  x_gemm: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-                 rounded: bool = False) -> torch.Tensor:
+                 rounded: bool = False, gemv=None) -> torch.Tensor:
     """``x W^T + b`` where ``dequant_rows(r0, r1)`` gives rows ``r0:r1`` of ``W`` (float32 or ``x``'s dtype). Each
     tile of rows is rounded to ``x``'s dtype (the weight the reference multiplies by), multiplied in ``gemm_dtype``
     (default: ``x``'s) into its output columns at once, and the result rounded once to ``x``'s dtype. ``x_gemm``:
     ``x2d`` already cast to ``gemm_dtype``; ``dtype``: ``x``'s dtype when ``x2d`` is that cast (default
-    ``x2d.dtype``); ``rounded``: ``dequant_rows`` gives its rows already rounded to ``dtype``, in ``gemm_dtype``."""
+    ``x2d.dtype``); ``rounded``: ``dequant_rows`` gives its rows already rounded to ``dtype``, in ``gemm_dtype``;
+    ``gemv(x_gemm, bias)``: the same product for a few rows without tiles, in ``gemm_dtype``, or None (a float32 GEMM
+    only: ``dmq.packed.RowDequantizer.gemv``)."""
     k, dtype = x2d.shape[1], (x2d.dtype if dtype is None else dtype)
     gd = dtype if gemm_dtype is None else gemm_dtype
     xg = x2d.to(gd) if x_gemm is None else x_gemm
@@ -201,6 +205,10 @@ def tiled_linear(x2d: torch.Tensor, n: int, dequant_rows, bias: torch.Tensor | N
     def tile(r0: int, r1: int) -> torch.Tensor:
         return dequant_rows(r0, r1) if rounded else dequant_rows(r0, r1).to(dtype).to(gd)
 
+    if gemv is not None and gd == torch.float32 and x2d.shape[0] <= GEMV_MAX_ROWS:
+        y = gemv(xg.contiguous(), bg)
+        if y is not None:
+            return y.to(dtype)
     step = max(TILE_MIN_ROWS, (tile_elems or TILE_ELEMS) // max(1, k) // 16 * 16)
     if step >= n:
         return F.linear(xg, tile(0, n), bg).to(dtype)

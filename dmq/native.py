@@ -46,6 +46,7 @@ _SIGNATURES = {
     "dmq_dequant_rows": (_P, _I64, _P, _INT, _P, _I64, _I64, _P, _I64, _I64, _INT),
     "dmq_gather16_split_2": (_P, _P, _P, _P, _I64, _I64, _I64, _I64),
     "dmq_unpack_s4": (_P, _P, _I64, _I64, _I64),
+    "dmq_dequant_gemv": (_P, _I64, _I64, _P, _I64, _P, _INT, _P, _I64, _I64, _P, _P, _I64, _INT),
 }
 # dmq_quant_blocks_bf16 returns a status; its modes, in native16.c's order
 NVFP4, MX, TOKEN = 0, 1, 2
@@ -102,7 +103,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, (_INT if name.startswith("dmq_round") else None)
+        fn.argtypes, fn.restype = args, (_INT if name.startswith(("dmq_round", "dmq_dequant_gemv")) else None)
     grid = ctypes.POINTER(_Grid)
     lib.dmq_quant_blocks_bf16.argtypes = (_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _F, grid, grid, _F, _INT)
     lib.dmq_quant_blocks_bf16.restype = _INT
@@ -264,3 +265,29 @@ def unpack_s4(q: torch.Tensor, cols: int) -> torch.Tensor | None:
     out = torch.empty(q.shape[0], cols, dtype=torch.int8)
     lib.dmq_unpack_s4(_ptr(q), _ptr(out), q.shape[0], q.shape[1], cols)
     return out
+
+
+GEMV_MAX_ROWS = 8  # dmq_dequant_gemv's limit: input rows multiplied by each weight row while it is in L1
+GEMV_MAX_K = 16384
+
+
+def dequant_gemv(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, group: int,
+                 bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``x W^T + bias`` in float32 for float32 ``x`` ``(m, k)`` (``m <= GEMV_MAX_ROWS``), ``W`` the rows of
+    :func:`dequant_rows` (``codes``, ``table``, ``scales``, ``group``) rounded to ``dtype``; no tile is built. None
+    where the path does not apply."""
+    lib = usable(x, codes, table, scales) if bias is None else usable(x, codes, table, scales, bias)
+    kind = _DEQUANT_KINDS.get((dtype, torch.float32))
+    vpb = 1 if table.dim() == 1 else table.shape[1]
+    n = codes.shape[0]
+    if (lib is None or kind is None or x.dtype != torch.float32 or x.dim() != 2 or not 0 < x.shape[0] <= GEMV_MAX_ROWS
+            or x.shape[1] > GEMV_MAX_K or codes.dtype != torch.uint8 or table.dtype != torch.float32
+            or table.shape[0] != 256 or vpb not in (1, 2) or scales.dtype != torch.float32 or scales.dim() != 2
+            or scales.shape[0] != n or scales.shape[1] * group < x.shape[1] or codes.shape[1] * vpb < x.shape[1]
+            or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != n))):
+        return None
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    bad = lib.dmq_dequant_gemv(_ptr(x), x.shape[0], x.shape[1], _ptr(codes), codes.shape[1], _ptr(table), vpb,
+                               _ptr(scales), scales.shape[1], group, None if bias is None else _ptr(bias), _ptr(y),
+                               n, kind)
+    return None if bad else y

@@ -366,3 +366,31 @@ void dmq_unpack_s4(const uint8_t *restrict q, int8_t *restrict out, int64_t rows
         if (cols & 1) o[cols - 1] = (int8_t)((int8_t)(p[whole] << 4) >> 4);
     }
 }
+
+/* y = x W^T + bias for a few input rows (m <= 8, the per-sample layers at small batch), W the weight rows of
+ * dmq_dequant_rows (kind 0 or 1), without building a tile: each weight row is dequantized once into a buffer that
+ * stays in L1 and multiplied by every input row. The float32 sums run in 16 partial sums a row, then added in
+ * order: another summation order than a GEMM's, with the same bound. x is float32 (m, k), y float32 (m, n). Returns
+ * 1 (nothing written) for a shape it does not take. */
+int dmq_dequant_gemv(const float *restrict x, int64_t m, int64_t k, const uint8_t *restrict codes, int64_t nbytes,
+                     const float *restrict table, int vpb, const float *restrict scales, int64_t groups,
+                     int64_t group, const float *restrict bias, float *restrict y, int64_t n, int kind) {
+    enum { MAX_M = 8, MAX_K = 16384 };
+    float w[MAX_K];
+    if (m < 1 || m > MAX_M || k > MAX_K || kind > 1) return 1;
+    for (int64_t r = 0; r < n; r++) {
+        dmq_dequant_rows(codes + r * nbytes, nbytes, table, vpb, scales + r * groups, groups, group, w, 1, k, kind);
+        for (int64_t i = 0; i < m; i++) {
+            const float *restrict xi = x + i * k;
+            float part[16] = {0};
+            int64_t j = 0;
+            for (; j + 16 <= k; j += 16)
+                for (int l = 0; l < 16; l++) part[l] += xi[j + l] * w[j + l];
+            float acc = 0.0f;
+            for (int l = 0; l < 16; l++) acc += part[l];
+            for (; j < k; j++) acc += xi[j] * w[j];
+            y[i * n + r] = bias ? acc + bias[r] : acc;
+        }
+    }
+    return 0;
+}

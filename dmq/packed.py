@@ -417,6 +417,15 @@ class RowDequantizer:
         v = v.reshape(n, -1, self.group).mul_(self.scales(r0, r1).unsqueeze(-1)).reshape(n, padded)
         return v if cols == padded else v[:, :cols]
 
+    def gemv(self, x: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """``x W^T + bias`` in float32 for a few float32 input rows, ``W`` every row of :meth:`rows_in` (``dtype``,
+        held in float32), without building a tile (``dmq.native.dequant_gemv``); None where it does not apply."""
+        if not self.native or "native16" in DISABLED or self.codes.device.type != "cpu":
+            return None
+        n = self.layout.rows
+        return native.dequant_gemv(x, self.codes, self.values, self.scales(0, n).expand(n, -1).contiguous(),
+                                   self.group, bias, dtype)
+
     def rows_in(self, r0: int, r1: int, dtype: torch.dtype, gemm_dtype: torch.dtype) -> torch.Tensor:
         """Rows ``r0:r1`` rounded to ``dtype`` (the reference's weight) and held in ``gemm_dtype``: bit for bit
         ``rows(r0, r1).to(dtype).to(gemm_dtype)``.

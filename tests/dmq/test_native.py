@@ -164,3 +164,76 @@ def test_a_build_is_cached_per_source_and_reused(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_STATE", {})
     assert native.library() is not None  # loaded, not rebuilt
     assert list(tmp_path.glob("*")) == built and built[0].stat().st_mtime_ns == stamp
+
+
+def _frozen_linear(preset: str, k: int, n: int, seed: int = 0) -> torch.nn.Module:
+    import dmq
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(k, n)).to(torch.bfloat16)
+    q = dmq.quantize(model, preset)
+    dmq.calibrate(q, lambda m: m(torch.randn(4, k).to(torch.bfloat16)))
+    dmq.freeze(q)
+    return q
+
+
+@needs_lib
+@pytest.mark.parametrize("preset,k", [("fp8", 1152), ("nvfp4", 1152), ("w4a16", 1152), ("mxfp4", 1152),
+                                      ("w4a8-fp", 1152), ("w4a8-fp", 1000), ("nvfp4", 1008), ("w4a16", 1000)])
+def test_dequantized_tiles_are_the_pytorch_tiles(preset, k):
+    """Every output kind, one code a byte (FP8) and two (4-bit: groups of 16 and 32, per channel), widths that
+    are not a multiple of 32 (the scalar tail after the AVX-512 steps) or of the group (a padded last group)."""
+    q = _frozen_linear(preset, k, 96)
+    rows = kernels._plan(q[0], torch.device("cpu"), torch.bfloat16).rows
+    assert rows is not None and rows.native
+    for dtype, gemm in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                        (torch.bfloat16, torch.bfloat16)):
+        for r0, r1 in ((0, 96), (5, 37)):
+            got = rows.rows_in(r0, r1, dtype, gemm)
+            with kernels.disable("native16"):
+                ref = rows.rows_in(r0, r1, dtype, gemm)
+            assert got.dtype == ref.dtype and torch.equal(got, ref)
+    full = rows.rows_in(0, 96, torch.bfloat16, torch.bfloat16)
+    assert torch.equal(full, q[0].dequantized_weight(torch.bfloat16).reshape(96, k))  # the reference's weight
+
+
+@needs_lib
+@pytest.mark.parametrize("preset", ["fp8", "nvfp4", "w4a16", "mxfp4", "w4a8-fp"])
+@pytest.mark.parametrize("m", [1, 2, 8])
+def test_few_row_product_is_within_the_tiled_bound(preset, m, monkeypatch):
+    """The fused dequantize-and-multiply loop for a few rows (the per-sample layers at small batch) against the
+    exact product of the same operands: within (K + 1) u sum |x| |w| + u_bf16 |y|, as the tiled path."""
+    k, n = 1152, 300
+    q = _frozen_linear(preset, k, n, seed=m)
+    layer = q[0]
+    calls = []
+    gemv = native.dequant_gemv
+    monkeypatch.setattr(native, "dequant_gemv", lambda *a, **kw: calls.append(1) or gemv(*a, **kw))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    with torch.no_grad():
+        y = q(x)
+        assert calls, "the few-row loop did not run"
+        xq = layer.input_quantizer(x) if layer.input_quantizer is not None else x
+        w = layer.dequantized_weight(torch.bfloat16).double()
+    exact = xq.double() @ w.T + layer.bias.double()
+    bound = (k + 1) * 2.0**-24 * (xq.double().abs() @ w.abs().T + layer.bias.double().abs()) + 2.0**-8 * exact.abs()
+    assert ((y.double() - exact).abs() <= bound).all()
+    calls.clear()
+    with torch.no_grad():
+        q(torch.randn(native.GEMV_MAX_ROWS + 1, k).to(torch.bfloat16))
+    assert not calls  # more rows: tiles
+
+
+@needs_lib
+def test_few_row_product_declines_what_it_does_not_take():
+    codes = torch.zeros(4, 32, dtype=torch.uint8)
+    table = torch.arange(256, dtype=torch.float32)
+    scales = torch.ones(4, 1)
+    x = torch.ones(2, 32)
+    assert native.dequant_gemv(x, codes, table, scales, 32, None, torch.bfloat16) is not None
+    assert native.dequant_gemv(torch.ones(9, 32), codes, table, scales, 32, None, torch.bfloat16) is None
+    assert native.dequant_gemv(x.double(), codes, table, scales, 32, None, torch.bfloat16) is None
+    assert native.dequant_gemv(x, codes, table, scales, 32, torch.ones(3), torch.bfloat16) is None  # bias size
+    assert native.dequant_gemv(x, codes, table, scales, 32, None, torch.float16) is None  # no float16 rounding
+    y = native.dequant_gemv(x, codes + 3, table, scales * 0.5, 32, torch.ones(4), torch.float32)
+    assert torch.equal(y, torch.full((2, 4), 32 * 1.5 + 1))
