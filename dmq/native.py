@@ -90,7 +90,11 @@ def _load() -> ctypes.CDLL | None:
     key = hashlib.sha256(
         SOURCE.read_bytes() + repr((FLAGS, compiler, platform.machine(), _cpu_features())).encode()
     ).hexdigest()[:16]
-    cache = Path(os.environ.get("DMQ_CACHE_DIR", Path.home() / ".cache" / "dmq"))
+    try:
+        cache = Path(os.environ.get("DMQ_CACHE_DIR") or Path.home() / ".cache" / "dmq")
+    except RuntimeError:  # no home directory to cache in
+        logger.info("dmq.native: no cache directory (set DMQ_CACHE_DIR); the native16 path is off")
+        return None
     target = cache / f"native16-{key}.so"
     try:
         if not target.exists():
@@ -225,22 +229,34 @@ _DEQUANT_KINDS = {(torch.float32, torch.float32): 0, (torch.bfloat16, torch.floa
                   (torch.bfloat16, torch.bfloat16): 2}
 
 
-def dequant_rows(codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, group: int, cols: int,
+def _codes_per_byte(codes: torch.Tensor, table: torch.Tensor | None) -> int | None:
+    """``dmq_dequant_rows``' ``vpb``: 1 or 2 codes a byte read through ``table``, or (``table`` None) 0 / -1 for
+    int8 / uint8 codes that are their own values; None for anything else."""
+    if table is None:
+        return {torch.int8: 0, torch.uint8: -1}.get(codes.dtype)
+    if codes.dtype != torch.uint8 or table.dtype != torch.float32 or table.shape[0] != 256 or table.dim() > 2:
+        return None
+    vpb = 1 if table.dim() == 1 else table.shape[1]
+    return vpb if vpb in (1, 2) else None
+
+
+def dequant_rows(codes: torch.Tensor, table: torch.Tensor | None, scales: torch.Tensor, group: int, cols: int,
                  dtype: torch.dtype, gemm_dtype: torch.dtype) -> torch.Tensor | None:
     """Rows of a packed weight: ``codes`` ``(n, bytes)`` uint8, ``table`` the float32 values of a byte's codes
-    ``(256,)`` or ``(256, 2)`` (low nibble first), ``scales`` float32 ``(n, groups)``; each value times its group's
-    scale, rounded to ``dtype`` and held in ``gemm_dtype``: ``(n, cols)``. None where the path does not apply."""
-    lib = usable(codes, table, scales)
+    ``(256,)`` or ``(256, 2)`` (low nibble first), or None for int8 / uint8 ``codes`` that are their own values;
+    ``scales`` float32 ``(n, groups)``; each value times its group's scale, rounded to ``dtype`` and held in
+    ``gemm_dtype``: ``(n, cols)``. None where the path does not apply."""
+    lib = usable(codes, scales) if table is None else usable(codes, table, scales)
     kind = _DEQUANT_KINDS.get((dtype, gemm_dtype))
-    vpb = 1 if table.dim() == 1 else table.shape[1]
+    vpb = _codes_per_byte(codes, table)
     n = codes.shape[0]
-    if (lib is None or kind is None or codes.dtype != torch.uint8 or table.dtype != torch.float32
-            or scales.dtype != torch.float32 or table.shape[0] != 256 or vpb not in (1, 2) or scales.dim() != 2
-            or scales.shape[0] != n or group <= 0 or scales.shape[1] * group < cols or codes.shape[1] * vpb < cols):
+    if (lib is None or kind is None or vpb is None or scales.dtype != torch.float32 or scales.dim() != 2
+            or scales.shape[0] != n or group <= 0 or scales.shape[1] * group < cols
+            or codes.shape[1] * max(vpb, 1) < cols):
         return None
     out = torch.empty(n, cols, dtype=gemm_dtype)
-    lib.dmq_dequant_rows(_ptr(codes), codes.shape[1], _ptr(table), vpb, _ptr(scales), scales.shape[1], group,
-                         _ptr(out), n, cols, kind)
+    lib.dmq_dequant_rows(_ptr(codes), codes.shape[1], None if table is None else _ptr(table), vpb, _ptr(scales),
+                         scales.shape[1], group, _ptr(out), n, cols, kind)
     return out
 
 
@@ -274,20 +290,21 @@ GEMV_MAX_K = 16384
 def dequant_gemv(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, group: int,
                  bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``x W^T + bias`` in float32 for float32 ``x`` ``(m, k)`` (``m <= GEMV_MAX_ROWS``), ``W`` the rows of
-    :func:`dequant_rows` (``codes``, ``table``, ``scales``, ``group``) rounded to ``dtype``; no tile is built. None
-    where the path does not apply."""
-    lib = usable(x, codes, table, scales) if bias is None else usable(x, codes, table, scales, bias)
+    :func:`dequant_rows` (``codes``, ``table`` or None, ``scales``, ``group``) rounded to ``dtype``; no tile is
+    built. None where the path does not apply."""
+    lib = usable(*(t for t in (x, codes, table, scales, bias) if t is not None))
     kind = _DEQUANT_KINDS.get((dtype, torch.float32))
-    vpb = 1 if table.dim() == 1 else table.shape[1]
+    vpb = _codes_per_byte(codes, table)
     n = codes.shape[0]
-    if (lib is None or kind is None or x.dtype != torch.float32 or x.dim() != 2 or not 0 < x.shape[0] <= GEMV_MAX_ROWS
-            or x.shape[1] > GEMV_MAX_K or codes.dtype != torch.uint8 or table.dtype != torch.float32
-            or table.shape[0] != 256 or vpb not in (1, 2) or scales.dtype != torch.float32 or scales.dim() != 2
-            or scales.shape[0] != n or scales.shape[1] * group < x.shape[1] or codes.shape[1] * vpb < x.shape[1]
+    if (lib is None or kind is None or vpb is None or x.dtype != torch.float32 or x.dim() != 2
+            or not 0 < x.shape[0] <= GEMV_MAX_ROWS or x.shape[1] > GEMV_MAX_K or scales.dtype != torch.float32
+            or scales.dim() != 2 or scales.shape[0] != n or scales.shape[1] * group < x.shape[1]
+            or codes.shape[1] * max(vpb, 1) < x.shape[1]
             or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != n))):
         return None
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    bad = lib.dmq_dequant_gemv(_ptr(x), x.shape[0], x.shape[1], _ptr(codes), codes.shape[1], _ptr(table), vpb,
+    table_ptr = None if table is None else _ptr(table)
+    bad = lib.dmq_dequant_gemv(_ptr(x), x.shape[0], x.shape[1], _ptr(codes), codes.shape[1], table_ptr, vpb,
                                _ptr(scales), scales.shape[1], group, None if bias is None else _ptr(bias), _ptr(y),
                                n, kind)
     return None if bad else y

@@ -250,7 +250,8 @@ int dmq_quant_blocks_bf16(const uint16_t *restrict x, uint16_t *restrict out, ui
 }
 
 /* Rows of a packed weight, dequantized for the tiled GEMM (dmq.packed.RowDequantizer): each stored byte holds vpb
- * (1 or 2) codes, whose float32 values are table[byte * vpb + i] (low nibble first); each value is multiplied by its
+ * (1 or 2) codes, whose float32 values are table[byte * vpb + i] (low nibble first); vpb 0 and -1 mark INT8 and
+ * UINT8 codes, which are their own values (an exact conversion, no table); each value is multiplied by its
  * group's float32 scale (scales: n x groups, `group` columns each), then written as float32 (kind 0), as float32
  * rounded to bfloat16 (kind 1: the reference's bfloat16 weight held in float32 for the GEMM), or as bfloat16 (kind
  * 2). `cols` columns of each row are written; a row's codes start every `nbytes` bytes. */
@@ -293,7 +294,11 @@ static int64_t nibbles_avx512(const uint8_t *restrict c, int64_t b0, int64_t b1,
 /* the value of code j in a row (vpb codes a byte) times the scale: the loops below spell it per case, so that the
  * one-code-a-byte loops vectorize with gathers */
 #define DMQ_DEQUANT_LOOP(STORE)                                                                                 \
-    if (vpb == 1) {                                                                                             \
+    if (vpb == 0) {                                                                                             \
+        for (int64_t j = j0; j < j1; j++) STORE(j, (float)(int8_t)c[j] * sg);                                 \
+    } else if (vpb == -1) {                                                                                     \
+        for (int64_t j = j0; j < j1; j++) STORE(j, (float)c[j] * sg);                                         \
+    } else if (vpb == 1) {                                                                                      \
         for (int64_t j = j0; j < j1; j++) STORE(j, table[c[j]] * sg);                                         \
     } else {                                                                                                    \
         for (int64_t b = j0 >> 1; b < j1 >> 1; b++) {                                                           \

@@ -423,8 +423,13 @@ class RowDequantizer:
         if not self.native or "native16" in DISABLED or self.codes.device.type != "cpu":
             return None
         n = self.layout.rows
-        return native.dequant_gemv(x, self.codes, self.values, self.scales(0, n).expand(n, -1).contiguous(),
-                                   self.group, bias, dtype)
+        codes, table = self._native_codes()
+        return native.dequant_gemv(x, codes, table, self.scales(0, n).expand(n, -1).contiguous(), self.group, bias,
+                                   dtype)
+
+    def _native_codes(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The codes and value table ``dmq.native`` reads: INT8 / UINT8 codes as their own values (no table)."""
+        return (self.direct, None) if self.direct is not None else (self.codes, self.values)
 
     def rows_in(self, r0: int, r1: int, dtype: torch.dtype, gemm_dtype: torch.dtype) -> torch.Tensor:
         """Rows ``r0:r1`` rounded to ``dtype`` (the reference's weight) and held in ``gemm_dtype``: bit for bit
@@ -437,8 +442,9 @@ class RowDequantizer:
         n, padded, cols = r1 - r0, self.layout.padded_cols, self.layout.cols
         if self.native and "native16" not in DISABLED and self.codes.device.type == "cpu":
             sc = self.scales(r0, r1)
-            out = native.dequant_rows(self.codes[r0:r1], self.values, sc.expand(n, -1).contiguous(), self.group,
-                                      cols, dtype, gemm_dtype)
+            codes, table = self._native_codes()
+            out = native.dequant_rows(codes[r0:r1], table, sc.expand(n, -1).contiguous(), self.group, cols, dtype,
+                                      gemm_dtype)
             if out is not None:
                 return out
         per_row = self.sc.shape[1] == 1 and not self.layout.fmt.is_block and self.direct is None

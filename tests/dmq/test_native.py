@@ -237,3 +237,45 @@ def test_few_row_product_declines_what_it_does_not_take():
     assert native.dequant_gemv(x, codes, table, scales, 32, None, torch.float16) is None  # no float16 rounding
     y = native.dequant_gemv(x, codes + 3, table, scales * 0.5, 32, torch.ones(4), torch.float32)
     assert torch.equal(y, torch.full((2, 4), 32 * 1.5 + 1))
+
+
+@needs_lib
+@pytest.mark.parametrize("m", [2, 64])
+def test_int8_group_weights_read_as_their_own_values(m):
+    """INT8 group-wise weight-only layers (the presets' per-sample layers): codes converted, not looked up; the
+    tiles are the PyTorch tiles bit for bit, and a few rows' product stays within the tiled bound."""
+    import dmq
+    from dmq.config import QuantConfig, QuantSpec
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1152, 200)).to(torch.bfloat16)
+    q = dmq.quantize(model, QuantConfig(weight=QuantSpec("int8", "group", group_size=32), act=None))
+    dmq.freeze(q)
+    rows = kernels._plan(q[0], torch.device("cpu"), torch.bfloat16).rows
+    assert rows.direct is not None and rows.direct.dtype == torch.int8
+    got = rows.rows_in(0, 200, torch.bfloat16, torch.float32)
+    with kernels.disable("native16"):
+        assert torch.equal(got, rows.rows_in(0, 200, torch.bfloat16, torch.float32))
+    x = torch.randn(m, 1152).to(torch.bfloat16)
+    with torch.no_grad():
+        y = q(x)
+        with kernels.disable("native16"):
+            y_ref = q(x)
+    w = q[0].dequantized_weight(torch.bfloat16).double()
+    exact = x.double() @ w.T + q[0].bias.double()
+    bound = 1153 * 2.0**-24 * (x.double().abs() @ w.abs().T + q[0].bias.double().abs()) + 2.0**-8 * exact.abs()
+    assert ((y.double() - exact).abs() <= bound).all() and ((y_ref.double() - exact).abs() <= bound).all()
+
+
+@needs_lib
+def test_byte_codes_without_a_table_are_exact_conversions():
+    g = torch.Generator().manual_seed(9)
+    s = torch.rand(6, 3, generator=g) * 0.1
+    for dtype in (torch.int8, torch.uint8):
+        codes = torch.randint(-128 if dtype == torch.int8 else 0, 128 if dtype == torch.int8 else 256, (6, 96),
+                              generator=g).to(dtype)
+        want = (codes.float().reshape(6, 3, 32) * s.unsqueeze(-1)).reshape(6, 96)
+        assert torch.equal(native.dequant_rows(codes, None, s, 32, 96, torch.float32, torch.float32), want)
+        got = native.dequant_rows(codes, None, s, 32, 90, torch.bfloat16, torch.float32)
+        assert torch.equal(got, want[:, :90].to(torch.bfloat16).float())
+    assert native.dequant_rows(codes.to(torch.int16), None, s, 32, 96, torch.float32, torch.float32) is None
