@@ -60,8 +60,9 @@ logger = logging.getLogger(__name__)
 # of one input's dynamic quantization and GEMM cast by the layers that share it (dmq.memo), a static quantizer's
 # whole fake quantization as one lookup per timestep bin (dmq.quantizer), absolute maxima of 16-bit tensors on their
 # bit patterns (dynamic and block scales, dmq.formats.grid.abs_amax), MX blocks computed in bfloat16
-# (dmq.formats.block), and NVFP4 / MX / per-token FP quantization one cache-sized chunk of rows at a time
-# (dmq.formats.grid.round_scaled16, round_div16)
+# (dmq.formats.block), NVFP4 / MX / per-token FP quantization one cache-sized chunk of rows at a time
+# (dmq.formats.grid.round_scaled16, round_div16), and the fused C form of these loops and of the weight tiles
+# (dmq.native, dmq.native_quant; built with the system C compiler, off without one)
 PATHS = ("onednn_int8", "int_gemm", "fp8_gemm", "int4_weight", "weight_cache", "tiled_dequant", "grid_table",
          "input_memo", "static_table", "abs_amax", "mx_16bit", "block_chunked", "native16")
 _WARNED: set[str] = set()

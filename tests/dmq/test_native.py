@@ -279,3 +279,12 @@ def test_byte_codes_without_a_table_are_exact_conversions():
         got = native.dequant_rows(codes, None, s, 32, 90, torch.bfloat16, torch.float32)
         assert torch.equal(got, want[:, :90].to(torch.bfloat16).float())
     assert native.dequant_rows(codes.to(torch.int16), None, s, 32, 96, torch.float32, torch.float32) is None
+
+
+def test_the_path_is_listed_and_scoped():
+    assert "native16" in kernels.PATHS
+    with kernels.disable("native16"):
+        assert not kernels.enabled("native16")
+    with kernels.disable("all"):
+        assert not kernels.enabled("native16")
+    assert kernels.enabled("native16")
