@@ -38,6 +38,7 @@ _STATE: dict[str, object] = {}  # "lib": the loaded library or None once tried
 _P, _I64, _U32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_int
 _F, _I32 = ctypes.c_float, ctypes.c_int32
 _SIGNATURES = {
+    "dmq_gather16_1": (_P, _P, _P, _I64, _U32),
     "dmq_gather16_2": (_P, _P, _P, _I64, _U32),
     "dmq_gather16_4": (_P, _P, _P, _I64, _U32),
     "dmq_absmax16": (_P, _P, _I64, _I64),
@@ -139,14 +140,14 @@ def _ptr(t: torch.Tensor) -> int:
 
 
 def gather16(table: torch.Tensor, bits: torch.Tensor, flip: int) -> torch.Tensor | None:
-    """``table[bits ^ flip]`` for flat 16-bit ``bits`` and a 65536-entry table of 2- or 4-byte entries; None where
-    the path does not apply."""
+    """``table[bits ^ flip]`` for flat 16-bit ``bits`` and a 65536-entry table of 1-, 2- or 4-byte entries; None
+    where the path does not apply."""
     lib = usable(table, bits)
     size = table.element_size()
-    if lib is None or bits.element_size() != 2 or size not in (2, 4) or table.numel() != 1 << 16:
+    if lib is None or bits.element_size() != 2 or size not in (1, 2, 4) or table.numel() != 1 << 16:
         return None
     out = torch.empty(bits.shape, dtype=table.dtype)
-    fn = lib.dmq_gather16_2 if size == 2 else lib.dmq_gather16_4
+    fn = {1: lib.dmq_gather16_1, 2: lib.dmq_gather16_2, 4: lib.dmq_gather16_4}[size]
     fn(_ptr(table), _ptr(bits), _ptr(out), bits.numel(), flip)
     return out
 

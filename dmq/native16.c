@@ -27,9 +27,25 @@ static inline uint16_t f32_to_bf16(float f) {
     return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0xFFFFu : r;  /* NaN: the pattern torch's conversion gives here */
 }
 
+/* bf16_to_f32(f32_to_bf16(f)) in 32-bit operations only, so that loops over it vectorize */
+static inline float round_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    r = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0xFFFF0000u : r;
+    float o;
+    memcpy(&o, &r, 4);
+    return o;
+}
+
 /* out[i] = table[bits[i] ^ flip] for 2-byte table entries (flip = 0x8000: the pattern read as int16, offset by
  * 32768). */
 void dmq_gather16_2(const uint16_t *table, const uint16_t *bits, uint16_t *out, int64_t n, uint32_t flip) {
+    for (int64_t i = 0; i < n; i++) out[i] = table[(uint16_t)(bits[i] ^ flip)];
+}
+
+/* The same for 1-byte table entries (activation-code tables). */
+void dmq_gather16_1(const uint8_t *table, const uint16_t *bits, uint8_t *out, int64_t n, uint32_t flip) {
     for (int64_t i = 0; i < n; i++) out[i] = table[(uint16_t)(bits[i] ^ flip)];
 }
 
@@ -332,7 +348,7 @@ void dmq_dequant_rows(const uint8_t *restrict codes, int64_t nbytes, const float
             const int64_t j0 = g * group, j1 = (g + 1) * group < cols ? (g + 1) * group : cols;
             const float sg = s[g];
 #define DMQ_F32(j, v) of[j] = (v)
-#define DMQ_F32_BF16(j, v) of[j] = bf16_to_f32(f32_to_bf16(v))
+#define DMQ_F32_BF16(j, v) of[j] = round_to_bf16(v)
 #define DMQ_BF16(j, v) oh[j] = f32_to_bf16(v)
             if (kind == 0) {
                 DMQ_DEQUANT_LOOP(DMQ_F32)
@@ -374,8 +390,8 @@ void dmq_unpack_s4(const uint8_t *restrict q, int8_t *restrict out, int64_t rows
 
 /* y = x W^T + bias for a few input rows (m <= 8, the per-sample layers at small batch), W the weight rows of
  * dmq_dequant_rows (kind 0 or 1), without building a tile: each weight row is dequantized once into a buffer that
- * stays in L1 and multiplied by every input row. The float32 sums run in 16 partial sums a row, then added in
- * order: another summation order than a GEMM's, with the same bound. x is float32 (m, k), y float32 (m, n). Returns
+ * stays in L1 and multiplied by every input row. The float32 sums run in 64 partial sums a row, then added: another
+ * summation order than a GEMM's, with the same bound. x is float32 (m, k), y float32 (m, n). Returns
  * 1 (nothing written) for a shape it does not take. */
 int dmq_dequant_gemv(const float *restrict x, int64_t m, int64_t k, const uint8_t *restrict codes, int64_t nbytes,
                      const float *restrict table, int vpb, const float *restrict scales, int64_t groups,
@@ -387,12 +403,20 @@ int dmq_dequant_gemv(const float *restrict x, int64_t m, int64_t k, const uint8_
         dmq_dequant_rows(codes + r * nbytes, nbytes, table, vpb, scales + r * groups, groups, group, w, 1, k, kind);
         for (int64_t i = 0; i < m; i++) {
             const float *restrict xi = x + i * k;
-            float part[16] = {0};
+            /* four independent 16-lane partial sums, so that the additions do not wait on each other */
+            float p0[16] = {0}, p1[16] = {0}, p2[16] = {0}, p3[16] = {0};
             int64_t j = 0;
+            for (; j + 64 <= k; j += 64)
+                for (int l = 0; l < 16; l++) {
+                    p0[l] += xi[j + l] * w[j + l];
+                    p1[l] += xi[j + 16 + l] * w[j + 16 + l];
+                    p2[l] += xi[j + 32 + l] * w[j + 32 + l];
+                    p3[l] += xi[j + 48 + l] * w[j + 48 + l];
+                }
             for (; j + 16 <= k; j += 16)
-                for (int l = 0; l < 16; l++) part[l] += xi[j + l] * w[j + l];
+                for (int l = 0; l < 16; l++) p0[l] += xi[j + l] * w[j + l];
             float acc = 0.0f;
-            for (int l = 0; l < 16; l++) acc += part[l];
+            for (int l = 0; l < 16; l++) acc += (p0[l] + p1[l]) + (p2[l] + p3[l]);
             for (; j < k; j++) acc += xi[j] * w[j];
             y[i * n + r] = bias ? acc + bias[r] : acc;
         }

@@ -27,10 +27,13 @@ def test_the_library_builds_where_a_compiler_exists():
 
 
 @needs_lib
-@pytest.mark.parametrize("table_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int32])
+@pytest.mark.parametrize("table_dtype", [torch.uint8, torch.int8, torch.bfloat16, torch.float16, torch.float32,
+                                         torch.int32])
 def test_gather_is_index_select_for_both_index_readings(table_dtype):
     g = torch.Generator().manual_seed(0)
-    table = (torch.randn(1 << 16, generator=g) * 1000).to(table_dtype)
+    table = (torch.randn(1 << 16, generator=g) * 1000).to(table_dtype) if table_dtype.is_floating_point else \
+        torch.randint(-128 if table_dtype == torch.int8 else 0, 128 if table_dtype == torch.int8 else 256, (1 << 16,),
+                      generator=g).to(table_dtype)
     every = torch.arange(1 << 16, dtype=torch.int32).to(torch.uint16)
     shuffled = every[torch.randperm(1 << 16, generator=g)]
     for b in (every, shuffled):
