@@ -195,8 +195,8 @@ def tiled_linear(x2d: torch.Tensor, n: int, dequant_rows, bias: torch.Tensor | N
     (default: ``x``'s) into its output columns at once, and the result rounded once to ``x``'s dtype. ``x_gemm``:
     ``x2d`` already cast to ``gemm_dtype``; ``dtype``: ``x``'s dtype when ``x2d`` is that cast (default
     ``x2d.dtype``); ``rounded``: ``dequant_rows`` gives its rows already rounded to ``dtype``, in ``gemm_dtype``;
-    ``gemv(x_gemm, bias)``: the same product for a few rows without tiles, in ``gemm_dtype``, or None (a float32 GEMM
-    only: ``dmq.packed.RowDequantizer.gemv``)."""
+    ``gemv(x_gemm, bias)``: the same product for a few rows without tiles, in ``gemm_dtype``, or None (a 16-bit input
+    with a float32 GEMM only: ``dmq.packed.RowDequantizer.gemv``)."""
     k, dtype = x2d.shape[1], (x2d.dtype if dtype is None else dtype)
     gd = dtype if gemm_dtype is None else gemm_dtype
     xg = x2d.to(gd) if x_gemm is None else x_gemm
@@ -205,7 +205,9 @@ def tiled_linear(x2d: torch.Tensor, n: int, dequant_rows, bias: torch.Tensor | N
     def tile(r0: int, r1: int) -> torch.Tensor:
         return dequant_rows(r0, r1) if rounded else dequant_rows(r0, r1).to(dtype).to(gd)
 
-    if gemv is not None and gd == torch.float32 and x2d.shape[0] <= GEMV_MAX_ROWS:
+    # only where the tiles already change the GEMM's dtype (a 16-bit input multiplied in float32): there the product
+    # differs from the reference's in summation order anyway, and a float32 input keeps its bit-exact single tile
+    if gemv is not None and gd == torch.float32 and dtype != gd and x2d.shape[0] <= GEMV_MAX_ROWS:
         y = gemv(xg.contiguous(), bg)
         if y is not None:
             return y.to(dtype)

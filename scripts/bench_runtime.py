@@ -84,13 +84,30 @@ def kept_layers(model: nn.Module) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ variants
+class PathsOff(nn.Module):
+    """``model`` called with the named execution paths off (:func:`dmq.kernels.disable`), for an on/off comparison
+    of one path in the same run."""
+
+    def __init__(self, model: nn.Module, *paths: str) -> None:
+        super().__init__()
+        self.model, self.paths = model, paths
+
+    def forward(self, *args, **kwargs):
+        with dmq.kernels.disable(*self.paths):
+            return self.model(*args, **kwargs)
+
+
 def make_variant(model: nn.Module, variant: str, shape, ckpt_dir: str, estimator: str = "minmax"
                  ) -> tuple[nn.Module, int | None]:
     """The variant of ``model`` and its checkpoint size in bytes (None when it cannot be saved here).
 
     ``name+compile`` is ``torch.compile`` of variant ``name`` (compiled in the warm-up round); ``preset+cache`` keeps
     a dequantized weight copy for the layers without a fused low-bit kernel (:func:`dmq.kernels.cache_weights`);
-    ``preset+prepack`` keeps the oneDNN / int4pack copies of the weights (:func:`dmq.kernels.prepack_weights`)."""
+    ``preset+prepack`` keeps the oneDNN / int4pack copies of the weights (:func:`dmq.kernels.prepack_weights`);
+    ``preset+pytorch`` runs every call with the fused C loops off (``dmq.kernels.disable("native16")``)."""
+    if variant.endswith("+pytorch"):
+        m, size = make_variant(model, variant.removesuffix("+pytorch"), shape, ckpt_dir, estimator)
+        return PathsOff(m, "native16"), size
     if variant.endswith("+compile"):
         m, size = make_variant(model, variant.removesuffix("+compile"), shape, ckpt_dir, estimator)
         return torch.compile(m, fullgraph=True), size  # one graph: a frozen dmq model has no graph break
@@ -373,6 +390,8 @@ def main() -> None:
     ap.add_argument("--cached", nargs="*", default=[], help="presets also timed with dmq.kernels.cache_weights")
     ap.add_argument("--prepacked", nargs="*", default=[],
                     help="presets also timed with dmq.kernels.prepack_weights (oneDNN / int4pack weight copies)")
+    ap.add_argument("--without-native", nargs="*", default=[],
+                    help="presets also timed with dmq.native's fused C loops off (+pytorch: their PyTorch form)")
     ap.add_argument("--gemm", action="store_true", help="also time one GEMM on every candidate kernel")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -388,7 +407,8 @@ def main() -> None:
             print(f"GEMM {name:55s} {t * 1e3:8.2f} ms  {t / gemm['bf16 F.linear']:.2f}x BF16", flush=True)
     rows, t_start = [], time.perf_counter()
     variants = ["fp32", "bf16", *args.presets, *args.peers, *(f"{v}+compile" for v in args.compile),
-                *(f"{v}+cache" for v in args.cached), *(f"{v}+prepack" for v in args.prepacked)]
+                *(f"{v}+cache" for v in args.cached), *(f"{v}+prepack" for v in args.prepacked),
+                *(f"{v}+pytorch" for v in args.without_native)]
     for model in args.models:
         cmd = [sys.executable, __file__, "--child", "--model", model, "--variants", *variants, "--estimator",
                args.estimator, *(["--skip-memory"] if args.skip_memory else []),

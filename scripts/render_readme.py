@@ -212,7 +212,9 @@ def runtime_table(data: dict) -> str:
               "right after one untimed call of the same variant: `--warm-calls 1`, as a sampler's next call finds "
               "the model; earlier runs timed a variant right after another model); `+compile` is `torch.compile` of "
               "that variant (default Inductor), `+cache` keeps a dequantized weight copy (memory trade-off, "
-              "`dmq.kernels.cache_weights`). Calibration: min-max ranges (the estimator moves scales, not kernels)."]
+              "`dmq.kernels.cache_weights`), `+pytorch` runs the preset with dmq's fused C loops off "
+              "(`dmq.kernels.disable(\"native16\")`: their PyTorch form). Calibration: min-max ranges (the "
+              "estimator moves scales, not kernels)."]
     gemm = data.get("gemm_512x1152x4608_s")
     if gemm:
         base = gemm["bf16 F.linear"]
