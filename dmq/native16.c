@@ -153,25 +153,38 @@ static inline float grid_at(float w, const dmq_grid *g, int sign) {
 }
 
 /* the per-block constants: a (NVFP4: d; MX: s; TOKEN: s) and b (MX: 1 / s) */
-static inline void block_scale(uint16_t m, int mode, float elem_max, float s_t, const dmq_grid *sg, float smin,
-                               int emax, float *a, float *b) {
-    const float amax = bf16_to_f32(m);
+/* The block constants from the blocks' largest magnitudes m (bf16 patterns), one loop per mode so that each
+ * vectorizes: a (NVFP4: d; MX and TOKEN: s) and b (MX: 1 / s). MX's floor(log2 amax) is the exponent field of the
+ * float32 amax: a subnormal or zero amax has floor(log2) <= -127, which the clamp takes to -127 whatever emax >= 0,
+ * and 2^-127 and 2^127 are exact in bfloat16. */
+static void block_scales(const uint16_t *restrict m, int64_t nb, int mode, float elem_max, float s_t,
+                         const dmq_grid *sg, float smin, int emax, float *restrict a, float *restrict b) {
+    const float lo = smin, hi = sg->hi;
+    const int32_t s_min = sg->s_min, s_add = sg->s_add;
     if (mode == DMQ_NVFP4) {
-        float t = (amax / elem_max) / s_t;
-        t = t < smin ? smin : (t > sg->hi ? sg->hi : t);
-        *a = grid_at(t, sg, 0) * s_t;
-        *b = 0.0f;
+        for (int64_t i = 0; i < nb; i++) {
+            float t = (bf16_to_f32(m[i]) / elem_max) / s_t;
+            t = t < lo ? lo : (t > hi ? hi : t);
+            a[i] = round_grid(t, sg->lo, hi, s_min, s_add, 0) * s_t;
+            b[i] = 0.0f;
+        }
     } else if (mode == DMQ_MX) {
-        int e;
-        frexpf(amax, &e);
-        e = amax > 0.0f ? e - 1 - emax : -127;
-        e = e < -127 ? -127 : (e > 127 ? 127 : e);
-        *a = bf16_to_f32(f32_to_bf16(ldexpf(1.0f, e)));
-        *b = bf16_to_f32(f32_to_bf16(1.0f / *a));
+        for (int64_t i = 0; i < nb; i++) {
+            const int32_t field = (int32_t)((uint32_t)m[i] >> 7) & 0xFF;  /* the float32 exponent field */
+            int32_t e = field == 0 ? -127 : field - 127 - emax;
+            e = e < -127 ? -127 : (e > 127 ? 127 : e);
+            /* 2^e and 2^-e as float32 bit patterns (2^-127 is the subnormal 0x00400000) */
+            const uint32_t pe = e == -127 ? 0x00400000u : (uint32_t)(e + 127) << 23;
+            const uint32_t pi = e == 127 ? 0x00400000u : (uint32_t)(127 - e) << 23;
+            memcpy(a + i, &pe, 4);
+            memcpy(b + i, &pi, 4);
+        }
     } else {
-        float s = bf16_to_f32(f32_to_bf16(amax / elem_max));
-        *a = s > 0.0f ? s : 1.0f;
-        *b = 0.0f;
+        for (int64_t i = 0; i < nb; i++) {
+            const float s = round_to_bf16(bf16_to_f32(m[i]) / elem_max);
+            a[i] = s > 0.0f ? s : 1.0f;
+            b[i] = 0.0f;
+        }
     }
 }
 
@@ -253,7 +266,7 @@ int dmq_quant_blocks_bf16(const uint16_t *restrict x, uint16_t *restrict out, ui
     if (top >= 0x7F80u) return 1;
     const float s_t = mode == DMQ_NVFP4 ? bf16_to_f32(top) / (sg->hi * elem_max) : 0.0f;
     if (mode == DMQ_NVFP4 && s_t == 0.0f) return 2;
-    for (int64_t blk = 0; blk < nb; blk++) block_scale(amax[blk], mode, elem_max, s_t, sg, smin, emax, sa + blk, sb + blk);
+    block_scales(amax, nb, mode, elem_max, s_t, sg, smin, emax, sa, sb);
     const int sign = g->lo < 0.0f;
     if (mode == DMQ_NVFP4) {
         DMQ_QUANT_LOOPS(DMQ_NVFP4)
