@@ -3,7 +3,8 @@
 The eager fast paths of :mod:`dmq.formats.grid` (a table lookup per 16-bit pattern, NVFP4 / MX / per-token
 rounding, block maxima) spend several whole-tensor PyTorch passes per quantization: about 4 ns an element on this
 CPU, more than the BF16 convolutions of a small U-Net. Each C function does one of them in one pass, with the same
-roundings in the same order (bit for bit; ``tests/dmq/test_native.py``).
+roundings in the same order (bit for bit; ``tests/dmq/test_native.py``). The weight tiles of the tiled GEMM are here
+too, and the product of a few input rows with a packed weight, which sums in its own order (the tiled path's bound).
 
 The library is built with the system C compiler (``$CC``, else ``cc``) into ``$DMQ_CACHE_DIR`` (default
 ``~/.cache/dmq``), under a name that hashes the source, the flags and the CPU's feature list, so a changed source or
@@ -55,7 +56,6 @@ NVFP4, MX, TOKEN = 0, 1, 2
 
 class _Grid(ctypes.Structure):
     _fields_ = [("lo", ctypes.c_float), ("hi", ctypes.c_float), ("s_min", ctypes.c_int32), ("s_add", ctypes.c_int32)]
-
 
 
 def _cpu_features() -> str:

@@ -195,7 +195,7 @@ static inline uint16_t quant_one(uint16_t h, int mode, float a, float b, const d
     return f32_to_bf16(bf16_to_f32(f32_to_bf16(grid_at(q, g, sign))) * a);
 }
 
-#define DMQ_FLAT 2048 /* elements a chunk of the short-row loop (a multiple of no block size in particular) */
+#define DMQ_FLAT 2048 /* elements a chunk of the short-row loop holds at most (DMQ_FLAT / block whole rows) */
 
 /* the quantization loops, one copy per mode so that each inner loop is branch-free and vectorizes */
 #define DMQ_QUANT_LOOPS(MODE)                                                                                   \
@@ -278,12 +278,6 @@ int dmq_quant_blocks_bf16(const uint16_t *restrict x, uint16_t *restrict out, ui
     return 0;
 }
 
-/* Rows of a packed weight, dequantized for the tiled GEMM (dmq.packed.RowDequantizer): each stored byte holds vpb
- * (1 or 2) codes, whose float32 values are table[byte * vpb + i] (low nibble first); vpb 0 and -1 mark INT8 and
- * UINT8 codes, which are their own values (an exact conversion, no table); each value is multiplied by its
- * group's float32 scale (scales: n x groups, `group` columns each), then written as float32 (kind 0), as float32
- * rounded to bfloat16 (kind 1: the reference's bfloat16 weight held in float32 for the GEMM), or as bfloat16 (kind
- * 2). `cols` columns of each row are written; a row's codes start every `nbytes` bytes. */
 /* Both nibbles of 16 code bytes at once (AVX-512): the 16-entry value table sits in one register and each nibble
  * indexes it with a permute; the products are interleaved back into column order (low nibble first) and stored as
  * 32 float32 values, rounded to bfloat16 first for kind 1. */
@@ -338,6 +332,12 @@ static int64_t nibbles_avx512(const uint8_t *restrict c, int64_t b0, int64_t b1,
         if (j1 & 1) STORE(j1 - 1, table[2 * c[(j1 - 1) >> 1]] * sg);                                            \
     }
 
+/* Rows of a packed weight, dequantized for the tiled GEMM (dmq.packed.RowDequantizer): each stored byte holds vpb
+ * (1 or 2) codes, whose float32 values are table[byte * vpb + i] (low nibble first); vpb 0 and -1 mark INT8 and
+ * UINT8 codes, which are their own values (an exact conversion, no table); each value is multiplied by its
+ * group's float32 scale (scales: n x groups, `group` columns each), then written as float32 (kind 0), as float32
+ * rounded to bfloat16 (kind 1: the reference's bfloat16 weight held in float32 for the GEMM), or as bfloat16 (kind
+ * 2). `cols` columns of each row are written; a row's codes start every `nbytes` bytes. */
 void dmq_dequant_rows(const uint8_t *restrict codes, int64_t nbytes, const float *restrict table, int vpb,
                       const float *restrict scales, int64_t groups, int64_t group, void *restrict out, int64_t n,
                       int64_t cols, int kind) {
