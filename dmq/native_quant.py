@@ -4,7 +4,7 @@ The eager form of a dynamic quantizer moves the quantized dimension last (a copy
 takes the block maxima, computes the scales on small tensors and rounds chunk by chunk, then restores the layout:
 about twenty PyTorch operations per call. ``native.quant_blocks_bf16`` does all of it in the tensor's own layout
 with the same arithmetic, so the result is bit for bit the eager one, in the same memory layout
-(``tests/dmq/test_native.py``). It applies where the eager fast paths (``abs_amax``, ``block_chunked``,
+(``tests/dmq/test_native_quant.py``). It applies where the eager fast paths (``abs_amax``, ``block_chunked``,
 ``mx_16bit``) would, and falls back to them otherwise: another dtype, a length that is not a multiple of the block,
 a non-finite value, a scaled (exponent-biased) grid.
 """
@@ -24,7 +24,7 @@ def dynamic(x: torch.Tensor, dim: int, fmt: formats.Format, granularity: str, sy
     """The dynamic quantizer's result for ``x`` along ``dim`` (what ``TensorQuantizer`` computes through
     :func:`dmq.fake_quant.quantize_rows_dynamic`), or None where the native path does not apply."""
     if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.numel() == 0 or any(p in DISABLED for p in _PATHS)
-            or (x.requires_grad and torch.is_grad_enabled())):
+            or (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling()):
         return None
     if x.is_contiguous():
         return _dense(x, dim, fmt, granularity, symmetric)
