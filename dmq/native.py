@@ -38,17 +38,18 @@ _STATE: dict[str, object] = {}  # "lib": the loaded library or None once tried
 
 _P, _I64, _U32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_int
 _F, _I32 = ctypes.c_float, ctypes.c_int32
+# name -> (argument types, result type): the rounding loops and the few-row product return a status (1: not done)
 _SIGNATURES = {
-    "dmq_gather16_1": (_P, _P, _P, _I64, _U32),
-    "dmq_gather16_2": (_P, _P, _P, _I64, _U32),
-    "dmq_gather16_4": (_P, _P, _P, _I64, _U32),
-    "dmq_absmax16": (_P, _P, _I64, _I64),
-    "dmq_round_div_bf16": (_P, _P, _P, _I64, _I64, _INT, _F, _F, _I32, _I32),  # returns 1 on a non-finite value
-    "dmq_round_scaled_bf16": (_P, _P, _P, _I64, _I64, _F, _F, _I32, _I32),  # the same
-    "dmq_dequant_rows": (_P, _I64, _P, _INT, _P, _I64, _I64, _P, _I64, _I64, _INT),
-    "dmq_gather16_split_2": (_P, _P, _P, _P, _I64, _I64, _I64, _I64),
-    "dmq_unpack_s4": (_P, _P, _I64, _I64, _I64),
-    "dmq_dequant_gemv": (_P, _I64, _I64, _P, _I64, _P, _INT, _P, _I64, _I64, _P, _P, _I64, _INT),
+    "dmq_gather16_1": ((_P, _P, _P, _I64, _U32), None),
+    "dmq_gather16_2": ((_P, _P, _P, _I64, _U32), None),
+    "dmq_gather16_4": ((_P, _P, _P, _I64, _U32), None),
+    "dmq_absmax16": ((_P, _P, _I64, _I64), None),
+    "dmq_round_div_bf16": ((_P, _P, _P, _I64, _I64, _INT, _F, _F, _I32, _I32), _INT),
+    "dmq_round_scaled_bf16": ((_P, _P, _P, _I64, _I64, _F, _F, _I32, _I32), _INT),
+    "dmq_dequant_rows": ((_P, _I64, _P, _INT, _P, _I64, _I64, _P, _I64, _I64, _INT), None),
+    "dmq_gather16_split_2": ((_P, _P, _P, _P, _I64, _I64, _I64, _I64), None),
+    "dmq_unpack_s4": ((_P, _P, _I64, _I64, _I64), None),
+    "dmq_dequant_gemv": ((_P, _I64, _I64, _P, _I64, _P, _INT, _P, _I64, _I64, _P, _P, _I64, _INT), _INT),
 }
 # dmq_quant_blocks_bf16 returns a status; its modes, in native16.c's order
 NVFP4, MX, TOKEN = 0, 1, 2
@@ -106,9 +107,9 @@ def _load() -> ctypes.CDLL | None:
         logger.warning("dmq.native: building %s failed (%s %s); the native16 path is off", SOURCE.name, e,
                        detail.decode(errors="replace")[:500])
         return None
-    for name, args in _SIGNATURES.items():
+    for name, (args, result) in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, (_INT if name.startswith(("dmq_round", "dmq_dequant_gemv")) else None)
+        fn.argtypes, fn.restype = args, result
     grid = ctypes.POINTER(_Grid)
     lib.dmq_quant_blocks_bf16.argtypes = (_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _F, grid, grid, _F, _INT)
     lib.dmq_quant_blocks_bf16.restype = _INT

@@ -84,63 +84,7 @@ static inline float round_grid(float w, float lo, float hi, int32_t s_min, int32
     return sign ? copysignf(a, w) : a;
 }
 
-/* bfloat16 rows of k values, one bfloat16 scale s per row: out = bf16(bf16(grid(bf16(x / s))) * s), the eager path
- * of dmq.formats.grid.round_div16 (its table holds bf16(grid(v)) for every bfloat16 v). With pow2 set every scale is
- * a power of two with an exact reciprocal, and the quotient is x * bf16(1 / s), as the eager path computes it.
- * Returns 1, with `out` not to be used, when a value or scale is not finite (the eager path handles those). */
-int dmq_round_div_bf16(const uint16_t *restrict x, const uint16_t *restrict scale, uint16_t *restrict out,
-                       int64_t rows, int64_t k, int pow2, float lo, float hi, int32_t s_min, int32_t s_add) {
-    const int sign = lo < 0.0f;
-    unsigned bad = 0;
-    for (int64_t r = 0; r < rows; r++) {
-        const float s = bf16_to_f32(scale[r]);
-        const float inv = bf16_to_f32(f32_to_bf16(1.0f / s));
-        const uint16_t *restrict p = x + r * k;
-        uint16_t *restrict o = out + r * k;
-        bad |= (scale[r] & 0x7F80u) == 0x7F80u;
-        for (int64_t j = 0; j < k; j++) {
-            bad |= (p[j] & 0x7F80u) == 0x7F80u;
-            const float v = bf16_to_f32(p[j]);
-            const float q = bf16_to_f32(f32_to_bf16(pow2 ? v * inv : v / s));
-            const float g = bf16_to_f32(f32_to_bf16(round_grid(q, lo, hi, s_min, s_add, sign)));
-            o[j] = f32_to_bf16(g * s);
-        }
-    }
-    return bad != 0;
-}
-
-/* bfloat16 rows of k values, one float32 denominator d per row: out = bf16(grid(float32(x) / d) * d), the eager path
- * of dmq.formats.grid.round_scaled16 (which rounds the quotient to odd at 16 bits and looks it up: the same point
- * for grids of at most 5 mantissa bits, as that module shows). Returns 1, with `out` not to be used, when a value is
- * not finite or a denominator is not finite and nonzero. */
-int dmq_round_scaled_bf16(const uint16_t *restrict x, const float *restrict denom, uint16_t *restrict out,
-                          int64_t rows, int64_t k, float lo, float hi, int32_t s_min, int32_t s_add) {
-    const int sign = lo < 0.0f;
-    unsigned bad = 0;
-    for (int64_t r = 0; r < rows; r++) {
-        const float d = denom[r];
-        const uint16_t *restrict p = x + r * k;
-        uint16_t *restrict o = out + r * k;
-        bad |= !isfinite(d) || d == 0.0f;
-        for (int64_t j = 0; j < k; j++) {
-            bad |= (p[j] & 0x7F80u) == 0x7F80u;
-            o[j] = f32_to_bf16(round_grid(bf16_to_f32(p[j]) / d, lo, hi, s_min, s_add, sign) * d);
-        }
-    }
-    return bad != 0;
-}
-
-/* Dynamic block quantization of a dense bfloat16 tensor viewed as (outer, c, inner), in blocks of `block` consecutive
- * indices along c (block == c: one scale per position of outer x inner, a per-token or per-pixel scale). Each block
- * takes its scale from its largest magnitude, as the eager quantizers compute it:
- *   DMQ_NVFP4: s_t = amax / (scale_max * elem_max) over the whole tensor, d = e4m3(clamp(amax_b / elem_max / s_t,
- *              smin, scale_max)) * s_t, out = bf16(grid(x / d) * d)                 (dmq.formats.block.NVFP4Format)
- *   DMQ_MX:    s = 2^clamp(floor(log2 amax_b) - emax, -127, 127) (2^-127 for a zero block),
- *              out = bf16(bf16(grid(bf16(x * (1 / s)))) * s)                         (dmq.formats.block.MXFormat)
- *   DMQ_TOKEN: s = bf16(amax_b / elem_max) (1 where that is 0), out = bf16(bf16(grid(bf16(x / s))) * s)
- *              (dmq.fake_quant.quantize_rows_dynamic, symmetric float formats)
- * Returns 0, or 1 when a value is not finite and 2 when an NVFP4 tensor is all zeros: the caller then takes the
- * eager path, which handles both, and `out` is not written. */
+/* the block quantizers' modes (dmq_quant_blocks_bf16 below) and a grid's constants for round_grid */
 enum { DMQ_NVFP4 = 0, DMQ_MX = 1, DMQ_TOKEN = 2 };
 
 typedef struct {
@@ -152,7 +96,59 @@ static inline float grid_at(float w, const dmq_grid *g, int sign) {
     return round_grid(w, g->lo, g->hi, g->s_min, g->s_add, sign);
 }
 
-/* the per-block constants: a (NVFP4: d; MX: s; TOKEN: s) and b (MX: 1 / s) */
+/* One element with its block's constants a and b: NVFP4 out = bf16(grid(x / a) * a); MX out =
+ * bf16(bf16(grid(bf16(x * b))) * a), b = 1 / a; TOKEN the same with the quotient bf16(x / a). */
+static inline uint16_t quant_one(uint16_t h, int mode, float a, float b, const dmq_grid *g, int sign) {
+    const float v = bf16_to_f32(h);
+    if (mode == DMQ_NVFP4) return f32_to_bf16(grid_at(v / a, g, sign) * a);
+    const float q = round_to_bf16(mode == DMQ_MX ? v * b : v / a);
+    return f32_to_bf16(round_to_bf16(grid_at(q, g, sign)) * a);
+}
+
+/* bfloat16 rows of k values, one bfloat16 scale s per row: out = bf16(bf16(grid(bf16(x / s))) * s), the eager path
+ * of dmq.formats.grid.round_div16 (its table holds bf16(grid(v)) for every bfloat16 v). With pow2 set every scale is
+ * a power of two with an exact reciprocal, and the quotient is x * bf16(1 / s), as the eager path computes it.
+ * Returns 1, with `out` not to be used, when a value or scale is not finite (the eager path handles those). */
+int dmq_round_div_bf16(const uint16_t *restrict x, const uint16_t *restrict scale, uint16_t *restrict out,
+                       int64_t rows, int64_t k, int pow2, float lo, float hi, int32_t s_min, int32_t s_add) {
+    const dmq_grid g = {lo, hi, s_min, s_add};
+    const int sign = lo < 0.0f;
+    unsigned bad = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const float s = bf16_to_f32(scale[r]);
+        const float inv = bf16_to_f32(f32_to_bf16(1.0f / s));
+        const uint16_t *restrict p = x + r * k;
+        uint16_t *restrict o = out + r * k;
+        bad |= (scale[r] & 0x7F80u) == 0x7F80u;
+        for (int64_t j = 0; j < k; j++) bad |= (p[j] & 0x7F80u) == 0x7F80u;
+        if (pow2)
+            for (int64_t j = 0; j < k; j++) o[j] = quant_one(p[j], DMQ_MX, s, inv, &g, sign);
+        else
+            for (int64_t j = 0; j < k; j++) o[j] = quant_one(p[j], DMQ_TOKEN, s, 0.0f, &g, sign);
+    }
+    return bad != 0;
+}
+
+/* bfloat16 rows of k values, one float32 denominator d per row: out = bf16(grid(float32(x) / d) * d), the eager path
+ * of dmq.formats.grid.round_scaled16 (which rounds the quotient to odd at 16 bits and looks it up: the same point
+ * for grids of at most 5 mantissa bits, as that module shows). Returns 1, with `out` not to be used, when a value is
+ * not finite or a denominator is not finite and nonzero. */
+int dmq_round_scaled_bf16(const uint16_t *restrict x, const float *restrict denom, uint16_t *restrict out,
+                          int64_t rows, int64_t k, float lo, float hi, int32_t s_min, int32_t s_add) {
+    const dmq_grid g = {lo, hi, s_min, s_add};
+    const int sign = lo < 0.0f;
+    unsigned bad = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const float d = denom[r];
+        const uint16_t *restrict p = x + r * k;
+        uint16_t *restrict o = out + r * k;
+        bad |= !isfinite(d) || d == 0.0f;
+        for (int64_t j = 0; j < k; j++) bad |= (p[j] & 0x7F80u) == 0x7F80u;
+        for (int64_t j = 0; j < k; j++) o[j] = quant_one(p[j], DMQ_NVFP4, d, 0.0f, &g, sign);
+    }
+    return bad != 0;
+}
+
 /* The block constants from the blocks' largest magnitudes m (bf16 patterns), one loop per mode so that each
  * vectorizes: a (NVFP4: d; MX and TOKEN: s) and b (MX: 1 / s). MX's floor(log2 amax) is the exponent field of the
  * float32 amax: a subnormal or zero amax has floor(log2) <= -127, which the clamp takes to -127 whatever emax >= 0,
@@ -186,13 +182,6 @@ static void block_scales(const uint16_t *restrict m, int64_t nb, int mode, float
             b[i] = 0.0f;
         }
     }
-}
-
-static inline uint16_t quant_one(uint16_t h, int mode, float a, float b, const dmq_grid *g, int sign) {
-    const float v = bf16_to_f32(h);
-    if (mode == DMQ_NVFP4) return f32_to_bf16(grid_at(v / a, g, sign) * a);
-    const float q = bf16_to_f32(f32_to_bf16(mode == DMQ_MX ? v * b : v / a));
-    return f32_to_bf16(bf16_to_f32(f32_to_bf16(grid_at(q, g, sign))) * a);
 }
 
 #define DMQ_FLAT 2048 /* elements a chunk of the short-row loop holds at most (DMQ_FLAT / block whole rows) */
@@ -232,6 +221,17 @@ static inline uint16_t quant_one(uint16_t h, int mode, float a, float b, const d
         }                                                                                                       \
     }
 
+/* Dynamic block quantization of a dense bfloat16 tensor viewed as (outer, c, inner), in blocks of `block` consecutive
+ * indices along c (block == c: one scale per position of outer x inner, a per-token or per-pixel scale). Each block
+ * takes its scale from its largest magnitude, as the eager quantizers compute it:
+ *   DMQ_NVFP4: s_t = amax / (scale_max * elem_max) over the whole tensor, d = e4m3(clamp(amax_b / elem_max / s_t,
+ *              smin, scale_max)) * s_t, out = bf16(grid(x / d) * d)                 (dmq.formats.block.NVFP4Format)
+ *   DMQ_MX:    s = 2^clamp(floor(log2 amax_b) - emax, -127, 127) (2^-127 for a zero block),
+ *              out = bf16(bf16(grid(bf16(x * (1 / s)))) * s)                         (dmq.formats.block.MXFormat)
+ *   DMQ_TOKEN: s = bf16(amax_b / elem_max) (1 where that is 0), out = bf16(bf16(grid(bf16(x / s))) * s)
+ *              (dmq.fake_quant.quantize_rows_dynamic, symmetric float formats)
+ * Returns 0, or 1 when a value is not finite and 2 when an NVFP4 tensor is all zeros: the caller then takes the
+ * eager path, which handles both, and `out` is not written. */
 int dmq_quant_blocks_bf16(const uint16_t *restrict x, uint16_t *restrict out, uint16_t *restrict amax,
                           float *restrict sa, float *restrict sb, int64_t outer, int64_t c, int64_t inner,
                           int64_t block, int mode, float elem_max, const dmq_grid *g, const dmq_grid *sg,
@@ -239,15 +239,7 @@ int dmq_quant_blocks_bf16(const uint16_t *restrict x, uint16_t *restrict out, ui
     const int64_t nb = outer * (c / block) * inner;  /* blocks, in (outer, c / block, inner) order */
     /* the blocks' largest magnitudes, as 16-bit patterns (they order like the magnitudes) */
     if (inner == 1) {
-        for (int64_t blk = 0; blk < nb; blk++) {
-            const uint16_t *restrict p = x + blk * block;
-            uint16_t m = 0;
-            for (int64_t j = 0; j < block; j++) {
-                const uint16_t v = p[j] & 0x7FFFu;
-                m = v > m ? v : m;
-            }
-            amax[blk] = m;
-        }
+        dmq_absmax16(x, amax, nb, block);
     } else {
         for (int64_t ob = 0; ob < outer * (c / block); ob++) {
             uint16_t *restrict m = amax + ob * inner;
