@@ -33,23 +33,27 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("native16.c")
 # -ffp-contract=off: no fused multiply-add, so every float32 operation rounds once, as PyTorch's passes do
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-std=c99")
+# the loops' threads: OpenMP's team (PyTorch's own on Linux), else POSIX threads where the compiler has no OpenMP
+THREAD_FLAGS = (("-fopenmp",), ("-pthread",))
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "lib": the loaded library or None once tried
 
 _P, _I64, _U32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_int
 _F, _I32 = ctypes.c_float, ctypes.c_int32
-# name -> (argument types, result type): the rounding loops and the few-row product return a status (1: not done)
+# name -> (argument types, result type): the rounding loops and the few-row product return a status (1: not done);
+# every function's last argument is the thread count
 _SIGNATURES = {
-    "dmq_gather16_1": ((_P, _P, _P, _I64, _U32), None),
-    "dmq_gather16_2": ((_P, _P, _P, _I64, _U32), None),
-    "dmq_gather16_4": ((_P, _P, _P, _I64, _U32), None),
-    "dmq_absmax16": ((_P, _P, _I64, _I64), None),
-    "dmq_round_div_bf16": ((_P, _P, _P, _I64, _I64, _INT, _F, _F, _I32, _I32), _INT),
-    "dmq_round_scaled_bf16": ((_P, _P, _P, _I64, _I64, _F, _F, _I32, _I32), _INT),
-    "dmq_dequant_rows": ((_P, _I64, _P, _INT, _P, _I64, _I64, _P, _I64, _I64, _INT), None),
-    "dmq_gather16_split_2": ((_P, _P, _P, _P, _I64, _I64, _I64, _I64), None),
-    "dmq_unpack_s4": ((_P, _P, _I64, _I64, _I64), None),
-    "dmq_dequant_gemv": ((_P, _I64, _I64, _P, _I64, _P, _INT, _P, _I64, _I64, _P, _P, _I64, _INT), _INT),
+    "dmq_gather16_1": ((_P, _P, _P, _I64, _U32, _INT), None),
+    "dmq_gather16_2": ((_P, _P, _P, _I64, _U32, _INT), None),
+    "dmq_gather16_4": ((_P, _P, _P, _I64, _U32, _INT), None),
+    "dmq_absmax16": ((_P, _P, _I64, _I64, _INT), None),
+    "dmq_round_div_bf16": ((_P, _P, _P, _I64, _I64, _INT, _F, _F, _I32, _I32, _INT), _INT),
+    "dmq_round_scaled_bf16": ((_P, _P, _P, _I64, _I64, _F, _F, _I32, _I32, _INT), _INT),
+    "dmq_dequant_rows": ((_P, _I64, _P, _INT, _P, _I64, _I64, _P, _I64, _I64, _INT, _INT), None),
+    "dmq_gather16_split_2": ((_P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT), None),
+    "dmq_unpack_s4": ((_P, _P, _I64, _I64, _I64, _INT), None),
+    "dmq_dequant_gemv": ((_P, _I64, _I64, _P, _I64, _P, _INT, _P, _I64, _I64, _P, _P, _I64, _INT, _INT), _INT),
+    "dmq_int_epilogue": ((_P, _I64, _I64, _P, _P, _I64, _P, _P, _P, _P, _INT, _INT), None),
 }
 # dmq_quant_blocks_bf16 returns a status; its modes, in native16.c's order
 NVFP4, MX, TOKEN = 0, 1, 2
@@ -75,7 +79,14 @@ def _build(compiler: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
+        for i, threads in enumerate(THREAD_FLAGS):
+            try:
+                subprocess.run([compiler, *FLAGS, *threads, str(SOURCE), "-o", tmp], check=True, capture_output=True,
+                               timeout=120)
+                break
+            except subprocess.CalledProcessError:
+                if i == len(THREAD_FLAGS) - 1:
+                    raise
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -90,7 +101,7 @@ def _load() -> ctypes.CDLL | None:
         logger.info("dmq.native: no C compiler found; the native16 path is off")
         return None
     key = hashlib.sha256(
-        SOURCE.read_bytes() + repr((FLAGS, compiler, platform.machine(), _cpu_features())).encode()
+        SOURCE.read_bytes() + repr((FLAGS, THREAD_FLAGS, compiler, platform.machine(), _cpu_features())).encode()
     ).hexdigest()[:16]
     try:
         cache = Path(os.environ.get("DMQ_CACHE_DIR") or Path.home() / ".cache" / "dmq")
@@ -111,7 +122,8 @@ def _load() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, result
     grid = ctypes.POINTER(_Grid)
-    lib.dmq_quant_blocks_bf16.argtypes = (_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _F, grid, grid, _F, _INT)
+    lib.dmq_quant_blocks_bf16.argtypes = (_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT, _F, grid, grid, _F, _INT,
+                                          _INT)
     lib.dmq_quant_blocks_bf16.restype = _INT
     return lib
 
@@ -140,6 +152,11 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def _threads() -> int:
+    """The loops' thread count: PyTorch's intra-op one, so that ``torch.set_num_threads`` governs them too."""
+    return torch.get_num_threads()
+
+
 def gather16(table: torch.Tensor, bits: torch.Tensor, flip: int) -> torch.Tensor | None:
     """``table[bits ^ flip]`` for flat 16-bit ``bits`` and a 65536-entry table of 1-, 2- or 4-byte entries; None
     where the path does not apply."""
@@ -149,7 +166,7 @@ def gather16(table: torch.Tensor, bits: torch.Tensor, flip: int) -> torch.Tensor
         return None
     out = torch.empty(bits.shape, dtype=table.dtype)
     fn = {1: lib.dmq_gather16_1, 2: lib.dmq_gather16_2, 4: lib.dmq_gather16_4}[size]
-    fn(_ptr(table), _ptr(bits), _ptr(out), bits.numel(), flip)
+    fn(_ptr(table), _ptr(bits), _ptr(out), bits.numel(), flip, _threads())
     return out
 
 
@@ -159,7 +176,7 @@ def absmax16(x: torch.Tensor) -> torch.Tensor | None:
     if lib is None or x.element_size() != 2 or x.dim() == 0 or x.shape[-1] == 0:
         return None
     out = torch.empty((*x.shape[:-1], 1), dtype=x.dtype)
-    lib.dmq_absmax16(_ptr(x), _ptr(out), out.numel(), x.shape[-1])
+    lib.dmq_absmax16(_ptr(x), _ptr(out), out.numel(), x.shape[-1], _threads())
     return out
 
 
@@ -183,7 +200,8 @@ def round_div_bf16(x: torch.Tensor, scale: torch.Tensor, spec, pow2: bool) -> to
     if lib is None or args is None or x.dtype != torch.bfloat16 or scale.dtype != torch.bfloat16:
         return None
     out = torch.empty_like(x)
-    bad = lib.dmq_round_div_bf16(_ptr(x), _ptr(scale), _ptr(out), scale.numel(), x.shape[-1], int(pow2), *args)
+    bad = lib.dmq_round_div_bf16(_ptr(x), _ptr(scale), _ptr(out), scale.numel(), x.shape[-1], int(pow2), *args,
+                                 _threads())
     return None if bad else out
 
 
@@ -195,7 +213,7 @@ def round_scaled_bf16(x: torch.Tensor, denom: torch.Tensor, spec) -> torch.Tenso
     if lib is None or args is None or x.dtype != torch.bfloat16 or denom.dtype != torch.float32:
         return None
     out = torch.empty_like(x)
-    bad = lib.dmq_round_scaled_bf16(_ptr(x), _ptr(denom), _ptr(out), denom.numel(), x.shape[-1], *args)
+    bad = lib.dmq_round_scaled_bf16(_ptr(x), _ptr(denom), _ptr(out), denom.numel(), x.shape[-1], *args, _threads())
     return None if bad else out
 
 
@@ -222,7 +240,7 @@ def quant_blocks_bf16(x: torch.Tensor, dim: int, block: int, mode: int, elem_spe
     out = torch.empty_like(x)
     status = lib.dmq_quant_blocks_bf16(
         _ptr(x), _ptr(out), _ptr(amax), _ptr(sa), _ptr(sb), outer, c, inner, block, mode, elem_max,
-        ctypes.byref(_Grid(*g)), ctypes.byref(_Grid(*sg)), scale_min, emax)
+        ctypes.byref(_Grid(*g)), ctypes.byref(_Grid(*sg)), scale_min, emax, _threads())
     return out if status == 0 else None
 
 
@@ -258,7 +276,7 @@ def dequant_rows(codes: torch.Tensor, table: torch.Tensor | None, scales: torch.
         return None
     out = torch.empty(n, cols, dtype=gemm_dtype)
     lib.dmq_dequant_rows(_ptr(codes), codes.shape[1], None if table is None else _ptr(table), vpb, _ptr(scales),
-                         scales.shape[1], group, _ptr(out), n, cols, kind)
+                         scales.shape[1], group, _ptr(out), n, cols, kind, _threads())
     return out
 
 
@@ -271,7 +289,7 @@ def gather16_split(ta: torch.Tensor, tb: torch.Tensor, x: torch.Tensor, split: i
         return None
     out = torch.empty(x.shape, dtype=ta.dtype)
     lib.dmq_gather16_split_2(_ptr(ta), _ptr(tb), _ptr(x), _ptr(out), x.shape[0], x.shape[1],
-                             math.prod(x.shape[2:]), split)
+                             math.prod(x.shape[2:]), split, _threads())
     return out
 
 
@@ -281,7 +299,7 @@ def unpack_s4(q: torch.Tensor, cols: int) -> torch.Tensor | None:
     if lib is None or q.dtype != torch.uint8 or q.dim() != 2 or not 0 < cols <= 2 * q.shape[1]:
         return None
     out = torch.empty(q.shape[0], cols, dtype=torch.int8)
-    lib.dmq_unpack_s4(_ptr(q), _ptr(out), q.shape[0], q.shape[1], cols)
+    lib.dmq_unpack_s4(_ptr(q), _ptr(out), q.shape[0], q.shape[1], cols, _threads())
     return out
 
 
@@ -308,5 +326,32 @@ def dequant_gemv(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, scal
     table_ptr = None if table is None else _ptr(table)
     bad = lib.dmq_dequant_gemv(_ptr(x), x.shape[0], x.shape[1], _ptr(codes), codes.shape[1], table_ptr, vpb,
                                _ptr(scales), scales.shape[1], group, None if bias is None else _ptr(bias), _ptr(y),
-                               n, kind)
+                               n, kind, _threads())
     return None if bad else y
+
+
+_OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1}  # dmq_int_epilogue's output kinds
+
+
+def int_epilogue(acc: torch.Tensor, s: torch.Tensor, c: torch.Tensor | None, w_scale: torch.Tensor,
+                 rowsum: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> bool:
+    """The epilogue of :func:`dmq.kernels.int_linear` on one chunk, written into ``out`` ``(m, n)`` (bfloat16 or
+    float32): ``round(float32(acc + c * rowsum) * (s * w_scale) + bias)`` for the int32 GEMM result ``acc``
+    ``(m, n)``, float32 ``s`` and int32 ``c`` with one value per row or one for all (``c`` None: no correction),
+    float32 ``w_scale`` and ``bias`` and int32 ``rowsum`` of ``n`` values. False (``out`` untouched) where the path
+    does not apply."""
+    lib = usable(*(t for t in (acc, s, c, w_scale, rowsum, bias, out) if t is not None))
+    kind = _OUT_KINDS.get(out.dtype)
+    if lib is None or kind is None or acc.dtype != torch.int32 or acc.dim() != 2 or out.shape != acc.shape:
+        return False
+    m, n = acc.shape
+    if (s.dtype != torch.float32 or s.numel() not in (1, m) or w_scale.dtype != torch.float32
+            or w_scale.numel() != n or rowsum.dtype != torch.int32 or rowsum.numel() != n
+            or (c is not None and (c.dtype != torch.int32 or c.numel() != s.numel()))
+            or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != n))):
+        return False
+    stride = 0 if s.numel() == 1 else 1
+    lib.dmq_int_epilogue(_ptr(acc), m, n, _ptr(s), None if c is None else _ptr(c), stride, _ptr(w_scale),
+                         None if c is None else _ptr(rowsum), None if bias is None else _ptr(bias), _ptr(out), kind,
+                         _threads())
+    return True

@@ -395,8 +395,8 @@ def test_prepacked_weights_are_opt_in(preset):
             assert torch.equal(q(x), default)  # the default is the path the copies bypass
         if preset in ("w8a8", "w4a8") and kernels_cpu.onednn_int8_ok():
             # an int8 copy; the oneDNN path builds no int_linear epilogue (a float32 scale and an int32
-            # correction per output), which the default path keeps
-            assert copy_bytes >= small - 8 * sum(m.out_features for m in lins) + weights
+            # correction per output, and the activation scale and offset), which the default path keeps
+            assert copy_bytes >= small - 8 * sum(m.out_features + 1 for m in lins) + weights
         elif preset == "w4a16" and kernels_cpu.int4_weight_ok():
             assert copy_bytes >= small + weights // 2  # a 4-bit copy
         clone = copy.deepcopy(q)

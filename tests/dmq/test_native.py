@@ -291,3 +291,124 @@ def test_the_path_is_listed_and_scoped():
     with kernels.disable("all"):
         assert not kernels.enabled("native16")
     assert kernels.enabled("native16")
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_integer_epilogue_is_the_pytorch_epilogue(dtype, per_sample, zero_point, bias, monkeypatch):
+    """The fused epilogue of the integer GEMM: the correction, the conversion, the scale product and the bias (one
+    fused multiply-add, as addcmul's) in one loop, bit for bit the four PyTorch passes; one scale for all rows or
+    one per sample, chunks of INT_ROWS rows included."""
+    g = torch.Generator().manual_seed(7)
+    m, k, n = 2 * 300, 96, 130
+    monkeypatch.setattr(kernels, "INT_ROWS", 256)  # three chunks, the last a short one
+    x = torch.randn(2, 300, k, generator=g).to(dtype)
+    batch = 2 if per_sample else 1
+    scale = torch.rand(batch, 1, 1, generator=g) * 0.05 + 0.01
+    zp = torch.randint(100, 150, (batch, 1, 1), generator=g).float() if zero_point else None
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(n, generator=g) * 0.01
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    calls = []
+    fused = native.int_epilogue
+    monkeypatch.setattr(native, "int_epilogue", lambda *a: calls.append(1) or fused(*a))
+    y = kernels.int_linear(x, scale, zp, 8, False, w, w_scale, w.to(torch.int32).sum(1), b)
+    assert len(calls) == 3 and y.shape == (2, 300, n)
+    with kernels.disable("native16"):
+        ref = kernels.int_linear(x, scale, zp, 8, False, w, w_scale, w.to(torch.int32).sum(1), b)
+    assert torch.equal(y, ref)
+    assert m == y.numel() // n
+
+
+@needs_lib
+def test_integer_epilogue_declines_what_it_does_not_take():
+    acc = torch.zeros(4, 8, dtype=torch.int32)
+    s, c, ws, rs = torch.ones(1), torch.ones(1, dtype=torch.int32), torch.ones(8), torch.ones(8, dtype=torch.int32)
+    assert native.int_epilogue(acc, s, c, ws, rs, None, torch.empty(4, 8, dtype=torch.bfloat16))
+    assert not native.int_epilogue(acc, s, c, ws, rs, None, torch.empty(4, 8, dtype=torch.float16))
+    assert not native.int_epilogue(acc.float(), s, c, ws, rs, None, torch.empty(4, 8))
+    assert not native.int_epilogue(acc, torch.ones(3), None, ws, rs, None, torch.empty(4, 8))  # 3 scales, 4 rows
+    assert not native.int_epilogue(acc, s, c, ws[:7], rs, None, torch.empty(4, 8))
+    assert not native.int_epilogue(acc, s, c.long(), ws, rs, None, torch.empty(4, 8))
+    assert not native.int_epilogue(acc, s, c, ws, rs, torch.ones(8).double(), torch.empty(4, 8))
+    out = torch.empty(4, 8)
+    assert native.int_epilogue(acc + 3, torch.full((4,), 0.5), torch.full((4,), 2, dtype=torch.int32), ws, rs,
+                               torch.ones(8), out)
+    assert torch.equal(out, torch.full((4, 8), (3 + 2) * 0.5 + 1))
+
+
+def _every_loop(seed: int) -> list[torch.Tensor]:
+    """One large call of every loop (several thread parts each), on random data."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(64, 33, 96, generator=g) * 3).to(torch.bfloat16)
+    table2 = torch.randn(1 << 16, generator=g).to(torch.bfloat16)
+    nv, mx, e4m3 = formats.get("nvfp4"), formats.get("mxfp4"), formats.get("e4m3")
+    codes = torch.randint(0, 256, (700, 96), generator=g, dtype=torch.uint8)
+    table = torch.randn(256, 2, generator=g)
+    scales = torch.rand(700, 12, generator=g)
+    acc = torch.randint(-(1 << 20), 1 << 20, (700, 300), generator=g, dtype=torch.int32)
+    epi = torch.empty(700, 300, dtype=torch.bfloat16)
+    native.int_epilogue(acc, torch.rand(700, generator=g), torch.randint(-5, 5, (700,), generator=g,
+                        dtype=torch.int32), torch.rand(300, generator=g), torch.randint(-99, 99, (300,), generator=g,
+                        dtype=torch.int32), torch.randn(300, generator=g), epi)
+    flat = x.reshape(-1, 96)
+    out = [
+        native.gather16(table2, x.view(torch.uint16).reshape(-1), 0),
+        native.absmax16(flat),
+        native.round_div_bf16(flat, (native.absmax16(flat) + 1).to(torch.bfloat16), e4m3.grid, False),
+        native.round_scaled_bf16(flat, flat.abs().amax(1, keepdim=True).float() + 1, nv.element.grid),
+        native.quant_blocks_bf16(x, 2, 16, native.NVFP4, nv.element.grid, nv.element.max, e4m3.grid,
+                                 e4m3.min_subnormal),
+        native.quant_blocks_bf16(x, 1, 33, native.TOKEN, e4m3.grid, e4m3.max),  # (64, 33, 96): positions inner
+        native.quant_blocks_bf16(x, 2, 32, native.MX, mx.element.grid, mx.element.max, emax=mx.element.emax),
+        native.dequant_rows(codes, table, scales, 16, 190, torch.bfloat16, torch.float32),
+        native.dequant_gemv(torch.randn(3, 190, generator=g), codes, table, scales, 16, None, torch.float32),
+        native.gather16_split(table2, table2.flip(0), x, 20),
+        native.unpack_s4(codes, 191),
+        epi,
+    ]
+    assert all(t is not None for t in out)
+    return out
+
+
+@needs_lib
+def test_every_thread_count_gives_the_same_bits():
+    """The loops split their rows or blocks over torch.get_num_threads() threads; no result depends on the split."""
+    before = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results[threads] = _every_loop(0)
+    finally:
+        torch.set_num_threads(before)
+    for threads in (2, 3):
+        for a, b in zip(results[1], results[threads]):
+            assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@needs_lib
+def test_without_openmp_the_loops_start_their_own_threads(monkeypatch, tmp_path):
+    """A compiler without OpenMP: the build takes the next thread flags (POSIX threads), and the loops still split
+    over threads with the same bits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = _every_loop(1)
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("DMQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setattr(native, "THREAD_FLAGS", (("-fdmq-no-such-flag",), ("-pthread",)))
+    lib = native.library()
+    assert lib is not None and len(list(tmp_path.glob("native16-*.so"))) == 1
+    torch.set_num_threads(2)
+    try:
+        threaded = _every_loop(1)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(serial, threaded):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
