@@ -7,7 +7,8 @@
  *   - a float32 result narrows to bfloat16 round-to-nearest-even, as torch's conversion does (a NaN becomes the
  *     pattern 0xFFFF, as torch's does on x86; the rounding loops leave non-finite inputs to the eager path);
  *   - float32 arithmetic is IEEE single precision with round-to-nearest-even: built without -ffast-math, and with
- *     -ffp-contract=off so that no multiply and add fuse into one rounding.
+ *     -ffp-contract=off so that no multiply and add fuse into one rounding, except where the eager path fuses them
+ *     itself (fmaf in the integer epilogue, as PyTorch's addcmul).
  * Indices are 16-bit bit patterns, so no table read is out of bounds.
  *
  * Each exported loop takes `threads`, the caller's thread count (torch.get_num_threads()), and splits its
