@@ -4,7 +4,9 @@ The eager fast paths of :mod:`dmq.formats.grid` (a table lookup per 16-bit patte
 rounding, block maxima) spend several whole-tensor PyTorch passes per quantization: about 4 ns an element on this
 CPU, more than the BF16 convolutions of a small U-Net. Each C function does one of them in one pass, with the same
 roundings in the same order (bit for bit; ``tests/dmq/test_native.py``). The weight tiles of the tiled GEMM are here
-too, and the product of a few input rows with a packed weight, which sums in its own order (the tiled path's bound).
+too, the product of a few input rows with a packed weight, which sums in its own order (the tiled path's bound), and
+the epilogue of the integer GEMM. Each loop splits its rows over ``torch.get_num_threads()`` threads, on the OpenMP
+team PyTorch's own loops use (POSIX threads where the compiler has no OpenMP); no result depends on the split.
 
 The library is built with the system C compiler (``$CC``, else ``cc``) into ``$DMQ_CACHE_DIR`` (default
 ``~/.cache/dmq``), under a name that hashes the source, the flags and the CPU's feature list, so a changed source or
