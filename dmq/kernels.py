@@ -163,13 +163,14 @@ def int_linear(x: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor | None
     per_sample = epilogue is None and a_scale.numel() > 1
     w_rowsum = w_rowsum.to(torch.int32)  # an int64 sum would make every correction a promoting add
     if per_sample:
-        z = torch.zeros_like(a_scale) if a_zp is None else a_zp.reshape(a_scale.shape)
-        # per-row activation scale and zero-point offset (one value per sample, repeated over its tokens)
+        # per-row activation scale and zero-point offset (one value per sample, repeated over its tokens; no offset
+        # for signed codes without a zero point)
         rows_per_sample = m // a_scale.shape[0]
         s_rows = a_scale.to(x.dtype).to(torch.float32).reshape(-1, 1).repeat_interleave(rows_per_sample, 0)
-        c_rows = (off - z.to(torch.int32)).reshape(-1, 1).repeat_interleave(rows_per_sample, 0)
-        if not off and a_zp is None:
-            c_rows = None
+        c_rows = None
+        if off or a_zp is not None:
+            z = torch.zeros_like(a_scale) if a_zp is None else a_zp.reshape(a_scale.shape)
+            c_rows = (off - z.to(torch.int32)).reshape(-1, 1).repeat_interleave(rows_per_sample, 0)
     else:
         ep = epilogue if epilogue is not None else _epilogue(a_scale, a_zp, off, x.dtype, w_scale, w_rowsum)
         s_rows, c_rows = ep.s_a, ep.c
