@@ -207,8 +207,9 @@ def _reference_grid():
     return sch, np.array([999.0] + list(sch.t_of_rho(logs)))
 
 
-def _fp_and_w4a8():
-    """The bundled DiT in full precision and a W4A8 copy (``quantize_pipeline``, calibrated at guidance 2)."""
+def _fp_and_w4a8(config: str = "w4a8"):
+    """The bundled DiT in full precision and a quantized copy (``quantize_pipeline`` with ``config``, a W4A8 preset
+    with or without a PTQ method, calibrated at guidance 2)."""
     import copy
 
     from pipelines import DigitsPipeline, quantize_pipeline
@@ -216,7 +217,7 @@ def _fp_and_w4a8():
     fp = DigitsPipeline.from_pretrained(ROOT / "assets" / "digits-dit")
     fp.set_progress_bar_config(disable=True)
     q = copy.deepcopy(fp)
-    quantize_pipeline(q, "w4a8", call_kwargs=[{"class_labels": list(range(10))}], num_inference_steps=20,
+    quantize_pipeline(q, config, call_kwargs=[{"class_labels": list(range(10))}], num_inference_steps=20,
                       guidance_scale=2.0, progress=False)
     return fp, q
 
@@ -288,11 +289,10 @@ def models_part(progress: bool = True, models: tuple[str, ...] = ("digits-dit", 
     return {"cells": cells}
 
 
-def quant_part(progress: bool = True, nfes: tuple[int, ...] = (5, 10)) -> dict:
-    fp, q = _fp_and_w4a8()
+def quant_part(progress: bool = True, nfes: tuple[int, ...] = (5, 10), config: str = "w4a8") -> dict:
+    fp, q = _fp_and_w4a8(config)
     cells = _model_cells("digits-dit", q.backbone.eval(), 10, backbone_ref=fp.backbone.eval(), nfes=nfes,
-                         progress=progress,
-                         label=" W4A8")
+                         progress=progress, label=" " + config.upper().replace("+", " + "))
     for c in cells:
         best_fp_default = min(v for k, v in c["default"].items() if k.startswith("FP "))
         c["goal"] = {"quantized_searched_rmse": c["dmq"][c["best_dmq"]], "fp_default_rmse": best_fp_default,
@@ -300,11 +300,11 @@ def quant_part(progress: bool = True, nfes: tuple[int, ...] = (5, 10)) -> dict:
     return {"cells": cells}
 
 
-def floor_part(guidance: float = 2.0) -> dict:
+def floor_part(guidance: float = 2.0, config: str = "w4a8") -> dict:
     """How far the W4A8 DiT's own 1000-step solve is from the full-precision 1000-step reference (the part of the
     quantized error no sampler removes by solving the quantized ODE more exactly), and the per-latent spread of the
     default grids of both models at NFE 5 and 10 (RMSE and median per-latent RMSE), on the 32 evaluation latents."""
-    fp, q = _fp_and_w4a8()
+    fp, q = _fp_and_w4a8(config)
     gen = torch.Generator().manual_seed(7)  # the latents of _model_cells
     torch.randn(16, 1, 16, 16, generator=gen)
     x_e = torch.randn(32, 1, 16, 16, generator=gen)
@@ -317,8 +317,8 @@ def floor_part(guidance: float = 2.0) -> dict:
     cache = None if CACHE is None else CACHE / f"reference-digits-dit-g{guidance:g}.pt"
     ref = torch.load(cache) if cache is not None and cache.is_file() else fine(fp.backbone.eval())
     q_fine = fine(q.backbone.eval())
-    out = {"guidance": guidance, "q_fine_rmse": _rmse(q_fine, ref), "commit": COMMIT, "defaults": {}}
-    for prec, bb in (("FP", fp.backbone.eval()), ("W4A8", q.backbone.eval())):
+    out = {"config": config, "guidance": guidance, "q_fine_rmse": _rmse(q_fine, ref), "commit": COMMIT, "defaults": {}}
+    for prec, bb in (("FP", fp.backbone.eval()), (config.upper(), q.backbone.eval())):
         for n in (5, 10):
             for name, cls in (("DEIS", DEISScheduler), ("UniPC", DCSolverScheduler)):
                 x, _ = bs.sample(cls.from_config(VP), n, bb, x_e, lab_e, guidance, null_label=10)
@@ -338,6 +338,9 @@ def main() -> None:
                     help="latents per search in the gmm part, a third held out")
     ap.add_argument("--cache", type=Path, default=None,
                     help="folder for the 1000-step references (computed once, reused by later runs and parts)")
+    ap.add_argument("--quant-config", default="w4a8",
+                    help="the quant and floor parts' W4A8 config (a preset with PTQ methods: w4a8+gptq); other than "
+                         "w4a8, their results go under quant_<config> and floor_<config>")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
@@ -349,16 +352,19 @@ def main() -> None:
     CACHE = args.cache
     models, nfes = tuple(args.models.split(",")), tuple(int(n) for n in args.nfes.split(","))
     parts = {"gmm": lambda: gmm_part(search_latents=args.search_latents),
-             "models": lambda: models_part(models=models, nfes=nfes), "quant": lambda: quant_part(nfes=nfes),
-             "floor": floor_part}
+             "models": lambda: models_part(models=models, nfes=nfes),
+             "quant": lambda: quant_part(nfes=nfes, config=args.quant_config),
+             "floor": lambda: floor_part(config=args.quant_config)}
     for part, fn in parts.items():
         if part in args.parts.split(","):
             t0 = time.perf_counter()
             new = fn()
             key_name = part if part != "gmm" or args.search_latents == 24 else f"gmm_search{args.search_latents}"
-            if part in ("models", "quant") and part in report:  # cells of other models / NFEs (run apart) are kept
+            if part in ("quant", "floor") and args.quant_config != "w4a8":
+                key_name = f"{part}_{args.quant_config}"
+            if part in ("models", "quant") and key_name in report:  # cells of other models / NFEs (run apart) are kept
                 key = {(c["model"], c["nfe"]) for c in new["cells"]}
-                new["cells"] = sorted([c for c in report[part]["cells"] if (c["model"], c["nfe"]) not in key]
+                new["cells"] = sorted([c for c in report[key_name]["cells"] if (c["model"], c["nfe"]) not in key]
                                       + new["cells"], key=lambda c: (c["model"], c["nfe"]))
             report[key_name] = new
             report[key_name]["wall_seconds"] = round(time.perf_counter() - t0, 1)
