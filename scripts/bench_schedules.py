@@ -140,11 +140,41 @@ def _exact_states(model, x_T, labels, g):
     return states
 
 
-def gmm_part(progress: bool = True, search_latents: int = 24) -> dict:
+def _per_latent_mse(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    e = (x.double() - ref.double()).pow(2).flatten(1).mean(1)
+    return torch.where(torch.isfinite(e), e, torch.full_like(e, float("inf")))
+
+
+def _ratio_interval(dmq_mse: torch.Tensor, peer_mse: torch.Tensor, draws: int = 2000) -> list[float]:
+    """5th and 95th percentiles of RMSE(dmq) / RMSE(peer) over bootstrap resamples of the evaluation latents (the two
+    options fixed, each resample drawn for both: the per-latent errors are paired)."""
+    idx = torch.randint(0, dmq_mse.numel(), (draws, dmq_mse.numel()), generator=torch.Generator().manual_seed(0))
+    r = (dmq_mse[idx].mean(1) / peer_mse[idx].mean(1)).sqrt()
+    return [float(r.quantile(0.05)), float(r.quantile(0.95))]
+
+
+def _verdict(dmq: dict, peer: dict, default: dict) -> dict:
+    """The best dmq option against the best diffusers pair (both chosen on these latents), from per-latent MSEs."""
+    rm = {k: float(v.mean().sqrt()) for k, v in {**dmq, **peer, **default}.items()}
+    best_peer, best_dmq = min(peer, key=rm.get), min(dmq, key=rm.get)
+    return {"best_peer": best_peer, "best_peer_rmse": rm[best_peer], "dmq": {k: rm[k] for k in dmq},
+            "default": {k: rm[k] for k in default}, "best_dmq": best_dmq, "ratio": rm[best_dmq] / rm[best_peer],
+            "ratio_interval": _ratio_interval(dmq[best_dmq], peer[best_peer]),
+            "searched_vs_default": _searched_vs_default({k: rm[k] for k in dmq}, {k: rm[k] for k in default})}
+
+
+def gmm_part(progress: bool = True, search_latents: int = 24, eval_latents: int = 2048) -> dict:
     """``search_latents`` latents per search, the last third held out; beyond the first 24 they come from a separate
-    generator placed before them, so the 24 and the 32 evaluation latents are the same for every count."""
+    generator placed before them, so the 24 and the 32 evaluation latents are the same for every count.
+
+    ``eval_latents`` latents evaluate every option: the first 32 are the evaluation latents of the runs before, the
+    others come from a generator of their own. Per-latent errors are heavy-tailed (a latent near a component boundary
+    that lands in the other component costs as much as the rest together), so 32 latents leave the RMSE to chance;
+    each cell reports both sets (``eval32``: the first 32) and a bootstrap interval of the ratio."""
     if search_latents < 24:
         raise ValueError(f"search_latents must be >= 24, got {search_latents}")
+    if eval_latents < 32:
+        raise ValueError(f"eval_latents must be >= 32, got {eval_latents}")
     cells = []
     peers = bs.diffusers_candidates()
     t_start = time.perf_counter()
@@ -154,10 +184,12 @@ def gmm_part(progress: bool = True, search_latents: int = 24) -> dict:
         gen = torch.Generator().manual_seed(100 + seed)
         x_s = torch.randn(24, *shape, generator=gen, dtype=torch.float64)
         x_e = torch.randn(32, *shape, generator=gen, dtype=torch.float64)
+        x_e = torch.cat([x_e, torch.randn(eval_latents - 32, *shape, dtype=torch.float64,
+                                          generator=torch.Generator().manual_seed(9000 + seed))])
         more = torch.randn(search_latents - 24, *shape, generator=torch.Generator().manual_seed(5000 + seed),
                            dtype=torch.float64)
         x_s = torch.cat([more, x_s])
-        lab_s, lab_e = torch.arange(search_latents) % C, torch.arange(32) % C
+        lab_s, lab_e = torch.arange(search_latents) % C, torch.arange(eval_latents) % C
         for g in GUIDANCES:
             den = gmm_denoise(model, lab_s, g)
             final_s = reference_sample(model, x_s, lab_s, g)
@@ -169,33 +201,29 @@ def gmm_part(progress: bool = True, search_latents: int = 24) -> dict:
                     sched, steps = cand.make(n)
                     x, used = bs.sample(sched, steps, model, x_e, lab_e, g)
                     if used == n:
-                        peer[f"{cand.name}|{cand.grid}"] = _rmse(x, final_e)
-                best_peer = min(peer, key=peer.get)
+                        peer[f"{cand.name}|{cand.grid}"] = _per_latent_mse(x, final_e)
                 opts, info = _dmq_options(den, x_s, n, final_s,
                                           lambda s: gmm_reference(model, s, x_s, lab_s, g, n), {},
                                           held_out=search_latents // 3,
                                           fit_reference=_exact_states(model, x_s, lab_s, g))
-                dmq = {}
-                for name, sched in opts.items():
-                    x, _ = bs.sample(sched, n, model, x_e, lab_e, g)
-                    dmq[name] = _rmse(x, final_e)
-                default = {}
-                for name, sched in (("DEIS default", DEISScheduler.from_config(VP)),
-                                    ("UniPC default", DCSolverScheduler.from_config(VP))):
-                    default[name] = _rmse(bs.sample(sched, n, model, x_e, lab_e, g)[0], final_e)
-                best_dmq = min(dmq, key=dmq.get)
+                dmq = {name: _per_latent_mse(bs.sample(sched, n, model, x_e, lab_e, g)[0], final_e)
+                       for name, sched in opts.items()}
+                default = {name: _per_latent_mse(bs.sample(sched, n, model, x_e, lab_e, g)[0], final_e)
+                           for name, sched in (("DEIS default", DEISScheduler.from_config(VP)),
+                                               ("UniPC default", DCSolverScheduler.from_config(VP)))}
+                cut = {k: {name: v[:32] for name, v in d.items()} for k, d in
+                       (("dmq", dmq), ("peer", peer), ("default", default))}
                 cell = {"mixture": f"GaussianMixture.random({C}, {K}, {shape}, seed={seed})", "guidance": g,
-                        "nfe": n, "best_peer": best_peer, "best_peer_rmse": peer[best_peer], "dmq": dmq,
-                        "default": default, "best_dmq": best_dmq, "ratio": dmq[best_dmq] / peer[best_peer],
-                        "searched_vs_default": _searched_vs_default(dmq, default),
+                        "nfe": n, **_verdict(dmq, peer, default), "eval32": _verdict(**cut),
                         "search_info": info, "seconds": round(time.perf_counter() - t0, 1)}
                 cells.append(cell)
                 if progress:
-                    print(f"gmm {C},{K},{shape},{seed} g={g} n={n}: best dmq {best_dmq} {dmq[best_dmq]:.4f} vs "
-                          f"{best_peer} {peer[best_peer]:.4f} -> {cell['ratio']:.2f}x ({cell['seconds']}s)",
-                          flush=True)
+                    print(f"gmm {C},{K},{shape},{seed} g={g} n={n}: best dmq {cell['best_dmq']} "
+                          f"{cell['dmq'][cell['best_dmq']]:.4f} vs {cell['best_peer']} {cell['best_peer_rmse']:.4f} "
+                          f"-> {cell['ratio']:.2f}x {cell['ratio_interval']} (32 latents: "
+                          f"{cell['eval32']['ratio']:.2f}x) ({cell['seconds']}s)", flush=True)
     return {"cells": cells, "seconds": round(time.perf_counter() - t_start, 1), "search_latents": search_latents,
-            "held_out": search_latents // 3}
+            "held_out": search_latents // 3, "eval_latents": eval_latents}
 
 
 def _reference_grid():
@@ -336,6 +364,8 @@ def main() -> None:
     ap.add_argument("--nfes", default="5,10", help="NFEs of the models and quant parts")
     ap.add_argument("--search-latents", type=int, default=24,
                     help="latents per search in the gmm part, a third held out")
+    ap.add_argument("--eval-latents", type=int, default=2048,
+                    help="evaluation latents of the gmm part (the first 32 are those of the runs before)")
     ap.add_argument("--cache", type=Path, default=None,
                     help="folder for the 1000-step references (computed once, reused by later runs and parts)")
     ap.add_argument("--quant-config", default="w4a8",
@@ -351,7 +381,7 @@ def main() -> None:
     global CACHE
     CACHE = args.cache
     models, nfes = tuple(args.models.split(",")), tuple(int(n) for n in args.nfes.split(","))
-    parts = {"gmm": lambda: gmm_part(search_latents=args.search_latents),
+    parts = {"gmm": lambda: gmm_part(search_latents=args.search_latents, eval_latents=args.eval_latents),
              "models": lambda: models_part(models=models, nfes=nfes),
              "quant": lambda: quant_part(nfes=nfes, config=args.quant_config),
              "floor": lambda: floor_part(config=args.quant_config)}
