@@ -251,18 +251,21 @@ def _fp_and_w4a8(config: str = "w4a8"):
 
 
 def _model_cells(name: str, backbone, null: int, backbone_ref=None, nfes=(5, 10), guidance: float = 2.0,
-                 progress: bool = True, label: str = "") -> list[dict]:
-    """One bundled model (optionally quantized, with its FP reference backbone)."""
+                 progress: bool = True, label: str = "", eval_latents: int = 32) -> list[dict]:
+    """One bundled model (optionally quantized, with its FP reference backbone). The first 32 of ``eval_latents``
+    evaluation latents are those of the runs before (reported as ``eval32`` when there are more)."""
     ref_backbone = backbone_ref or backbone
     gen = torch.Generator().manual_seed(7)
     x_s = torch.randn(16, 1, 16, 16, generator=gen)
     x_e = torch.randn(32, 1, 16, 16, generator=gen)
-    lab_s, lab_e = torch.arange(16) % 10, torch.arange(32) % 10
+    x_e = torch.cat([x_e, torch.randn(eval_latents - 32, 1, 16, 16, generator=torch.Generator().manual_seed(9007))])
+    lab_s, lab_e = torch.arange(16) % 10, torch.arange(eval_latents) % 10
     den = guided_denoise(backbone, lab_s, null, guidance)
     ref_den_s = guided_denoise(ref_backbone, lab_s, null, guidance)
     ref_den_e = guided_denoise(ref_backbone, lab_e, null, guidance)
     sch, grid = _reference_grid()
-    cache = None if CACHE is None else CACHE / f"reference-{name}-g{guidance:g}.pt"  # the FP model's, so shared
+    more = "" if eval_latents == 32 else f"-e{eval_latents}"
+    cache = None if CACHE is None else CACHE / f"reference-{name}-g{guidance:g}{more}.pt"  # the FP model's: shared
     if cache is not None and cache.is_file():
         final_e = torch.load(cache)
     else:
@@ -278,49 +281,51 @@ def _model_cells(name: str, backbone, null: int, backbone_ref=None, nfes=(5, 10)
             sched, steps = cand.make(n)
             x, used = bs.sample(sched, steps, backbone, x_e, lab_e, guidance, null_label=null)
             if used == n:
-                peer[f"{cand.name}|{cand.grid}"] = _rmse(x, final_e)
-        best_peer = min(peer, key=peer.get)
+                peer[f"{cand.name}|{cand.grid}"] = _per_latent_mse(x, final_e)
         kw = {"grid_points": 48, "substeps": 3, "reference_denoise": None if backbone_ref is None else ref_den_s}
         opts, info = _dmq_options(den, x_s, n, None,
                                   lambda s: ddim_reference(ref_den_s, s, x_s, n, 250), kw)
-        dmq = {k: _rmse(bs.sample(s, n, backbone, x_e, lab_e, guidance, null_label=null)[0], final_e)
+        dmq = {k: _per_latent_mse(bs.sample(s, n, backbone, x_e, lab_e, guidance, null_label=null)[0], final_e)
                for k, s in opts.items()}
-        default = {k: _rmse(bs.sample(s, n, backbone, x_e, lab_e, guidance, null_label=null)[0], final_e)
+        default = {k: _per_latent_mse(bs.sample(s, n, backbone, x_e, lab_e, guidance, null_label=null)[0], final_e)
                    for k, s in (("DEIS default", DEISScheduler.from_config(VP)),
                                 ("UniPC default", DCSolverScheduler.from_config(VP)))}
         if backbone_ref is not None:  # the full-precision model on the default grids, same reference
-            default.update({f"FP {k}": _rmse(bs.sample(s, n, ref_backbone, x_e, lab_e, guidance,
-                                                       null_label=null)[0], final_e)
+            default.update({f"FP {k}": _per_latent_mse(bs.sample(s, n, ref_backbone, x_e, lab_e, guidance,
+                                                                 null_label=null)[0], final_e)
                             for k, s in (("DEIS default", DEISScheduler.from_config(VP)),
                                          ("UniPC default", DCSolverScheduler.from_config(VP)))})
-        best_dmq = min(dmq, key=dmq.get)
-        cell = {"model": name + label, "guidance": guidance, "nfe": n, "best_peer": best_peer,
-                "best_peer_rmse": peer[best_peer], "dmq": dmq, "default": default, "best_dmq": best_dmq,
-                "ratio": dmq[best_dmq] / peer[best_peer],
-                "searched_vs_default": _searched_vs_default(dmq, default),
-                "search_info": info, "seconds": round(time.perf_counter() - t0, 1), "commit": COMMIT}
+        cell = {"model": name + label, "guidance": guidance, "nfe": n, **_verdict(dmq, peer, default),
+                "search_info": info, "seconds": round(time.perf_counter() - t0, 1), "commit": COMMIT,
+                "eval_latents": eval_latents}
+        if eval_latents > 32:
+            cell["eval32"] = _verdict(*({k: v[:32] for k, v in d.items()} for d in (dmq, peer, default)))
         cells.append(cell)
         if progress:
-            print(f"{name}{label} n={n}: best dmq {best_dmq} {dmq[best_dmq]:.4f} vs {best_peer} "
-                  f"{peer[best_peer]:.4f} -> {cell['ratio']:.2f}x ({cell['seconds']}s)", flush=True)
+            print(f"{name}{label} n={n}: best dmq {cell['best_dmq']} {cell['dmq'][cell['best_dmq']]:.4f} vs "
+                  f"{cell['best_peer']} {cell['best_peer_rmse']:.4f} -> {cell['ratio']:.2f}x "
+                  f"{cell['ratio_interval']} ({cell['seconds']}s)", flush=True)
     return cells
 
 
 def models_part(progress: bool = True, models: tuple[str, ...] = ("digits-dit", "digits-unet"),
-                nfes: tuple[int, ...] = (5, 10)) -> dict:
+                nfes: tuple[int, ...] = (5, 10), eval_latents: int = 32) -> dict:
     from pipelines import DigitsPipeline
 
     cells = []
     for name in models:
         pipe = DigitsPipeline.from_pretrained(ROOT / "assets" / name)
-        cells += _model_cells(name, pipe.backbone.eval(), 10, nfes=nfes, progress=progress)
+        cells += _model_cells(name, pipe.backbone.eval(), 10, nfes=nfes, progress=progress,
+                              eval_latents=eval_latents)
     return {"cells": cells}
 
 
-def quant_part(progress: bool = True, nfes: tuple[int, ...] = (5, 10), config: str = "w4a8") -> dict:
+def quant_part(progress: bool = True, nfes: tuple[int, ...] = (5, 10), config: str = "w4a8",
+               eval_latents: int = 32) -> dict:
     fp, q = _fp_and_w4a8(config)
     cells = _model_cells("digits-dit", q.backbone.eval(), 10, backbone_ref=fp.backbone.eval(), nfes=nfes,
-                         progress=progress, label=" " + config.upper().replace("+", " + "))
+                         progress=progress, label=" " + config.upper().replace("+", " + "),
+                         eval_latents=eval_latents)
     for c in cells:
         best_fp_default = min(v for k, v in c["default"].items() if k.startswith("FP "))
         c["goal"] = {"quantized_searched_rmse": c["dmq"][c["best_dmq"]], "fp_default_rmse": best_fp_default,
@@ -366,6 +371,9 @@ def main() -> None:
                     help="latents per search in the gmm part, a third held out")
     ap.add_argument("--eval-latents", type=int, default=2048,
                     help="evaluation latents of the gmm part (the first 32 are those of the runs before)")
+    ap.add_argument("--model-eval-latents", type=int, default=32,
+                    help="evaluation latents of the models and quant parts (the first 32 those of the runs "
+                         "before); other than 32, their results go under <part>_e<count>")
     ap.add_argument("--cache", type=Path, default=None,
                     help="folder for the 1000-step references (computed once, reused by later runs and parts)")
     ap.add_argument("--quant-config", default="w4a8",
@@ -382,8 +390,9 @@ def main() -> None:
     CACHE = args.cache
     models, nfes = tuple(args.models.split(",")), tuple(int(n) for n in args.nfes.split(","))
     parts = {"gmm": lambda: gmm_part(search_latents=args.search_latents, eval_latents=args.eval_latents),
-             "models": lambda: models_part(models=models, nfes=nfes),
-             "quant": lambda: quant_part(nfes=nfes, config=args.quant_config),
+             "models": lambda: models_part(models=models, nfes=nfes, eval_latents=args.model_eval_latents),
+             "quant": lambda: quant_part(nfes=nfes, config=args.quant_config,
+                                         eval_latents=args.model_eval_latents),
              "floor": lambda: floor_part(config=args.quant_config)}
     for part, fn in parts.items():
         if part in args.parts.split(","):
@@ -392,6 +401,8 @@ def main() -> None:
             key_name = part if part != "gmm" or args.search_latents == 24 else f"gmm_search{args.search_latents}"
             if part in ("quant", "floor") and args.quant_config != "w4a8":
                 key_name = f"{part}_{args.quant_config}"
+            if part in ("models", "quant") and args.model_eval_latents != 32:
+                key_name += f"_e{args.model_eval_latents}"
             if part in ("models", "quant") and key_name in report:  # cells of other models / NFEs (run apart) are kept
                 key = {(c["model"], c["nfe"]) for c in new["cells"]}
                 new["cells"] = sorted([c for c in report[key_name]["cells"] if (c["model"], c["nfe"]) not in key]
