@@ -49,7 +49,9 @@ AUTO_GRIDS = ({"time_grid": "time", "time_grid_power": 1.0}, {"time_grid": "time
 @dataclass
 class CoefficientFitResult:
     """What :func:`fit_coefficients` found. Errors are final-sample MSEs against the teacher's final samples;
-    ``base_*`` are the scheduler's own solver on its own schedule, the baseline of the checks."""
+    ``base_*`` are the scheduler's own solver on its own schedule, the baseline of the checks. ``grid_errors``:
+    each schedule and its best table's search error; ``candidates``: every table tried (timesteps, its
+    ``solver_rows``, search error); ``solver_rows``: the first steps of the chosen table left on the solver's rows."""
 
     coefficients: list[list[float]]
     base_coefficients: list[list[float]]
@@ -62,6 +64,8 @@ class CoefficientFitResult:
     base_held_out_error: float | None = None
     model_evaluations: int = 0
     grid_errors: list[tuple[list[float], float]] = field(default_factory=list)
+    solver_rows: int = 0
+    candidates: list[tuple[list[float], int, float]] = field(default_factory=list)
 
 
 def _target(reference: Sequence[torch.Tensor] | Callable[[int, float], torch.Tensor], i: int,
@@ -82,9 +86,10 @@ def _grid(scheduler: Any, n: int, grid: Any) -> list[float]:
 
 
 def _fit_table(denoise: Denoise, solver: Any, latents: torch.Tensor, base: list[list[float]],
-               targets: list[torch.Tensor], rows: int, ridge: float,
+               targets: list[torch.Tensor], rows: int, ridge: float, keep: int,
                progress: bool) -> tuple[list[list[float]], torch.Tensor]:
-    """The sequential least-squares fit of one schedule (module docstring); returns the table and its samples."""
+    """The sequential least-squares fit of one schedule (module docstring), the first ``keep`` steps on the solver's
+    own rows; returns the table and its samples."""
     ts = solver.timesteps
     x = latents.to(torch.float64) * float(solver.init_noise_sigma)
     x0s: list[torch.Tensor] = []
@@ -92,6 +97,10 @@ def _fit_table(denoise: Denoise, solver: Any, latents: torch.Tensor, base: list[
     for i in tqdm(range(len(ts)), desc="coefficient fit", disable=not progress):
         out = denoise(solver.scale_model_input(x, ts[i]).to(latents.dtype), ts[i]).to(torch.float64)
         x0s.append(solver.convert_output(out, x, solver._alphas[i], solver._sigmas_f[i])[1])
+        if i < keep:
+            table.append(list(base[i]))
+            x = table_update(base[i], x, x0s)
+            continue
         feats = torch.stack([x] + x0s)[:, :rows].reshape(i + 2, -1)
         own = torch.tensor(base[i], dtype=torch.float64)
         resid = targets[i][:rows].reshape(-1) - own @ feats
@@ -117,6 +126,7 @@ def fit_coefficients(
     reference_denoise: Denoise | None = None,
     held_out: float | int | None = 0.5,
     grids: Sequence[Any] | str | None = None,
+    solver_rows: int | Sequence[int] = (0, 1, 2),
     ridge: float = 0.0,
     fine_steps: int = 250,
     store: bool = True,
@@ -141,6 +151,10 @@ def fit_coefficients(
             (``{"time_grid": "time", "time_grid_power": 2.0}``), or ``"auto"`` (:data:`AUTO_GRIDS`). Each is fitted
             and the lowest search error wins; its timesteps are stored as ``searched_timesteps`` with the table.
             A fitted solver is best on other nodes than its own solver (measured in docs/samplers.md).
+        solver_rows: how many first steps keep the solver's own rows (the fit starts after them); a sequence
+            tries each count on every schedule as one more candidate table. Fitting the first steps can leave the
+            samples further from the teacher at the end than the solver does, where keeping them does not
+            (measured in docs/samplers.md).
         ridge: ``λ >= 0``; row ``i`` minimises ``|F δ - r|² + λ sum_j G_jj δ_j²`` for the change ``δ`` from the
             solver's own row (``G = FᵀF``). With ``λ = 0`` the table depends on the schedule only, not on the
             solver it starts from.
@@ -148,7 +162,7 @@ def fit_coefficients(
             schedule as ``searched_timesteps``; saved by ``save_pretrained``); the scheduler then uses it whenever it
             runs those timesteps from the start. A rejected fit removes an older table.
 
-    Returns a :class:`CoefficientFitResult` (``grid_errors``: each schedule tried and its search error).
+    Returns a :class:`CoefficientFitResult`.
     """
     if not _is_ours(scheduler):
         raise TypeError(f"fit_coefficients needs a samplers.DEISScheduler or DCSolverScheduler, got "
@@ -159,6 +173,12 @@ def fit_coefficients(
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     if isinstance(fine_steps, bool) or not isinstance(fine_steps, int) or fine_steps < 1:
         raise ValueError(f"fine_steps must be an int >= 1, got {fine_steps!r}")
+    keeps = (solver_rows,) if isinstance(solver_rows, int) and not isinstance(solver_rows, bool) else solver_rows
+    if (not isinstance(keeps, Sequence) or isinstance(keeps, (str, bytes)) or not keeps
+            or any(isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_inference_steps for k in keeps)):
+        raise ValueError(f"solver_rows must be an int or a non-empty list of ints in [0, num_inference_steps), "
+                         f"got {solver_rows!r}")
+    keeps = sorted(set(keeps))
     if not isinstance(latents, torch.Tensor) or latents.ndim < 1:
         raise TypeError(f"latents must be a tensor (B, ...), got {type(latents).__name__}")
     if reference is not None and not callable(reference) and not isinstance(reference, Sequence):
@@ -195,9 +215,10 @@ def fit_coefficients(
         for i, y in enumerate(targets):
             if y.shape != latents.shape:
                 raise ValueError(f"reference state {i} has shape {tuple(y.shape)}, latents {tuple(latents.shape)}")
-        table, x = _fit_table(denoise, fit_solver, latents, base, targets, rows, ridge, progress)
-        evals += n
-        found.append((pooled_error(x[:rows], targets[-1][:rows]), ts, table, x, targets[-1], base))
+        for keep in keeps:
+            table, x = _fit_table(denoise, fit_solver, latents, base, targets, rows, ridge, keep, progress)
+            evals += n
+            found.append((pooled_error(x[:rows], targets[-1][:rows]), ts, table, x, targets[-1], base, keep))
     own_final = found[0][4]  # each schedule is scored against its own teacher (the same with an exact reference)
     base_x = run_sampler(denoise, solver, latents, n).to(torch.float64)
     evals += n
@@ -207,15 +228,21 @@ def fit_coefficients(
     result = None
     # best search error first; a table that fails the held-out check gives way to the next schedule's (a steep grid
     # can fit the search latents best and still send a held-out latent astray)
-    for err, ts, table, x, final, _ in sorted(found, key=lambda f: f[0]):
+    grid_errors = {}
+    for f in found:
+        grid_errors[tuple(f[1])] = min(f[0], grid_errors.get(tuple(f[1]), math.inf))
+    for err, ts, table, x, final, _, keep in sorted(found, key=lambda f: f[0]):
         verdict = held_out_verdict("fitted table", "the solver", err, base_err, k,
                                    lambda x=x, final=final: (pooled_error(x[check], final[check]), base_held))
         if result is None or not verdict[0]:
             result = CoefficientFitResult(table, found[0][5], ts, not verdict[0], verdict[0], err, base_err,
-                                          verdict[1], verdict[2], grid_errors=[(f[1], f[0]) for f in found])
+                                          verdict[1], verdict[2], solver_rows=keep,
+                                          grid_errors=[(list(t), e) for t, e in grid_errors.items()],
+                                          candidates=[(f[1], f[6], f[0]) for f in found])
         if not verdict[0] or err >= base_err:  # accepted, or no later schedule can beat the solver either
             break
-        logger.info("fit_coefficients: the table on %s is rejected (%s); trying the next schedule", ts, verdict[0])
+        logger.info("fit_coefficients: the table on %s (solver rows %d) is rejected (%s); trying the next one", ts,
+                    keep, verdict[0])
     ts, table = result.timesteps, result.coefficients
     result.model_evaluations = evals * latents.shape[0]
     if not result.accepted:

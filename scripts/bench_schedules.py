@@ -163,7 +163,8 @@ def _verdict(dmq: dict, peer: dict, default: dict) -> dict:
             "searched_vs_default": _searched_vs_default({k: rm[k] for k in dmq}, {k: rm[k] for k in default})}
 
 
-def gmm_part(progress: bool = True, search_latents: int = 24, eval_latents: int = 2048) -> dict:
+def gmm_part(progress: bool = True, search_latents: int = 240, eval_latents: int = 2048,
+             mixtures: tuple[int, ...] = (0, 1, 2, 3)) -> dict:
     """``search_latents`` latents per search, the last third held out; beyond the first 24 they come from a separate
     generator placed before them, so the 24 and the 32 evaluation latents are the same for every count.
 
@@ -178,7 +179,7 @@ def gmm_part(progress: bool = True, search_latents: int = 24, eval_latents: int 
     cells = []
     peers = bs.diffusers_candidates()
     t_start = time.perf_counter()
-    for C, K, shape, seed in MIXTURES:
+    for C, K, shape, seed in (MIXTURES[i] for i in mixtures):
         mix = GaussianMixture.random(C, K, shape, seed=seed)
         model = GMMDenoiser(mix)
         gen = torch.Generator().manual_seed(100 + seed)
@@ -367,7 +368,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--models", default="digits-dit,digits-unet", help="bundled models of the models part")
     ap.add_argument("--nfes", default="5,10", help="NFEs of the models and quant parts")
-    ap.add_argument("--search-latents", type=int, default=24,
+    ap.add_argument("--mixtures", default="0,1,2,3", help="indices into MIXTURES of the gmm part")
+    ap.add_argument("--search-latents", type=int, default=240,
                     help="latents per search in the gmm part, a third held out")
     ap.add_argument("--eval-latents", type=int, default=2048,
                     help="evaluation latents of the gmm part (the first 32 are those of the runs before)")
@@ -389,7 +391,8 @@ def main() -> None:
     global CACHE
     CACHE = args.cache
     models, nfes = tuple(args.models.split(",")), tuple(int(n) for n in args.nfes.split(","))
-    parts = {"gmm": lambda: gmm_part(search_latents=args.search_latents, eval_latents=args.eval_latents),
+    parts = {"gmm": lambda: gmm_part(search_latents=args.search_latents, eval_latents=args.eval_latents,
+                                     mixtures=tuple(int(i) for i in args.mixtures.split(","))),
              "models": lambda: models_part(models=models, nfes=nfes, eval_latents=args.model_eval_latents),
              "quant": lambda: quant_part(nfes=nfes, config=args.quant_config,
                                          eval_latents=args.model_eval_latents),
@@ -398,7 +401,7 @@ def main() -> None:
         if part in args.parts.split(","):
             t0 = time.perf_counter()
             new = fn()
-            key_name = part if part != "gmm" or args.search_latents == 24 else f"gmm_search{args.search_latents}"
+            key_name = part if part != "gmm" or args.search_latents == 240 else f"gmm_search{args.search_latents}"
             if part in ("quant", "floor") and args.quant_config != "w4a8":
                 key_name = f"{part}_{args.quant_config}"
             if part in ("models", "quant") and args.model_eval_latents != 32:
