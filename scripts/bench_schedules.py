@@ -4,14 +4,17 @@ Three parts, all errors measured on latents that no search saw:
 
 * ``gmm``: 4 Gaussian mixtures (dimension, component count and seed vary) x guidance {1, 2, 4, 7.5} x NFE {5, 6, 8,
   10}. Reference: the exact PF-ODE solution (``pipelines.gmm.reference_sample``, DOP853 1e-10). dmq options, each
-  searched on ``--search-latents`` latents (default 24: 16 search + 8 held out for the rejection check; 96 = 64 + 32
-  was measured and did not pay, docs/samplers.md): DEIS, UniPC (``DCSolverScheduler`` with
+  searched on ``--search-latents`` latents (default 240, a third held out for the rejection check; 24 = 16 + 8 was
+  the default before): DEIS, UniPC (``DCSolverScheduler`` with
   ratios 1) and DC-Solver (ratios searched on the searched UniPC schedule), and DEIS and UniPC with their
   coefficients fitted (``fit_coefficients(grids="auto")``: on the searched schedule and six fixed grids, exact
   reference states). Peers: the 19 diffusers
-  scheduler/grid pairs of ``scripts/bench_samplers.py``. Evaluation: 32 other latents.
+  scheduler/grid pairs of ``scripts/bench_samplers.py``. Evaluation: ``--eval-latents`` other latents (default
+  2048; the first 32 are the evaluation latents of the earlier runs, reported apart as ``eval32``), with a bootstrap
+  interval of each ratio. The per-latent errors are heavy-tailed (docs/samplers.md), so 32 latents measured chance.
 * ``models``: the bundled DiT and U-Net at NFE 5 and 10, guidance 2, against a 1000-step DDIM reference of the same
-  model; searches and fits on 16 latents (8 held out; fits against 250-step DDIM states), evaluation on 32 others.
+  model; searches and fits on 16 latents (8 held out; fits against 250-step DDIM states), evaluation on
+  ``--model-eval-latents`` others (default 32; 128 measured too).
 * ``quant``: the bundled DiT quantized W4A8 (``quantize_pipeline``), schedule and ratios searched on the quantized
   backbone against the full-precision teacher; compared with the full-precision model on its default grids, both
   against the full-precision 1000-step reference (the issue's goal names a 50-step one; 1000 steps is stricter).

@@ -207,6 +207,12 @@ def test_a_new_schedule_or_new_ratios_drop_the_table():
     ({"reference": 3.0}, TypeError, "reference"),
     ({"reference": [torch.zeros(2, 3)] * 4}, ValueError, "shape"),
     ({"held_out": 8}, ValueError, "held_out"),
+    ({"solver_rows": -1}, ValueError, "solver_rows"),
+    ({"solver_rows": 4}, ValueError, "solver_rows"),
+    ({"solver_rows": ()}, ValueError, "solver_rows"),
+    ({"solver_rows": True}, ValueError, "solver_rows"),
+    ({"solver_rows": "1"}, ValueError, "solver_rows"),
+    ({"solver_rows": (0, 1.5)}, ValueError, "solver_rows"),
 ])
 def test_bad_arguments_are_refused(kwargs, exc, match):
     sched = DCSolverScheduler.from_config(VP)
@@ -291,3 +297,43 @@ def test_a_grid_whose_table_fails_the_held_out_check_gives_way_to_the_next_best(
     assert res.accepted and res.timesteps == ranked[1][0] and res.search_error == ranked[1][1]
     assert res.held_out_error < res.base_held_out_error
     assert sched.config.fitted_timesteps == ranked[1][0]
+
+
+def test_solver_rows_keep_the_first_steps_and_the_rest_is_fitted_exactly():
+    """``solver_rows=2``: the first two rows are the solver's own, bit for bit. On Gaussian data the later steps
+    still bring every latent onto the exact final sample (their targets stay in the span of x_i and x̂0_i)."""
+    sched = DEISScheduler.from_config(VP)
+    x = torch.randn(12, 2, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    denoise, states = _gaussian(sched, torch.full((12,), 0.3))
+    ref = states(x, 5)
+    res = fit_coefficients(denoise, sched, x, 5, reference=ref, held_out=4, solver_rows=2, progress=False)
+    assert res.accepted and res.solver_rows == 2
+    assert res.coefficients[:2] == res.base_coefficients[:2] and res.coefficients[2:] != res.base_coefficients[2:]
+    assert res.search_error < 1e-20 and res.held_out_error < 1e-20 < res.base_held_out_error
+    assert [c[1] for c in res.candidates] == [2]
+
+
+def test_each_solver_rows_count_is_one_more_candidate():
+    """``solver_rows=(0, 1, 2)`` fits three tables on every schedule; the lowest search error wins, and its first
+    ``solver_rows`` rows are the solver's. ``grid_errors`` holds each schedule's best."""
+    model = GMMDenoiser(GaussianMixture.random(2, 4, (3, 4, 4), seed=2))
+    x = torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    labels = torch.arange(16) % 2
+    den = gmm_denoise(model, labels, 2.0)
+
+    def exact(i, t):
+        return reference_sample(model, x, labels, 2.0, t_end=max(float(t), 0.0))
+
+    grids = [{"time_grid": "log_rho"}]
+    res = fit_coefficients(den, DEISScheduler.from_config(VP), x, 5, reference=exact, grids=grids, held_out=None,
+                           solver_rows=(2, 0, 1), progress=False)
+    assert [c[1] for c in res.candidates] == [0, 1, 2, 0, 1, 2]
+    assert res.search_error == min(c[2] for c in res.candidates)
+    own = solver_coefficients(DEISScheduler.from_config(VP, searched_timesteps=res.timesteps), 5)
+    assert res.coefficients[:res.solver_rows] == own[:res.solver_rows]
+    assert res.coefficients[res.solver_rows:] != own[res.solver_rows:]
+    for ts, err in res.grid_errors:
+        assert err == min(c[2] for c in res.candidates if c[0] == ts)
+    alone = fit_coefficients(den, DEISScheduler.from_config(VP), x, 5, reference=exact, grids=grids, held_out=None,
+                             solver_rows=res.solver_rows, progress=False, store=False)
+    assert alone.search_error == res.search_error and alone.coefficients == res.coefficients
