@@ -529,7 +529,8 @@ def _refine(objective: Callable[[Sequence[float]], float], sch: NoiseSchedule, t
                 if integer:
                     t_new = float(round(t_new))
                 trial = ts[:k] + [t_new] + ts[k + 1:]
-                if t_new in ts or np.any(np.diff(trial) >= 0):
+                # the schedulers hold timesteps in float32: nodes a float64 step apart can meet there
+                if t_new in ts or np.any(np.diff(np.asarray(trial, dtype=np.float32)) >= 0):
                     continue
                 e = objective(trial)
                 if e < err:

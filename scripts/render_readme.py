@@ -746,21 +746,35 @@ def samplers_fit_table(data: dict) -> str:
                   + f". Wall time {data['gmm']['seconds'] / 60:.0f} min."]
         old = data.get("gmm_schedules_only")
         if old is not None:
-            lines += ["", f"Before the coefficient fit (schedules and DC ratios only, commit {old['commit']}): "
+            lines += ["", f"Before the coefficient fit (schedules and DC ratios only, 24 search latents, the 32 "
+                      f"evaluation latents of the runs before, commit {old['commit']}): "
                       f"goal met in {sum(c['ratio'] <= 0.7 for c in old['cells'])} of {len(old['cells'])} cells, "
                       f"NFE-5 halving in {halved([c for c in old['cells'] if c['nfe'] == 5], False)} of "
                       f"{sum(c['nfe'] == 5 for c in old['cells'])}."]
-        if "gmm_search96" in data:
+        for key in sorted((k for k in data if k.startswith("gmm_search")), key=lambda k: int(k[10:])):
+            run = data[key]
+            if "eval_latents" in run:  # the same evaluation latents as the main table: its verdicts, cell by cell
+                miss = [c for c in run["cells"] if c["ratio"] > 0.7]
+                lines += ["", f"Searched on {run['search_latents']} latents instead ({run['held_out']} of them held "
+                          f"out; `{run['command']}` at commit {run['commit']}), on the same {run['eval_latents']} "
+                          f"evaluation latents: goal met in {len(run['cells']) - len(miss)} of {len(run['cells'])} "
+                          f"cells (the upper end of the 90% interval below 0.70 in "
+                          f"{sum(c['ratio_interval'][1] <= 0.7 for c in run['cells'])})"
+                          + ("; missed in " + ", ".join(
+                              f"{c['mixture'].replace('GaussianMixture.random', '')} at guidance {c['guidance']:g} "
+                              f"and NFE {c['nfe']} ({c['ratio']:.2f})" for c in miss) if miss else "")
+                          + f". On the first 32 evaluation latents alone: met in "
+                          f"{sum(c['eval32']['ratio'] <= 0.7 for c in run['cells'])}."]
+                continue
             base = (old or data["gmm"])["cells"]
-            more = data["gmm_search96"]["cells"]
-            ratios = [b["ratio"] / a["ratio"] for a, b in zip(base, more)]
+            ratios = [b["ratio"] / a["ratio"] for a, b in zip(base, run["cells"])]
             gm = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-            lines += ["", f"Searched on 96 latents instead of 24 (`{data['gmm_search96']['command']}` at commit "
-                      f"{data['gmm_search96']['commit']}, schedules only, a third held out, same evaluation "
-                      f"latents): goal met in {sum(c['ratio'] <= 0.7 for c in more)} of {len(more)} cells; against "
-                      f"the 24-latent schedules-only run the ratio fell in {sum(r < 1 for r in ratios)} cells and "
-                      f"rose in the others (geometric mean of the change {gm:.2f}x, from {min(ratios):.2f}x to "
-                      f"{max(ratios):.2f}x)."]
+            lines += ["", f"Searched on {run['search_latents']} latents instead of 24 (`{run['command']}` at commit "
+                      f"{run['commit']}, schedules only, a third held out, the 32 evaluation latents of the runs "
+                      f"before): goal met in {sum(c['ratio'] <= 0.7 for c in run['cells'])} of {len(run['cells'])} "
+                      f"cells; against the 24-latent schedules-only run the ratio fell in "
+                      f"{sum(r < 1 for r in ratios)} cells and rose in the others (geometric mean of the change "
+                      f"{gm:.2f}x, from {min(ratios):.2f}x to {max(ratios):.2f}x)."]
     parts = [k for k in data if k.split("_")[0] in ("models", "quant")]
     rows = [c for part in sorted(parts, key=lambda k: (k.split("_")[0] != "models", k)) for c in data[part]["cells"]]
     if rows:

@@ -13,7 +13,7 @@ import torch
 from pipelines.dc_search import gmm_denoise, gmm_reference
 from pipelines.gmm import GaussianMixture, GMMDenoiser, reference_sample
 from samplers import DCSolverScheduler, DEISScheduler, run_sampler, search_dc_ratios, search_schedule
-from samplers.schedule_search import _dp_path, held_out_rows, pooled_error, searched_timesteps_kwargs
+from samplers.schedule_search import _dp_path, _refine, held_out_rows, pooled_error, searched_timesteps_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VP = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
@@ -282,3 +282,22 @@ def test_settings_made_after_init_survive_an_in_memory_from_config():
     assert again.config.solver_order == 3
     again.set_timesteps(3)
     assert again.timesteps.tolist() == [999, 500, 100]
+
+
+def test_refine_never_tries_nodes_that_meet_in_float32():
+    """The pattern search halves its step each round; an objective that pulls node 2 onto node 1 drives the step
+    below float32's spacing there. Every trial stays strictly decreasing in float32, the dtype the schedulers hold
+    (a float64 step apart was once enough to make ``set_timesteps`` refuse the trial)."""
+    sch = DEISScheduler.from_config(VP).schedule
+    seen = []
+
+    def objective(ts):
+        t = np.asarray(ts, dtype=np.float32)
+        assert np.all(np.diff(t) < 0), ts
+        seen.append(ts)
+        return abs(ts[1] - ts[2])
+
+    ts0 = [999.0, 517.65, 400.0, 20.0]
+    ts, err = _refine(objective, sch, ts0, objective(ts0), rounds=60, integer=False, progress=False)
+    assert len(seen) > 60 and err < objective(ts0) and err == abs(ts[1] - ts[2])
+    assert np.float32(ts[1]) > np.float32(ts[2]) and err < 1e-3
