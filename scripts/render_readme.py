@@ -735,8 +735,9 @@ def samplers_fit_table(data: dict) -> str:
         wins = {k: sum(c["best_dmq"] == k for c in cells) for k in dict.fromkeys(c["best_dmq"] for c in cells)}
         kept = sum(not c["search_info"][k]["accepted"] for c in cells for k in ("DEIS searched", "UniPC searched"))
         fits = [c["search_info"][k] for c in cells for k in c["search_info"] if k.endswith("+ fitted")]
-        lines += ["", f"Goal met in {met} of {len(cells)} cells. At NFE 5 the searched schedule at least halves the "
-                  f"RMSE of the same solver on its default grid in {halved(five, False)} of {len(five)} cells (best "
+        lines += ["", ("" if many else f"Goal met in {met} of {len(cells)} cells. ")
+                  + "At NFE 5 the searched schedule at least halves the "
+                  + f"RMSE of the same solver on its default grid in {halved(five, False)} of {len(five)} cells (best "
                   "of DEIS and UniPC)"
                   + (f", and with fitted coefficients in {halved(five, True)} of {len(five)}" if fits else "")
                   + ". Best dmq option: " + ", ".join(f"{k} {v}x" for k, v in wins.items()) + f". {kept} of "
