@@ -126,7 +126,7 @@ def fit_coefficients(
     reference_denoise: Denoise | None = None,
     held_out: float | int | None = 0.5,
     grids: Sequence[Any] | str | None = None,
-    solver_rows: int | Sequence[int] = (0, 1, 2),
+    solver_rows: int | Sequence[int] | None = None,
     ridge: float = 0.0,
     fine_steps: int = 250,
     store: bool = True,
@@ -152,7 +152,8 @@ def fit_coefficients(
             and the lowest search error wins; its timesteps are stored as ``searched_timesteps`` with the table.
             A fitted solver is best on other nodes than its own solver (measured in docs/samplers.md).
         solver_rows: how many first steps keep the solver's own rows (the fit starts after them); a sequence
-            tries each count on every schedule as one more candidate table. Fitting the first steps can leave the
+            tries each count on every schedule as one more candidate table. Default: 0, 1 and 2 (those below
+            ``num_inference_steps``). Fitting the first steps can leave the
             samples further from the teacher at the end than the solver does, where keeping them does not
             (measured in docs/samplers.md).
         ridge: ``λ >= 0``; row ``i`` minimises ``|F δ - r|² + λ sum_j G_jj δ_j²`` for the change ``δ`` from the
@@ -173,6 +174,8 @@ def fit_coefficients(
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     if isinstance(fine_steps, bool) or not isinstance(fine_steps, int) or fine_steps < 1:
         raise ValueError(f"fine_steps must be an int >= 1, got {fine_steps!r}")
+    if solver_rows is None:
+        solver_rows = tuple(k for k in (0, 1, 2) if k < num_inference_steps)
     keeps = (solver_rows,) if isinstance(solver_rows, int) and not isinstance(solver_rows, bool) else solver_rows
     if (not isinstance(keeps, Sequence) or isinstance(keeps, (str, bytes)) or not keeps
             or any(isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_inference_steps for k in keeps)):

@@ -337,3 +337,16 @@ def test_each_solver_rows_count_is_one_more_candidate():
     alone = fit_coefficients(den, DEISScheduler.from_config(VP), x, 5, reference=exact, grids=grids, held_out=None,
                              solver_rows=res.solver_rows, progress=False, store=False)
     assert alone.search_error == res.search_error and alone.coefficients == res.coefficients
+
+
+def test_the_default_solver_rows_fit_short_schedules():
+    """With one or two steps the default tries only the counts below the step count: one step has a single table
+    (fitted from the start), two steps two; on Gaussian data each is exact."""
+    sched = DCSolverScheduler.from_config(VP)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    denoise, states = _gaussian(sched, torch.full((8,), 0.3))
+    for n in (1, 2):
+        res = fit_coefficients(denoise, DCSolverScheduler.from_config(VP), x, n, reference=states(x, n),
+                               held_out=None, progress=False)
+        assert [c[1] for c in res.candidates] == list(range(n))
+        assert res.accepted and res.search_error < 1e-20
