@@ -58,6 +58,18 @@ def _gaussian(sched, variance):
     return denoise, states
 
 
+def _gmm_problem(classes, components, shape, seed, latent_seed, guidance):
+    """16 latents of a Gaussian mixture: the guided denoiser and the exact PF-ODE state ``(i, t) -> x_t``."""
+    model = GMMDenoiser(GaussianMixture.random(classes, components, shape, seed=seed))
+    x = torch.randn(16, *shape, generator=torch.Generator().manual_seed(latent_seed), dtype=torch.float64)
+    labels = torch.arange(16) % classes
+
+    def exact(i, t):
+        return reference_sample(model, x, labels, guidance, t_end=max(float(t), 0.0))
+
+    return x, gmm_denoise(model, labels, guidance), exact
+
+
 def _mse(a, b):
     return float((a.double() - b.double()).pow(2).mean())
 
@@ -235,14 +247,7 @@ def test_diffusers_schedulers_are_refused():
 def test_grids_fit_each_schedule_and_keep_the_best():
     """``grids``: every schedule is fitted against the exact states at its own nodes, the lowest search error wins,
     and the winner's schedule is stored with its table (the scheduler then runs both for that step count)."""
-    model = GMMDenoiser(GaussianMixture.random(3, 2, (2, 4, 4), seed=0))
-    x = torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
-    labels = torch.arange(16) % 3
-    den = gmm_denoise(model, labels, 1.0)
-
-    def exact(i, t):
-        return reference_sample(model, x, labels, 1.0, t_end=max(float(t), 0.0))
-
+    x, den, exact = _gmm_problem(3, 2, (2, 4, 4), 0, 12, 1.0)
     grids = [{"time_grid": "time", "time_grid_power": 2.0}, {"time_grid": "log_rho"}, [999.0, 600.0, 300.0, 80.0]]
     sched = DCSolverScheduler.from_config(VP)
     res = fit_coefficients(den, sched, x, 4, reference=exact, grids=grids, held_out=None, progress=False)
@@ -266,14 +271,8 @@ def test_grids_fit_each_schedule_and_keep_the_best():
 def test_a_grid_whose_table_fails_the_held_out_check_gives_way_to_the_next_best():
     """The schedule with the lowest search error is rejected on the held-out latents (their teacher is moved away on
     that schedule only): the next schedule by search error is checked, passes, and is stored."""
-    model = GMMDenoiser(GaussianMixture.random(3, 2, (2, 4, 4), seed=0))
-    x = torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
-    labels = torch.arange(16) % 3
-    den = gmm_denoise(model, labels, 1.0)
+    x, den, exact = _gmm_problem(3, 2, (2, 4, 4), 0, 12, 1.0)
     grids = [{"time_grid": "time", "time_grid_power": 2.0}, {"time_grid": "log_rho"}, [999.0, 600.0, 300.0, 80.0]]
-
-    def exact(i, t):
-        return reference_sample(model, x, labels, 1.0, t_end=max(float(t), 0.0))
 
     first = fit_coefficients(den, DCSolverScheduler.from_config(VP), x, 4, reference=exact, grids=grids,
                              held_out=8, progress=False)
@@ -316,14 +315,7 @@ def test_solver_rows_keep_the_first_steps_and_the_rest_is_fitted_exactly():
 def test_each_solver_rows_count_is_one_more_candidate():
     """``solver_rows=(0, 1, 2)`` fits three tables on every schedule; the lowest search error wins, and its first
     ``solver_rows`` rows are the solver's. ``grid_errors`` holds each schedule's best."""
-    model = GMMDenoiser(GaussianMixture.random(2, 4, (3, 4, 4), seed=2))
-    x = torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    labels = torch.arange(16) % 2
-    den = gmm_denoise(model, labels, 2.0)
-
-    def exact(i, t):
-        return reference_sample(model, x, labels, 2.0, t_end=max(float(t), 0.0))
-
+    x, den, exact = _gmm_problem(2, 4, (3, 4, 4), 2, 3, 2.0)
     grids = [{"time_grid": "log_rho"}]
     res = fit_coefficients(den, DEISScheduler.from_config(VP), x, 5, reference=exact, grids=grids, held_out=None,
                            solver_rows=(2, 0, 1), progress=False)
