@@ -1,6 +1,6 @@
 """Searched schedules (and DC ratios on them) against every diffusers scheduler-and-grid pair (issue 17 goals).
 
-Three parts, all errors measured on latents that no search saw:
+Four parts, all errors measured on latents that no search saw:
 
 * ``gmm``: 4 Gaussian mixtures (dimension, component count and seed vary) x guidance {1, 2, 4, 7.5} x NFE {5, 6, 8,
   10}. Reference: the exact PF-ODE solution (``pipelines.gmm.reference_sample``, DOP853 1e-10). dmq options, each
@@ -18,6 +18,7 @@ Three parts, all errors measured on latents that no search saw:
 * ``quant``: the bundled DiT quantized W4A8 (``quantize_pipeline``), schedule and ratios searched on the quantized
   backbone against the full-precision teacher; compared with the full-precision model on its default grids, both
   against the full-precision 1000-step reference (the issue's goal names a 50-step one; 1000 steps is stricter).
+  ``--quant-config`` quantizes with another W4A8 configuration (``w4a8+smooth+svd16``: SVDQuant's low-rank branch).
 
 * ``floor``: the W4A8 DiT's own 1000-step solve against the full-precision reference (what no sampler removes), and
   the default grids of both models.
