@@ -511,8 +511,36 @@ def _fill(model: nn.Module, qmap: dict, tensors: dict[str, torch.Tensor], path) 
     return model
 
 
+# PyTorch's CPU allocator aligns to 64 bytes; tensors read out of a safetensors buffer need not be
+ALIGNMENT = 64
+
+
+def realign(model: nn.Module) -> int:
+    """Copy every plain parameter and buffer whose storage is not 64-byte aligned into fresh memory; return how many.
+
+    A loaded checkpoint can hand out tensors at any offset of its file buffer. A float GEMM on a misaligned weight
+    takes another kernel path and sums in another order, so a reloaded model differed from the saved one in the last
+    bit. Packed weights are left alone: their loops read any alignment."""
+    moved = 0
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in list(store.items()):
+                if t is None or type(t) not in (torch.Tensor, nn.Parameter) or t.device.type != "cpu" or t.is_meta:
+                    continue
+                if t.numel() == 0 or t.data_ptr() % ALIGNMENT == 0:
+                    continue
+                fresh = t.detach().clone()  # new storage from the allocator, so aligned; strides kept
+                if isinstance(t, nn.Parameter):
+                    fresh = nn.Parameter(fresh, requires_grad=t.requires_grad)
+                store[name] = fresh
+                moved += 1
+    return moved
+
+
 def finish_load(model: nn.Module, st: QuantState) -> None:
-    """After the tensors are in: execution paths, the timestep hook, the model's quantization state."""
+    """After the tensors are in: plain tensors realigned (:func:`realign`), execution paths, the timestep hook, the
+    model's quantization state."""
+    realign(model)
     for name in st.modules:
         mod = model.get_submodule(name)
         if any(t.is_meta for t in getattr(mod.weight, "tensors", dict)().values()):

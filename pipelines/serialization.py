@@ -15,10 +15,12 @@ import os
 from pathlib import Path
 
 import diffusers
+import torch
 from diffusers import DiffusionPipeline
 
 import dmq  # noqa: F401 -- registers quant_method="dmq" with diffusers
 from dmq import integrity
+from dmq.serialization import realign
 
 BACKBONES = ("transformer", "unet")
 CALIBRATION = "dmq_calibration.json"  # the calibration record of pipe.dmq_calibration, beside model_index.json
@@ -83,4 +85,8 @@ def load_quantized(directory: str | os.PathLike, pipeline_class: type | None = N
         index = {}  # from_pretrained says what is wrong with the folder
     # components saved as absent (a pipeline driven by prompt_embeds, without text encoders) stay absent
     absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
-    return cls.from_pretrained(root, local_files_only=True, **{**absent, **kwargs})
+    pipe = cls.from_pretrained(root, local_files_only=True, **{**absent, **kwargs})
+    for component in pipe.components.values():  # the VAE and text encoders too, not only the quantized backbone
+        if isinstance(component, torch.nn.Module):
+            realign(component)
+    return pipe

@@ -196,3 +196,22 @@ def test_learned_methods_pack_exactly_and_round_trip(make, name, tmp_path, one_t
     if any(t in name for t in ("smooth", "svd", "hadamard")):
         with pytest.raises(ValueError, match="learned transforms"):
             dmq.restore(packed, allow_dequantized=True)
+
+
+def test_realign_moves_misaligned_plain_tensors_only():
+    """A tensor at an 8-byte offset of its storage (as a checkpoint buffer can hand out) gets fresh, 64-byte aligned
+    memory with the same values and flags; aligned tensors keep their storage."""
+    from dmq.serialization import ALIGNMENT, realign
+
+    lin = nn.Linear(8, 4)
+    base = torch.randn(4 * 8 + 2)
+    lin.weight = nn.Parameter(base[2:].view(4, 8), requires_grad=False)
+    lin.register_buffer("scale", torch.randn(5 + 2)[2:])
+    before = lin.weight.detach().clone(), lin.scale.clone()
+    bias = lin.bias
+    assert lin.weight.data_ptr() % ALIGNMENT and lin.scale.data_ptr() % ALIGNMENT
+    assert realign(lin) == 2
+    assert lin.weight.data_ptr() % ALIGNMENT == 0 and lin.scale.data_ptr() % ALIGNMENT == 0
+    assert torch.equal(lin.weight, before[0]) and torch.equal(lin.scale, before[1])
+    assert isinstance(lin.weight, nn.Parameter) and not lin.weight.requires_grad
+    assert lin.bias is bias and realign(lin) == 0
