@@ -301,7 +301,9 @@ class DmqQuantizer(DiffusersQuantizer):
             finish_load(model, model._dmq)
         else:
             import dmq
+            from dmq.serialization import realign
 
+            realign(model)  # as a pre-quantized load does: both then compute on aligned weights, bit for bit alike
             cfg = self.quantization_config.on_load_config
             # the model's _keep_in_fp32_modules are kept by dmq.quantize itself, without a warning for names of
             # parameters (Wan's scale_shift_table) that match no module
