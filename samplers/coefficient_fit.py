@@ -24,7 +24,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -66,6 +66,19 @@ class CoefficientFitResult:
     grid_errors: list[tuple[list[float], float]] = field(default_factory=list)
     solver_rows: int = 0
     candidates: list[tuple[list[float], int, float]] = field(default_factory=list)
+
+
+class _Table(NamedTuple):
+    """One fitted table: its search error, schedule, rows, final samples, the teacher's final samples, the solver's
+    own rows on that schedule, and how many first steps kept them."""
+
+    error: float
+    timesteps: list[float]
+    table: list[list[float]]
+    samples: torch.Tensor
+    final: torch.Tensor
+    base: list[list[float]]
+    solver_rows: int
 
 
 def _target(reference: Sequence[torch.Tensor] | Callable[[int, float], torch.Tensor], i: int,
@@ -203,7 +216,7 @@ def fit_coefficients(
     own_ts = [float(t) for t in solver.timesteps.double().cpu()]
     schedules = [own_ts] + [ts for ts in (_grid(solver, n, g) for g in grids or ()) if ts != own_ts]
     evals = 0
-    found = []  # (search error, timesteps, table, its final samples, the teacher's final samples, solver rows)
+    found: list[_Table] = []
     for ts in schedules:
         fit_solver = type(solver).from_config(solver.config, searched_timesteps=ts)
         fit_solver.set_timesteps(n, device=latents.device)
@@ -221,8 +234,8 @@ def fit_coefficients(
         for keep in keeps:
             table, x = _fit_table(denoise, fit_solver, latents, base, targets, rows, ridge, keep, progress)
             evals += n
-            found.append((pooled_error(x[:rows], targets[-1][:rows]), ts, table, x, targets[-1], base, keep))
-    own_final = found[0][4]  # each schedule is scored against its own teacher (the same with an exact reference)
+            found.append(_Table(pooled_error(x[:rows], targets[-1][:rows]), ts, table, x, targets[-1], base, keep))
+    own_final = found[0].final  # each schedule is scored against its own teacher (the same with an exact reference)
     base_x = run_sampler(denoise, solver, latents, n).to(torch.float64)
     evals += n
     search, check = slice(None, rows), slice(rows, None)
@@ -233,15 +246,15 @@ def fit_coefficients(
     # can fit the search latents best and still send a held-out latent astray)
     grid_errors = {}
     for f in found:
-        grid_errors[tuple(f[1])] = min(f[0], grid_errors.get(tuple(f[1]), math.inf))
-    for err, ts, table, x, final, _, keep in sorted(found, key=lambda f: f[0]):
+        grid_errors[tuple(f.timesteps)] = min(f.error, grid_errors.get(tuple(f.timesteps), math.inf))
+    for err, ts, table, x, final, _, keep in sorted(found, key=lambda f: f.error):
         verdict = held_out_verdict("fitted table", "the solver", err, base_err, k,
                                    lambda x=x, final=final: (pooled_error(x[check], final[check]), base_held))
         if result is None or not verdict[0]:
-            result = CoefficientFitResult(table, found[0][5], ts, not verdict[0], verdict[0], err, base_err,
+            result = CoefficientFitResult(table, found[0].base, ts, not verdict[0], verdict[0], err, base_err,
                                           verdict[1], verdict[2], solver_rows=keep,
                                           grid_errors=[(list(t), e) for t, e in grid_errors.items()],
-                                          candidates=[(f[1], f[6], f[0]) for f in found])
+                                          candidates=[(f.timesteps, f.solver_rows, f.error) for f in found])
         if not verdict[0] or err >= base_err:  # accepted, or no later schedule can beat the solver either
             break
         logger.info("fit_coefficients: the table on %s (solver rows %d) is rejected (%s); trying the next one", ts,

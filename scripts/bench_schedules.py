@@ -157,8 +157,10 @@ def _ratio_interval(dmq_mse: torch.Tensor, peer_mse: torch.Tensor, draws: int = 
     return [float(r.quantile(0.05)), float(r.quantile(0.95))]
 
 
-def _verdict(dmq: dict, peer: dict, default: dict) -> dict:
-    """The best dmq option against the best diffusers pair (both chosen on these latents), from per-latent MSEs."""
+def _verdict(dmq: dict, peer: dict, default: dict, rows: slice = slice(None)) -> dict:
+    """The best dmq option against the best diffusers pair (both chosen on these latents), from per-latent MSEs;
+    ``rows``: the evaluation latents counted (``slice(32)``: those of the earlier runs)."""
+    dmq, peer, default = ({k: v[rows] for k, v in d.items()} for d in (dmq, peer, default))
     rm = {k: float(v.mean().sqrt()) for k, v in {**dmq, **peer, **default}.items()}
     best_peer, best_dmq = min(peer, key=rm.get), min(dmq, key=rm.get)
     return {"best_peer": best_peer, "best_peer_rmse": rm[best_peer], "dmq": {k: rm[k] for k in dmq},
@@ -216,10 +218,8 @@ def gmm_part(progress: bool = True, search_latents: int = 240, eval_latents: int
                 default = {name: _per_latent_mse(bs.sample(sched, n, model, x_e, lab_e, g)[0], final_e)
                            for name, sched in (("DEIS default", DEISScheduler.from_config(VP)),
                                                ("UniPC default", DCSolverScheduler.from_config(VP)))}
-                cut = {k: {name: v[:32] for name, v in d.items()} for k, d in
-                       (("dmq", dmq), ("peer", peer), ("default", default))}
                 cell = {"mixture": f"GaussianMixture.random({C}, {K}, {shape}, seed={seed})", "guidance": g,
-                        "nfe": n, **_verdict(dmq, peer, default), "eval32": _verdict(**cut),
+                        "nfe": n, **_verdict(dmq, peer, default), "eval32": _verdict(dmq, peer, default, slice(32)),
                         "search_info": info, "seconds": round(time.perf_counter() - t0, 1)}
                 cells.append(cell)
                 if progress:
@@ -304,7 +304,7 @@ def _model_cells(name: str, backbone, null: int, backbone_ref=None, nfes=(5, 10)
                 "search_info": info, "seconds": round(time.perf_counter() - t0, 1), "commit": COMMIT,
                 "eval_latents": eval_latents}
         if eval_latents > 32:
-            cell["eval32"] = _verdict(*({k: v[:32] for k, v in d.items()} for d in (dmq, peer, default)))
+            cell["eval32"] = _verdict(dmq, peer, default, slice(32))
         cells.append(cell)
         if progress:
             print(f"{name}{label} n={n}: best dmq {cell['best_dmq']} {cell['dmq'][cell['best_dmq']]:.4f} vs "
@@ -360,7 +360,7 @@ def floor_part(guidance: float = 2.0, config: str = "w4a8") -> dict:
         for n in (5, 10):
             for name, cls in (("DEIS", DEISScheduler), ("UniPC", DCSolverScheduler)):
                 x, _ = bs.sample(cls.from_config(VP), n, bb, x_e, lab_e, guidance, null_label=10)
-                per = (x.double() - ref.double()).pow(2).flatten(1).mean(1).sqrt()
+                per = _per_latent_mse(x, ref).sqrt()
                 out["defaults"][f"{prec} {name} default, NFE {n}"] = {"rmse": _rmse(x, ref),
                                                                       "median_latent_rmse": float(per.median())}
     return out
