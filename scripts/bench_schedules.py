@@ -78,6 +78,9 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return v if math.isfinite(v) else float("inf")
 
 
+REFINE_ITERS = 50  # --refine-iters: L-BFGS iterations refining each fitted table as a whole (0: none)
+
+
 def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: int = 8, fit_reference=None) -> dict:
     """Search DEIS, UniPC and DC(UniPC schedule + ratios), and fit the coefficients of DEIS and UniPC on their
     searched schedules and the other grids of ``grids="auto"`` (``fit_reference``: exact states ``(i, t) -> x``,
@@ -106,7 +109,8 @@ def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: i
         fitted = type(out[name]).from_config(out[name].config)
         t0 = time.perf_counter()
         r = fit_coefficients(den, fitted, x_s, n, reference=fit_reference, held_out=held_out, grids="auto",
-                             progress=False, reference_denoise=search_kw.get("reference_denoise"))
+                             progress=False, reference_denoise=search_kw.get("reference_denoise"),
+                             refine_iters=REFINE_ITERS)
         out[f"{name} + fitted"] = fitted
         info[f"{name} + fitted"] = {
             "accepted": r.accepted, "reason": r.reason, "timesteps": r.timesteps, "search_rmse": r.search_error ** 0.5,
@@ -114,6 +118,10 @@ def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: i
             "held_out_rmse": None if r.held_out_error is None else r.held_out_error ** 0.5,
             "solver_held_out_rmse": None if r.base_held_out_error is None else r.base_held_out_error ** 0.5,
             "grid_search_rmse": [(ts, e ** 0.5) for ts, e in r.grid_errors],
+            "refine_iters": REFINE_ITERS, "refined": r.refined, "refine_reason": r.refine_reason,
+            "unrefined_search_rmse": None if r.unrefined_search_error is None else r.unrefined_search_error ** 0.5,
+            "unrefined_held_out_rmse": (None if r.unrefined_held_out_error is None
+                                        else r.unrefined_held_out_error ** 0.5),
             "seconds": round(time.perf_counter() - t0, 1)}
     return out, info
 
@@ -170,7 +178,7 @@ def _verdict(dmq: dict, peer: dict, default: dict, rows: slice = slice(None)) ->
 
 
 def gmm_part(progress: bool = True, search_latents: int = 240, eval_latents: int = 2048,
-             mixtures: tuple[int, ...] = (0, 1, 2, 3)) -> dict:
+             mixtures: tuple[int, ...] = (0, 1, 2, 3), nfes: tuple[int, ...] = NFES) -> dict:
     """``search_latents`` latents per search, the last third held out; beyond the first 24 they come from a separate
     generator placed before them, so the 24 and the 32 evaluation latents are the same for every count.
 
@@ -201,7 +209,7 @@ def gmm_part(progress: bool = True, search_latents: int = 240, eval_latents: int
             den = gmm_denoise(model, lab_s, g)
             final_s = reference_sample(model, x_s, lab_s, g)
             final_e = reference_sample(model, x_e, lab_e, g)
-            for n in NFES:
+            for n in nfes:
                 t0 = time.perf_counter()
                 peer = {}
                 for cand in peers:
@@ -220,7 +228,7 @@ def gmm_part(progress: bool = True, search_latents: int = 240, eval_latents: int
                                                ("UniPC default", DCSolverScheduler.from_config(VP)))}
                 cell = {"mixture": f"GaussianMixture.random({C}, {K}, {shape}, seed={seed})", "guidance": g,
                         "nfe": n, **_verdict(dmq, peer, default), "eval32": _verdict(dmq, peer, default, slice(32)),
-                        "search_info": info, "seconds": round(time.perf_counter() - t0, 1)}
+                        "search_info": info, "seconds": round(time.perf_counter() - t0, 1), "commit": COMMIT}
                 cells.append(cell)
                 if progress:
                     print(f"gmm {C},{K},{shape},{seed} g={g} n={n}: best dmq {cell['best_dmq']} "
@@ -256,15 +264,19 @@ def _fp_and_w4a8(config: str = "w4a8"):
 
 
 def _model_cells(name: str, backbone, null: int, backbone_ref=None, nfes=(5, 10), guidance: float = 2.0,
-                 progress: bool = True, label: str = "", eval_latents: int = 32) -> list[dict]:
+                 progress: bool = True, label: str = "", eval_latents: int = 32, search_latents: int = 16
+                 ) -> list[dict]:
     """One bundled model (optionally quantized, with its FP reference backbone). The first 32 of ``eval_latents``
-    evaluation latents are those of the runs before (reported as ``eval32`` when there are more)."""
+    evaluation latents are those of the runs before (reported as ``eval32`` when there are more); of
+    ``search_latents``, the last 16 are those of the runs before, a third is held out (8 of 16)."""
     ref_backbone = backbone_ref or backbone
     gen = torch.Generator().manual_seed(7)
     x_s = torch.randn(16, 1, 16, 16, generator=gen)
     x_e = torch.randn(32, 1, 16, 16, generator=gen)
     x_e = torch.cat([x_e, torch.randn(eval_latents - 32, 1, 16, 16, generator=torch.Generator().manual_seed(9007))])
-    lab_s, lab_e = torch.arange(16) % 10, torch.arange(eval_latents) % 10
+    x_s = torch.cat([torch.randn(search_latents - 16, 1, 16, 16, generator=torch.Generator().manual_seed(5007)), x_s])
+    lab_s, lab_e = torch.arange(search_latents) % 10, torch.arange(eval_latents) % 10
+    held_out = 8 if search_latents == 16 else search_latents // 3
     den = guided_denoise(backbone, lab_s, null, guidance)
     ref_den_s = guided_denoise(ref_backbone, lab_s, null, guidance)
     ref_den_e = guided_denoise(ref_backbone, lab_e, null, guidance)
@@ -289,7 +301,7 @@ def _model_cells(name: str, backbone, null: int, backbone_ref=None, nfes=(5, 10)
                 peer[f"{cand.name}|{cand.grid}"] = _per_latent_mse(x, final_e)
         kw = {"grid_points": 48, "substeps": 3, "reference_denoise": None if backbone_ref is None else ref_den_s}
         opts, info = _dmq_options(den, x_s, n, None,
-                                  lambda s: ddim_reference(ref_den_s, s, x_s, n, 250), kw)
+                                  lambda s: ddim_reference(ref_den_s, s, x_s, n, 250), kw, held_out=held_out)
         dmq = {k: _per_latent_mse(bs.sample(s, n, backbone, x_e, lab_e, guidance, null_label=null)[0], final_e)
                for k, s in opts.items()}
         default = {k: _per_latent_mse(bs.sample(s, n, backbone, x_e, lab_e, guidance, null_label=null)[0], final_e)
@@ -302,7 +314,7 @@ def _model_cells(name: str, backbone, null: int, backbone_ref=None, nfes=(5, 10)
                                          ("UniPC default", DCSolverScheduler.from_config(VP)))})
         cell = {"model": name + label, "guidance": guidance, "nfe": n, **_verdict(dmq, peer, default),
                 "search_info": info, "seconds": round(time.perf_counter() - t0, 1), "commit": COMMIT,
-                "eval_latents": eval_latents}
+                "eval_latents": eval_latents, "search_latents": search_latents, "held_out": held_out}
         if eval_latents > 32:
             cell["eval32"] = _verdict(dmq, peer, default, slice(32))
         cells.append(cell)
@@ -314,23 +326,23 @@ def _model_cells(name: str, backbone, null: int, backbone_ref=None, nfes=(5, 10)
 
 
 def models_part(progress: bool = True, models: tuple[str, ...] = ("digits-dit", "digits-unet"),
-                nfes: tuple[int, ...] = (5, 10), eval_latents: int = 32) -> dict:
+                nfes: tuple[int, ...] = (5, 10), eval_latents: int = 32, search_latents: int = 16) -> dict:
     from pipelines import DigitsPipeline
 
     cells = []
     for name in models:
         pipe = DigitsPipeline.from_pretrained(ROOT / "assets" / name)
         cells += _model_cells(name, pipe.backbone.eval(), 10, nfes=nfes, progress=progress,
-                              eval_latents=eval_latents)
+                              eval_latents=eval_latents, search_latents=search_latents)
     return {"cells": cells}
 
 
 def quant_part(progress: bool = True, nfes: tuple[int, ...] = (5, 10), config: str = "w4a8",
-               eval_latents: int = 32) -> dict:
+               eval_latents: int = 32, search_latents: int = 16) -> dict:
     fp, q = _fp_and_w4a8(config)
     cells = _model_cells("digits-dit", q.backbone.eval(), 10, backbone_ref=fp.backbone.eval(), nfes=nfes,
                          progress=progress, label=" " + config.upper().replace("+", " + "),
-                         eval_latents=eval_latents)
+                         eval_latents=eval_latents, search_latents=search_latents)
     for c in cells:
         best_fp_default = min(v for k, v in c["default"].items() if k.startswith("FP "))
         c["goal"] = {"quantized_searched_rmse": c["dmq"][c["best_dmq"]], "fp_default_rmse": best_fp_default,
@@ -373,6 +385,13 @@ def main() -> None:
     ap.add_argument("--models", default="digits-dit,digits-unet", help="bundled models of the models part")
     ap.add_argument("--nfes", default="5,10", help="NFEs of the models and quant parts")
     ap.add_argument("--mixtures", default="0,1,2,3", help="indices into MIXTURES of the gmm part")
+    ap.add_argument("--gmm-nfes", default="5,6,8,10",
+                    help="NFEs of the gmm part (cells of other NFEs already in the JSON are kept, with their commit)")
+    ap.add_argument("--refine-iters", type=int, default=REFINE_ITERS,
+                    help="fit_coefficients(refine_iters=...) of the fitted options (0: the sequential fit only)")
+    ap.add_argument("--model-search-latents", type=int, default=16,
+                    help="search latents of the models and quant parts, a third held out (16: 8); other than 16, "
+                         "their results go under <part>_s<count>")
     ap.add_argument("--search-latents", type=int, default=240,
                     help="latents per search in the gmm part, a third held out")
     ap.add_argument("--eval-latents", type=int, default=2048,
@@ -392,14 +411,17 @@ def main() -> None:
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report["command"] = "nice python scripts/bench_schedules.py"
     report["machine"] = "shared CPU (2 cores, 8 agents), one torch thread"
-    global CACHE
-    CACHE = args.cache
+    global CACHE, REFINE_ITERS
+    CACHE, REFINE_ITERS = args.cache, args.refine_iters
     models, nfes = tuple(args.models.split(",")), tuple(int(n) for n in args.nfes.split(","))
     parts = {"gmm": lambda: gmm_part(search_latents=args.search_latents, eval_latents=args.eval_latents,
-                                     mixtures=tuple(int(i) for i in args.mixtures.split(","))),
-             "models": lambda: models_part(models=models, nfes=nfes, eval_latents=args.model_eval_latents),
+                                     mixtures=tuple(int(i) for i in args.mixtures.split(",")),
+                                     nfes=tuple(int(n) for n in args.gmm_nfes.split(","))),
+             "models": lambda: models_part(models=models, nfes=nfes, eval_latents=args.model_eval_latents,
+                                           search_latents=args.model_search_latents),
              "quant": lambda: quant_part(nfes=nfes, config=args.quant_config,
-                                         eval_latents=args.model_eval_latents),
+                                         eval_latents=args.model_eval_latents,
+                                         search_latents=args.model_search_latents),
              "floor": lambda: floor_part(config=args.quant_config)}
     for part, fn in parts.items():
         if part in args.parts.split(","):
@@ -410,6 +432,18 @@ def main() -> None:
                 key_name = f"{part}_{args.quant_config}"
             if part in ("models", "quant") and args.model_eval_latents != 32:
                 key_name += f"_e{args.model_eval_latents}"
+            if part in ("models", "quant") and args.model_search_latents != 16:
+                key_name += f"_s{args.model_search_latents}"
+            if part == "gmm" and key_name in report:  # cells of other mixtures / NFEs (run apart) are kept
+                key = {(c["mixture"], c["guidance"], c["nfe"]) for c in new["cells"]}
+                old = report[key_name]
+                kept = [{**c, "commit": c.get("commit", old.get("commit"))} for c in old["cells"]
+                        if (c["mixture"], c["guidance"], c["nfe"]) not in key]
+                order = {f"GaussianMixture.random({C}, {K}, {shape}, seed={seed})": i
+                         for i, (C, K, shape, seed) in enumerate(MIXTURES)}
+                new["cells"] = sorted(kept + new["cells"],
+                                      key=lambda c: (order[c["mixture"]], c["guidance"], c["nfe"]))
+                new["seconds_before"] = old.get("seconds")
             if part in ("models", "quant") and key_name in report:  # cells of other models / NFEs (run apart) are kept
                 key = {(c["model"], c["nfe"]) for c in new["cells"]}
                 new["cells"] = sorted([c for c in report[key_name]["cells"] if (c["model"], c["nfe"]) not in key]
