@@ -379,6 +379,7 @@ def floor_part(guidance: float = 2.0, config: str = "w4a8") -> dict:
 
 
 def main() -> None:
+    global CACHE, REFINE_ITERS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="gmm,models,quant,floor")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -411,7 +412,6 @@ def main() -> None:
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report["command"] = "nice python scripts/bench_schedules.py"
     report["machine"] = "shared CPU (2 cores, 8 agents), one torch thread"
-    global CACHE, REFINE_ITERS
     CACHE, REFINE_ITERS = args.cache, args.refine_iters
     models, nfes = tuple(args.models.split(",")), tuple(int(n) for n in args.nfes.split(","))
     parts = {"gmm": lambda: gmm_part(search_latents=args.search_latents, eval_latents=args.eval_latents,
