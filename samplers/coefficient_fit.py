@@ -13,12 +13,6 @@ sampling run (``N`` evaluations per latent) beyond the teacher. ``ridge`` pulls 
 (Tikhonov, scaled by the Gram diagonal). Part of the latents is held out: a table that is worse there than the
 solver it started from is rejected, as :func:`samplers.search_schedule` does.
 
-The sequential fit makes every intermediate state meet the teacher's, which the final sample does not need. With
-``refine_iters`` the chosen table is then refined as a whole: all rows at once minimise the final-sample error of
-the search latents (S4S, Sec. 3: the solver's coefficients against the teacher's final samples), by L-BFGS through
-the model. On a Gaussian mixture at NFE 5 this took the evaluation RMSE 5-30% below the sequential fit's
-(docs/samplers.md); with few search latents it can overfit, which the held-out check catches.
-
 The nodes that suit a fitted table are not those that suit its solver (a grid the solver uses badly can be the
 fitted table's best), so ``grids`` fits the table on other schedules too and keeps the one with the lowest error
 on the search latents that also passes the held-out check.
@@ -35,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .dc import _check_differentiable, ddim_reference
+from .dc import ddim_reference
 from .linear_solver import solver_coefficients, table_update
 from .schedule_search import Denoise, _is_ours, held_out_rows, held_out_verdict, pooled_error, run_sampler
 
@@ -57,9 +51,7 @@ class CoefficientFitResult:
     """What :func:`fit_coefficients` found. Errors are final-sample MSEs against the teacher's final samples;
     ``base_*`` are the scheduler's own solver on its own schedule, the baseline of the checks. ``grid_errors``:
     each schedule and its best table's search error; ``candidates``: every table tried (timesteps, its
-    ``solver_rows``, search error); ``solver_rows``: the first steps of the chosen table left on the solver's rows.
-    ``refined``: the table is the sequential fit refined as a whole (``refine_iters``); ``unrefined_*``: the
-    sequential fit's errors; ``refine_reason``: why a refinement was not kept (empty when it was, or none ran)."""
+    ``solver_rows``, search error); ``solver_rows``: the first steps of the chosen table left on the solver's rows."""
 
     coefficients: list[list[float]]
     base_coefficients: list[list[float]]
@@ -74,10 +66,6 @@ class CoefficientFitResult:
     grid_errors: list[tuple[list[float], float]] = field(default_factory=list)
     solver_rows: int = 0
     candidates: list[tuple[list[float], int, float]] = field(default_factory=list)
-    refined: bool = False
-    unrefined_search_error: float | None = None
-    unrefined_held_out_error: float | None = None
-    refine_reason: str = ""
 
 
 class _Table(NamedTuple):
@@ -140,77 +128,6 @@ def _fit_table(denoise: Denoise, solver: Any, latents: torch.Tensor, base: list[
     return table, x
 
 
-def _run_table(denoise: Denoise, solver: Any, latents: torch.Tensor, table: Sequence[Sequence[Any]]) -> torch.Tensor:
-    """The final samples of Eq. (1) on ``table`` (rows of floats or of 0-d tensors with grad).
-
-    Under grad the model runs twice per step: the value is the no-grad output, the derivative the differentiable
-    path's (a quantized backbone takes its straight-through reference path under grad, whose output differs from
-    the integer kernels' by about 0.2% on the W4A8 DiT), so the refinement optimises the model that samples."""
-    x = latents.to(torch.float64) * float(solver.init_noise_sigma)
-    x0s: list[torch.Tensor] = []
-    for i, t in enumerate(solver.timesteps):
-        inp = solver.scale_model_input(x, t).to(latents.dtype)
-        with torch.no_grad():
-            out = denoise(inp.detach(), t).to(torch.float64)
-        if torch.is_grad_enabled() and x.requires_grad:
-            path = denoise(inp, t).to(torch.float64)
-            out = path + (out - path).detach()
-        x0s.append(solver.convert_output(out, x, solver._alphas[i], solver._sigmas_f[i])[1])
-        # not table_update: it skips zero coefficients, and a zero with grad must still get its derivative
-        x = table[i][0] * x + sum(c * d for c, d in zip(table[i][1:], x0s))
-    return x
-
-
-def _refine_table(denoise: Denoise, solver: Any, latents: torch.Tensor, table: list[list[float]],
-                  final: torch.Tensor, rows: int, iters: int) -> tuple[list[list[float]], int]:
-    """All rows of ``table`` at once, by L-BFGS (strong Wolfe line search) on the final-sample MSE of the first
-    ``rows`` latents against ``final``; returns the table and the number of sampling runs (each with a backward)."""
-    start = [torch.tensor(r, dtype=torch.float64) for r in table]
-    deltas = [torch.zeros_like(r, requires_grad=True) for r in start]
-    opt = torch.optim.LBFGS(deltas, lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-12, tolerance_change=1e-15)
-    runs = [0]
-    target = final[:rows].to(torch.float64)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        runs[0] += 1
-        with torch.enable_grad():
-            rows_ = [r + d for r, d in zip(start, deltas)]
-            # the first row's a_0 multiplies x_T, which needs no grad: the tape starts at the coefficients
-            loss = (_run_table(denoise, solver, latents, rows_)[:rows] - target).pow(2).mean()
-            loss.backward()
-        return loss
-
-    opt.step(closure)
-    out = [[float(v) for v in r + d.detach()] for r, d in zip(start, deltas)]
-    return (out if all(math.isfinite(v) for r in out for v in r) else table), runs[0]
-
-
-def _refine(denoise: Denoise, solver: Any, latents: torch.Tensor, result: CoefficientFitResult, final: torch.Tensor,
-            rows: int, k: int, base_held: float | None, iters: int) -> int:
-    """Refine ``result``'s accepted table (:func:`_refine_table`) and keep it if it lowers the search error and
-    passes the held-out check against the solver; returns the model evaluations per latent."""
-    fit_solver = type(solver).from_config(solver.config, searched_timesteps=result.timesteps)
-    fit_solver.set_timesteps(len(result.timesteps), device=latents.device)
-    table, runs = _refine_table(denoise, fit_solver, latents, result.coefficients, final, rows, iters)
-    x = _run_table(denoise, fit_solver, latents, table)
-    err = pooled_error(x[:rows], final[:rows])
-    result.unrefined_search_error, result.unrefined_held_out_error = result.search_error, result.held_out_error
-    reason, held, _ = held_out_verdict("refined table", "the sequential fit", err, result.search_error, 0,
-                                       lambda: (0.0, 0.0))
-    if not reason and k:
-        reason, held, _ = held_out_verdict("refined table", "the solver", err, result.base_search_error, k,
-                                           lambda: (pooled_error(x[rows:], final[rows:]), base_held))
-    if reason:
-        result.refine_reason = reason
-        logger.info("fit_coefficients: keeping the sequential fit: %s", reason)
-    else:
-        result.coefficients, result.search_error, result.held_out_error, result.refined = table, err, held, True
-    # each run: the no-grad outputs, and the differentiable path's forward and backward (counted as one more)
-    return (3 * runs + 1) * len(result.timesteps)
-
-
 @torch.no_grad()
 def fit_coefficients(
     denoise: Denoise,
@@ -224,7 +141,6 @@ def fit_coefficients(
     grids: Sequence[Any] | str | None = None,
     solver_rows: int | Sequence[int] | None = None,
     ridge: float = 0.0,
-    refine_iters: int = 0,
     fine_steps: int = 250,
     store: bool = True,
     progress: bool = True,
@@ -256,11 +172,6 @@ def fit_coefficients(
         ridge: ``λ >= 0``; row ``i`` minimises ``|F δ - r|² + λ sum_j G_jj δ_j²`` for the change ``δ`` from the
             solver's own row (``G = FᵀF``). With ``λ = 0`` the table depends on the schedule only, not on the
             solver it starts from.
-        refine_iters: L-BFGS iterations that refine the chosen table as a whole against the final samples (module
-            docstring; 0: none). ``denoise`` must then be differentiable in ``x``; each iteration costs one to two
-            sampling runs of the search latents with a backward pass, and memory for ``num_inference_steps``
-            model graphs. The refined table is kept if it lowers the search error and passes the same held-out
-            check against the solver; else the sequential fit stays (``result.refine_reason`` says why).
         store: write an accepted table into the config (``fitted_coefficients``/``fitted_timesteps``, and its
             schedule as ``searched_timesteps``; saved by ``save_pretrained``); the scheduler then uses it whenever it
             runs those timesteps from the start. A rejected fit removes an older table.
@@ -276,8 +187,6 @@ def fit_coefficients(
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     if isinstance(fine_steps, bool) or not isinstance(fine_steps, int) or fine_steps < 1:
         raise ValueError(f"fine_steps must be an int >= 1, got {fine_steps!r}")
-    if isinstance(refine_iters, bool) or not isinstance(refine_iters, int) or refine_iters < 0:
-        raise ValueError(f"refine_iters must be an int >= 0, got {refine_iters!r}")
     if solver_rows is None:
         solver_rows = tuple(k for k in (0, 1, 2) if k < num_inference_steps)
     keeps = (solver_rows,) if isinstance(solver_rows, int) and not isinstance(solver_rows, bool) else solver_rows
@@ -304,8 +213,6 @@ def fit_coefficients(
     # the solver the tables start from: the scheduler without its old table, on its own schedule
     solver = type(scheduler).from_config(scheduler.config, fitted_coefficients=None, fitted_timesteps=None)
     solver.set_timesteps(n, device=latents.device)
-    if refine_iters:  # before the fit, not after its minutes
-        _check_differentiable(denoise, latents, solver.timesteps[0], "refine_iters > 0")
     own_ts = [float(t) for t in solver.timesteps.double().cpu()]
     schedules = [own_ts] + [ts for ts in (_grid(solver, n, g) for g in grids or ()) if ts != own_ts]
     evals = 0
@@ -348,13 +255,10 @@ def fit_coefficients(
                                           verdict[1], verdict[2], solver_rows=keep,
                                           grid_errors=[(list(t), e) for t, e in grid_errors.items()],
                                           candidates=[(f.timesteps, f.solver_rows, f.error) for f in found])
-            chosen_final = final
         if not verdict[0] or err >= base_err:  # accepted, or no later schedule can beat the solver either
             break
         logger.info("fit_coefficients: the table on %s (solver rows %d) is rejected (%s); trying the next one", ts,
                     keep, verdict[0])
-    if refine_iters and result.accepted:
-        evals += _refine(denoise, solver, latents, result, chosen_final, rows, k, base_held, refine_iters)
     ts, table = result.timesteps, result.coefficients
     result.model_evaluations = evals * latents.shape[0]
     if not result.accepted:

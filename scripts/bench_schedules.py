@@ -78,9 +78,6 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return v if math.isfinite(v) else float("inf")
 
 
-REFINE_ITERS = 50  # --refine-iters: L-BFGS iterations refining each fitted table as a whole (0: none)
-
-
 def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: int = 8, fit_reference=None) -> dict:
     """Search DEIS, UniPC and DC(UniPC schedule + ratios), and fit the coefficients of DEIS and UniPC on their
     searched schedules and the other grids of ``grids="auto"`` (``fit_reference``: exact states ``(i, t) -> x``,
@@ -109,8 +106,7 @@ def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: i
         fitted = type(out[name]).from_config(out[name].config)
         t0 = time.perf_counter()
         r = fit_coefficients(den, fitted, x_s, n, reference=fit_reference, held_out=held_out, grids="auto",
-                             progress=False, reference_denoise=search_kw.get("reference_denoise"),
-                             refine_iters=REFINE_ITERS)
+                             progress=False, reference_denoise=search_kw.get("reference_denoise"))
         out[f"{name} + fitted"] = fitted
         info[f"{name} + fitted"] = {
             "accepted": r.accepted, "reason": r.reason, "timesteps": r.timesteps, "search_rmse": r.search_error ** 0.5,
@@ -118,10 +114,6 @@ def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: i
             "held_out_rmse": None if r.held_out_error is None else r.held_out_error ** 0.5,
             "solver_held_out_rmse": None if r.base_held_out_error is None else r.base_held_out_error ** 0.5,
             "grid_search_rmse": [(ts, e ** 0.5) for ts, e in r.grid_errors],
-            "refine_iters": REFINE_ITERS, "refined": r.refined, "refine_reason": r.refine_reason,
-            "unrefined_search_rmse": None if r.unrefined_search_error is None else r.unrefined_search_error ** 0.5,
-            "unrefined_held_out_rmse": (None if r.unrefined_held_out_error is None
-                                        else r.unrefined_held_out_error ** 0.5),
             "seconds": round(time.perf_counter() - t0, 1)}
     return out, info
 
@@ -379,7 +371,7 @@ def floor_part(guidance: float = 2.0, config: str = "w4a8") -> dict:
 
 
 def main() -> None:
-    global CACHE, REFINE_ITERS
+    global CACHE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="gmm,models,quant,floor")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -388,8 +380,6 @@ def main() -> None:
     ap.add_argument("--mixtures", default="0,1,2,3", help="indices into MIXTURES of the gmm part")
     ap.add_argument("--gmm-nfes", default="5,6,8,10",
                     help="NFEs of the gmm part (cells of other NFEs already in the JSON are kept, with their commit)")
-    ap.add_argument("--refine-iters", type=int, default=REFINE_ITERS,
-                    help="fit_coefficients(refine_iters=...) of the fitted options (0: the sequential fit only)")
     ap.add_argument("--model-search-latents", type=int, default=16,
                     help="search latents of the models and quant parts, a third held out (16: 8); other than 16, "
                          "their results go under <part>_s<count>")
@@ -412,7 +402,7 @@ def main() -> None:
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report["command"] = "nice python scripts/bench_schedules.py"
     report["machine"] = "shared CPU (2 cores, 8 agents), one torch thread"
-    CACHE, REFINE_ITERS = args.cache, args.refine_iters
+    CACHE = args.cache
     models, nfes = tuple(args.models.split(",")), tuple(int(n) for n in args.nfes.split(","))
     parts = {"gmm": lambda: gmm_part(search_latents=args.search_latents, eval_latents=args.eval_latents,
                                      mixtures=tuple(int(i) for i in args.mixtures.split(",")),
