@@ -78,6 +78,9 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return v if math.isfinite(v) else float("inf")
 
 
+NODE_ROUNDS = 3  # --node-rounds: fit_coefficients(node_rounds=...) of the fitted options
+
+
 def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: int = 8, fit_reference=None) -> dict:
     """Search DEIS, UniPC and DC(UniPC schedule + ratios), and fit the coefficients of DEIS and UniPC on their
     searched schedules and the other grids of ``grids="auto"`` (``fit_reference``: exact states ``(i, t) -> x``,
@@ -106,7 +109,8 @@ def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: i
         fitted = type(out[name]).from_config(out[name].config)
         t0 = time.perf_counter()
         r = fit_coefficients(den, fitted, x_s, n, reference=fit_reference, held_out=held_out, grids="auto",
-                             progress=False, reference_denoise=search_kw.get("reference_denoise"))
+                             progress=False, reference_denoise=search_kw.get("reference_denoise"),
+                             node_rounds=NODE_ROUNDS)
         out[f"{name} + fitted"] = fitted
         info[f"{name} + fitted"] = {
             "accepted": r.accepted, "reason": r.reason, "timesteps": r.timesteps, "search_rmse": r.search_error ** 0.5,
@@ -114,6 +118,7 @@ def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: i
             "held_out_rmse": None if r.held_out_error is None else r.held_out_error ** 0.5,
             "solver_held_out_rmse": None if r.base_held_out_error is None else r.base_held_out_error ** 0.5,
             "grid_search_rmse": [(ts, e ** 0.5) for ts, e in r.grid_errors],
+            "node_rounds": NODE_ROUNDS, "nodes_refined_from": r.nodes_refined_from,
             "seconds": round(time.perf_counter() - t0, 1)}
     return out, info
 
@@ -371,7 +376,7 @@ def floor_part(guidance: float = 2.0, config: str = "w4a8") -> dict:
 
 
 def main() -> None:
-    global CACHE
+    global CACHE, NODE_ROUNDS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="gmm,models,quant,floor")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -380,6 +385,8 @@ def main() -> None:
     ap.add_argument("--mixtures", default="0,1,2,3", help="indices into MIXTURES of the gmm part")
     ap.add_argument("--gmm-nfes", default="5,6,8,10",
                     help="NFEs of the gmm part (cells of other NFEs already in the JSON are kept, with their commit)")
+    ap.add_argument("--node-rounds", type=int, default=NODE_ROUNDS,
+                    help="fit_coefficients(node_rounds=...) of the fitted options (0: the fixed grids only)")
     ap.add_argument("--model-search-latents", type=int, default=16,
                     help="search latents of the models and quant parts, a third held out (16: 8); other than 16, "
                          "their results go under <part>_s<count>")
@@ -402,7 +409,7 @@ def main() -> None:
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report["command"] = "nice python scripts/bench_schedules.py"
     report["machine"] = "shared CPU (2 cores, 8 agents), one torch thread"
-    CACHE = args.cache
+    CACHE, NODE_ROUNDS = args.cache, args.node_rounds
     models, nfes = tuple(args.models.split(",")), tuple(int(n) for n in args.nfes.split(","))
     parts = {"gmm": lambda: gmm_part(search_latents=args.search_latents, eval_latents=args.eval_latents,
                                      mixtures=tuple(int(i) for i in args.mixtures.split(",")),
