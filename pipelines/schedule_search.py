@@ -99,6 +99,7 @@ def fit_sampler(
     ratios: bool = True,
     coefficients: bool = True,
     grids: Any = "auto",
+    node_rounds: int = 1,
     iters: int = 20,
     fine_steps: int = 250,
     progress: bool = True,
@@ -106,8 +107,10 @@ def fit_sampler(
 ) -> dict:
     """Fit DC-Solver to ``pipe``: search the schedule (UniPC, all ratios 1), then the DC ratios on that schedule,
     then (``coefficients``) the solver's coefficients, on that schedule and the other ``grids`` (default
-    :data:`samplers.coefficient_fit.AUTO_GRIDS`; the best one replaces the schedule; ``None``: the schedule found
-    only, one teacher instead of seven), each against a ``fine_steps`` DDIM teacher.
+    :data:`samplers.coefficient_fit.AUTO_GRIDS`; the best one replaces the schedule; ``None`` with
+    ``node_rounds=0``: the schedule found only, one teacher instead of seven), each against a ``fine_steps`` DDIM
+    teacher; then ``node_rounds`` rounds move the best schedule's nodes with a fit at every trial (up to
+    ``2 (num_inference_steps - 1)`` more teachers a round; 0: none).
 
     ``pipe.scheduler`` becomes a :class:`~samplers.DCSolverScheduler` (``from_config`` of the current one) holding
     all three in its config (saved by ``save_pretrained``). Each stage keeps what it started from when the
@@ -133,7 +136,7 @@ def fit_sampler(
         before = [float(t) for t in sched.timesteps.double()]
         out["coefficients"] = fit_coefficients(den, sched, x_T, num_inference_steps, reference_denoise=ref_den,
                                                held_out=held_out, grids=grids, fine_steps=fine_steps,
-                                               progress=progress)
+                                               node_rounds=node_rounds, progress=progress)
         fit = out["coefficients"]
         if fit.accepted and fit.timesteps != before and out["ratios"] != [1.0] * num_inference_steps:
             # the table moved to another grid; ratios searched for the old one would harm a run off the table

@@ -60,8 +60,9 @@ def test_fit_sampler_without_coefficients(pipe):
 
 
 def test_fit_sampler_on_the_found_schedule_only(pipe):
-    """grids=None: the coefficients are fitted on the schedule in use alone, which the scheduler keeps."""
-    out = fit_sampler(pipe, [3, 4], 3, 2.0, num_latents=6, ratios=False, grids=None, fine_steps=12,
+    """grids=None, node_rounds=0: the coefficients are fitted on the schedule in use alone, which the scheduler
+    keeps."""
+    out = fit_sampler(pipe, [3, 4], 3, 2.0, num_latents=6, ratios=False, grids=None, node_rounds=0, fine_steps=12,
                       progress=False, **SMALL)
     fit = out["coefficients"]
     assert len(fit.grid_errors) == 1 and fit.grid_errors[0][0] == fit.timesteps

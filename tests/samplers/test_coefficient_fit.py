@@ -342,3 +342,42 @@ def test_the_default_solver_rows_fit_short_schedules():
                                held_out=None, progress=False)
         assert [c[1] for c in res.candidates] == list(range(n))
         assert res.accepted and res.search_error < 1e-20
+
+
+def test_node_search_moves_the_fitted_schedule_and_pays_on_new_latents():
+    """``node_rounds`` starts from the best schedule of the plain fit, and the schedule it finds beats every fixed
+    grid on the search latents, the held-out ones and fresh ones (measured: fresh RMSE 0.092 -> 0.061 in one round;
+    the errors are heavy-tailed, a latent near a component boundary weighs as much as the rest)."""
+    model = GMMDenoiser(GaussianMixture.random(3, 2, (2, 4, 4), seed=0))
+    x = torch.randn(48, 2, 4, 4, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    labels = torch.arange(48) % 3
+    den = gmm_denoise(model, labels, 2.0)
+
+    def exact(i, t):
+        return reference_sample(model, x, labels, 2.0, t_end=max(float(t), 0.0))
+
+    fits = {}
+    for rounds in (0, 1):
+        sched = DCSolverScheduler.from_config(VP)
+        fits[rounds] = sched, fit_coefficients(den, sched, x, 5, reference=exact, held_out=16, grids="auto",
+                                               node_rounds=rounds, progress=False)
+    (plain_sched, plain), (sched, res) = fits[0], fits[1]
+    assert plain.nodes_refined_from is None and plain.accepted and res.accepted
+    assert res.nodes_refined_from == min(plain.candidates, key=lambda c: c[2])[0]
+    fixed = [ts for ts, _ in plain.grid_errors]
+    assert res.timesteps not in fixed and [res.timesteps, res.search_error] in [list(g) for g in res.grid_errors]
+    assert res.search_error < plain.search_error and res.held_out_error < plain.held_out_error
+    assert _mse(run_sampler(den, sched, x, 5)[:32], exact(4, -1.0)[:32]) == pytest.approx(res.search_error, rel=1e-9)
+    fresh = torch.randn(480, 2, 4, 4, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    fresh_labels = torch.arange(480) % 3
+    truth = reference_sample(model, fresh, fresh_labels, 2.0)
+    before, after = (_mse(run_sampler(gmm_denoise(model, fresh_labels, 2.0), s, fresh, 5), truth)
+                     for s in (plain_sched, sched))
+    assert after < 0.8 * before
+
+
+@pytest.mark.parametrize("bad", [-1, True, 2.0, "1"])
+def test_node_rounds_is_checked(bad):
+    with pytest.raises(ValueError, match="node_rounds"):
+        fit_coefficients(lambda x, t: x, DCSolverScheduler.from_config(VP), torch.zeros(4, 8, dtype=torch.float64),
+                         4, node_rounds=bad, progress=False)
