@@ -711,7 +711,12 @@ def samplers_fit_table(data: dict) -> str:
         cells = data["gmm"]["cells"]
         nfes = sorted({c["nfe"] for c in cells})
         g = data["gmm"]
-        run = f"; `{g['command']}` at commit {g['commit']}, {g['machine']}" if "command" in g else ""
+        commits = {}  # a rerun of some NFEs keeps the other cells, each with the commit that measured it
+        for c in cells:
+            commits.setdefault(c.get("commit", g.get("commit")), set()).add(c["nfe"])
+        at = ("at commit " + next(iter(commits)) if len(commits) == 1 else "NFE " + "; NFE ".join(
+            f"{', '.join(str(n) for n in sorted(v))} at commit {k}" for k, v in commits.items()))
+        run = f"; `{g['command']}` {at}, {g['machine']}" if "command" in g else ""
         many = data["gmm"].get("eval_latents")
         lines += ["", f"Gaussian mixtures (exact PF-ODE reference{run}"
                   + (f"; ratio on {many} evaluation latents, in brackets on the first 32 of them" if many else "")
@@ -744,7 +749,9 @@ def samplers_fit_table(data: dict) -> str:
                   f"{2 * len(cells)} schedule searches were rejected by their held-out check (default grid kept)"
                   + (f", and {sum(not f['accepted'] for f in fits)} of {len(fits)} coefficient fits (the solver's "
                      "own coefficients kept)" if fits else "")
-                  + f". Wall time {data['gmm']['seconds'] / 60:.0f} min."]
+                  + f". Wall time {data['gmm']['seconds'] / 60:.0f} min"
+                  + (f" for the rerun ({data['gmm']['seconds_before'] / 60:.0f} min for the run before)"
+                     if "seconds_before" in data["gmm"] else "") + "."]
         old = data.get("gmm_schedules_only")
         if old is not None:
             lines += ["", f"Before the coefficient fit (schedules and DC ratios only, 24 search latents, the 32 "
@@ -788,6 +795,8 @@ def samplers_fit_table(data: dict) -> str:
             tag = "" if "commit" in c else " †"
             fit = (f"{sv['DEIS + fitted']:.2f}, {sv['UniPC + fitted']:.2f}" if "DEIS + fitted" in sv else "–")
             many = f" ({c['eval_latents']} latents)" if c.get("eval_latents", 32) != 32 else ""
+            if c.get("search_latents", 16) != 16:
+                many += f" (searched on {c['search_latents']}, {c['held_out']} held out)"
             lines.append(f"| {c['model']}{many}{tag} | {c['nfe']} | {c['best_dmq']} | {c['dmq'][c['best_dmq']]:.4f} | "
                          f"{c['best_peer'].replace('|', ', ')} | {c['best_peer_rmse']:.4f} | {cell_text(c)} | "
                          f"{sv['DEIS']:.2f}, {sv['UniPC']:.2f} | {fit} |")

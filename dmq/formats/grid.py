@@ -70,6 +70,8 @@ def round_to_grid(x: torch.Tensor, spec: GridSpec, out_dtype: torch.dtype | None
     (default ``x.dtype``). ``x`` is never modified.
     """
     out_dtype = out_dtype or x.dtype
+    if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _RoundStraightThrough.apply(x, spec, out_dtype)
     if x.device.type == "cpu" and "grid_table" not in DISABLED and not torch.compiler.is_compiling():
         if x.dtype in (torch.bfloat16, torch.float16) and out_dtype == x.dtype:
             return _lookup16(x, _table(spec, x.dtype))
@@ -77,6 +79,25 @@ def round_to_grid(x: torch.Tensor, spec: GridSpec, out_dtype: torch.dtype | None
                 and spec.scale == 1.0 and spec.emin - spec.man_bits >= -126):
             return _lookup_odd(x, _table(spec, torch.bfloat16, torch.float32, signed=True))
     return _round_kernel(x, spec, out_dtype)
+
+
+class _RoundStraightThrough(torch.autograd.Function):
+    """:func:`round_to_grid` under autograd: the same values, and the clipped straight-through derivative (1 where
+    ``x / scale`` lies within the grid's range, 0 where it saturates). The kernels work in place chunk by chunk,
+    which autograd cannot follow past the first chunk."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, spec: GridSpec, out_dtype: torch.dtype) -> torch.Tensor:
+        with torch.no_grad():
+            w = x.detach()
+            ctx.save_for_backward((w >= spec.lo * spec.scale) & (w <= spec.hi * spec.scale))
+            ctx.in_dtype = x.dtype
+            return round_to_grid(w, spec, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inside,) = ctx.saved_tensors
+        return (grad * inside).to(ctx.in_dtype), None, None
 
 
 def abs_amax(x: torch.Tensor) -> torch.Tensor | None:
