@@ -271,13 +271,12 @@ def fit_coefficients(
         refined_from, tried = list(start.timesteps), {}
 
         def objective(ts: Sequence[float]) -> float:
-            ts = [float(np.float32(t)) for t in ts]  # what the scheduler holds
-            tried[tuple(ts)] = fit_schedule(ts, False)
-            return min(f.error for f in tried[tuple(ts)])
+            tables = tried[tuple(ts)] = fit_schedule([float(np.float32(t)) for t in ts], False)  # as scheduled
+            return min(f.error for f in tables)
 
         best, _ = _refine(objective, noise_schedule_of(solver), refined_from, start.error, node_rounds, False,
                           progress)
-        found += tried.get(tuple(float(np.float32(t)) for t in best), [])
+        found += tried.get(tuple(best), [])  # nothing when no trial beat the start
     own_final = found[0].final  # each schedule is scored against its own teacher (the same with an exact reference)
     base_x = run_sampler(denoise, solver, latents, n).to(torch.float64)
     evals += n

@@ -58,16 +58,17 @@ def _gaussian(sched, variance):
     return denoise, states
 
 
-def _gmm_problem(classes, components, shape, seed, latent_seed, guidance):
-    """16 latents of a Gaussian mixture: the guided denoiser and the exact PF-ODE state ``(i, t) -> x_t``."""
+def _gmm_problem(classes, components, shape, seed, latent_seed, guidance, latents=16):
+    """``latents`` latents of a Gaussian mixture: the guided denoiser, the exact PF-ODE state ``(i, t) -> x_t``, and
+    the mixture's model."""
     model = GMMDenoiser(GaussianMixture.random(classes, components, shape, seed=seed))
-    x = torch.randn(16, *shape, generator=torch.Generator().manual_seed(latent_seed), dtype=torch.float64)
-    labels = torch.arange(16) % classes
+    x = torch.randn(latents, *shape, generator=torch.Generator().manual_seed(latent_seed), dtype=torch.float64)
+    labels = torch.arange(latents) % classes
 
     def exact(i, t):
         return reference_sample(model, x, labels, guidance, t_end=max(float(t), 0.0))
 
-    return x, gmm_denoise(model, labels, guidance), exact
+    return x, gmm_denoise(model, labels, guidance), exact, model
 
 
 def _mse(a, b):
@@ -247,7 +248,7 @@ def test_diffusers_schedulers_are_refused():
 def test_grids_fit_each_schedule_and_keep_the_best():
     """``grids``: every schedule is fitted against the exact states at its own nodes, the lowest search error wins,
     and the winner's schedule is stored with its table (the scheduler then runs both for that step count)."""
-    x, den, exact = _gmm_problem(3, 2, (2, 4, 4), 0, 12, 1.0)
+    x, den, exact, _ = _gmm_problem(3, 2, (2, 4, 4), 0, 12, 1.0)
     grids = [{"time_grid": "time", "time_grid_power": 2.0}, {"time_grid": "log_rho"}, [999.0, 600.0, 300.0, 80.0]]
     sched = DCSolverScheduler.from_config(VP)
     res = fit_coefficients(den, sched, x, 4, reference=exact, grids=grids, held_out=None, progress=False)
@@ -271,7 +272,7 @@ def test_grids_fit_each_schedule_and_keep_the_best():
 def test_a_grid_whose_table_fails_the_held_out_check_gives_way_to_the_next_best():
     """The schedule with the lowest search error is rejected on the held-out latents (their teacher is moved away on
     that schedule only): the next schedule by search error is checked, passes, and is stored."""
-    x, den, exact = _gmm_problem(3, 2, (2, 4, 4), 0, 12, 1.0)
+    x, den, exact, _ = _gmm_problem(3, 2, (2, 4, 4), 0, 12, 1.0)
     grids = [{"time_grid": "time", "time_grid_power": 2.0}, {"time_grid": "log_rho"}, [999.0, 600.0, 300.0, 80.0]]
 
     first = fit_coefficients(den, DCSolverScheduler.from_config(VP), x, 4, reference=exact, grids=grids,
@@ -315,7 +316,7 @@ def test_solver_rows_keep_the_first_steps_and_the_rest_is_fitted_exactly():
 def test_each_solver_rows_count_is_one_more_candidate():
     """``solver_rows=(0, 1, 2)`` fits three tables on every schedule; the lowest search error wins, and its first
     ``solver_rows`` rows are the solver's. ``grid_errors`` holds each schedule's best."""
-    x, den, exact = _gmm_problem(2, 4, (3, 4, 4), 2, 3, 2.0)
+    x, den, exact, _ = _gmm_problem(2, 4, (3, 4, 4), 2, 3, 2.0)
     grids = [{"time_grid": "log_rho"}]
     res = fit_coefficients(den, DEISScheduler.from_config(VP), x, 5, reference=exact, grids=grids, held_out=None,
                            solver_rows=(2, 0, 1), progress=False)
@@ -348,14 +349,7 @@ def test_node_search_moves_the_fitted_schedule_and_pays_on_new_latents():
     """``node_rounds`` starts from the best schedule of the plain fit, and the schedule it finds beats every fixed
     grid on the search latents, the held-out ones and fresh ones (measured: fresh RMSE 0.092 -> 0.061 in one round;
     the errors are heavy-tailed, a latent near a component boundary weighs as much as the rest)."""
-    model = GMMDenoiser(GaussianMixture.random(3, 2, (2, 4, 4), seed=0))
-    x = torch.randn(48, 2, 4, 4, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
-    labels = torch.arange(48) % 3
-    den = gmm_denoise(model, labels, 2.0)
-
-    def exact(i, t):
-        return reference_sample(model, x, labels, 2.0, t_end=max(float(t), 0.0))
-
+    x, den, exact, model = _gmm_problem(3, 2, (2, 4, 4), 0, 12, 2.0, latents=48)
     fits = {}
     for rounds in (0, 1):
         sched = DCSolverScheduler.from_config(VP)
