@@ -9,9 +9,11 @@ The fit is sequential and exact per step. Start from the scheduler's own rows (i
 model at the current points of the search latents, and solve step ``i``'s ``i + 2`` numbers by least squares so that
 ``x_{i+1}`` meets the teacher state at ``t_{i+1}`` (the last step: the teacher's final sample); then step on with
 the fitted row, so that every later step is fitted on the states the fitted solver really reaches. The cost is one
-sampling run (``N`` evaluations per latent) beyond the teacher. ``ridge`` pulls each row towards the solver's own
-(Tikhonov, scaled by the Gram diagonal). Part of the latents is held out: a table that is worse there than the
-solver it started from is rejected, as :func:`samplers.search_schedule` does.
+sampling run (``N`` evaluations per latent) beyond the teacher. The default teacher is one fine DDIM solve shared
+by every schedule (:class:`samplers.fine_teacher.FineTeacher`): a schedule with new nodes costs one evaluation a
+node. ``ridge`` pulls each row towards the solver's own (Tikhonov, scaled by the Gram diagonal). Part of the
+latents is held out: a table that is worse there than the solver it started from is rejected, as
+:func:`samplers.search_schedule` does.
 
 The nodes that suit a fitted table are not those that suit its solver (a grid the solver uses badly can be the
 fitted table's best), so ``grids`` fits the table on other schedules too and keeps the one with the lowest error
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .dc import ddim_reference
+from .fine_teacher import FineTeacher
 from .linear_solver import solver_coefficients, table_update
 from .schedule_search import (
     Denoise,
@@ -173,8 +175,9 @@ def fit_coefficients(
         latents: ``x_T`` at the first timestep, ``(B, ...)``; the last ``held_out`` rows only check the result.
         reference: the teacher state after each step, for all rows: ``reference[i]`` (or ``reference(i,
             t_{i+1})``) at ``t_{i+1}``, the last at ``σ = 0`` (``t_{i+1} = -1``), e.g. an exact ODE solution. With
-            ``grids`` it must be the callable. Default: :func:`samplers.ddim_reference` with ``fine_steps`` DDIM
-            steps of ``reference_denoise or denoise``, per schedule.
+            ``grids`` it must be the callable. Default: one ``fine_steps``-step DDIM solve of ``reference_denoise or
+            denoise``, uniform in ``log ρ`` and shared by every schedule (:class:`~samplers.fine_teacher.FineTeacher`;
+            the state at a node: one partial DDIM step from the fine point above it).
         reference_denoise: the teacher model when it differs from ``denoise`` (quantization-aware: ``denoise``
             quantized, ``reference_denoise`` full precision).
         held_out: rows kept out of the fit (a fraction or a count; ``None``: no check).
@@ -191,9 +194,9 @@ def fit_coefficients(
             solver's own row (``G = FᵀF``). With ``λ = 0`` the table depends on the schedule only, not on the
             solver it starts from.
         node_rounds: rounds of a pattern search over the nodes of the best schedule found (module docstring), each
-            trial a fit of its own (with the default teacher, a 250-step DDIM solve each); 0: none. One round tries
-            up to ``2 (num_inference_steps - 1)`` schedules. The best schedule it finds joins the others: its
-            tables pass the same held-out check.
+            trial a fit of its own (the shared teacher gives a moved node's state for one evaluation); 0: none.
+            One round tries up to ``2 (num_inference_steps - 1)`` schedules. The best schedule it finds joins the
+            others: its tables pass the same held-out check.
         store: write an accepted table into the config (``fitted_coefficients``/``fitted_timesteps``, and its
             schedule as ``searched_timesteps``; saved by ``save_pretrained``); the scheduler then uses it whenever it
             runs those timesteps from the start. A rejected fit removes an older table.
@@ -207,8 +210,8 @@ def fit_coefficients(
         raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (math.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
-    if isinstance(fine_steps, bool) or not isinstance(fine_steps, int) or fine_steps < 1:
-        raise ValueError(f"fine_steps must be an int >= 1, got {fine_steps!r}")
+    if isinstance(fine_steps, bool) or not isinstance(fine_steps, int) or fine_steps < 2:
+        raise ValueError(f"fine_steps must be an int >= 2, got {fine_steps!r}")
     if isinstance(node_rounds, bool) or not isinstance(node_rounds, int) or node_rounds < 0:
         raise ValueError(f"node_rounds must be an int >= 0, got {node_rounds!r}")
     if solver_rows is None:
@@ -240,20 +243,23 @@ def fit_coefficients(
     own_ts = [float(t) for t in solver.timesteps.double().cpu()]
     schedules = [own_ts] + [ts for ts in (_grid(solver, n, g) for g in grids or ()) if ts != own_ts]
     evals = 0
+    teachers: dict[float, FineTeacher] = {}  # the default teacher, by first timestep: shared by every schedule
 
     def fit_schedule(ts: list[float], show: bool) -> list[_Table]:
-        """Every table of one schedule (one per ``solver_rows`` count), against that schedule's teacher."""
+        """Every table of one schedule (one per ``solver_rows`` count), against the teacher's states at its nodes."""
         nonlocal evals
         fit_solver = type(solver).from_config(solver.config, searched_timesteps=ts)
         fit_solver.set_timesteps(n, device=latents.device)
         base = solver_coefficients(fit_solver, n)  # also refuses Runge-Kutta stages
-        ref = reference
-        if ref is None:
-            ref = ddim_reference(reference_denoise or denoise, fit_solver, latents, n, fine_steps)
-            evals += fine_steps
-            fit_solver.set_timesteps(n, device=latents.device)
-        nodes = fit_solver.timesteps
-        targets = [_target(ref, i, float(nodes[i + 1]) if i + 1 < n else -1.0) for i in range(n)]
+        nodes = [float(t) for t in fit_solver.timesteps.double().cpu()]
+        if reference is None:
+            if nodes[0] not in teachers:
+                teachers[nodes[0]] = FineTeacher(reference_denoise or denoise, solver.schedule, solver.convert_output,
+                                                 latents, nodes[0], fine_steps, progress=show)
+            teacher = teachers[nodes[0]]
+            targets = [teacher.state(t) for t in nodes[1:]] + [teacher.final]
+        else:
+            targets = [_target(reference, i, nodes[i + 1] if i + 1 < n else -1.0) for i in range(n)]
         for i, y in enumerate(targets):
             if y.shape != latents.shape:
                 raise ValueError(f"reference state {i} has shape {tuple(y.shape)}, latents {tuple(latents.shape)}")
@@ -277,7 +283,7 @@ def fit_coefficients(
         best, _ = _refine(objective, noise_schedule_of(solver), refined_from, start.error, node_rounds, False,
                           progress)
         found += tried.get(tuple(best), [])  # nothing when no trial beat the start
-    own_final = found[0].final  # each schedule is scored against its own teacher (the same with an exact reference)
+    own_final = found[0].final  # the same for every schedule (one teacher, or exact states)
     base_x = run_sampler(denoise, solver, latents, n).to(torch.float64)
     evals += n
     search, check = slice(None, rows), slice(rows, None)
@@ -303,7 +309,7 @@ def fit_coefficients(
         logger.info("fit_coefficients: the table on %s (solver rows %d) is rejected (%s); trying the next one", ts,
                     keep, verdict[0])
     ts, table = result.timesteps, result.coefficients
-    result.model_evaluations = evals * latents.shape[0]
+    result.model_evaluations = (evals + sum(t.evaluations for t in teachers.values())) * latents.shape[0]
     if not result.accepted:
         logger.warning("fit_coefficients: keeping the solver's own coefficients: %s", result.reason)
     if store:  # a rejected fit also removes an older table: the scheduler is left with what was checked

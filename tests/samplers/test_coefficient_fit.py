@@ -13,7 +13,7 @@ from pipelines.gmm import GaussianMixture, GMMDenoiser, reference_sample
 from samplers import (
     DCSolverScheduler,
     DEISScheduler,
-    ddim_reference,
+    FineTeacher,
     fit_coefficients,
     run_sampler,
     search_dc_ratios,
@@ -109,7 +109,7 @@ def test_the_teacher_can_be_another_model():
     res = fit_coefficients(student, sched, x, 5, reference_denoise=teacher, held_out=4, progress=False)
     assert res.accepted
     got = run_sampler(student, sched, x, 5)
-    ddim = ddim_reference(teacher, DCSolverScheduler.from_config(VP), x, 5, 250)[-1]
+    ddim = FineTeacher(teacher, sched.schedule, sched.convert_output, x, 999.0, 250).final
     assert _mse(got, ddim) < 1e-20
     exact = teacher_states(x, 5)[-1]
     floor = _mse(student_states(x, 5)[-1], exact)  # the student's own exact ODE solution
@@ -375,3 +375,26 @@ def test_node_rounds_is_checked(bad):
     with pytest.raises(ValueError, match="node_rounds"):
         fit_coefficients(lambda x, t: x, DCSolverScheduler.from_config(VP), torch.zeros(4, 8, dtype=torch.float64),
                          4, node_rounds=bad, progress=False)
+
+
+def test_one_teacher_serves_every_schedule_and_node_trial():
+    """The default teacher is solved once, ``fine_steps`` evaluations, for the seven schedules of ``grids="auto"``
+    and every node-search trial (their nodes' states come from the kept outputs); ``model_evaluations`` counts the
+    teacher's calls and the student's."""
+    sched = DCSolverScheduler.from_config(VP)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    den, _ = _gaussian(sched, torch.linspace(0.2, 0.6, 8))
+    calls = {"student": 0, "teacher": 0}
+
+    def counted(who):
+        def f(y, t):
+            calls[who] += 1
+            return den(y, t)
+        return f
+
+    res = fit_coefficients(counted("student"), sched, x, 4, reference_denoise=counted("teacher"), held_out=3,
+                           grids="auto", node_rounds=1, fine_steps=60, progress=False)
+    assert res.nodes_refined_from is not None
+    assert calls["teacher"] == 60
+    assert calls["student"] >= 7 * 3 * 4 + 4  # three fits of 4 steps on each of 7 schedules, and the solver's run
+    assert res.model_evaluations == (calls["teacher"] + calls["student"]) * 8
