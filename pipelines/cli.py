@@ -85,14 +85,19 @@ def parse_labels(text: str) -> list[int]:
     return labels
 
 
-def positive_int(text: str) -> int:
+def positive_int(text: str, least: int = 1) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
     return value
+
+
+def fine_steps(text: str) -> int:
+    """A fine DDIM solve needs two steps at least (the last one lands on σ = 0)."""
+    return positive_int(text, 2)
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -340,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--labels", type=parse_labels, default=list(range(10)), help="labels of the search latents")
     r.add_argument("--num-latents", type=positive_int, default=None, help="search latents (default one per label)")
     r.add_argument("--iterations", type=positive_int, default=20, help="optimisation steps per ratio")
-    r.add_argument("--reference-steps", type=positive_int, default=250, help="steps of the DDIM reference")
+    r.add_argument("--reference-steps", type=fine_steps, default=250, help="steps of the DDIM reference (>= 2)")
     r.add_argument("--seed", type=int, default=0, help="seed of the search latents")
     r.add_argument("--no-coefficients", action="store_true",
                    help="keep the solver's own coefficients (default: fit them on the schedule and ratios)")

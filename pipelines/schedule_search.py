@@ -108,9 +108,9 @@ def fit_sampler(
     """Fit DC-Solver to ``pipe``: search the schedule (UniPC, all ratios 1), then the DC ratios on that schedule,
     then (``coefficients``) the solver's coefficients, on that schedule and the other ``grids`` (default
     :data:`samplers.coefficient_fit.AUTO_GRIDS`; the best one replaces the schedule; ``None`` with
-    ``node_rounds=0``: the schedule found only, one teacher instead of seven), each against a ``fine_steps`` DDIM
-    teacher; then ``node_rounds`` rounds move the best schedule's nodes with a fit at every trial (up to
-    ``2 (num_inference_steps - 1)`` more teachers a round; 0: none).
+    ``node_rounds=0``: the schedule found only), all against one ``fine_steps`` DDIM teacher
+    (:class:`samplers.FineTeacher`); then ``node_rounds`` rounds move the best schedule's nodes with a fit at every
+    trial (up to ``2 (num_inference_steps - 1)`` fits a round; 0: none).
 
     ``pipe.scheduler`` becomes a :class:`~samplers.DCSolverScheduler` (``from_config`` of the current one) holding
     all three in its config (saved by ``save_pretrained``). Each stage keeps what it started from when the
@@ -131,7 +131,7 @@ def fit_sampler(
         with torch.enable_grad(), dmq.kernels.disable("int_gemm", "fp8_gemm"):
             out["ratios"], out["losses"] = _search_ratios(den, sched, x_T, num_inference_steps, reference=ref,
                                                           iters=iters, held_out=held_out, progress=progress)
-    if coefficients:  # on the schedule found and the other grids, each against its own teacher
+    if coefficients:  # on the schedule found and the other grids, against one shared teacher
         sched.set_timesteps(num_inference_steps)
         before = [float(t) for t in sched.timesteps.double()]
         out["coefficients"] = fit_coefficients(den, sched, x_T, num_inference_steps, reference_denoise=ref_den,
