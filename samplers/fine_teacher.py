@@ -34,6 +34,7 @@ class FineTeacher:
     thresholding included). ``state(t)``: the teacher state at ``t0 >= t >= 0`` (float64); ``final``: the last
     sample; ``evaluations``: model calls so far (per latent)."""
 
+    @torch.no_grad()
     def __init__(self, denoise: Denoise, schedule: Any, convert: str | Callable, latents: torch.Tensor, t0: float,
                  steps: int = 250, memory_bytes: int = 2 ** 30, progress: bool = False) -> None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
@@ -89,6 +90,7 @@ class FineTeacher:
             x = self._step(x, self._eval(x, i), i, self._rho(i + 1))
         return x
 
+    @torch.no_grad()
     def state(self, t: float) -> torch.Tensor:
         t = float(t)
         if t in self._memo:

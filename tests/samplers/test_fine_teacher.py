@@ -79,3 +79,11 @@ def test_times_outside_the_solve_are_refused(t):
     teacher = FineTeacher(den, sched.schedule, "epsilon", x, nodes[0], 20)
     with pytest.raises(ValueError, match="t must be in"):
         teacher.state(t)
+
+
+def test_a_model_with_trainable_weights_leaves_no_graph():
+    """The solve keeps ``fine_steps`` states: under grad each would hold the whole tape back to ``x_T``."""
+    sched, x, den, _, nodes = _problem()
+    w = torch.ones((), dtype=torch.float64, requires_grad=True)
+    teacher = FineTeacher(lambda y, t: w * den(y, t), sched.schedule, "epsilon", x, nodes[0], 20)
+    assert not teacher.final.requires_grad and not teacher.state(nodes[2]).requires_grad
