@@ -23,6 +23,13 @@ on the search latents that also passes the held-out check.
 ``log ρ`` of :func:`samplers.search_schedule`, on the fitted table's final error instead of the solver's (a joint
 search of schedule and coefficients, in the spirit of S4S-Alt, which alternates between the two). On the Gaussian
 mixtures at NFE 5 it lowered the held-out error as well as the search error (docs/samplers.md).
+
+The sequential fit makes every intermediate state meet the teacher's, which the final sample does not need.
+``refine_iters`` then refines the chosen table as a whole: all rows at once minimise the final-sample error of the
+search latents (S4S, Sec. 3: the solver's coefficients against the teacher's final samples), by L-BFGS through the
+model. It is kept only if it beats the sequential fit on the held-out latents too: on the Gaussian mixtures it
+lowered the search error and sent more boundary latents into the wrong component; on the bundled U-Net at NFE 5 it
+lowered the error on fresh latents (docs/samplers.md).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .dc import _check_differentiable
 from .fine_teacher import FineTeacher
 from .linear_solver import solver_coefficients, table_update
 from .schedule_search import (
@@ -69,7 +77,9 @@ class CoefficientFitResult:
     ``base_*`` are the scheduler's own solver on its own schedule, the baseline of the checks. ``grid_errors``:
     each schedule and its best table's search error; ``candidates``: every table tried (timesteps, its
     ``solver_rows``, search error); ``solver_rows``: the first steps of the chosen table left on the solver's rows;
-    ``nodes_refined_from``: the schedule the node search (``node_rounds``) started from."""
+    ``nodes_refined_from``: the schedule the node search (``node_rounds``) started from. ``refined``: the table is
+    the sequential fit refined as a whole (``refine_iters``); ``unrefined_*``: the sequential fit's errors;
+    ``refine_reason``: why a refinement was not kept (empty when it was, or none ran)."""
 
     coefficients: list[list[float]]
     base_coefficients: list[list[float]]
@@ -85,6 +95,10 @@ class CoefficientFitResult:
     solver_rows: int = 0
     candidates: list[tuple[list[float], int, float]] = field(default_factory=list)
     nodes_refined_from: list[float] | None = None
+    refined: bool = False
+    unrefined_search_error: float | None = None
+    unrefined_held_out_error: float | None = None
+    refine_reason: str = ""
 
 
 class _Table(NamedTuple):
@@ -147,6 +161,74 @@ def _fit_table(denoise: Denoise, solver: Any, latents: torch.Tensor, base: list[
     return table, x
 
 
+def _run_table(denoise: Denoise, solver: Any, latents: torch.Tensor, table: Sequence[Sequence[Any]]) -> torch.Tensor:
+    """The final samples of Eq. (1) on ``table`` (rows of floats or of 0-d tensors with grad).
+
+    Under grad the model runs twice a step: the value is the no-grad output, the derivative the differentiable
+    path's. A quantized backbone takes its straight-through reference path under grad, which computes about 0.2%
+    differently from the integer kernels on the W4A8 DiT; the refinement must optimise the model that samples."""
+    x = latents.to(torch.float64) * float(solver.init_noise_sigma)
+    x0s: list[torch.Tensor] = []
+    for i, t in enumerate(solver.timesteps):
+        inp = solver.scale_model_input(x, t).to(latents.dtype)
+        with torch.no_grad():
+            out = denoise(inp.detach(), t).to(torch.float64)
+        if torch.is_grad_enabled() and x.requires_grad:
+            path = denoise(inp, t).to(torch.float64)
+            out = path + (out - path).detach()
+        x0s.append(solver.convert_output(out, x, solver._alphas[i], solver._sigmas_f[i])[1])
+        # not table_update: it skips zero coefficients, and a zero with grad must still get its derivative
+        x = table[i][0] * x + sum(c * d for c, d in zip(table[i][1:], x0s))
+    return x
+
+
+def _refine_table(denoise: Denoise, solver: Any, latents: torch.Tensor, table: list[list[float]],
+                  final: torch.Tensor, rows: int, iters: int) -> tuple[list[list[float]], int]:
+    """All rows of ``table`` at once, by L-BFGS (strong Wolfe line search) on the final-sample MSE of the first
+    ``rows`` latents against ``final``; returns the table and the number of sampling runs (each with a backward)."""
+    start = [torch.tensor(r, dtype=torch.float64) for r in table]
+    deltas = [torch.zeros_like(r, requires_grad=True) for r in start]
+    opt = torch.optim.LBFGS(deltas, lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-12, tolerance_change=1e-15)
+    runs = [0]
+    target = final[:rows].to(torch.float64)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        runs[0] += 1
+        with torch.enable_grad():
+            loss = (_run_table(denoise, solver, latents, [r + d for r, d in zip(start, deltas)])[:rows]
+                    - target).pow(2).mean()
+            loss.backward()
+        return loss.detach()
+
+    opt.step(closure)
+    out = [[float(v) for v in r + d.detach()] for r, d in zip(start, deltas)]
+    return (out if all(math.isfinite(v) for r in out for v in r) else table), runs[0]
+
+
+def _refine_chosen(denoise: Denoise, solver: Any, latents: torch.Tensor, result: CoefficientFitResult,
+                   final: torch.Tensor, rows: int, iters: int) -> int:
+    """Refine ``result``'s accepted table (:func:`_refine_table`); keep it if it lowers the error of the sequential
+    fit on the search latents and then on the held-out ones. Returns the model evaluations per latent."""
+    fit_solver = type(solver).from_config(solver.config, searched_timesteps=result.timesteps)
+    fit_solver.set_timesteps(len(result.timesteps), device=latents.device)
+    table, runs = _refine_table(denoise, fit_solver, latents, result.coefficients, final, rows, iters)
+    x = _run_table(denoise, fit_solver, latents, table)
+    err = pooled_error(x[:rows], final[:rows])
+    result.unrefined_search_error, result.unrefined_held_out_error = result.search_error, result.held_out_error
+    k = latents.shape[0] - rows
+    reason, held, _ = held_out_verdict("refined table", "the sequential fit", err, result.search_error, k,
+                                       lambda: (pooled_error(x[rows:], final[rows:]), result.held_out_error))
+    if reason:
+        result.refine_reason = reason
+        logger.info("fit_coefficients: keeping the sequential fit: %s", reason)
+    else:
+        result.coefficients, result.search_error, result.held_out_error, result.refined = table, err, held, True
+    # each run: the no-grad outputs, and the differentiable path's forward and backward (counted as one more)
+    return (3 * runs + 1) * len(result.timesteps)
+
+
 @torch.no_grad()
 def fit_coefficients(
     denoise: Denoise,
@@ -161,6 +243,7 @@ def fit_coefficients(
     solver_rows: int | Sequence[int] | None = None,
     ridge: float = 0.0,
     node_rounds: int = 0,
+    refine_iters: int = 0,
     fine_steps: int = 250,
     store: bool = True,
     progress: bool = True,
@@ -197,6 +280,11 @@ def fit_coefficients(
             trial a fit of its own (the shared teacher gives a moved node's state for one evaluation); 0: none.
             One round tries up to ``2 (num_inference_steps - 1)`` schedules. The best schedule it finds joins the
             others: its tables pass the same held-out check.
+        refine_iters: L-BFGS iterations that refine the chosen table as a whole against the final samples (module
+            docstring; 0: none). ``denoise`` must then be differentiable in ``x``; each iteration costs one to two
+            sampling runs of all the latents with a backward pass, and memory for ``num_inference_steps`` model
+            graphs. The refined table is kept if it beats the sequential fit on the search latents and then on the
+            held-out ones (``result.refine_reason`` says why not).
         store: write an accepted table into the config (``fitted_coefficients``/``fitted_timesteps``, and its
             schedule as ``searched_timesteps``; saved by ``save_pretrained``); the scheduler then uses it whenever it
             runs those timesteps from the start. A rejected fit removes an older table.
@@ -214,6 +302,8 @@ def fit_coefficients(
         raise ValueError(f"fine_steps must be an int >= 2, got {fine_steps!r}")
     if isinstance(node_rounds, bool) or not isinstance(node_rounds, int) or node_rounds < 0:
         raise ValueError(f"node_rounds must be an int >= 0, got {node_rounds!r}")
+    if isinstance(refine_iters, bool) or not isinstance(refine_iters, int) or refine_iters < 0:
+        raise ValueError(f"refine_iters must be an int >= 0, got {refine_iters!r}")
     if solver_rows is None:
         solver_rows = tuple(k for k in (0, 1, 2) if k < num_inference_steps)
     keeps = (solver_rows,) if isinstance(solver_rows, int) and not isinstance(solver_rows, bool) else solver_rows
@@ -240,6 +330,8 @@ def fit_coefficients(
     # the solver the tables start from: the scheduler without its old table, on its own schedule
     solver = type(scheduler).from_config(scheduler.config, fitted_coefficients=None, fitted_timesteps=None)
     solver.set_timesteps(n, device=latents.device)
+    if refine_iters:  # before the fit, not after its minutes
+        _check_differentiable(denoise, latents, solver.timesteps[0], "refine_iters > 0")
     own_ts = [float(t) for t in solver.timesteps.double().cpu()]
     schedules = [own_ts] + [ts for ts in (_grid(solver, n, g) for g in grids or ()) if ts != own_ts]
     evals = 0
@@ -308,6 +400,8 @@ def fit_coefficients(
             break
         logger.info("fit_coefficients: the table on %s (solver rows %d) is rejected (%s); trying the next one", ts,
                     keep, verdict[0])
+    if refine_iters and result.accepted:
+        evals += _refine_chosen(denoise, solver, latents, result, own_final, rows, refine_iters)
     ts, table = result.timesteps, result.coefficients
     result.model_evaluations = (evals + sum(t.evaluations for t in teachers.values())) * latents.shape[0]
     if not result.accepted:

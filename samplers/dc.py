@@ -51,13 +51,13 @@ def bounded_ratio(p: torch.Tensor, bound: str = "tanh") -> torch.Tensor:
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _check_differentiable(denoise: Denoise, x: torch.Tensor, t: torch.Tensor) -> None:
+def _check_differentiable(denoise: Denoise, x: torch.Tensor, t: torch.Tensor, what: str = "the ratio search") -> None:
     probe = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         out = denoise(probe, t)
     if not isinstance(out, torch.Tensor) or not out.requires_grad:
         raise ValueError(
-            "denoise must be differentiable in x (its output needs a grad_fn): the ratio search back-propagates "
+            f"denoise must be differentiable in x (its output needs a grad_fn): {what} back-propagates "
             "through the model. Wrap the raw network, not a pipeline or a no_grad/detaching model."
         )
 

@@ -79,6 +79,7 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 NODE_ROUNDS = 3  # --node-rounds: fit_coefficients(node_rounds=...) of the fitted options
+REFINE_ITERS = 0  # --refine-iters: fit_coefficients(refine_iters=...) of the fitted options
 
 
 def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: int = 8, fit_reference=None) -> dict:
@@ -110,7 +111,7 @@ def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: i
         t0 = time.perf_counter()
         r = fit_coefficients(den, fitted, x_s, n, reference=fit_reference, held_out=held_out, grids="auto",
                              progress=False, reference_denoise=search_kw.get("reference_denoise"),
-                             node_rounds=NODE_ROUNDS)
+                             node_rounds=NODE_ROUNDS, refine_iters=REFINE_ITERS)
         out[f"{name} + fitted"] = fitted
         info[f"{name} + fitted"] = {
             "accepted": r.accepted, "reason": r.reason, "timesteps": r.timesteps, "search_rmse": r.search_error ** 0.5,
@@ -119,6 +120,11 @@ def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: i
             "solver_held_out_rmse": None if r.base_held_out_error is None else r.base_held_out_error ** 0.5,
             "grid_search_rmse": [(ts, e ** 0.5) for ts, e in r.grid_errors],
             "node_rounds": NODE_ROUNDS, "nodes_refined_from": r.nodes_refined_from,
+            **({} if not REFINE_ITERS else {
+                "refine_iters": REFINE_ITERS, "refined": r.refined, "refine_reason": r.refine_reason,
+                "unrefined_search_rmse": None if r.unrefined_search_error is None else r.unrefined_search_error ** 0.5,
+                "unrefined_held_out_rmse": (None if r.unrefined_held_out_error is None
+                                            else r.unrefined_held_out_error ** 0.5)}),
             "seconds": round(time.perf_counter() - t0, 1)}
     return out, info
 
@@ -376,7 +382,7 @@ def floor_part(guidance: float = 2.0, config: str = "w4a8") -> dict:
 
 
 def main() -> None:
-    global CACHE, NODE_ROUNDS
+    global CACHE, NODE_ROUNDS, REFINE_ITERS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="gmm,models,quant,floor")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -385,6 +391,9 @@ def main() -> None:
     ap.add_argument("--mixtures", default="0,1,2,3", help="indices into MIXTURES of the gmm part")
     ap.add_argument("--gmm-nfes", default="5,6,8,10",
                     help="NFEs of the gmm part (cells of other NFEs already in the JSON are kept, with their commit)")
+    ap.add_argument("--refine-iters", type=int, default=REFINE_ITERS,
+                    help="fit_coefficients(refine_iters=...) of the fitted options (L-BFGS through the model; other "
+                         "than 0, the results go under <part>..._r<iters>)")
     ap.add_argument("--node-rounds", type=int, default=NODE_ROUNDS,
                     help="fit_coefficients(node_rounds=...) of the fitted options (0: the fixed grids only)")
     ap.add_argument("--model-search-latents", type=int, default=16,
@@ -409,7 +418,7 @@ def main() -> None:
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report["command"] = "nice python scripts/bench_schedules.py"
     report["machine"] = "shared CPU (2 cores, 8 agents), one torch thread"
-    CACHE, NODE_ROUNDS = args.cache, args.node_rounds
+    CACHE, NODE_ROUNDS, REFINE_ITERS = args.cache, args.node_rounds, args.refine_iters
     models, nfes = tuple(args.models.split(",")), tuple(int(n) for n in args.nfes.split(","))
     parts = {"gmm": lambda: gmm_part(search_latents=args.search_latents, eval_latents=args.eval_latents,
                                      mixtures=tuple(int(i) for i in args.mixtures.split(",")),
@@ -431,6 +440,8 @@ def main() -> None:
                 key_name += f"_e{args.model_eval_latents}"
             if part in ("models", "quant") and args.model_search_latents != 16:
                 key_name += f"_s{args.model_search_latents}"
+            if part != "floor" and args.refine_iters:
+                key_name += f"_r{args.refine_iters}"
             if part == "gmm" and key_name in report:  # cells of other mixtures / NFEs (run apart) are kept
                 key = {(c["mixture"], c["guidance"], c["nfe"]) for c in new["cells"]}
                 old = report[key_name]

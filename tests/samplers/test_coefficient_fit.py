@@ -398,3 +398,56 @@ def test_one_teacher_serves_every_schedule_and_node_trial():
     assert calls["teacher"] == 60
     assert calls["student"] >= 7 * 3 * 4 + 4  # three fits of 4 steps on each of 7 schedules, and the solver's run
     assert res.model_evaluations == (calls["teacher"] + calls["student"]) * 8
+
+
+def test_refinement_is_kept_when_it_beats_the_sequential_fit_on_held_out_latents():
+    """``refine_iters``: the whole table, refined by L-BFGS on the final error of the search latents, is kept when
+    it also beats the sequential fit on the held-out ones; the stored table reproduces its search error."""
+    x, den, exact, _ = _gmm_problem(3, 2, (2, 4, 4), 0, 12, 2.0, latents=32)
+    sched = DCSolverScheduler.from_config(VP)
+    res = fit_coefficients(den, sched, x, 4, reference=exact, held_out=8, refine_iters=20, progress=False)
+    assert res.accepted and res.refined and res.refine_reason == ""
+    assert res.search_error < 0.5 * res.unrefined_search_error
+    assert res.held_out_error < 0.5 * res.unrefined_held_out_error
+    assert _mse(run_sampler(den, sched, x, 4)[:24], exact(3, -1.0)[:24]) == pytest.approx(res.search_error, rel=1e-9)
+
+
+def test_a_refinement_worse_on_held_out_latents_is_dropped():
+    """A refined table that lowers the search error but raises the held-out one gives way to the sequential fit."""
+    x, den, exact, _ = _gmm_problem(4, 3, (1, 4, 4), 1, 5, 4.0, latents=24)
+    fits = {}
+    for iters in (0, 20):
+        sched = DCSolverScheduler.from_config(VP)
+        fits[iters] = fit_coefficients(den, sched, x, 4, reference=exact, held_out=8, refine_iters=iters,
+                                       progress=False)
+    res = fits[20]
+    assert res.accepted and not res.refined
+    assert res.refine_reason.startswith("refined table is worse than the sequential fit on 8 held-out latents")
+    assert res.coefficients == fits[0].coefficients and res.search_error == res.unrefined_search_error
+    assert res.model_evaluations > fits[0].model_evaluations
+
+
+def test_refinement_cannot_improve_an_exact_table():
+    """On Gaussian data the sequential fit is exact, so the refinement finds nothing better and is dropped."""
+    sched = DCSolverScheduler.from_config(VP)
+    x = torch.randn(12, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    den, _ = _gaussian(sched, torch.linspace(0.1, 0.9, 12))
+    res = fit_coefficients(den, sched, x, 4, held_out=4, refine_iters=5, fine_steps=40, progress=False)
+    assert res.accepted and not res.refined
+    assert res.refine_reason.startswith("refined table is no better than the sequential fit on the search latents")
+
+
+def test_refinement_needs_a_differentiable_model():
+    sched = DCSolverScheduler.from_config(VP)
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    den, _ = _gaussian(sched, torch.full((6,), 0.3))
+    with pytest.raises(ValueError, match=r"refine_iters > 0 back-propagates"):
+        fit_coefficients(lambda y, t: den(y, t).detach(), sched, x, 3, held_out=2, refine_iters=3, progress=False)
+
+
+@pytest.mark.parametrize("bad", [-1, True, 2.5, "3"])
+def test_refine_iters_is_checked(bad):
+    sched = DCSolverScheduler.from_config(VP)
+    den, _ = _gaussian(sched, torch.full((4,), 0.3))
+    with pytest.raises(ValueError, match="refine_iters must be an int >= 0"):
+        fit_coefficients(den, sched, torch.randn(4, 16, dtype=torch.float64), 3, refine_iters=bad, progress=False)
