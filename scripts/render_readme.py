@@ -795,8 +795,7 @@ def samplers_fit_table(data: dict) -> str:
             tag = "" if "commit" in c else " †"
             fit = (f"{sv['DEIS + fitted']:.2f}, {sv['UniPC + fitted']:.2f}" if "DEIS + fitted" in sv else "–")
             many = f" ({c['eval_latents']} latents)" if c.get("eval_latents", 32) != 32 else ""
-            if c.get("search_latents", 16) != 16:
-                many += f" (searched on {c['search_latents']}, {c['held_out']} held out)"
+            many += _search_tag(c)
             lines.append(f"| {c['model']}{many}{tag} | {c['nfe']} | {c['best_dmq']} | {c['dmq'][c['best_dmq']]:.4f} | "
                          f"{c['best_peer'].replace('|', ', ')} | {c['best_peer_rmse']:.4f} | {cell_text(c)} | "
                          f"{sv['DEIS']:.2f}, {sv['UniPC']:.2f} | {fit} |")
@@ -811,7 +810,7 @@ def samplers_fit_table(data: dict) -> str:
         for c in rows:
             if "goal" in c:
                 gl = c["goal"]
-                lines.append(f"\n{c['model']}, NFE {c['nfe']}: quantized + searched "
+                lines.append(f"\n{c['model']}{_search_tag(c)}, NFE {c['nfe']}: quantized + searched "
                              f"{gl['quantized_searched_rmse']:.4f} "
                              f"vs full precision on its default grid {gl['fp_default_rmse']:.4f}: "
                              + ("goal met." if gl["met"] else "goal missed."))
@@ -824,6 +823,17 @@ def samplers_fit_table(data: dict) -> str:
                      "per-latent RMSE): " + "; ".join(f"{k} {v['rmse']:.4f} ({v['median_latent_rmse']:.4f})"
                                                       for k, v in fl["defaults"].items()) + ".")
     return "\n".join(lines)
+
+
+def _search_tag(cell: dict) -> str:
+    """How a bundled-model cell searched, where it differs from the first runs (16 latents, sequential fit)."""
+    tag = ""
+    if cell.get("search_latents", 16) != 16:
+        tag += f" (searched on {cell['search_latents']}, {cell['held_out']} held out)"
+    refine = {v.get("refine_iters") for v in cell["search_info"].values()} - {None}
+    if refine:
+        tag += f" (tables refined, {max(refine)} L-BFGS iterations)"
+    return tag
 
 
 def samplers_objectives_table(data: dict) -> str:
