@@ -7,15 +7,17 @@ is one DDIM step of width ``< h`` from ``t_j`` (DDIM: Song et al., ICLR 2021, Eq
 same trajectory and the same final sample, and a moved node costs one evaluation. Its local error is
 ``O(h²)``, below the ``O(h)`` global error of the solve itself.
 
-Memory: the states at the grid points are kept while they fit in ``memory_bytes``; beyond that only every
-``stride``-th is kept and a node's state is recomputed from the one above (``< stride`` more evaluations). Node
-states are remembered: a pattern search moves one node at a time.
+Memory: the states and model outputs at the grid points are kept while they fit in ``memory_bytes``; beyond that only
+every ``stride``-th state is kept and a node's state is recomputed from the one above (``<= stride`` evaluations).
+Recomputed node states are then remembered, as many as a quarter of ``memory_bytes`` holds: a pattern search moves
+one node at a time and asks for the others again.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -51,7 +53,8 @@ class FineTeacher:
         self.stride = 1 if keep_outputs else max(1, math.ceil(len(self.grid) * per_state / memory_bytes))
         self._kept: dict[int, torch.Tensor] = {}
         self._outputs: dict[int, torch.Tensor] = {}  # the model output at a kept point: a node below it needs no call
-        self._memo: dict[float, torch.Tensor] = {}
+        self._memo: OrderedDict[float, torch.Tensor] = OrderedDict()  # least recently used first
+        self._memo_size = 0 if keep_outputs else memory_bytes // (4 * per_state)
         self.evaluations = 0
         x = latents.to(torch.float64)
         for j in tqdm(range(len(self.grid)), desc="fine teacher", disable=not progress):
@@ -94,6 +97,7 @@ class FineTeacher:
     def state(self, t: float) -> torch.Tensor:
         t = float(t)
         if t in self._memo:
+            self._memo.move_to_end(t)
             return self._memo[t]
         if not math.isfinite(t) or not 0 <= t <= float(self.grid[0]):
             raise ValueError(f"t must be in [0, {float(self.grid[0])}] (the teacher starts at t0), got {t!r}")
@@ -103,5 +107,8 @@ class FineTeacher:
         if float(self.grid[j]) != t:
             out = self._outputs[j] if j in self._outputs else self._eval(x, j)
             x = self._step(x, out, j, float(self._sch.rho(t)))
-        self._memo[t] = x
+        if self._memo_size:
+            self._memo[t] = x
+            if len(self._memo) > self._memo_size:
+                self._memo.popitem(last=False)
         return x

@@ -49,8 +49,8 @@ def test_grid_states_are_those_of_the_fine_trajectory():
 
 def test_a_small_memory_budget_recomputes_the_same_bits():
     """With room for a few states only, a node's state is recomputed from the kept state above it: the same
-    numbers, at most ``stride`` evaluations a node; with room for all, a node costs none. Node states are
-    remembered."""
+    numbers, at most ``stride`` evaluations a node; with room for all, a node costs none. Recomputed node states
+    are remembered, as many as a quarter of the budget holds (two here), the least recently used dropped first."""
     sched, x, den, _, nodes = _problem()
     full = FineTeacher(den, sched.schedule, sched.convert_output, x, nodes[0], 64)
     small = FineTeacher(den, sched.schedule, sched.convert_output, x, nodes[0], 64, memory_bytes=8 * x.numel() * 8)
@@ -62,6 +62,11 @@ def test_a_small_memory_budget_recomputes_the_same_bits():
         assert small.state(n) is small.state(n)
     assert full.evaluations == 64
     assert torch.equal(small.final, full.final)
+    before = small.evaluations
+    small.state(nodes[-1])
+    assert small.evaluations == before  # still remembered
+    small.state(nodes[1])
+    assert small.evaluations > before  # dropped: recomputed
 
 
 @pytest.mark.parametrize("kwargs, match", [
