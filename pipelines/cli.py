@@ -95,6 +95,10 @@ def positive_int(text: str, least: int = 1) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    return positive_int(text, 0)
+
+
 def fine_steps(text: str) -> int:
     """A fine DDIM solve needs two steps at least (the last one lands on σ = 0)."""
     return positive_int(text, 2)
@@ -200,7 +204,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)
     found = search(pipe, args.labels, args.steps, args.guidance, num_latents=args.num_latents,
                    fine_steps=args.reference_steps, iters=args.iterations, seed=args.seed, progress=_progress(args),
-                   coefficients=not args.no_coefficients)
+                   coefficients=not args.no_coefficients, refine_iters=args.refine_iters)
     where = save_scheduler(pipe.scheduler, folder)
     ratios = ", ".join(f"{r:.4f}" for r in found["dc_ratios"])
     steps = ", ".join(f"{s:g}" for s in found["timesteps"])
@@ -349,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="seed of the search latents")
     r.add_argument("--no-coefficients", action="store_true",
                    help="keep the solver's own coefficients (default: fit them on the schedule and ratios)")
+    r.add_argument("--refine-iters", type=non_negative_int, default=0,
+                   help="L-BFGS iterations refining the fitted coefficients as a whole through the model, kept only "
+                        "if the held-out latents agree (default 0: none)")
     r.set_defaults(run=cmd_search)
 
     e = sub.add_parser("eval", formatter_class=fmt, epilog=_epilog("eval"),

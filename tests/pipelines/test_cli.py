@@ -120,10 +120,11 @@ def test_search_writes_the_searched_sampler_into_the_folder(folders, tmp_path, o
         assert got[key] == (pytest.approx(value) if isinstance(value, (list, float)) else value), key
 
 
-def test_a_one_step_reference_is_refused_by_name(folders):
-    proc = dmq("search", folders / "q", "--reference-steps", "1")
+@pytest.mark.parametrize("flag, value, least", [("--reference-steps", "1", 2), ("--refine-iters", "-1", 0)])
+def test_search_counts_are_refused_by_name(folders, flag, value, least):
+    proc = dmq("search", folders / "q", flag, value)
     assert proc.returncode == 2
-    assert "argument --reference-steps: expected a whole number >= 2, got '1'" in proc.stderr
+    assert f"argument {flag}: expected a whole number >= {least}, got '{value}'" in proc.stderr
 
 
 def test_a_bad_preset_exits_2_with_one_line(folders, tmp_path):

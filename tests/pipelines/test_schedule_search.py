@@ -82,3 +82,18 @@ def test_use_sampler_deis_fit(pipe):
         use_sampler(pipe, "deis", fit_steps=3)
     with pytest.raises(TypeError, match="fit must be True or False"):
         use_sampler(pipe, "deis", fit="yes")
+
+
+def test_fit_sampler_refines_the_table_when_asked(pipe):
+    """``refine_iters`` reaches the fit: here the refined table lowers the search error but not the held-out one,
+    so the sequential fit stays, the same table as without the refinement."""
+    tables = []
+    for iters in (4, 0):
+        p = DigitsPipeline.from_pretrained("assets/digits-dit") if iters == 0 else pipe
+        out = fit_sampler(p, [2, 7], 3, 2.0, num_latents=8, ratios=False, grids=None, node_rounds=0, fine_steps=24,
+                          refine_iters=iters, progress=False, **SMALL)
+        tables.append((out["coefficients"], p.scheduler.config.fitted_coefficients))
+    (fit, stored), (plain, plain_stored) = tables
+    assert fit.accepted and not fit.refined
+    assert fit.refine_reason.startswith("refined table is worse than the sequential fit on 4 held-out latents")
+    assert stored == plain_stored == plain.coefficients and fit.search_error == plain.search_error
