@@ -759,6 +759,27 @@ def samplers_fit_table(data: dict) -> str:
                       f"goal met in {sum(c['ratio'] <= 0.7 for c in old['cells'])} of {len(old['cells'])} cells, "
                       f"NFE-5 halving in {halved([c for c in old['cells'] if c['nfe'] == 5], False)} of "
                       f"{sum(c['nfe'] == 5 for c in old['cells'])}."]
+        for key in (k for k in data if k.startswith("gmm_r")):  # the same cells with the fitted tables refined
+            run, base = data[key], {(c["mixture"], c["guidance"], c["nfe"]): c for c in data["gmm"]["cells"]}
+            pairs = [(base[(c["mixture"], c["guidance"], c["nfe"])], c) for c in run["cells"]]
+            fitted = [(min(v for k, v in b["dmq"].items() if k.endswith("+ fitted")),
+                       min(v for k, v in c["dmq"].items() if k.endswith("+ fitted"))) for b, c in pairs]
+            kept = sum(bool(v.get("refined")) for _, c in pairs for k, v in c["search_info"].items()
+                       if k.endswith("+ fitted"))
+            worst = max(pairs, key=lambda p: p[1]["ratio"] / p[0]["ratio"])
+            lines += ["", f"With the fitted tables refined as a whole (`{run['command']}`, commit "
+                      f"{', '.join(sorted({c['commit'] for _, c in pairs}))}), on the same {len(pairs)} cells of "
+                      f"NFE {', '.join(str(n) for n in sorted({c['nfe'] for _, c in pairs}))}: the refined table was "
+                      f"kept by its held-out check in {kept} of {2 * len(pairs)} fits. The best fitted option's RMSE "
+                      f"went down in {sum(a > b for a, b in fitted)} cells and up in {sum(a < b for a, b in fitted)}; "
+                      f"the ratio to the best diffusers pair ranges {min(c['ratio'] for _, c in pairs):.2f}-"
+                      f"{max(c['ratio'] for _, c in pairs):.2f}x (without: "
+                      f"{min(b['ratio'] for b, _ in pairs):.2f}-{max(b['ratio'] for b, _ in pairs):.2f}x), and the "
+                      f"NFE-5 halving is met in {halved([c for _, c in pairs if c['nfe'] == 5], True)} of "
+                      f"{sum(c['nfe'] == 5 for _, c in pairs)} (without: "
+                      f"{halved([b for b, _ in pairs if b['nfe'] == 5], True)}). The worst change: "
+                      f"{worst[1]['mixture'].replace('GaussianMixture.random', '')} at guidance "
+                      f"{worst[1]['guidance']:g}, {worst[0]['ratio']:.2f}x to {worst[1]['ratio']:.2f}x."]
         for key in sorted((k for k in data if k.startswith("gmm_search")), key=lambda k: int(k[10:])):
             run = data[key]
             if "eval_latents" in run:  # the same evaluation latents as the main table: its verdicts, cell by cell
