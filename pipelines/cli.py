@@ -85,7 +85,7 @@ def parse_labels(text: str) -> list[int]:
     return labels
 
 
-def positive_int(text: str, least: int = 1) -> int:
+def int_at_least(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -95,13 +95,17 @@ def positive_int(text: str, least: int = 1) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    return int_at_least(text, 1)
+
+
 def non_negative_int(text: str) -> int:
-    return positive_int(text, 0)
+    return int_at_least(text, 0)
 
 
 def fine_steps(text: str) -> int:
     """A fine DDIM solve needs two steps at least (the last one lands on σ = 0)."""
-    return positive_int(text, 2)
+    return int_at_least(text, 2)
 
 
 def _progress(args: argparse.Namespace) -> bool:
