@@ -335,7 +335,7 @@ def fit_coefficients(
     own_ts = [float(t) for t in solver.timesteps.double().cpu()]
     schedules = [own_ts] + [ts for ts in (_grid(solver, n, g) for g in grids or ()) if ts != own_ts]
     evals = 0
-    teachers: dict[float, FineTeacher] = {}  # the default teacher, by first timestep: shared by every schedule
+    teachers: dict[float, FineTeacher] = {}  # the default teacher, one per first timestep
 
     def fit_schedule(ts: list[float], show: bool) -> list[_Table]:
         """Every table of one schedule (one per ``solver_rows`` count), against the teacher's states at its nodes."""
@@ -375,7 +375,9 @@ def fit_coefficients(
         best, _ = _refine(objective, noise_schedule_of(solver), refined_from, start.error, node_rounds, False,
                           progress)
         found += tried.get(tuple(best), [])  # nothing when no trial beat the start
-    own_final = found[0].final  # the same for every schedule (one teacher, or exact states)
+    # the own schedule's teacher: shared by every schedule that starts at the same timestep (all of AUTO_GRIDS do); a
+    # grid that starts elsewhere has a teacher of its own, and each table is checked against its own teacher below
+    own_final = found[0].final
     base_x = run_sampler(denoise, solver, latents, n).to(torch.float64)
     evals += n
     search, check = slice(None, rows), slice(rows, None)
