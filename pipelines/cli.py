@@ -32,6 +32,7 @@ from pipelines.quantize import quantize_pipeline
 from pipelines.sampler_swap import sampler_names
 from pipelines.schedule_search import fit_sampler
 from pipelines.serialization import save_quantized
+from samplers.coefficient_fit import REFINE_OPTIMIZERS
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # errors that mean "fix your input": shown as one line with exit code 2
@@ -208,7 +209,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)
     found = search(pipe, args.labels, args.steps, args.guidance, num_latents=args.num_latents,
                    fine_steps=args.reference_steps, iters=args.iterations, seed=args.seed, progress=_progress(args),
-                   coefficients=not args.no_coefficients, refine_iters=args.refine_iters)
+                   coefficients=not args.no_coefficients, refine_iters=args.refine_iters,
+                   refine_optimizer=args.refine_optimizer)
     where = save_scheduler(pipe.scheduler, folder)
     ratios = ", ".join(f"{r:.4f}" for r in found["dc_ratios"])
     steps = ", ".join(f"{s:g}" for s in found["timesteps"])
@@ -358,8 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-coefficients", action="store_true",
                    help="keep the solver's own coefficients (default: fit them on the schedule and ratios)")
     r.add_argument("--refine-iters", type=non_negative_int, default=0,
-                   help="L-BFGS iterations refining the fitted coefficients as a whole through the model, kept only "
-                        "if the held-out latents agree (default 0: none)")
+                   help="iterations refining the fitted coefficients as a whole through the model, kept only if the "
+                        "held-out latents agree (default 0: none)")
+    r.add_argument("--refine-optimizer", choices=REFINE_OPTIMIZERS, default="lbfgs",
+                   help="the refinement's optimiser: lbfgs, or adam for a quantized backbone (its rounding stalls "
+                        "the L-BFGS line search)")
     r.set_defaults(run=cmd_search)
 
     e = sub.add_parser("eval", formatter_class=fmt, epilog=_epilog("eval"),

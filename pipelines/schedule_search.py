@@ -101,6 +101,7 @@ def fit_sampler(
     grids: Any = "auto",
     node_rounds: int = 1,
     refine_iters: int = 0,
+    refine_optimizer: str = "lbfgs",
     iters: int = 20,
     fine_steps: int = 250,
     progress: bool = True,
@@ -111,9 +112,10 @@ def fit_sampler(
     :data:`samplers.coefficient_fit.AUTO_GRIDS`; the best one replaces the schedule; ``None`` with
     ``node_rounds=0``: the schedule found only), all against one ``fine_steps`` DDIM teacher
     (:class:`samplers.FineTeacher`); then ``node_rounds`` rounds move the best schedule's nodes with a fit at every
-    trial (up to ``2 (num_inference_steps - 1)`` fits a round; 0: none); ``refine_iters`` L-BFGS iterations then
-    refine the chosen table as a whole through the model, kept only if the held-out latents agree (0: none; a
-    backward pass through ``num_inference_steps`` model calls on all the latents per iteration).
+    trial (up to ``2 (num_inference_steps - 1)`` fits a round; 0: none); ``refine_iters`` iterations of
+    ``refine_optimizer`` (``"lbfgs"``, or ``"adam"`` for a quantized backbone) then refine the chosen table as a
+    whole through the model, kept only if the held-out latents agree (0: none; a backward pass through
+    ``num_inference_steps`` model calls on all the latents per iteration).
 
     ``pipe.scheduler`` becomes a :class:`~samplers.DCSolverScheduler` (``from_config`` of the current one) holding
     all three in its config (saved by ``save_pretrained``). Each stage keeps what it started from when the
@@ -140,6 +142,7 @@ def fit_sampler(
         out["coefficients"] = fit_coefficients(den, sched, x_T, num_inference_steps, reference_denoise=ref_den,
                                                held_out=held_out, grids=grids, fine_steps=fine_steps,
                                                node_rounds=node_rounds, refine_iters=refine_iters,
+                                               refine_optimizer=refine_optimizer,
                                                progress=progress)
         fit = out["coefficients"]
         if fit.accepted and fit.timesteps != before and out["ratios"] != [1.0] * num_inference_steps:

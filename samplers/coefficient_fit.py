@@ -26,10 +26,10 @@ mixtures at NFE 5 it lowered the held-out error as well as the search error (doc
 
 The sequential fit makes every intermediate state meet the teacher's, which the final sample does not need.
 ``refine_iters`` then refines the chosen table as a whole: all rows at once minimise the final-sample error of the
-search latents (S4S, Sec. 3: the solver's coefficients against the teacher's final samples), by L-BFGS through the
-model. It is kept only if it beats the sequential fit on the held-out latents too: on the Gaussian mixtures it
-lowered the search error and sent more boundary latents into the wrong component; on the bundled U-Net at NFE 5 it
-lowered the error on fresh latents (docs/samplers.md).
+search latents (S4S, Sec. 3: the solver's coefficients against the teacher's final samples), by L-BFGS (or Adam, for
+a quantized backbone) through the model. It is kept only if it beats the sequential fit on the held-out latents too:
+on the Gaussian mixtures it lowered the search error and sent more boundary latents into the wrong component; on the
+bundled U-Net at NFE 5 it lowered the error on fresh latents (docs/samplers.md).
 """
 
 from __future__ import annotations
@@ -69,6 +69,11 @@ logger = logging.getLogger(__name__)
 AUTO_GRIDS = ({"time_grid": "time", "time_grid_power": 1.0}, {"time_grid": "time", "time_grid_power": 1.5},
               {"time_grid": "time", "time_grid_power": 2.0}, {"time_grid": "time", "time_grid_power": 2.5},
               {"time_grid": "time", "time_grid_power": 3.0}, {"time_grid": "log_rho"})
+
+REFINE_OPTIMIZERS = ("lbfgs", "adam")
+# Adam's step for the refinement: a table's rows nearly cancel one another, so a step of 3e-3 per coefficient sent
+# the W4A8 DiT's NFE-10 table from 0.044 to 0.18 RMSE, where 1e-4 lowered it (docs/samplers.md).
+ADAM_LR = 1e-4
 
 
 @dataclass
@@ -183,18 +188,20 @@ def _run_table(denoise: Denoise, solver: Any, latents: torch.Tensor, table: Sequ
 
 
 def _refine_table(denoise: Denoise, solver: Any, latents: torch.Tensor, table: list[list[float]],
-                  final: torch.Tensor, rows: int, iters: int) -> tuple[list[list[float]], int]:
-    """All rows of ``table`` at once, by L-BFGS (strong Wolfe line search) on the final-sample MSE of the first
-    ``rows`` latents against ``final``; returns the table and the number of sampling runs (each with a backward)."""
+                  final: torch.Tensor, rows: int, iters: int, optimizer: str = "lbfgs"
+                  ) -> tuple[list[list[float]], int]:
+    """All rows of ``table`` at once, on the final-sample MSE of the first ``rows`` latents against ``final``; returns
+    the table and the number of sampling runs (each with a backward).
+
+    ``"lbfgs"``: L-BFGS with a strong Wolfe line search. ``"adam"``: :data:`ADAM_LR` steps, keeping the iterate with
+    the lowest loss. On a quantized backbone the loss is piecewise constant at the scale of one activation step
+    and its derivative is the straight-through one, so the line search stalls; first-order steps still descend."""
     start = [torch.tensor(r, dtype=torch.float64) for r in table]
     deltas = [torch.zeros_like(r, requires_grad=True) for r in start]
-    opt = torch.optim.LBFGS(deltas, lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-12, tolerance_change=1e-15)
     runs = [0]
     target = final[:rows].to(torch.float64)
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
+    def loss_and_grad() -> torch.Tensor:
         runs[0] += 1
         with torch.enable_grad():
             loss = (_run_table(denoise, solver, latents, [r + d for r, d in zip(start, deltas)])[:rows]
@@ -202,18 +209,36 @@ def _refine_table(denoise: Denoise, solver: Any, latents: torch.Tensor, table: l
             loss.backward()
         return loss.detach()
 
-    opt.step(closure)
-    out = [[float(v) for v in r + d.detach()] for r, d in zip(start, deltas)]
+    if optimizer == "lbfgs":
+        opt = torch.optim.LBFGS(deltas, lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-12, tolerance_change=1e-15)
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            return loss_and_grad()
+
+        opt.step(closure)
+        best = [d.detach().clone() for d in deltas]
+    else:
+        opt = torch.optim.Adam(deltas, lr=ADAM_LR)
+        best, best_loss = [d.detach().clone() for d in deltas], math.inf
+        for _ in range(iters):
+            opt.zero_grad()
+            loss = float(loss_and_grad())
+            if loss < best_loss:  # the loss of the current iterate, before its step
+                best, best_loss = [d.detach().clone() for d in deltas], loss
+            opt.step()
+    out = [[float(v) for v in r + d] for r, d in zip(start, best)]
     return (out if all(math.isfinite(v) for r in out for v in r) else table), runs[0]
 
 
 def _refine_chosen(denoise: Denoise, solver: Any, latents: torch.Tensor, result: CoefficientFitResult,
-                   final: torch.Tensor, rows: int, iters: int) -> int:
+                   final: torch.Tensor, rows: int, iters: int, optimizer: str) -> int:
     """Refine ``result``'s accepted table (:func:`_refine_table`); keep it if it lowers the error of the sequential
     fit on the search latents and then on the held-out ones. Returns the model evaluations per latent."""
     fit_solver = type(solver).from_config(solver.config, searched_timesteps=result.timesteps)
     fit_solver.set_timesteps(len(result.timesteps), device=latents.device)
-    table, runs = _refine_table(denoise, fit_solver, latents, result.coefficients, final, rows, iters)
+    table, runs = _refine_table(denoise, fit_solver, latents, result.coefficients, final, rows, iters, optimizer)
     x = _run_table(denoise, fit_solver, latents, table)
     err = pooled_error(x[:rows], final[:rows])
     result.unrefined_search_error, result.unrefined_held_out_error = result.search_error, result.held_out_error
@@ -244,6 +269,7 @@ def fit_coefficients(
     ridge: float = 0.0,
     node_rounds: int = 0,
     refine_iters: int = 0,
+    refine_optimizer: str = "lbfgs",
     fine_steps: int = 250,
     store: bool = True,
     progress: bool = True,
@@ -280,11 +306,13 @@ def fit_coefficients(
             trial a fit of its own (the shared teacher gives a moved node's state for one evaluation); 0: none.
             One round tries up to ``2 (num_inference_steps - 1)`` schedules. The best schedule it finds joins the
             others: its tables pass the same held-out check.
-        refine_iters: L-BFGS iterations that refine the chosen table as a whole against the final samples (module
+        refine_iters: iterations that refine the chosen table as a whole against the final samples (module
             docstring; 0: none). ``denoise`` must then be differentiable in ``x``; each iteration costs one to two
             sampling runs of all the latents with a backward pass, and memory for ``num_inference_steps`` model
             graphs. The refined table is kept if it beats the sequential fit on the search latents and then on the
             held-out ones (``result.refine_reason`` says why not).
+        refine_optimizer: ``"lbfgs"`` (a smooth model) or ``"adam"`` (a quantized backbone, whose rounding stalls
+            the L-BFGS line search; :data:`ADAM_LR` steps, the best iterate kept).
         store: write an accepted table into the config (``fitted_coefficients``/``fitted_timesteps``, and its
             schedule as ``searched_timesteps``; saved by ``save_pretrained``); the scheduler then uses it whenever it
             runs those timesteps from the start. A rejected fit removes an older table.
@@ -304,6 +332,8 @@ def fit_coefficients(
         raise ValueError(f"node_rounds must be an int >= 0, got {node_rounds!r}")
     if isinstance(refine_iters, bool) or not isinstance(refine_iters, int) or refine_iters < 0:
         raise ValueError(f"refine_iters must be an int >= 0, got {refine_iters!r}")
+    if refine_optimizer not in REFINE_OPTIMIZERS:
+        raise ValueError(f"refine_optimizer must be one of {REFINE_OPTIMIZERS}, got {refine_optimizer!r}")
     if solver_rows is None:
         solver_rows = tuple(k for k in (0, 1, 2) if k < num_inference_steps)
     keeps = (solver_rows,) if isinstance(solver_rows, int) and not isinstance(solver_rows, bool) else solver_rows
@@ -403,7 +433,7 @@ def fit_coefficients(
         logger.info("fit_coefficients: the table on %s (solver rows %d) is rejected (%s); trying the next one", ts,
                     keep, verdict[0])
     if refine_iters and result.accepted:
-        evals += _refine_chosen(denoise, solver, latents, result, own_final, rows, refine_iters)
+        evals += _refine_chosen(denoise, solver, latents, result, own_final, rows, refine_iters, refine_optimizer)
     ts, table = result.timesteps, result.coefficients
     result.model_evaluations = (evals + sum(t.evaluations for t in teachers.values())) * latents.shape[0]
     if not result.accepted:

@@ -53,6 +53,7 @@ from samplers import (  # noqa: E402
     search_dc_ratios,
     search_schedule,
 )
+from samplers.coefficient_fit import REFINE_OPTIMIZERS  # noqa: E402
 from samplers.dc import ddim_reference  # noqa: E402
 from samplers.schedule_search import fine_trajectory  # noqa: E402
 
@@ -80,6 +81,7 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 NODE_ROUNDS = 3  # --node-rounds: fit_coefficients(node_rounds=...) of the fitted options
 REFINE_ITERS = 0  # --refine-iters: fit_coefficients(refine_iters=...) of the fitted options
+REFINE_OPTIMIZER = "lbfgs"  # --refine-optimizer: fit_coefficients(refine_optimizer=...)
 
 
 def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: int = 8, fit_reference=None) -> dict:
@@ -111,7 +113,8 @@ def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: i
         t0 = time.perf_counter()
         r = fit_coefficients(den, fitted, x_s, n, reference=fit_reference, held_out=held_out, grids="auto",
                              progress=False, reference_denoise=search_kw.get("reference_denoise"),
-                             node_rounds=NODE_ROUNDS, refine_iters=REFINE_ITERS)
+                             node_rounds=NODE_ROUNDS, refine_iters=REFINE_ITERS,
+                             refine_optimizer=REFINE_OPTIMIZER)
         out[f"{name} + fitted"] = fitted
         info[f"{name} + fitted"] = {
             "accepted": r.accepted, "reason": r.reason, "timesteps": r.timesteps, "search_rmse": r.search_error ** 0.5,
@@ -121,7 +124,8 @@ def _dmq_options(den, x_s, n, exact_final, ref_states_fn, search_kw, held_out: i
             "grid_search_rmse": [(ts, e ** 0.5) for ts, e in r.grid_errors],
             "node_rounds": NODE_ROUNDS, "nodes_refined_from": r.nodes_refined_from,
             **({} if not REFINE_ITERS else {
-                "refine_iters": REFINE_ITERS, "refined": r.refined, "refine_reason": r.refine_reason,
+                "refine_iters": REFINE_ITERS, "refine_optimizer": REFINE_OPTIMIZER, "refined": r.refined,
+                "refine_reason": r.refine_reason,
                 "unrefined_search_rmse": None if r.unrefined_search_error is None else r.unrefined_search_error ** 0.5,
                 "unrefined_held_out_rmse": (None if r.unrefined_held_out_error is None
                                             else r.unrefined_held_out_error ** 0.5)}),
@@ -382,7 +386,7 @@ def floor_part(guidance: float = 2.0, config: str = "w4a8") -> dict:
 
 
 def main() -> None:
-    global CACHE, NODE_ROUNDS, REFINE_ITERS
+    global CACHE, NODE_ROUNDS, REFINE_ITERS, REFINE_OPTIMIZER
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="gmm,models,quant,floor")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -394,6 +398,8 @@ def main() -> None:
     ap.add_argument("--refine-iters", type=int, default=REFINE_ITERS,
                     help="fit_coefficients(refine_iters=...) of the fitted options (L-BFGS through the model; other "
                          "than 0, the results go under <part>..._r<iters>)")
+    ap.add_argument("--refine-optimizer", choices=REFINE_OPTIMIZERS, default="lbfgs",
+                    help="fit_coefficients(refine_optimizer=...); adam: the results go under <part>..._r<iters>adam")
     ap.add_argument("--node-rounds", type=int, default=NODE_ROUNDS,
                     help="fit_coefficients(node_rounds=...) of the fitted options (0: the fixed grids only)")
     ap.add_argument("--model-search-latents", type=int, default=16,
@@ -418,7 +424,8 @@ def main() -> None:
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report["command"] = "nice python scripts/bench_schedules.py"
     report["machine"] = "shared CPU (2 cores, 8 agents), one torch thread"
-    CACHE, NODE_ROUNDS, REFINE_ITERS = args.cache, args.node_rounds, args.refine_iters
+    CACHE, NODE_ROUNDS, REFINE_ITERS, REFINE_OPTIMIZER = (args.cache, args.node_rounds, args.refine_iters,
+                                                          args.refine_optimizer)
     models, nfes = tuple(args.models.split(",")), tuple(int(n) for n in args.nfes.split(","))
     parts = {"gmm": lambda: gmm_part(search_latents=args.search_latents, eval_latents=args.eval_latents,
                                      mixtures=tuple(int(i) for i in args.mixtures.split(",")),
@@ -441,7 +448,7 @@ def main() -> None:
             if part in ("models", "quant") and args.model_search_latents != 16:
                 key_name += f"_s{args.model_search_latents}"
             if part != "floor" and args.refine_iters:
-                key_name += f"_r{args.refine_iters}"
+                key_name += f"_r{args.refine_iters}" + ("adam" if args.refine_optimizer == "adam" else "")
             if part == "gmm" and key_name in report:  # cells of other mixtures / NFEs (run apart) are kept
                 key = {(c["mixture"], c["guidance"], c["nfe"]) for c in new["cells"]}
                 old = report[key_name]

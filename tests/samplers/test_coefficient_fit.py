@@ -19,6 +19,7 @@ from samplers import (
     search_dc_ratios,
     search_schedule,
 )
+from samplers.coefficient_fit import REFINE_OPTIMIZERS
 from samplers.linear_solver import solver_coefficients
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -435,6 +436,42 @@ def test_refinement_cannot_improve_an_exact_table():
     res = fit_coefficients(den, sched, x, 4, held_out=4, refine_iters=5, fine_steps=40, progress=False)
     assert res.accepted and not res.refined
     assert res.refine_reason.startswith("refined table is no better than the sequential fit on the search latents")
+
+
+def _rounded_input(denoise, step):
+    """``denoise`` on its input rounded to multiples of ``step``, with the straight-through derivative: a model whose
+    final error is piecewise constant in the table, as a quantized backbone's is."""
+    def f(y, t):
+        return denoise(y + (torch.round(y / step) * step - y).detach(), t)
+    return f
+
+
+def test_adam_descends_where_the_lbfgs_line_search_stalls():
+    """``refine_optimizer``: on a model with rounded inputs L-BFGS stalls and Adam goes further with the same
+    iterations; on the smooth model L-BFGS goes further. Each kept table reproduces its search error."""
+    x, den, exact, _ = _gmm_problem(3, 2, (2, 4, 4), 0, 12, 2.0, latents=32)
+    found = {}
+    for model, d in (("smooth", den), ("rounded", _rounded_input(den, 0.05))):
+        for opt in REFINE_OPTIMIZERS:
+            sched = DCSolverScheduler.from_config(VP)
+            res = fit_coefficients(d, sched, x, 4, reference=exact, held_out=8, refine_iters=60,
+                                   refine_optimizer=opt, progress=False)
+            assert res.accepted and res.refined
+            assert res.search_error < res.unrefined_search_error
+            assert _mse(run_sampler(d, sched, x, 4)[:24], exact(3, -1.0)[:24]) == pytest.approx(res.search_error,
+                                                                                               rel=1e-9)
+            found[model, opt] = res.search_error
+    assert found["rounded", "adam"] < 0.95 * found["rounded", "lbfgs"]
+    assert found["smooth", "lbfgs"] < 0.5 * found["smooth", "adam"]
+
+
+@pytest.mark.parametrize("bad", ["sgd", "LBFGS", None, 1])
+def test_refine_optimizer_is_checked(bad):
+    sched = DCSolverScheduler.from_config(VP)
+    den, _ = _gaussian(sched, torch.full((4,), 0.3))
+    with pytest.raises(ValueError, match=r"refine_optimizer must be one of \('lbfgs', 'adam'\)"):
+        fit_coefficients(den, sched, torch.randn(4, 16, dtype=torch.float64), 3, refine_iters=2,
+                         refine_optimizer=bad, progress=False)
 
 
 def test_refinement_needs_a_differentiable_model():
