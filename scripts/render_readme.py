@@ -830,11 +830,18 @@ def samplers_fit_table(data: dict) -> str:
                              + "; ".join(f"{k.split()[0]} {v}" for k, v in won.items()) + ".")
         for c in rows:
             if "goal" in c:
-                gl = c["goal"]
-                lines.append(f"\n{c['model']}{_search_tag(c)}, NFE {c['nfe']}: quantized + searched "
-                             f"{gl['quantized_searched_rmse']:.4f} "
-                             f"vs full precision on its default grid {gl['fp_default_rmse']:.4f}: "
-                             + ("goal met." if gl["met"] else "goal missed."))
+                gl, e32 = c["goal"], c.get("eval32")
+                many = f" ({c['eval_latents']} latents)" if c.get("eval_latents", 32) != 32 else ""
+                line = (f"\n{c['model']}{many}{_search_tag(c)}, NFE {c['nfe']}: quantized + searched "
+                        f"{gl['quantized_searched_rmse']:.4f} "
+                        f"vs full precision on its default grid {gl['fp_default_rmse']:.4f}: "
+                        + ("goal met" if gl["met"] else "goal missed"))
+                if e32:  # the same options on the 32 evaluation latents of the runs before
+                    q32 = e32["dmq"][c["best_dmq"]]
+                    fp32 = min(v for k, v in e32["default"].items() if k.startswith("FP "))
+                    line += (f" (on the first 32 latents: {q32:.4f} vs {fp32:.4f}, "
+                             + ("met)" if q32 < fp32 else "missed)"))
+                lines.append(line + ".")
     for key in (k for k in data if k.split("_")[0] == "floor"):
         fl = data[key]
         lines.append(f"\nThe {fl.get('config', 'w4a8').upper()} DiT's own 1000-step solve is {fl['q_fine_rmse']:.4f} "
@@ -851,9 +858,11 @@ def _search_tag(cell: dict) -> str:
     tag = ""
     if cell.get("search_latents", 16) != 16:
         tag += f" (searched on {cell['search_latents']}, {cell['held_out']} held out)"
-    refine = {v.get("refine_iters") for v in cell["search_info"].values()} - {None}
+    refine = {(v["refine_iters"], v.get("refine_optimizer", "lbfgs")) for v in cell["search_info"].values()
+              if v.get("refine_iters")}
     if refine:
-        tag += f" (tables refined, {max(refine)} L-BFGS iterations)"
+        iters, opt = max(refine)
+        tag += f" (tables refined, {iters} {'Adam' if opt == 'adam' else 'L-BFGS'} iterations)"
     return tag
 
 
