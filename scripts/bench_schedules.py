@@ -357,24 +357,30 @@ def quant_part(progress: bool = True, nfes: tuple[int, ...] = (5, 10), config: s
     return {"cells": cells}
 
 
-def floor_part(guidance: float = 2.0, config: str = "w4a8") -> dict:
+def floor_part(guidance: float = 2.0, config: str = "w4a8", eval_latents: int = 32) -> dict:
     """How far the W4A8 DiT's own 1000-step solve is from the full-precision 1000-step reference (the part of the
     quantized error no sampler removes by solving the quantized ODE more exactly), and the per-latent spread of the
-    default grids of both models at NFE 5 and 10 (RMSE and median per-latent RMSE), on the 32 evaluation latents."""
+    default grids of both models at NFE 5 and 10 (RMSE and median per-latent RMSE), on the evaluation latents of
+    :func:`_model_cells`."""
     fp, q = _fp_and_w4a8(config)
     gen = torch.Generator().manual_seed(7)  # the latents of _model_cells
     torch.randn(16, 1, 16, 16, generator=gen)
     x_e = torch.randn(32, 1, 16, 16, generator=gen)
-    lab_e = torch.arange(32) % 10
+    x_e = torch.cat([x_e, torch.randn(eval_latents - 32, 1, 16, 16, generator=torch.Generator().manual_seed(9007))])
+    lab_e = torch.arange(eval_latents) % 10
     sch, grid = _reference_grid()
 
     def fine(backbone) -> torch.Tensor:
         return fine_trajectory(guided_denoise(backbone, lab_e, 10, guidance), sch, "epsilon", x_e, grid, 4)[2].float()
 
-    cache = None if CACHE is None else CACHE / f"reference-digits-dit-g{guidance:g}.pt"
+    more = "" if eval_latents == 32 else f"-e{eval_latents}"
+    cache = None if CACHE is None else CACHE / f"reference-digits-dit-g{guidance:g}{more}.pt"
     ref = torch.load(cache) if cache is not None and cache.is_file() else fine(fp.backbone.eval())
     q_fine = fine(q.backbone.eval())
-    out = {"config": config, "guidance": guidance, "q_fine_rmse": _rmse(q_fine, ref), "commit": COMMIT, "defaults": {}}
+    out = {"config": config, "guidance": guidance, "q_fine_rmse": _rmse(q_fine, ref), "commit": COMMIT, "defaults": {},
+           "eval_latents": eval_latents}
+    if eval_latents > 32:
+        out["q_fine_rmse_eval32"] = _rmse(q_fine[:32], ref[:32])
     for prec, bb in (("FP", fp.backbone.eval()), (config.upper(), q.backbone.eval())):
         for n in (5, 10):
             for name, cls in (("DEIS", DEISScheduler), ("UniPC", DCSolverScheduler)):
@@ -435,7 +441,7 @@ def main() -> None:
              "quant": lambda: quant_part(nfes=nfes, config=args.quant_config,
                                          eval_latents=args.model_eval_latents,
                                          search_latents=args.model_search_latents),
-             "floor": lambda: floor_part(config=args.quant_config)}
+             "floor": lambda: floor_part(config=args.quant_config, eval_latents=args.model_eval_latents)}
     for part, fn in parts.items():
         if part in args.parts.split(","):
             t0 = time.perf_counter()
@@ -443,7 +449,7 @@ def main() -> None:
             key_name = part if part != "gmm" or args.search_latents == 240 else f"gmm_search{args.search_latents}"
             if part in ("quant", "floor") and args.quant_config != "w4a8":
                 key_name = f"{part}_{args.quant_config}"
-            if part in ("models", "quant") and args.model_eval_latents != 32:
+            if part in ("models", "quant", "floor") and args.model_eval_latents != 32:
                 key_name += f"_e{args.model_eval_latents}"
             if part in ("models", "quant") and args.model_search_latents != 16:
                 key_name += f"_s{args.model_search_latents}"
