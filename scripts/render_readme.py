@@ -845,11 +845,11 @@ def samplers_fit_table(data: dict) -> str:
     for key in (k for k in data if k.split("_")[0] == "floor"):
         fl = data[key]
         many = fl.get("eval_latents", 32)
-        where = ("" if many == 32 else f" on {many} evaluation latents ({fl['q_fine_rmse_eval32']:.4f} on the first "
-                 f"32; `--model-eval-latents {many}`)")
+        where = "" if many == 32 else f" on {many} evaluation latents ({fl['q_fine_rmse_eval32']:.4f} on the first 32)"
+        flags = "" if many == 32 else f" --model-eval-latents {many}"
         lines.append(f"\nThe {fl.get('config', 'w4a8').upper()} DiT's own 1000-step solve is {fl['q_fine_rmse']:.4f} "
                      f"RMSE from the full-precision reference{where} "
-                     f"(`--parts floor`, commit {fl['commit']}): no sampler of the quantized model gets "
+                     f"(`--parts floor{flags}`, commit {fl['commit']}): no sampler of the quantized model gets "
                      "below that by solving its ODE more exactly. Default grids on the same latents, RMSE (median "
                      "per-latent RMSE): " + "; ".join(f"{k} {v['rmse']:.4f} ({v['median_latent_rmse']:.4f})"
                                                       for k, v in fl["defaults"].items()) + ".")
