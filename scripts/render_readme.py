@@ -826,7 +826,9 @@ def samplers_fit_table(data: dict) -> str:
         for c in rows:
             won = {k: v["variant"] for k, v in c["search_info"].items() if v.get("variant")}
             if won:
-                lines.append(f"\n{c['model']}, NFE {c['nfe']}: solver variants chosen by the search: "
+                many = f" ({c['eval_latents']} latents)" if c.get("eval_latents", 32) != 32 else ""
+                lines.append(f"\n{c['model']}{many}{_search_tag(c)}, NFE {c['nfe']}: solver variants chosen by the "
+                             "search: "
                              + "; ".join(f"{k.split()[0]} {v}" for k, v in won.items()) + ".")
         for c in rows:
             if "goal" in c:
