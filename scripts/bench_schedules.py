@@ -255,6 +255,36 @@ def _reference_grid():
     return sch, np.array([999.0] + list(sch.t_of_rho(logs)))
 
 
+def _model_latents(search_latents: int, eval_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bundled models' search and evaluation latents: the last 16 search latents and the first 32 evaluation
+    latents are those of the first runs (one generator, in that order); the others come from generators of their
+    own, so every count shares them."""
+    gen = torch.Generator().manual_seed(7)
+    x_s = torch.randn(16, 1, 16, 16, generator=gen)
+    x_e = torch.randn(32, 1, 16, 16, generator=gen)
+    x_e = torch.cat([x_e, torch.randn(eval_latents - 32, 1, 16, 16, generator=torch.Generator().manual_seed(9007))])
+    x_s = torch.cat([torch.randn(search_latents - 16, 1, 16, 16, generator=torch.Generator().manual_seed(5007)), x_s])
+    return x_s, x_e
+
+
+def _fine(denoise, x: torch.Tensor) -> torch.Tensor:
+    """The final samples of the 1000-step DDIM solve of :func:`_reference_grid` from ``x``."""
+    sch, grid = _reference_grid()
+    return fine_trajectory(denoise, sch, "epsilon", x, grid, 4)[2].float()
+
+
+def _fp_reference(name: str, guidance: float, eval_latents: int, compute) -> torch.Tensor:
+    """The full-precision model's 1000-step final samples on the ``eval_latents`` evaluation latents: from
+    ``--cache`` when there (shared by the models, quant and floor parts), else ``compute()``, stored there."""
+    more = "" if eval_latents == 32 else f"-e{eval_latents}"
+    cache = None if CACHE is None else CACHE / f"reference-{name}-g{guidance:g}{more}.pt"
+    if cache is not None and cache.is_file():
+        return torch.load(cache)
+    ref = compute()
+    if cache is not None:
+        torch.save(ref, cache)
+    return ref
+
 def _fp_and_w4a8(config: str = "w4a8"):
     """The bundled DiT in full precision and a quantized copy (``quantize_pipeline`` with ``config``, a W4A8 preset
     with or without a PTQ method, calibrated at guidance 2)."""
@@ -277,25 +307,13 @@ def _model_cells(name: str, backbone, null: int, backbone_ref=None, nfes=(5, 10)
     evaluation latents are those of the runs before (reported as ``eval32`` when there are more); of
     ``search_latents``, the last 16 are those of the runs before, a third is held out (8 of 16)."""
     ref_backbone = backbone_ref or backbone
-    gen = torch.Generator().manual_seed(7)
-    x_s = torch.randn(16, 1, 16, 16, generator=gen)
-    x_e = torch.randn(32, 1, 16, 16, generator=gen)
-    x_e = torch.cat([x_e, torch.randn(eval_latents - 32, 1, 16, 16, generator=torch.Generator().manual_seed(9007))])
-    x_s = torch.cat([torch.randn(search_latents - 16, 1, 16, 16, generator=torch.Generator().manual_seed(5007)), x_s])
+    x_s, x_e = _model_latents(search_latents, eval_latents)
     lab_s, lab_e = torch.arange(search_latents) % 10, torch.arange(eval_latents) % 10
     held_out = 8 if search_latents == 16 else search_latents // 3
     den = guided_denoise(backbone, lab_s, null, guidance)
     ref_den_s = guided_denoise(ref_backbone, lab_s, null, guidance)
-    ref_den_e = guided_denoise(ref_backbone, lab_e, null, guidance)
-    sch, grid = _reference_grid()
-    more = "" if eval_latents == 32 else f"-e{eval_latents}"
-    cache = None if CACHE is None else CACHE / f"reference-{name}-g{guidance:g}{more}.pt"  # the FP model's: shared
-    if cache is not None and cache.is_file():
-        final_e = torch.load(cache)
-    else:
-        final_e = fine_trajectory(ref_den_e, sch, "epsilon", x_e, grid, 4)[2].float()  # 1000 DDIM steps
-        if cache is not None:
-            torch.save(final_e, cache)
+    final_e = _fp_reference(name, guidance, eval_latents,
+                            lambda: _fine(guided_denoise(ref_backbone, lab_e, null, guidance), x_e))
     cells = []
     peers = bs.diffusers_candidates()
     for n in nfes:
@@ -363,19 +381,13 @@ def floor_part(guidance: float = 2.0, config: str = "w4a8", eval_latents: int = 
     default grids of both models at NFE 5 and 10 (RMSE and median per-latent RMSE), on the evaluation latents of
     :func:`_model_cells`."""
     fp, q = _fp_and_w4a8(config)
-    gen = torch.Generator().manual_seed(7)  # the latents of _model_cells
-    torch.randn(16, 1, 16, 16, generator=gen)
-    x_e = torch.randn(32, 1, 16, 16, generator=gen)
-    x_e = torch.cat([x_e, torch.randn(eval_latents - 32, 1, 16, 16, generator=torch.Generator().manual_seed(9007))])
+    _, x_e = _model_latents(16, eval_latents)
     lab_e = torch.arange(eval_latents) % 10
-    sch, grid = _reference_grid()
 
     def fine(backbone) -> torch.Tensor:
-        return fine_trajectory(guided_denoise(backbone, lab_e, 10, guidance), sch, "epsilon", x_e, grid, 4)[2].float()
+        return _fine(guided_denoise(backbone, lab_e, 10, guidance), x_e)
 
-    more = "" if eval_latents == 32 else f"-e{eval_latents}"
-    cache = None if CACHE is None else CACHE / f"reference-digits-dit-g{guidance:g}{more}.pt"
-    ref = torch.load(cache) if cache is not None and cache.is_file() else fine(fp.backbone.eval())
+    ref = _fp_reference("digits-dit", guidance, eval_latents, lambda: fine(fp.backbone.eval()))
     q_fine = fine(q.backbone.eval())
     out = {"config": config, "guidance": guidance, "q_fine_rmse": _rmse(q_fine, ref), "commit": COMMIT, "defaults": {},
            "eval_latents": eval_latents}
@@ -402,8 +414,8 @@ def main() -> None:
     ap.add_argument("--gmm-nfes", default="5,6,8,10",
                     help="NFEs of the gmm part (cells of other NFEs already in the JSON are kept, with their commit)")
     ap.add_argument("--refine-iters", type=int, default=REFINE_ITERS,
-                    help="fit_coefficients(refine_iters=...) of the fitted options (L-BFGS through the model; other "
-                         "than 0, the results go under <part>..._r<iters>)")
+                    help="fit_coefficients(refine_iters=...) of the fitted options (through the model, by "
+                         "--refine-optimizer; other than 0, the results go under <part>..._r<iters>)")
     ap.add_argument("--refine-optimizer", choices=REFINE_OPTIMIZERS, default="lbfgs",
                     help="fit_coefficients(refine_optimizer=...); adam: the results go under <part>..._r<iters>adam")
     ap.add_argument("--node-rounds", type=int, default=NODE_ROUNDS,

@@ -815,9 +815,8 @@ def samplers_fit_table(data: dict) -> str:
             sv = c["searched_vs_default"]
             tag = "" if "commit" in c else " †"
             fit = (f"{sv['DEIS + fitted']:.2f}, {sv['UniPC + fitted']:.2f}" if "DEIS + fitted" in sv else "–")
-            many = f" ({c['eval_latents']} latents)" if c.get("eval_latents", 32) != 32 else ""
-            many += _search_tag(c)
-            lines.append(f"| {c['model']}{many}{tag} | {c['nfe']} | {c['best_dmq']} | {c['dmq'][c['best_dmq']]:.4f} | "
+            lines.append(f"| {c['model']}{_cell_tag(c)}{tag} | {c['nfe']} | {c['best_dmq']} | "
+                         f"{c['dmq'][c['best_dmq']]:.4f} | "
                          f"{c['best_peer'].replace('|', ', ')} | {c['best_peer_rmse']:.4f} | {cell_text(c)} | "
                          f"{sv['DEIS']:.2f}, {sv['UniPC']:.2f} | {fit} |")
         if any("commit" not in c for c in rows):
@@ -826,15 +825,13 @@ def samplers_fit_table(data: dict) -> str:
         for c in rows:
             won = {k: v["variant"] for k, v in c["search_info"].items() if v.get("variant")}
             if won:
-                many = f" ({c['eval_latents']} latents)" if c.get("eval_latents", 32) != 32 else ""
-                lines.append(f"\n{c['model']}{many}{_search_tag(c)}, NFE {c['nfe']}: solver variants chosen by the "
+                lines.append(f"\n{c['model']}{_cell_tag(c)}, NFE {c['nfe']}: solver variants chosen by the "
                              "search: "
                              + "; ".join(f"{k.split()[0]} {v}" for k, v in won.items()) + ".")
         for c in rows:
             if "goal" in c:
                 gl, e32 = c["goal"], c.get("eval32")
-                many = f" ({c['eval_latents']} latents)" if c.get("eval_latents", 32) != 32 else ""
-                line = (f"\n{c['model']}{many}{_search_tag(c)}, NFE {c['nfe']}: quantized + searched "
+                line = (f"\n{c['model']}{_cell_tag(c)}, NFE {c['nfe']}: quantized + searched "
                         f"{gl['quantized_searched_rmse']:.4f} "
                         f"vs full precision on its default grid {gl['fp_default_rmse']:.4f}: "
                         + ("goal met" if gl["met"] else "goal missed"))
@@ -856,6 +853,12 @@ def samplers_fit_table(data: dict) -> str:
                      "per-latent RMSE): " + "; ".join(f"{k} {v['rmse']:.4f} ({v['median_latent_rmse']:.4f})"
                                                       for k, v in fl["defaults"].items()) + ".")
     return "\n".join(lines)
+
+
+def _cell_tag(cell: dict) -> str:
+    """A bundled-model cell's evaluation-latent count (where not the first runs' 32) and :func:`_search_tag`."""
+    many = f" ({cell['eval_latents']} latents)" if cell.get("eval_latents", 32) != 32 else ""
+    return many + _search_tag(cell)
 
 
 def _search_tag(cell: dict) -> str:
